@@ -1,0 +1,39 @@
+"""The ``batchpilot`` command line. Thin: each command parses, calls one library function, renders.
+
+Register a command group here with ``app.add_typer`` or a command with ``app.command``; each lives in
+its own module under ``batchpilot.cli``.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from batchpilot import __version__
+from batchpilot.cli import model
+
+app = typer.Typer(
+    name="batchpilot",
+    help="Pick, prove and run the batch size for LLM training: memory, speed and convergence.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(model.app, name="model")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"batchpilot {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """batchpilot: which batch size to use on your hardware, and the proof."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,1 @@
+"""batchpilot.estimate — see ../shared/DESIGN.md."""

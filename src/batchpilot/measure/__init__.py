@@ -1,0 +1,1 @@
+"""batchpilot.measure — see ../shared/DESIGN.md."""

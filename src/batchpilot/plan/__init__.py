@@ -1,0 +1,1 @@
+"""batchpilot.plan — see ../shared/DESIGN.md."""

@@ -1,0 +1,1 @@
+"""batchpilot.report — see ../shared/DESIGN.md."""

@@ -1,0 +1,471 @@
+"""Model specs read from Hugging Face ``config.json`` files (a local path or a shipped preset name).
+
+Supported families (``ModelSpec.family``):
+
+- ``gpt2``    GPT-2: learned positions, LayerNorm with bias, fused QKV with bias, 4h GELU MLP, tied head.
+- ``llama``   Llama-style dense decoders (``llama``, ``mistral``, ``qwen2``): RMSNorm, RoPE, GQA,
+              SwiGLU MLP, optional QKV bias (Qwen2 always has it), tied or untied output head.
+- ``moe``     Mixtral-style sparse MoE (``mixtral``): the Llama block with E SwiGLU experts, top-k router.
+- ``mla``     DeepSeek-V2/V3 (``deepseek_v2``, ``deepseek_v3``): multi-head latent attention with or
+              without a query LoRA, routed + shared experts, the first ``first_k_dense_replace`` layers
+              dense, multi-token-prediction (MTP) modules counted separately (``params_mtp``).
+
+Parameter counts are exact: they equal ``sum(p.numel() for p in model.parameters())`` of the
+``transformers`` model built from the same config (tested on the meta device). Buffers that are not
+trained by gradient (DeepSeek-V3's ``e_score_correction_bias``) are not parameters.
+
+FLOPs convention (``flops_per_token``): every matmul a token passes through costs 2 FLOPs per weight
+forward and 4 backward, so 6·N_matmul, where N_matmul counts the weight matrices a token actually
+multiplies (active experts only, the router, and the output head — tied or not; the input embedding
+is a lookup and costs nothing). Attention scores and values add 2·s·n_heads·(d_qk + d_v) forward per
+token per layer, 3× that for training: 6·L·s·n_heads·(d_qk + d_v), no causal halving. For a GPT block
+this is exactly Narayanan et al. 2021 Eq. 3 without recomputation, 72·l·h² + 12·l·h·s + 6·V·h per token
+(= Kaplan et al. 2020's 6N + attention, plus the head). Norms, biases, softmax and activations are
+elementwise and ignored (< 0.5% for h ≥ 512).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from batchpilot.errors import SpecError
+from batchpilot.units import unknown_name
+
+Family = Literal["gpt2", "llama", "moe", "mla"]
+
+#: HF ``model_type`` -> family.
+MODEL_TYPES: dict[str, Family] = {
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "mixtral": "moe",
+    "deepseek_v2": "mla",
+    "deepseek_v3": "mla",
+}
+
+_MAX_DIM = 2**31  # no real model has a dimension beyond this; larger values are typos or hostile input
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelSpec:
+    """The shape of a decoder-only transformer, as far as memory, FLOPs and parameters need it."""
+
+    name: str
+    """Preset name or the config file's path."""
+    model_type: str
+    """Hugging Face ``model_type`` (``llama``, ``deepseek_v3``, ...)."""
+    family: Family
+    num_layers: int
+    """Transformer blocks of the main model (MTP modules excluded)."""
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    """Key/value heads (GQA); equals ``num_heads`` for MHA. For MLA, ``num_heads`` (K/V are per head)."""
+    head_dim_qk: int
+    """Per-head query/key width (MLA: nope + rope dims)."""
+    head_dim_v: int
+    """Per-head value width."""
+    intermediate_size: int
+    """FFN width of a dense layer (GPT-2: ``n_inner`` or 4h)."""
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    mlp_kind: Literal["gelu", "swiglu"]
+    norm_kind: Literal["layernorm", "rmsnorm"]
+    qkv_bias: bool = False
+    """Biases on Q, K and V projections (GPT-2, Qwen2, ``attention_bias``)."""
+    o_bias: bool = False
+    mlp_bias: bool = False
+    learned_positions: bool = False
+    """GPT-2's ``wpe`` table of ``max_position_embeddings × hidden_size``."""
+    # --- mixture of experts (0 for dense models) ---
+    num_experts: int = 0
+    """Routed experts per MoE layer."""
+    num_experts_per_token: int = 0
+    num_shared_experts: int = 0
+    moe_intermediate_size: int = 0
+    """FFN width of one routed (and one shared) expert."""
+    first_k_dense: int = 0
+    """Leading layers with a dense FFN instead of experts (DeepSeek ``first_k_dense_replace``)."""
+    # --- multi-head latent attention (DeepSeek-V2/V3) ---
+    q_lora_rank: int = 0
+    """0 when queries are projected directly (DeepSeek-V2-Lite)."""
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    num_mtp_layers: int = 0
+    """Multi-token-prediction modules (DeepSeek-V3 ``num_nextn_predict_layers``)."""
+    hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The config as read (keys starting with ``_`` removed): what ``transformers`` builds from."""
+    source: str = ""
+    """Where the config came from (a URL for presets)."""
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_k_dense if self.is_moe else 0
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_layers - self.num_moe_layers
+
+    # ------------------------------------------------------------------ parameters per component
+    @property
+    def params_attention(self) -> int:
+        """Attention projections of one layer (weights and biases)."""
+        h, nh = self.hidden_size, self.num_heads
+        if self.family == "mla":
+            q_out = nh * self.head_dim_qk
+            if self.q_lora_rank:
+                q = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * q_out  # a, norm, b
+            else:
+                q = h * q_out
+            kv_a = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank  # proj + norm
+            kv_b = self.kv_lora_rank * nh * (self.head_dim_qk - self.qk_rope_head_dim + self.head_dim_v)
+            o = nh * self.head_dim_v * h
+            return q + kv_a + kv_b + o + (h if self.o_bias else 0)
+        q_out, kv_out = nh * self.head_dim_qk, self.num_kv_heads * self.head_dim_qk
+        v_out = self.num_kv_heads * self.head_dim_v
+        weights = h * (q_out + kv_out + v_out) + nh * self.head_dim_v * h
+        biases = (q_out + kv_out + v_out if self.qkv_bias else 0) + (h if self.o_bias else 0)
+        return weights + biases
+
+    def _ffn_params(self, width: int) -> int:
+        h = self.hidden_size
+        if self.mlp_kind == "swiglu":
+            return 3 * h * width + (2 * width + h if self.mlp_bias else 0)
+        return 2 * h * width + (width + h if self.mlp_bias else 0)
+
+    @property
+    def params_dense_mlp(self) -> int:
+        """The FFN of one dense layer."""
+        return self._ffn_params(self.intermediate_size)
+
+    @property
+    def params_expert(self) -> int:
+        """One routed expert (also the size of one shared expert)."""
+        return self._ffn_params(self.moe_intermediate_size) if self.is_moe else 0
+
+    @property
+    def params_router(self) -> int:
+        return self.num_experts * self.hidden_size if self.is_moe else 0
+
+    @property
+    def params_moe_mlp(self) -> int:
+        """The FFN block of one MoE layer: router, all routed experts, shared experts."""
+        if not self.is_moe:
+            return 0
+        return self.params_router + (self.num_experts + self.num_shared_experts) * self.params_expert
+
+    @property
+    def params_norms_per_layer(self) -> int:
+        return 2 * self._norm_params
+
+    @property
+    def _norm_params(self) -> int:
+        return 2 * self.hidden_size if self.norm_kind == "layernorm" else self.hidden_size
+
+    @property
+    def params_dense_layer(self) -> int:
+        return self.params_attention + self.params_dense_mlp + self.params_norms_per_layer
+
+    @property
+    def params_moe_layer(self) -> int:
+        return self.params_attention + self.params_moe_mlp + self.params_norms_per_layer if self.is_moe else 0
+
+    @property
+    def params_embedding(self) -> int:
+        """Input token embedding (+ GPT-2 position table) and, when untied, the output head."""
+        table = self.vocab_size * self.hidden_size
+        positions = self.max_position_embeddings * self.hidden_size if self.learned_positions else 0
+        return table + positions + (0 if self.tie_word_embeddings else table)
+
+    @property
+    def params_final_norm(self) -> int:
+        return self._norm_params
+
+    @property
+    def params_mtp(self) -> int:
+        """DeepSeek-V3 MTP modules (not in ``params_total``): per module two RMSNorms, the 2h→h
+        projection, one MoE block and the shared head's norm (embedding and head are shared)."""
+        if not self.num_mtp_layers:
+            return 0
+        h = self.hidden_size
+        block = self.params_moe_layer if self.is_moe else self.params_dense_layer
+        return self.num_mtp_layers * (2 * h + 2 * h * h + block + h)
+
+    @property
+    def params_total(self) -> int:
+        """All trainable parameters of the main model (MTP excluded)."""
+        layers = self.num_dense_layers * self.params_dense_layer + self.num_moe_layers * self.params_moe_layer
+        return self.params_embedding + layers + self.params_final_norm
+
+    @property
+    def params_active(self) -> int:
+        """Parameters one token uses: all but the routed experts it is not sent to."""
+        idle = self.num_experts - self.num_experts_per_token
+        return self.params_total - self.num_moe_layers * idle * self.params_expert
+
+    @property
+    def params_non_embedding(self) -> int:
+        return self.params_total - self.params_embedding
+
+    # ------------------------------------------------------------------ FLOPs
+    @property
+    def matmul_params_per_token(self) -> int:
+        """Weights a token multiplies through (see the module docstring): active layers + head."""
+        per_layer_elementwise = self.params_norms_per_layer
+        active_layers = self.params_active - self.params_embedding - self.params_final_norm
+        head = self.vocab_size * self.hidden_size
+        return active_layers - self.num_layers * per_layer_elementwise + head
+
+    def attention_flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs of scores and weighted values, per token: 6·L·s·n_heads·(d_qk + d_v)."""
+        _check_positive("seq_len", seq_len)
+        return 6 * self.num_layers * seq_len * self.num_heads * (self.head_dim_qk + self.head_dim_v)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training (forward + backward) FLOPs per token at sequence length ``seq_len``, no recomputation.
+
+        6·N_matmul + 6·L·s·n_heads·(d_qk + d_v); for GPT blocks Narayanan et al. 2021 Eq. 3 (factor 72).
+        """
+        return 6 * self.matmul_params_per_token + self.attention_flops_per_token(seq_len)
+
+    def forward_flops_per_token(self, seq_len: int) -> int:
+        """Forward-only FLOPs per token: one third of :meth:`flops_per_token`."""
+        return self.flops_per_token(seq_len) // 3
+
+    def to_dict(self, seq_len: int | None = None) -> dict[str, Any]:
+        """Stable JSON record (the ``model show --json`` contract)."""
+        record: dict[str, Any] = {
+            "name": self.name,
+            "model_type": self.model_type,
+            "family": self.family,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim_qk": self.head_dim_qk,
+            "head_dim_v": self.head_dim_v,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "num_experts": self.num_experts,
+            "num_experts_per_token": self.num_experts_per_token,
+            "num_shared_experts": self.num_shared_experts,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "first_k_dense": self.first_k_dense,
+            "num_mtp_layers": self.num_mtp_layers,
+            "params_total": self.params_total,
+            "params_active": self.params_active,
+            "params_embedding": self.params_embedding,
+            "params_mtp": self.params_mtp,
+            "source": self.source,
+        }
+        if seq_len is not None:
+            record["seq_len"] = seq_len
+            record["flops_per_token"] = self.flops_per_token(seq_len)
+        return record
+
+
+# ---------------------------------------------------------------------- reading configs
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SpecError(f"{name} must be a positive integer, got {value!r}")
+
+
+class _Fields:
+    """Typed, named access to a config dict: every problem names the field and the file."""
+
+    def __init__(self, config: Mapping[str, Any], where: str) -> None:
+        self.config, self.where = config, where
+
+    def int(self, key: str, default: int | None = None, *, minimum: int = 1) -> int:
+        value = self.config.get(key)
+        if value is None:
+            if default is None:
+                raise SpecError(f"{self.where}: required field {key!r} is missing")
+            return default
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{self.where}: field {key!r} must be an integer, got {value!r}")
+        if not minimum <= value <= _MAX_DIM:
+            raise SpecError(f"{self.where}: field {key!r} = {value} is out of range [{minimum}, {_MAX_DIM}]")
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.config.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise SpecError(f"{self.where}: field {key!r} must be true or false, got {value!r}")
+        return value
+
+
+def from_hf_config(config: Mapping[str, Any], *, name: str = "config", source: str = "") -> ModelSpec:
+    """Build a :class:`ModelSpec` from a parsed Hugging Face ``config.json`` mapping."""
+    if not isinstance(config, Mapping):
+        raise SpecError(f"{name}: a config must be a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise SpecError(f"{name}: required field 'model_type' is missing or not a string")
+    family = MODEL_TYPES.get(model_type)
+    if family is None:
+        raise SpecError(
+            f"{name}: unsupported model_type {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}"
+        )
+    fields = _Fields(config, name)
+    clean = {k: v for k, v in config.items() if not str(k).startswith("_")}
+    common: dict[str, Any] = dict(name=name, model_type=model_type, family=family, hf_config=clean, source=source)
+    builder = {"gpt2": _gpt2, "llama": _llama, "moe": _llama, "mla": _mla}[family]
+    spec = builder(fields, common)
+    _validate(spec, name)
+    return spec
+
+
+def _gpt2(f: _Fields, common: dict[str, Any]) -> ModelSpec:
+    h, nh = f.int("n_embd"), f.int("n_head")
+    return ModelSpec(
+        **common, num_layers=f.int("n_layer"), hidden_size=h, num_heads=nh, num_kv_heads=nh,
+        head_dim_qk=h // nh, head_dim_v=h // nh, intermediate_size=f.int("n_inner", 4 * h),
+        vocab_size=f.int("vocab_size"), max_position_embeddings=f.int("n_positions"),
+        tie_word_embeddings=f.bool("tie_word_embeddings", True), mlp_kind="gelu", norm_kind="layernorm",
+        qkv_bias=True, o_bias=True, mlp_bias=True, learned_positions=True,
+    )
+
+
+def _llama(f: _Fields, common: dict[str, Any]) -> ModelSpec:
+    h, nh = f.int("hidden_size"), f.int("num_attention_heads")
+    head_dim = f.int("head_dim", h // nh)
+    is_qwen2 = common["model_type"] == "qwen2"
+    moe: dict[str, int] = {}
+    if common["family"] == "moe":
+        moe = dict(
+            num_experts=f.int("num_local_experts"), num_experts_per_token=f.int("num_experts_per_tok"),
+            moe_intermediate_size=f.int("intermediate_size"),
+        )
+    return ModelSpec(
+        **common, num_layers=f.int("num_hidden_layers"), hidden_size=h, num_heads=nh,
+        num_kv_heads=f.int("num_key_value_heads", nh), head_dim_qk=head_dim, head_dim_v=head_dim,
+        intermediate_size=f.int("intermediate_size"), vocab_size=f.int("vocab_size"),
+        max_position_embeddings=f.int("max_position_embeddings"),
+        tie_word_embeddings=f.bool("tie_word_embeddings", False), mlp_kind="swiglu", norm_kind="rmsnorm",
+        qkv_bias=is_qwen2 or f.bool("attention_bias", False),
+        o_bias=(not is_qwen2) and f.bool("attention_bias", False),
+        mlp_bias=f.bool("mlp_bias", False), **moe,
+    )
+
+
+def _mla(f: _Fields, common: dict[str, Any]) -> ModelSpec:
+    nh = f.int("num_attention_heads")
+    nope, rope = f.int("qk_nope_head_dim"), f.int("qk_rope_head_dim")
+    experts = f.int("n_routed_experts", 0, minimum=0)
+    moe: dict[str, int] = {}
+    if experts:
+        moe = dict(
+            num_experts=experts, num_experts_per_token=f.int("num_experts_per_tok"),
+            num_shared_experts=f.int("n_shared_experts", 0, minimum=0),
+            moe_intermediate_size=f.int("moe_intermediate_size"),
+            first_k_dense=f.int("first_k_dense_replace", 0, minimum=0),
+        )
+    if f.int("moe_layer_freq", 1) != 1:
+        raise SpecError(f"{f.where}: moe_layer_freq other than 1 is not supported")
+    return ModelSpec(
+        **common, num_layers=f.int("num_hidden_layers"), hidden_size=f.int("hidden_size"), num_heads=nh,
+        num_kv_heads=nh, head_dim_qk=nope + rope, head_dim_v=f.int("v_head_dim"),
+        intermediate_size=f.int("intermediate_size"), vocab_size=f.int("vocab_size"),
+        max_position_embeddings=f.int("max_position_embeddings"),
+        tie_word_embeddings=f.bool("tie_word_embeddings", False), mlp_kind="swiglu", norm_kind="rmsnorm",
+        o_bias=f.bool("attention_bias", False), q_lora_rank=f.int("q_lora_rank", 0, minimum=0),
+        kv_lora_rank=f.int("kv_lora_rank"), qk_rope_head_dim=rope,
+        num_mtp_layers=f.int("num_nextn_predict_layers", 0, minimum=0), **moe,
+    )
+
+
+def _validate(spec: ModelSpec, where: str) -> None:
+    if spec.family != "mla" and spec.hidden_size % spec.num_heads and "head_dim" not in spec.hf_config:
+        raise SpecError(
+            f"{where}: hidden_size {spec.hidden_size} is not divisible by num_attention_heads {spec.num_heads}"
+        )
+    if spec.num_heads % spec.num_kv_heads:
+        raise SpecError(
+            f"{where}: num_attention_heads {spec.num_heads} is not a multiple of "
+            f"num_key_value_heads {spec.num_kv_heads}"
+        )
+    if spec.is_moe and not 0 < spec.num_experts_per_token <= spec.num_experts:
+        raise SpecError(
+            f"{where}: num_experts_per_tok {spec.num_experts_per_token} must be in [1, {spec.num_experts}]"
+        )
+    if spec.first_k_dense > spec.num_layers:
+        raise SpecError(f"{where}: first_k_dense_replace {spec.first_k_dense} exceeds {spec.num_layers} layers")
+
+
+# ---------------------------------------------------------------------- presets and files
+PRESETS_PACKAGE = "batchpilot.data.models"
+
+
+def _preset_dir() -> Path:
+    return Path(str(resources.files("batchpilot") / "data" / "models"))
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped model presets, sorted."""
+    return sorted(p.stem for p in _preset_dir().glob("*.json"))
+
+
+def preset_path(name: str) -> Path:
+    """Path of a shipped preset's config file; an unknown name lists the known ones."""
+    path = _preset_dir() / f"{name}.json"
+    if not path.is_file():
+        raise unknown_name("model preset", name, preset_names())
+    return path
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object from ``path``; every failure is a one-line :class:`SpecError`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{what} {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{what} {str(path)!r} cannot be read: {exc}") from None
+
+    def _reject_constant(value: str) -> None:
+        raise SpecError(f"{what} {str(path)!r}: {value} is not a valid JSON number")
+
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{what} {str(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except RecursionError:
+        raise SpecError(f"{what} {str(path)!r} is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{what} {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_model(name_or_path: str | Path) -> ModelSpec:
+    """A preset name (``llama-3-8b``), a ``config.json`` path, or a directory holding one."""
+    text = str(name_or_path)
+    path = Path(text)
+    if path.is_dir():
+        path = path / "config.json"
+    looks_like_path = path.suffix == ".json" or "/" in text or path.exists()
+    if not looks_like_path:
+        path = preset_path(text)
+        config = read_json_object(path, "model preset")
+        return from_hf_config(config, name=text, source=str(config.get("_source_url", "")))
+    config = read_json_object(path, "model config")
+    return from_hf_config(config, name=text, source=str(path.resolve()))

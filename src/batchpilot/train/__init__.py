@@ -1,0 +1,1 @@
+"""batchpilot.train — see ../shared/DESIGN.md."""
