@@ -350,7 +350,7 @@ def _llama(f: _Fields, common: dict[str, Any]) -> ModelSpec:
     h, nh = f.int("hidden_size"), f.int("num_attention_heads")
     head_dim = f.int("head_dim", h // nh)
     is_qwen2 = common["model_type"] == "qwen2"
-    moe: dict[str, int] = {}
+    moe: dict[str, Any] = {}
     if common["family"] == "moe":
         moe = dict(
             num_experts=f.int("num_local_experts"), num_experts_per_token=f.int("num_experts_per_tok"),
@@ -372,7 +372,7 @@ def _mla(f: _Fields, common: dict[str, Any]) -> ModelSpec:
     nh = f.int("num_attention_heads")
     nope, rope = f.int("qk_nope_head_dim"), f.int("qk_rope_head_dim")
     experts = f.int("n_routed_experts", 0, minimum=0)
-    moe: dict[str, int] = {}
+    moe: dict[str, Any] = {}
     if experts:
         moe = dict(
             num_experts=experts, num_experts_per_token=f.int("num_experts_per_tok"),
