@@ -1,0 +1,205 @@
+"""Compute efficiency vs micro-batch size, and the calibration file the probe writes.
+
+The step-time model (:mod:`batchpilot.estimate.steptime`) turns FLOPs into seconds as
+``FLOPs / (peak FLOP/s × efficiency)``. Efficiency is the fraction of the accelerator's dense peak that
+the training step's matmuls reach; it rises with the tokens one forward/backward processes (bigger
+GEMMs, fewer kernel launches per FLOP) and saturates. Two sources:
+
+- :data:`DEFAULT_CURVE` — a documented default, ``e(t) = e_max · t / (t + t_half)`` with
+  ``e_max = 0.60`` and ``t_half = 1024`` tokens. It gives 0.30 at 1,024 tokens per micro-batch, 0.53 at
+  8,192 and 0.58 at 32,768. Basis: well-tuned dense training reaches 0.4–0.55 of peak end to end
+  (Narayanan et al. 2021, Table 1: 44–52 % on A100 including communication and bubble; Llama 3 405B:
+  38–43 % BF16 MFU on H100, Llama 3 Herd of Models, Table 4), so the matmul-only ceiling sits a little
+  above that. Known error: ±30 % for a given model and kernel stack; calibrate with the probe.
+- A :class:`Calibration` measured by ``batchpilot probe`` on the real device: efficiency at several
+  tokens-per-micro-batch points (piecewise-linear in log tokens between them, clamped at both ends)
+  and the memory overhead the analytic model missed.
+
+File format (JSON, ``format_version`` 1)::
+
+    {
+      "format": "batchpilot-calibration",
+      "format_version": 1,
+      "accelerator": "h100-sxm",            # catalog name the measurement ran on
+      "model": "llama-3-8b",                # model name or config path (informational)
+      "seq_len": 8192,                      # sequence length of the probe (informational)
+      "memory_overhead_bytes": 2147483648,  # measured peak − analytic estimate (≥ 0), per GPU
+      "points": [                           # ≥ 1 point, tokens strictly increasing
+        {"tokens_per_micro_batch": 8192,  "efficiency": 0.41},
+        {"tokens_per_micro_batch": 16384, "efficiency": 0.47}
+      ],
+      "source": "batchpilot probe 0.1.0, 2026-11-28T14:00:00Z"   # free text
+    }
+
+``efficiency`` is achieved training FLOP/s (model FLOPs plus recomputation, i.e. the FLOPs the device
+actually executed) ÷ the accelerator's dense peak at the run's precision, for one micro-batch's
+forward and backward without communication.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchpilot.errors import SpecError
+
+CALIBRATION_FORMAT = "batchpilot-calibration"
+CALIBRATION_FORMAT_VERSION = 1
+
+DEFAULT_MAX_EFFICIENCY = 0.60
+"""Saturated fraction of dense peak reached by training matmuls (see the module docstring)."""
+DEFAULT_HALF_SATURATION_TOKENS = 1024
+"""Tokens per micro-batch at which the default curve reaches half of :data:`DEFAULT_MAX_EFFICIENCY`."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EfficiencyPoint:
+    """One measured point of the efficiency curve."""
+
+    tokens_per_micro_batch: int
+    """Tokens one forward/backward processes on one GPU (micro-batch sequences × sequence length)."""
+    efficiency: float
+    """Achieved FLOP/s ÷ dense peak FLOP/s, in (0, 1]."""
+
+    def __post_init__(self) -> None:
+        t = self.tokens_per_micro_batch
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise SpecError(f"calibration point: tokens_per_micro_batch must be a positive integer, got {t!r}")
+        e = self.efficiency
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or not 0 < e <= 1:
+            raise SpecError(f"calibration point at {t} tokens: efficiency must be in (0, 1], got {e!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Calibration:
+    """An efficiency curve and a memory overhead, measured (probe) or the documented default."""
+
+    points: tuple[EfficiencyPoint, ...] = ()
+    """Measured points, tokens strictly increasing; empty means :func:`default_efficiency`."""
+    memory_overhead_bytes: int | None = None
+    """Per-GPU bytes to add to the analytic memory estimate; None keeps the analytic model's default."""
+    accelerator: str = ""
+    """Catalog name of the accelerator the points were measured on ("" for the default curve)."""
+    model: str = ""
+    """Model the probe ran (informational)."""
+    seq_len: int | None = None
+    """Sequence length of the probe (informational)."""
+    source: str = "default curve"
+    """Where the numbers come from (probe version and time, or "default curve")."""
+
+    def __post_init__(self) -> None:
+        tokens = [p.tokens_per_micro_batch for p in self.points]
+        if any(b <= a for a, b in itertools.pairwise(tokens)):
+            raise SpecError(f"calibration points must have strictly increasing tokens_per_micro_batch, got {tokens}")
+        o = self.memory_overhead_bytes
+        if o is not None and (isinstance(o, bool) or not isinstance(o, int) or o < 0):
+            raise SpecError(f"calibration memory_overhead_bytes must be a non-negative integer, got {o!r}")
+
+    @property
+    def is_default(self) -> bool:
+        return not self.points
+
+    def efficiency(self, tokens_per_micro_batch: float) -> float:
+        """Efficiency at this many tokens per micro-batch: measured points interpolated linearly in
+        log(tokens) and clamped outside the measured range, or the default curve."""
+        if tokens_per_micro_batch <= 0:
+            raise SpecError(f"tokens per micro-batch must be positive, got {tokens_per_micro_batch}")
+        if not self.points:
+            return default_efficiency(tokens_per_micro_batch)
+        xs = [p.tokens_per_micro_batch for p in self.points]
+        i = bisect.bisect_left(xs, tokens_per_micro_batch)
+        if i == 0:
+            return self.points[0].efficiency
+        if i == len(xs):
+            return self.points[-1].efficiency
+        lo, hi = self.points[i - 1], self.points[i]
+        w = math.log(tokens_per_micro_batch / lo.tokens_per_micro_batch) / math.log(
+            hi.tokens_per_micro_batch / lo.tokens_per_micro_batch
+        )
+        return lo.efficiency + w * (hi.efficiency - lo.efficiency)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's JSON object (see the module docstring)."""
+        return {
+            "format": CALIBRATION_FORMAT,
+            "format_version": CALIBRATION_FORMAT_VERSION,
+            "accelerator": self.accelerator,
+            "model": self.model,
+            "seq_len": self.seq_len,
+            "memory_overhead_bytes": self.memory_overhead_bytes,
+            "points": [
+                {"tokens_per_micro_batch": p.tokens_per_micro_batch, "efficiency": p.efficiency}
+                for p in self.points
+            ],
+            "source": self.source,
+        }
+
+
+DEFAULT_CALIBRATION = Calibration()
+"""No measurement: the default efficiency curve and the analytic model's own overhead."""
+
+
+def default_efficiency(tokens_per_micro_batch: float) -> float:
+    """``e_max · t / (t + t_half)`` (module docstring: constants, basis and known error)."""
+    t = float(tokens_per_micro_batch)
+    return DEFAULT_MAX_EFFICIENCY * t / (t + DEFAULT_HALF_SATURATION_TOKENS)
+
+
+def calibration_from_dict(data: Any, where: str = "calibration") -> Calibration:
+    """Validate a parsed calibration object; every problem is a one-line :class:`SpecError`."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: a calibration must be a JSON object, got {type(data).__name__}")
+    if data.get("format") != CALIBRATION_FORMAT:
+        raise SpecError(f"{where}: field 'format' must be {CALIBRATION_FORMAT!r}, got {data.get('format')!r}")
+    if data.get("format_version") != CALIBRATION_FORMAT_VERSION:
+        raise SpecError(
+            f"{where}: format_version {data.get('format_version')!r} is not supported; "
+            f"this batchpilot reads version {CALIBRATION_FORMAT_VERSION}"
+        )
+    raw_points = data.get("points")
+    if not isinstance(raw_points, list) or not raw_points:
+        raise SpecError(f"{where}: field 'points' must be a non-empty list of {{tokens_per_micro_batch, efficiency}}")
+    points = []
+    for item in raw_points:
+        if not isinstance(item, dict):
+            raise SpecError(f"{where}: each point must be an object, got {item!r}")
+        points.append(EfficiencyPoint(tokens_per_micro_batch=item.get("tokens_per_micro_batch"),  # type: ignore[arg-type]
+                                      efficiency=item.get("efficiency")))  # type: ignore[arg-type]
+    seq_len = data.get("seq_len")
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+        raise SpecError(f"{where}: field 'seq_len' must be a positive integer or null, got {seq_len!r}")
+    return Calibration(
+        points=tuple(points), memory_overhead_bytes=data.get("memory_overhead_bytes"),
+        accelerator=str(data.get("accelerator", "")), model=str(data.get("model", "")),
+        seq_len=seq_len, source=str(data.get("source", "")),
+    )
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a calibration file written by :func:`save_calibration` (or by hand, same format)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"calibration file {str(p)!r} does not exist; run `batchpilot probe` to make one") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"calibration file {str(p)!r} cannot be read: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"calibration file {str(p)!r} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    return calibration_from_dict(data, where=f"calibration file {str(p)!r}")
+
+
+def save_calibration(calibration: Calibration, path: str | Path) -> Path:
+    """Write ``calibration`` as JSON (format version 1) and return the path."""
+    if calibration.is_default:
+        raise SpecError("refusing to save a calibration without measured points; add at least one point")
+    p = Path(path)
+    p.write_text(json.dumps(calibration.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return p

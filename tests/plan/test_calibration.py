@@ -1,0 +1,71 @@
+"""Calibration file: round trip, interpolation, default curve, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from batchpilot.errors import SpecError
+from batchpilot.estimate.calibration import (
+    DEFAULT_CALIBRATION,
+    Calibration,
+    EfficiencyPoint,
+    default_efficiency,
+    load_calibration,
+    save_calibration,
+)
+
+
+def _cal() -> Calibration:
+    return Calibration(
+        points=(EfficiencyPoint(tokens_per_micro_batch=1024, efficiency=0.2),
+                EfficiencyPoint(tokens_per_micro_batch=4096, efficiency=0.4)),
+        memory_overhead_bytes=3 * 2**30, accelerator="h100-sxm", model="tiny", seq_len=1024, source="test",
+    )
+
+
+def test_round_trip(tmp_path):
+    path = save_calibration(_cal(), tmp_path / "cal.json")
+    assert load_calibration(path) == _cal()
+    assert json.loads(path.read_text())["format_version"] == 1
+
+
+def test_interpolation_is_linear_in_log_tokens_and_clamped():
+    cal = _cal()
+    assert cal.efficiency(2048) == pytest.approx(0.3)  # halfway in log2 between 1024 and 4096
+    assert cal.efficiency(10) == 0.2
+    assert cal.efficiency(10**6) == 0.4
+
+
+def test_default_curve_values():
+    # e_max · t / (t + t_half) with 0.60 and 1024 (module docstring)
+    assert default_efficiency(1024) == pytest.approx(0.30)
+    assert default_efficiency(8192) == pytest.approx(0.60 * 8 / 9)
+    assert DEFAULT_CALIBRATION.efficiency(8192) == default_efficiency(8192)
+    assert all(default_efficiency(2**k) < default_efficiency(2**(k + 1)) < 0.6 for k in range(20))
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"format": "other"}, "format"),
+    ({"format_version": 9}, "format_version 9"),
+    ({"points": []}, "points"),
+    ({"points": [{"tokens_per_micro_batch": 8, "efficiency": 1.5}]}, "efficiency must be in (0, 1]"),
+    ({"points": [{"tokens_per_micro_batch": 8, "efficiency": 0.5},
+                 {"tokens_per_micro_batch": 8, "efficiency": 0.6}]}, "strictly increasing"),
+    ({"memory_overhead_bytes": -1}, "non-negative"),
+])
+def test_bad_files_are_one_line_errors(tmp_path, edit, message):
+    data = _cal().to_dict() | edit
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SpecError, match=None) as info:
+        load_calibration(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_file_names_the_fix(tmp_path):
+    with pytest.raises(SpecError, match="batchpilot probe"):
+        load_calibration(tmp_path / "none.json")
+    assert math.isfinite(default_efficiency(1))
