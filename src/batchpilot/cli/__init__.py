@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from batchpilot import __version__
-from batchpilot.cli import model
+from batchpilot.cli import model, report
 
 app = typer.Typer(
     name="batchpilot",
@@ -19,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(model.app, name="model")
+app.command("report")(report.report)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,139 @@
+"""The report's plots, drawn with matplotlib's Agg backend into PNG files.
+
+Each function takes a run's records, writes one PNG and returns its path, or returns ``None`` when the
+stage that feeds it has no data (the HTML then says so instead of showing an empty frame).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from batchpilot.report.records import RunRecords, numbers
+from batchpilot.units import GIB
+
+DPI = 110
+FIGSIZE_IN = (6.4, 3.8)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    plt.close(fig)
+    return path
+
+
+def _fitting_trials(probe: dict[str, Any] | None) -> list[dict[str, Any]]:
+    trials = (probe or {}).get("trials") or []
+    return sorted((t for t in trials if isinstance(t, dict) and t.get("fits")), key=lambda t: t["micro_batch"])
+
+
+def plot_memory(records: RunRecords, path: Path) -> Path | None:
+    """Peak memory (GiB) vs micro-batch: analytic, traced and measured, with the budget line."""
+    curve = records.memory_curve or {}
+    measured = _fitting_trials(records.probe)
+    micro = curve.get("micro_batches") or []
+    if not micro and not measured:
+        return None
+    fig, ax = plt.subplots(figsize=FIGSIZE_IN)
+    for key, style, label in (("analytic", "-o", "analytic"), ("traced", "-s", "traced (fake tensors)")):
+        pairs = [(m, v) for m, v in zip(micro, curve.get(key) or [], strict=False) if isinstance(v, (int, float))]
+        if pairs:
+            ax.plot([m for m, _ in pairs], [v / GIB for _, v in pairs], style, label=label, markersize=4)
+    if measured:
+        ax.plot([t["micro_batch"] for t in measured], [t["peak_bytes"] / GIB for t in measured], "D",
+                color="black", label="measured (probe)", markersize=6)
+    failed = [t["micro_batch"] for t in (records.probe or {}).get("trials") or [] if not t.get("fits")]
+    budget = (records.probe or {}).get("budget_bytes")
+    if budget:
+        ax.axhline(budget / GIB, color="red", linestyle="--", linewidth=1, label="budget")
+        if failed:
+            ax.plot(failed, [budget / GIB] * len(failed), "x", color="red", markersize=8, label="did not fit")
+    ax.set_xlabel("micro-batch (sequences)")
+    ax.set_ylabel("peak memory (GiB)")
+    ax.set_title("Memory vs micro-batch")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_throughput(records: RunRecords, path: Path) -> Path | None:
+    """Measured tokens/s vs micro-batch with the throughput knee marked."""
+    trials = [t for t in _fitting_trials(records.probe) if isinstance(t.get("tokens_per_s"), (int, float))]
+    if not trials:
+        return None
+    fig, ax = plt.subplots(figsize=FIGSIZE_IN)
+    ax.plot([t["micro_batch"] for t in trials], [t["tokens_per_s"] for t in trials], "-o", label="measured")
+    knee = (records.probe or {}).get("knee_micro_batch")
+    knee_rows = [t for t in trials if t["micro_batch"] == knee]
+    if knee_rows:
+        ax.plot([knee], [knee_rows[0]["tokens_per_s"]], "*", color="orange", markersize=16,
+                label=f"knee: micro-batch {knee}")
+    ax.set_xlabel("micro-batch (sequences)")
+    ax.set_ylabel("tokens/s")
+    ax.set_title("Throughput vs micro-batch")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_noise(records: RunRecords, path: Path) -> Path | None:
+    """B_simple (sequences) over optimizer steps, with the uncertainty band."""
+    noise = records.noise or {}
+    history = [h for h in noise.get("history") or [] if isinstance(h, dict)]
+    steps, values = numbers(history, "step"), numbers(history, "b_simple_sequences") or numbers(history, "b_simple")
+    if not values:
+        rows = [m for m in records.metrics if isinstance(m.get("b_simple"), (int, float))]
+        steps, values = numbers(rows, "step"), numbers(rows, "b_simple")
+    final = noise.get("b_simple_sequences")
+    if not values and not isinstance(final, (int, float)):
+        return None
+    fig, ax = plt.subplots(figsize=FIGSIZE_IN)
+    if values and len(steps) == len(values):
+        ax.plot(steps, values, "-", label="B_simple estimate (EMA)")
+    band = noise.get("band")
+    if isinstance(band, (list, tuple)) and len(band) == 2 and all(isinstance(b, (int, float)) for b in band):
+        ax.axhspan(band[0], band[1], color="tab:blue", alpha=0.15, label="band")
+    if isinstance(final, (int, float)):
+        ax.axhline(final, color="tab:blue", linestyle="--", linewidth=1, label=f"B_simple = {final:.1f} seqs")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("critical batch ≈ B_simple (sequences)")
+    ax.set_title("Gradient noise scale")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_loss(records: RunRecords, path: Path) -> Path | None:
+    """Training loss vs tokens and vs wall-clock time (validation loss where logged)."""
+    rows = [m for m in records.metrics if isinstance(m.get("loss"), (int, float))]
+    if not rows:
+        return None
+    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(FIGSIZE_IN[0] * 1.6, FIGSIZE_IN[1]))
+    for ax, key, label in ((by_tokens, "tokens", "tokens seen"), (by_time, "elapsed_s", "wall time (s)")):
+        pairs = [(r[key], r["loss"]) for r in rows if isinstance(r.get(key), (int, float))]
+        ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "-", label="train loss")
+        val = [(r[key], r["val_loss"]) for r in records.metrics
+               if isinstance(r.get("val_loss"), (int, float)) and isinstance(r.get(key), (int, float))]
+        if val:
+            ax.plot([p[0] for p in val], [p[1] for p in val], "o", label="validation loss")
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Verification run")
+    return _save(fig, path)
+
+
+PLOTS = {
+    "memory": plot_memory,
+    "throughput": plot_throughput,
+    "noise": plot_noise,
+    "loss": plot_loss,
+}
