@@ -73,7 +73,7 @@ def plot_throughput(records: RunRecords, path: Path) -> Path | None:
     knee = (records.probe or {}).get("knee_micro_batch")
     knee_rows = [t for t in trials if t["micro_batch"] == knee]
     if knee_rows:
-        ax.plot([knee], [knee_rows[0]["tokens_per_s"]], "*", color="orange", markersize=16,
+        ax.plot([knee_rows[0]["micro_batch"]], [knee_rows[0]["tokens_per_s"]], "*", color="orange", markersize=16,
                 label=f"knee: micro-batch {knee}")
     ax.set_xlabel("micro-batch (sequences)")
     ax.set_ylabel("tokens/s")
