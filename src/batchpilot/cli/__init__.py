@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from batchpilot import __version__
-from batchpilot.cli import model, report
+from batchpilot.cli import hardware, model, report
 
 app = typer.Typer(
     name="batchpilot",
@@ -19,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(model.app, name="model")
+app.add_typer(hardware.app, name="hardware")
 app.command("report")(report.report)
 
 

@@ -1,0 +1,71 @@
+"""``batchpilot hardware`` CLI contract: JSON keys, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+from batchpilot.cli import app
+from batchpilot.specs.hardware import accelerator_names
+
+SHOW_KEYS = {"name", "display_name", "vendor", "memory_bytes", "peak_flops_per_s",
+             "memory_bandwidth_bytes_per_s", "intra_node_bandwidth_bytes_per_s", "intra_node_link",
+             "sources", "notes"}
+
+
+def test_list_json_has_every_accelerator(cli_runner) -> None:
+    result = cli_runner.invoke(app, ["hardware", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert [a["name"] for a in record["accelerators"]] == accelerator_names()
+    assert all(set(a) == SHOW_KEYS for a in record["accelerators"])
+
+
+def test_list_table(cli_runner) -> None:
+    result = cli_runner.invoke(app, ["hardware", "list"])
+    assert result.exit_code == 0
+    assert "h100-sxm" in result.stdout and "mi300x" in result.stdout
+
+
+def test_show_json_contract(cli_runner) -> None:
+    result = cli_runner.invoke(app, ["hardware", "show", "a100-80gb", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert set(record) == SHOW_KEYS
+    assert record["memory_bytes"] == 80 * 2**30
+    assert record["peak_flops_per_s"] == {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12}
+    assert set(record["sources"]["peak_flops.bf16"]) == {"url", "says", "dense", "verified_via"}
+
+
+def test_show_table_names_sources(cli_runner) -> None:
+    result = cli_runner.invoke(app, ["hardware", "show", "h100-sxm"])
+    assert result.exit_code == 0
+    assert "peak_flops.bf16" in result.stdout and "989.5 TFLOP/s dense" in result.stdout
+
+
+def test_show_user_file(cli_runner, tmp_path) -> None:
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({
+        "memory_bytes": 2**34, "peak_flops_per_s": {"fp32": 1e13, "fp16": 5e13},
+        "memory_bandwidth_bytes_per_s": 5e11, "intra_node_bandwidth_bytes_per_s": 3.2e10,
+    }))
+    result = cli_runner.invoke(app, ["hardware", "show", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["memory_bytes"] == 2**34
+
+
+def test_unknown_name_is_one_line_exit_2(cli_runner) -> None:
+    result = cli_runner.invoke(app, ["hardware", "show", "h100"])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown accelerator 'h100'")
+    assert "h100-sxm" in lines[0]
+
+
+def test_hostile_file_is_one_line_exit_2(cli_runner, tmp_path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{"memory_bytes": ')
+    result = cli_runner.invoke(app, ["hardware", "show", str(path), "--json"])
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "not valid JSON" in result.stderr
