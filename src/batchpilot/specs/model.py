@@ -1,18 +1,38 @@
 """Model specs read from Hugging Face ``config.json`` files (a local path or a shipped preset name).
 
+Examples::
+
+    from batchpilot.specs.model import load_model
+    spec = load_model("llama-3-8b")          # a shipped preset (see ``batchpilot model list``)
+    spec.params_total                        # 8,030,261,248
+    spec.flops_per_token(seq_len=8192)       # training FLOPs per token
+    load_model("./my-model/config.json")     # any supported Hugging Face config
+
 Supported families (``ModelSpec.family``):
 
 - ``gpt2``    GPT-2: learned positions, LayerNorm with bias, fused QKV with bias, 4h GELU MLP, tied head.
 - ``llama``   Llama-style dense decoders (``llama``, ``mistral``, ``qwen2``): RMSNorm, RoPE, GQA,
-              SwiGLU MLP, optional QKV bias (Qwen2 always has it), tied or untied output head.
-- ``moe``     Mixtral-style sparse MoE (``mixtral``): the Llama block with E SwiGLU experts, top-k router.
+              SwiGLU MLP, tied or untied output head. Biases follow each ``transformers`` module:
+              Llama honours ``attention_bias`` (Q, K, V and O) and ``mlp_bias``; Qwen2 always has
+              Q/K/V biases and never O or MLP biases; Mistral has none.
+- ``moe``     Mixtral-style sparse MoE (``mixtral``): the Mistral block with E SwiGLU experts, top-k router.
 - ``mla``     DeepSeek-V2/V3 (``deepseek_v2``, ``deepseek_v3``): multi-head latent attention with or
               without a query LoRA, routed + shared experts, the first ``first_k_dense_replace`` layers
               dense, multi-token-prediction (MTP) modules counted separately (``params_mtp``).
 
 Parameter counts are exact: they equal ``sum(p.numel() for p in model.parameters())`` of the
-``transformers`` model built from the same config (tested on the meta device). Buffers that are not
-trained by gradient (DeepSeek-V3's ``e_score_correction_bias``) are not parameters.
+``transformers`` (5.x) model built from the same config (tested on the meta device for every preset
+and for small variants of each family). Details that matter for exactness:
+
+- Routed experts never have biases (Mixtral's and DeepSeek's fused expert tensors have none); shared
+  experts are one SwiGLU MLP of width ``moe_intermediate_size × n_shared_experts``.
+- DeepSeek-V3's ``e_score_correction_bias`` (aux-loss-free balancing) is a buffer updated outside the
+  optimizer, not a parameter: not counted.
+- MLA with ``attention_bias`` has biases on ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj``.
+- A field missing from the config takes the value the ``transformers`` config class defaults to for
+  that ``model_type`` (e.g. Mistral's ``num_key_value_heads`` = 8, DeepSeek-V3's
+  ``first_k_dense_replace`` = 3, ``q_lora_rank`` = 1536); an explicit ``null`` means "derive it"
+  (``num_key_value_heads`` = heads, ``head_dim`` = hidden / heads, ``q_lora_rank`` = no query LoRA).
 
 FLOPs convention (``flops_per_token``): every matmul a token passes through costs 2 FLOPs per weight
 forward and 4 backward, so 6·N_matmul, where N_matmul counts the weight matrices a token actually
@@ -50,6 +70,18 @@ MODEL_TYPES: dict[str, Family] = {
     "deepseek_v3": "mla",
 }
 
+#: Defaults of the ``transformers`` (5.x) config classes for fields a config.json may omit, where the
+#: default is not what an explicit ``null`` would mean. Read from ``configuration_<model_type>.py``.
+_HF_DEFAULTS: dict[str, dict[str, int]] = {
+    "mistral": {"num_key_value_heads": 8},
+    "mixtral": {"num_key_value_heads": 8},
+    "qwen2": {"num_key_value_heads": 32},
+    "deepseek_v2": {"first_k_dense_replace": 0, "n_shared_experts": 2, "q_lora_rank": 1536,
+                    "num_nextn_predict_layers": 0},
+    "deepseek_v3": {"first_k_dense_replace": 3, "n_shared_experts": 1, "q_lora_rank": 1536,
+                    "num_nextn_predict_layers": 1},
+}
+
 _MAX_DIM = 2**31  # no real model has a dimension beyond this; larger values are typos or hostile input
 
 
@@ -62,10 +94,13 @@ class ModelSpec:
     model_type: str
     """Hugging Face ``model_type`` (``llama``, ``deepseek_v3``, ...)."""
     family: Family
+    """Block structure (see the module docstring)."""
     num_layers: int
     """Transformer blocks of the main model (MTP modules excluded)."""
     hidden_size: int
+    """Residual-stream width h."""
     num_heads: int
+    """Query heads."""
     num_kv_heads: int
     """Key/value heads (GQA); equals ``num_heads`` for MHA. For MLA, ``num_heads`` (K/V are per head)."""
     head_dim_qk: int
@@ -75,21 +110,31 @@ class ModelSpec:
     intermediate_size: int
     """FFN width of a dense layer (GPT-2: ``n_inner`` or 4h)."""
     vocab_size: int
+    """Rows of the token embedding (and of the output head)."""
     max_position_embeddings: int
+    """Longest sequence the config allows (GPT-2: size of the learned position table)."""
     tie_word_embeddings: bool
+    """Output head shares the input embedding's weight."""
     mlp_kind: Literal["gelu", "swiglu"]
+    """Two-matrix GELU MLP or three-matrix gated SiLU MLP."""
     norm_kind: Literal["layernorm", "rmsnorm"]
+    """LayerNorm (weight + bias) or RMSNorm (weight only)."""
     qkv_bias: bool = False
-    """Biases on Q, K and V projections (GPT-2, Qwen2, ``attention_bias``)."""
+    """Biases on Q, K and V projections (GPT-2, Qwen2, Llama ``attention_bias``); for MLA, on
+    ``q_a_proj`` and ``kv_a_proj_with_mqa``."""
     o_bias: bool = False
+    """Bias on the attention output projection."""
     mlp_bias: bool = False
+    """Biases on the dense FFN (and on DeepSeek-V2 shared experts); routed experts never have them."""
     learned_positions: bool = False
     """GPT-2's ``wpe`` table of ``max_position_embeddings × hidden_size``."""
     # --- mixture of experts (0 for dense models) ---
     num_experts: int = 0
     """Routed experts per MoE layer."""
     num_experts_per_token: int = 0
+    """Routed experts each token is sent to (top-k)."""
     num_shared_experts: int = 0
+    """Always-active experts per MoE layer (DeepSeek)."""
     moe_intermediate_size: int = 0
     """FFN width of one routed (and one shared) expert."""
     first_k_dense: int = 0
@@ -98,7 +143,9 @@ class ModelSpec:
     q_lora_rank: int = 0
     """0 when queries are projected directly (DeepSeek-V2-Lite)."""
     kv_lora_rank: int = 0
+    """Width of the compressed K/V latent."""
     qk_rope_head_dim: int = 0
+    """Per-head RoPE part of the query/key width (shared across heads for keys)."""
     num_mtp_layers: int = 0
     """Multi-token-prediction modules (DeepSeek-V3 ``num_nextn_predict_layers``)."""
     hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -119,45 +166,64 @@ class ModelSpec:
     def num_dense_layers(self) -> int:
         return self.num_layers - self.num_moe_layers
 
+    # ------------------------------------------------------------------ parameters: (matmul weights, elementwise)
+    def _attention_parts(self) -> tuple[int, int]:
+        """One layer's attention as (matmul weights, biases + internal norms)."""
+        h, nh = self.hidden_size, self.num_heads
+        o_w, o_b = nh * self.head_dim_v * h, (h if self.o_bias else 0)
+        if self.family == "mla":
+            q_out = nh * self.head_dim_qk
+            kv_a_out = self.kv_lora_rank + self.qk_rope_head_dim
+            kv_b_out = nh * (self.head_dim_qk - self.qk_rope_head_dim + self.head_dim_v)
+            if self.q_lora_rank:  # q_a_proj (+ bias), q_a_layernorm, q_b_proj
+                q_w, q_e = h * self.q_lora_rank + self.q_lora_rank * q_out, self.q_lora_rank
+                q_e += self.q_lora_rank if self.qkv_bias else 0
+            else:  # q_proj, never a bias
+                q_w, q_e = h * q_out, 0
+            kv_w = h * kv_a_out + self.kv_lora_rank * kv_b_out
+            kv_e = self.kv_lora_rank + (kv_a_out if self.qkv_bias else 0)  # kv_a_layernorm (+ bias)
+            return q_w + kv_w + o_w, q_e + kv_e + o_b
+        q_out, k_out = nh * self.head_dim_qk, self.num_kv_heads * self.head_dim_qk
+        v_out = self.num_kv_heads * self.head_dim_v
+        qkv_b = q_out + k_out + v_out if self.qkv_bias else 0
+        return h * (q_out + k_out + v_out) + o_w, qkv_b + o_b
+
+    def _ffn_parts(self, width: int, bias: bool) -> tuple[int, int]:
+        """An MLP of inner width ``width`` as (matmul weights, biases)."""
+        h = self.hidden_size
+        if self.mlp_kind == "swiglu":
+            return 3 * h * width, (2 * width + h if bias else 0)
+        return 2 * h * width, (width + h if bias else 0)
+
+    def _shared_experts_parts(self) -> tuple[int, int]:
+        if not self.num_shared_experts:
+            return 0, 0
+        return self._ffn_parts(self.moe_intermediate_size * self.num_shared_experts, self.mlp_bias)
+
     # ------------------------------------------------------------------ parameters per component
     @property
     def params_attention(self) -> int:
-        """Attention projections of one layer (weights and biases)."""
-        h, nh = self.hidden_size, self.num_heads
-        if self.family == "mla":
-            q_out = nh * self.head_dim_qk
-            if self.q_lora_rank:
-                q = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * q_out  # a, norm, b
-            else:
-                q = h * q_out
-            kv_a = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank  # proj + norm
-            kv_b = self.kv_lora_rank * nh * (self.head_dim_qk - self.qk_rope_head_dim + self.head_dim_v)
-            o = nh * self.head_dim_v * h
-            return q + kv_a + kv_b + o + (h if self.o_bias else 0)
-        q_out, kv_out = nh * self.head_dim_qk, self.num_kv_heads * self.head_dim_qk
-        v_out = self.num_kv_heads * self.head_dim_v
-        weights = h * (q_out + kv_out + v_out) + nh * self.head_dim_v * h
-        biases = (q_out + kv_out + v_out if self.qkv_bias else 0) + (h if self.o_bias else 0)
-        return weights + biases
-
-    def _ffn_params(self, width: int) -> int:
-        h = self.hidden_size
-        if self.mlp_kind == "swiglu":
-            return 3 * h * width + (2 * width + h if self.mlp_bias else 0)
-        return 2 * h * width + (width + h if self.mlp_bias else 0)
+        """Attention of one layer: projections, their biases and (MLA) the latent norms."""
+        return sum(self._attention_parts())
 
     @property
     def params_dense_mlp(self) -> int:
         """The FFN of one dense layer."""
-        return self._ffn_params(self.intermediate_size)
+        return sum(self._ffn_parts(self.intermediate_size, self.mlp_bias))
 
     @property
     def params_expert(self) -> int:
-        """One routed expert (also the size of one shared expert)."""
-        return self._ffn_params(self.moe_intermediate_size) if self.is_moe else 0
+        """One routed expert (no biases in any supported implementation)."""
+        return self._ffn_parts(self.moe_intermediate_size, False)[0] if self.is_moe else 0
+
+    @property
+    def params_shared_experts(self) -> int:
+        """All shared experts of one MoE layer (one MLP of width ``moe_intermediate_size × n``)."""
+        return sum(self._shared_experts_parts())
 
     @property
     def params_router(self) -> int:
+        """The gate of one MoE layer (E × h, no bias)."""
         return self.num_experts * self.hidden_size if self.is_moe else 0
 
     @property
@@ -165,10 +231,11 @@ class ModelSpec:
         """The FFN block of one MoE layer: router, all routed experts, shared experts."""
         if not self.is_moe:
             return 0
-        return self.params_router + (self.num_experts + self.num_shared_experts) * self.params_expert
+        return self.params_router + self.num_experts * self.params_expert + self.params_shared_experts
 
     @property
     def params_norms_per_layer(self) -> int:
+        """The two block norms (pre-attention, pre-FFN)."""
         return 2 * self._norm_params
 
     @property
@@ -196,8 +263,13 @@ class ModelSpec:
 
     @property
     def params_mtp(self) -> int:
-        """DeepSeek-V3 MTP modules (not in ``params_total``): per module two RMSNorms, the 2h→h
-        projection, one MoE block and the shared head's norm (embedding and head are shared)."""
+        """DeepSeek-V3 MTP modules (not in ``params_total``; ``transformers`` does not build them).
+
+        Per module (DeepSeek-V3 report §2.2): two RMSNorms, the 2h→h projection, one decoder layer
+        (MoE when the model has experts) and the shared head's norm. Embedding and output head are
+        shared with the main model and not counted again (the checkpoint stores copies of them, which
+        is why Hugging Face lists 685B = 671B main + 14B MTP).
+        """
         if not self.num_mtp_layers:
             return 0
         h = self.hidden_size
@@ -223,11 +295,17 @@ class ModelSpec:
     # ------------------------------------------------------------------ FLOPs
     @property
     def matmul_params_per_token(self) -> int:
-        """Weights a token multiplies through (see the module docstring): active layers + head."""
-        per_layer_elementwise = self.params_norms_per_layer
-        active_layers = self.params_active - self.params_embedding - self.params_final_norm
+        """Weights a token multiplies through (see the module docstring): active layers + head.
+
+        Biases, norms and the embedding lookup are excluded; the router, the top-k routed experts,
+        the shared experts and the output head (tied or not) are included.
+        """
+        attention = self._attention_parts()[0]
+        dense = attention + self._ffn_parts(self.intermediate_size, self.mlp_bias)[0]
+        moe = (attention + self.params_router + self.num_experts_per_token * self.params_expert
+               + self._shared_experts_parts()[0])
         head = self.vocab_size * self.hidden_size
-        return active_layers - self.num_layers * per_layer_elementwise + head
+        return self.num_dense_layers * dense + self.num_moe_layers * moe + head
 
     def attention_flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs of scores and weighted values, per token: 6·L·s·n_heads·(d_qk + d_v)."""
@@ -279,6 +357,7 @@ class ModelSpec:
         return record
 
 
+
 # ---------------------------------------------------------------------- reading configs
 def _check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -286,16 +365,24 @@ def _check_positive(name: str, value: int) -> None:
 
 
 class _Fields:
-    """Typed, named access to a config dict: every problem names the field and the file."""
+    """Typed, named access to a config dict: every problem names the field and the file.
 
-    def __init__(self, config: Mapping[str, Any], where: str) -> None:
+    A missing key takes the ``transformers`` class default for this ``model_type`` (``_HF_DEFAULTS``)
+    when there is one, else ``default``; an explicit ``null`` takes ``default`` (what ``None`` means).
+    """
+
+    def __init__(self, config: Mapping[str, Any], where: str, model_type: str) -> None:
         self.config, self.where = config, where
+        self.class_defaults = _HF_DEFAULTS.get(model_type, {})
 
     def int(self, key: str, default: int | None = None, *, minimum: int = 1) -> int:
+        if key not in self.config and key in self.class_defaults:
+            return self.class_defaults[key]
         value = self.config.get(key)
         if value is None:
             if default is None:
-                raise SpecError(f"{self.where}: required field {key!r} is missing")
+                raise SpecError(f"{self.where}: required field {key!r} is missing; copy it from the "
+                                f"model's config.json")
             return default
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
@@ -326,7 +413,7 @@ def from_hf_config(config: Mapping[str, Any], *, name: str = "config", source: s
         raise SpecError(
             f"{name}: unsupported model_type {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}"
         )
-    fields = _Fields(config, name)
+    fields = _Fields(config, name, model_type)
     clean = {k: v for k, v in config.items() if not str(k).startswith("_")}
     common: dict[str, Any] = dict(name=name, model_type=model_type, family=family, hf_config=clean, source=source)
     builder = {"gpt2": _gpt2, "llama": _llama, "moe": _llama, "mla": _mla}[family]
@@ -347,9 +434,12 @@ def _gpt2(f: _Fields, common: dict[str, Any]) -> ModelSpec:
 
 
 def _llama(f: _Fields, common: dict[str, Any]) -> ModelSpec:
+    """Llama, Mistral, Qwen2 and Mixtral: only Llama reads ``attention_bias``/``mlp_bias``."""
     h, nh = f.int("hidden_size"), f.int("num_attention_heads")
     head_dim = f.int("head_dim", h // nh)
-    is_qwen2 = common["model_type"] == "qwen2"
+    model_type = common["model_type"]
+    is_llama = model_type == "llama"
+    attention_bias = is_llama and f.bool("attention_bias", False)
     moe: dict[str, Any] = {}
     if common["family"] == "moe":
         moe = dict(
@@ -362,35 +452,32 @@ def _llama(f: _Fields, common: dict[str, Any]) -> ModelSpec:
         intermediate_size=f.int("intermediate_size"), vocab_size=f.int("vocab_size"),
         max_position_embeddings=f.int("max_position_embeddings"),
         tie_word_embeddings=f.bool("tie_word_embeddings", False), mlp_kind="swiglu", norm_kind="rmsnorm",
-        qkv_bias=is_qwen2 or f.bool("attention_bias", False),
-        o_bias=(not is_qwen2) and f.bool("attention_bias", False),
-        mlp_bias=f.bool("mlp_bias", False), **moe,
+        qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias,
+        mlp_bias=is_llama and f.bool("mlp_bias", False), **moe,
     )
 
 
 def _mla(f: _Fields, common: dict[str, Any]) -> ModelSpec:
+    """DeepSeek-V2/V3: every layer from ``first_k_dense_replace`` on is MoE (``moe_layer_freq`` 1)."""
     nh = f.int("num_attention_heads")
     nope, rope = f.int("qk_nope_head_dim"), f.int("qk_rope_head_dim")
-    experts = f.int("n_routed_experts", 0, minimum=0)
-    moe: dict[str, Any] = {}
-    if experts:
-        moe = dict(
-            num_experts=experts, num_experts_per_token=f.int("num_experts_per_tok"),
-            num_shared_experts=f.int("n_shared_experts", 0, minimum=0),
-            moe_intermediate_size=f.int("moe_intermediate_size"),
-            first_k_dense=f.int("first_k_dense_replace", 0, minimum=0),
-        )
     if f.int("moe_layer_freq", 1) != 1:
-        raise SpecError(f"{f.where}: moe_layer_freq other than 1 is not supported")
+        raise SpecError(f"{f.where}: moe_layer_freq other than 1 is not supported (transformers ignores it)")
+    is_v2 = common["model_type"] == "deepseek_v2"
+    attention_bias = f.bool("attention_bias", False)
     return ModelSpec(
         **common, num_layers=f.int("num_hidden_layers"), hidden_size=f.int("hidden_size"), num_heads=nh,
         num_kv_heads=nh, head_dim_qk=nope + rope, head_dim_v=f.int("v_head_dim"),
         intermediate_size=f.int("intermediate_size"), vocab_size=f.int("vocab_size"),
         max_position_embeddings=f.int("max_position_embeddings"),
         tie_word_embeddings=f.bool("tie_word_embeddings", False), mlp_kind="swiglu", norm_kind="rmsnorm",
-        o_bias=f.bool("attention_bias", False), q_lora_rank=f.int("q_lora_rank", 0, minimum=0),
-        kv_lora_rank=f.int("kv_lora_rank"), qk_rope_head_dim=rope,
-        num_mtp_layers=f.int("num_nextn_predict_layers", 0, minimum=0), **moe,
+        qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=is_v2 and f.bool("mlp_bias", False),
+        q_lora_rank=f.int("q_lora_rank", 0, minimum=0), kv_lora_rank=f.int("kv_lora_rank"),
+        qk_rope_head_dim=rope, num_mtp_layers=f.int("num_nextn_predict_layers", 0, minimum=0),
+        num_experts=f.int("n_routed_experts"), num_experts_per_token=f.int("num_experts_per_tok"),
+        num_shared_experts=f.int("n_shared_experts", 0, minimum=0),
+        moe_intermediate_size=f.int("moe_intermediate_size"),
+        first_k_dense=f.int("first_k_dense_replace", 0, minimum=0),
     )
 
 
