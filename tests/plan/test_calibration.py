@@ -40,11 +40,11 @@ def test_interpolation_is_linear_in_log_tokens_and_clamped():
 
 
 def test_default_curve_values():
-    # e_max · t / (t + t_half) with 0.60 and 1024 (module docstring)
-    assert default_efficiency(1024) == pytest.approx(0.30)
-    assert default_efficiency(8192) == pytest.approx(0.60 * 8 / 9)
+    # e_max · t / (t + t_half) with 0.55 and 2048 (module docstring)
+    assert default_efficiency(2048) == pytest.approx(0.275)
+    assert default_efficiency(8192) == pytest.approx(0.55 * 4 / 5)
     assert DEFAULT_CALIBRATION.efficiency(8192) == default_efficiency(8192)
-    assert all(default_efficiency(2**k) < default_efficiency(2**(k + 1)) < 0.6 for k in range(20))
+    assert all(default_efficiency(2**k) < default_efficiency(2**(k + 1)) < 0.55 for k in range(20))
 
 
 @pytest.mark.parametrize(("edit", "message"), [

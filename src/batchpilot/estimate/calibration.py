@@ -6,11 +6,11 @@ the training step's matmuls reach; it rises with the tokens one forward/backward
 GEMMs, fewer kernel launches per FLOP) and saturates. Two sources:
 
 - :data:`DEFAULT_CURVE` — a documented default, ``e(t) = e_max · t / (t + t_half)`` with
-  ``e_max = 0.60`` and ``t_half = 1024`` tokens. It gives 0.30 at 1,024 tokens per micro-batch, 0.53 at
-  8,192 and 0.58 at 32,768. Basis: well-tuned dense training reaches 0.4–0.55 of peak end to end
+  ``e_max = 0.55`` and ``t_half = 2048`` tokens. It gives 0.28 at 2,048 tokens per micro-batch, 0.44 at
+  8,192 and 0.52 at 32,768. Basis: well-tuned dense training reaches 0.4–0.55 of peak end to end
   (Narayanan et al. 2021, Table 1: 44–52 % on A100 including communication and bubble; Llama 3 405B:
-  38–43 % BF16 MFU on H100, Llama 3 Herd of Models, Table 4), so the matmul-only ceiling sits a little
-  above that. Known error: ±30 % for a given model and kernel stack; calibrate with the probe.
+  38–43 % BF16 MFU on H100, Llama 3 Herd of Models, Table 4), so the matmul-only ceiling sits at or a
+  little above that, and small micro-batches (short GEMMs) fall well below it. Known error: ±30 % for a given model and kernel stack; calibrate with the probe.
 - A :class:`Calibration` measured by ``batchpilot probe`` on the real device: efficiency at several
   tokens-per-micro-batch points (piecewise-linear in log tokens between them, clamped at both ends)
   and the memory overhead the analytic model missed.
@@ -51,9 +51,9 @@ from batchpilot.errors import SpecError
 CALIBRATION_FORMAT = "batchpilot-calibration"
 CALIBRATION_FORMAT_VERSION = 1
 
-DEFAULT_MAX_EFFICIENCY = 0.60
+DEFAULT_MAX_EFFICIENCY = 0.55
 """Saturated fraction of dense peak reached by training matmuls (see the module docstring)."""
-DEFAULT_HALF_SATURATION_TOKENS = 1024
+DEFAULT_HALF_SATURATION_TOKENS = 2048
 """Tokens per micro-batch at which the default curve reaches half of :data:`DEFAULT_MAX_EFFICIENCY`."""
 
 
