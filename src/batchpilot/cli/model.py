@@ -3,7 +3,8 @@
 Examples::
 
     batchpilot model list
-    batchpilot model show llama-3-8b --seq-len 8192
+    batchpilot model show llama-3-8b --seq-len 8Ki
+    batchpilot model show tiny-llama-1m --json
     batchpilot model show ./my-model/config.json --json
 """
 
@@ -14,7 +15,7 @@ from rich.table import Table
 
 from batchpilot.cli._common import console, handle_errors, print_json
 from batchpilot.specs.model import load_model, preset_names
-from batchpilot.units import format_count
+from batchpilot.units import format_count, parse_count
 
 app = typer.Typer(help="Model presets and Hugging Face config.json files.", no_args_is_help=True)
 
@@ -38,12 +39,13 @@ def list_models(json_output: bool = typer.Option(False, "--json", help="Print on
 @handle_errors
 def show_model(
     model: str = typer.Argument(..., help="Preset name or path to a config.json (or its folder)."),
-    seq_len: int = typer.Option(2048, "--seq-len", min=1, help="Sequence length for FLOPs per token."),
+    seq_len: str = typer.Option("2048", "--seq-len", help="Sequence length for FLOPs per token (4096, 8Ki)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Show a model's shape, parameter counts and training FLOPs per token."""
+    tokens = parse_count(seq_len, "--seq-len")
     spec = load_model(model)
-    record = spec.to_dict(seq_len=seq_len)
+    record = spec.to_dict(seq_len=tokens)
     if json_output:
         print_json(record)
         return
