@@ -62,6 +62,19 @@ def test_mixtral_active_params_match_published_12_9b() -> None:
     assert spec.params_active == spec.params_total - 32 * 6 * 3 * 4096 * 14336
 
 
+def test_qwen2_5_7b_matches_model_card() -> None:
+    # Qwen2.5-7B(-Instruct) model card: "Number of Parameters: 7.61B; (Non-Embedding): 6.53B". Ours are
+    # 7.6156B and 6.5256B: the card truncates one and rounds the other, so the tolerance is 0.1%.
+    spec = load_model("qwen2.5-7b")
+    assert spec.params_total == pytest.approx(7.61e9, rel=0.001)
+    assert spec.params_non_embedding == pytest.approx(6.53e9, rel=0.001)
+
+
+def test_llama_3_1_405b_is_405b() -> None:
+    # Llama 3 Herd of Models (arXiv:2407.21783) Table 3: 405B, 126 layers, d=16,384, FFN 53,248, 128/8 heads.
+    assert load_model("llama-3.1-405b").params_total == pytest.approx(405e9, rel=0.005)
+
+
 def test_deepseek_v3_total_and_active_match_report() -> None:
     spec = load_model("deepseek-v3")
     # "671B" rounds to whole billions: ±0.5B. The count excludes the MTP module, as the report does.
