@@ -1,0 +1,300 @@
+"""Step-time model: FLOPs, compute time, communication, pipeline bubble and optimizer step per training step.
+
+Example (CPU, instant)::
+
+    >>> from batchpilot.specs.model import load_model
+    >>> from batchpilot.specs.hardware import load_accelerator, ClusterSpec
+    >>> from batchpilot.specs.settings import RunSettings
+    >>> from batchpilot.specs.batch import BatchTriad
+    >>> cluster = ClusterSpec(accelerator=load_accelerator("h100-sxm"), devices_per_node=8, num_nodes=8,
+    ...                       inter_node_bandwidth_bytes_per_s=50e9)
+    >>> model = StepTimeModel(load_model("llama-3-8b"), cluster, seq_len=8192)
+    >>> triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=8, data_parallel_ranks=64, seq_len_tokens=8192)
+    >>> step = model.estimate(RunSettings(zero_stage=1), triad)
+    >>> round(step.mfu, 2), round(step.tokens_per_s / 1e6, 2)
+    (0.41, 0.45)
+
+Formulas (per optimizer step; b micro-batch sequences, s sequence length, m accumulation steps,
+t/p/e tensor/pipeline/expert-parallel sizes, d data-parallel ranks, world = d·t·p GPUs):
+
+- FLOPs. Model FLOPs per token are :meth:`ModelSpec.flops_per_token` (6·N_matmul + attention; for a GPT
+  block Narayanan et al. 2021 Eq. 3 without recomputation: 72·l·h²·(1 + s/(6h) + V/(12·l·h)) per
+  sequence-token — note the head term is V/(12lh) with the factor 72, so the head stays 6·V·h). Full
+  recomputation repeats the forward of every transformer layer (not the head): + (6·N_layers + attn)/3,
+  which gives exactly Eq. 3's 96·l·h²·(1 + s/(6h) + V/(16·l·h)). Selective recomputation repeats the
+  attention core's forward: + attn/3 (Korthikanti et al. 2022 §5).
+- Compute time. Hardware FLOPs per GPU ÷ (dense peak at the run's precision × efficiency), efficiency
+  from :mod:`batchpilot.estimate.calibration` at b·s tokens per micro-batch. The slowest pipeline stage
+  holds ⌈L/p⌉ of the L layers (uneven splits cost time).
+- Tensor parallelism (Megatron, Narayanan et al. 2021 §3.3): per layer and micro-batch 2 all-reduces of
+  b·s·h activations forward and 2 backward (+2 with full recompute); with sequence parallelism the
+  all-reduce becomes reduce-scatter + all-gather, same bytes. Not overlapped.
+- Expert parallelism: per MoE layer and micro-batch, dispatch and combine all-to-alls of b·s·k·h
+  activations (k experts per token), forward and backward (+2 with full recompute), fraction (e−1)/e
+  leaves the rank. Not overlapped (DeepSeek-V3's DualPipe hides it; we do not assume that).
+- Data-parallel gradient reduction (ring: 2·(N−1)/N·G bytes per rank for an all-reduce of G bytes,
+  (N−1)/N·G for a reduce-scatter or an all-gather): ZeRO-0/1 reduce once per step and overlap with the
+  last micro-batch's backward; ZeRO-2 reduce-scatters every micro-batch (DeepSpeed keeps no full
+  gradient) overlapped with that backward; ZeRO-3 gathers parameters forward and backward and
+  reduce-scatters gradients every micro-batch, overlapped with that micro-batch's compute; ZeRO-1/2/3
+  gather updated parameters after the step (overlapped with the first forward). Only what exceeds the
+  overlap window counts. Expert gradients reduce over d/e ranks. A group spanning nodes runs at the
+  per-GPU inter-node bandwidth, otherwise at the intra-node bandwidth.
+- Pipeline bubble (1F1B): the step takes (m + p − 1) stage-times instead of m, i.e. a fraction
+  (p − 1)/(m + p − 1) is idle (Narayanan et al. 2021 §2.2.1); plus point-to-point sends of b·s·h
+  activations between stages.
+- Optimizer step: memory-bound, bytes touched per parameter (:data:`OPTIMIZER_BYTES_PER_PARAM`) ÷ DRAM
+  bandwidth over the parameters this rank updates (÷ d with ZeRO ≥ 1). With ``offload`` the update runs
+  on the CPU (:data:`HOST_BANDWIDTH_BYTES_PER_S`, an assumption) after moving gradients down and
+  parameters up over PCIe (:data:`PCIE_BANDWIDTH_BYTES_PER_S`, an assumption).
+- Outputs: tokens/s = global tokens ÷ step time; TFLOP/s per GPU counts the FLOPs executed (with
+  recomputation, as Narayanan et al. report); MFU (PaLM, Chowdhery et al. 2022 App. B) = tokens/s ×
+  (6N + 12·L·H·Q·T) ÷ (world × peak), i.e. model FLOPs without recomputation.
+
+Known error: the efficiency curve dominates (±30 % uncalibrated); communication assumes bus bandwidth
+equals the per-GPU link bandwidth (real NCCL reaches ~70–90 %) and no compute slowdown from
+overlapped communication. Rank placement is Megatron's: tensor-parallel ranks adjacent, then data, then
+pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration
+from batchpilot.specs.batch import BatchTriad
+from batchpilot.specs.hardware import ClusterSpec
+from batchpilot.specs.model import ModelSpec
+from batchpilot.specs.settings import RunSettings
+
+ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
+"""Bytes per activation element sent by TP/EP/PP collectives (fp8 runs keep bf16 activations)."""
+
+PEAK_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}
+"""Which dense peak a precision's matmuls run at (fp32: no TF32, PyTorch's default)."""
+
+GRADIENT_REDUCE_BYTES = {"torch": 4, "fsdp2": 4, "deepspeed": 2, "megatron": 4}
+"""Bytes per gradient element in the data-parallel reduction under mixed precision: DDP on autocast
+keeps fp32 gradients; FSDP2 as used by torchtitan reduces in fp32 (``reduce_dtype=torch.float32``);
+DeepSpeed communicates in the training dtype; Megatron reduces its fp32 main gradients. fp32 runs: 4."""
+
+OPTIMIZER_BYTES_PER_PARAM = {"adamw": 32, "adamw-8bit": 18, "sgd-momentum": 22, "adafactor": 20}
+"""DRAM bytes read + written per parameter by one optimizer step with fp32 masters: AdamW reads master,
+m, v (12) and the gradient (4), writes master, m, v (12) and the bf16 weight (2) ≈ 30, rounded up for
+the gradient unscale/clip pass; 8-bit Adam has 1-byte m and v; SGD momentum one fp32 buffer;
+Adafactor factored second moments (≈ no per-parameter state besides the master). Approximate (±20 %)."""
+
+HOST_BANDWIDTH_BYTES_PER_S = 100e9
+"""Assumed host DRAM bandwidth per node for CPU optimizer steps (offload); a two-socket DDR5 server
+reaches 200–600 GB/s peak, CPU-Adam reaches a fraction. An assumption, not a measurement."""
+
+PCIE_BANDWIDTH_BYTES_PER_S = 25e9
+"""Assumed host↔GPU bandwidth per GPU for offload (PCIe Gen4 x16: 32 GB/s peak, ~25 GB/s achieved)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepTime:
+    """Time and throughput of one optimizer step (all GPUs together)."""
+
+    flops_per_step: float
+    """FLOPs the cluster executes per step, recomputation included."""
+    model_flops_per_step: float
+    """Model FLOPs per step without recomputation (the MFU numerator)."""
+    compute_s: float
+    """Forward/backward time of the slowest pipeline stage for all micro-batches, without bubble."""
+    bubble_s: float
+    """Pipeline fill and drain: (p − 1) stage-times."""
+    tp_comm_s: float
+    """Tensor-parallel collectives per step (not overlapped)."""
+    ep_comm_s: float
+    """Expert-parallel all-to-alls per step (not overlapped)."""
+    pp_comm_s: float
+    """Pipeline point-to-point activation sends on the critical path."""
+    dp_comm_s: float
+    """Data-parallel traffic time per step (gradient reduction, ZeRO gathers), before overlap."""
+    dp_exposed_s: float
+    """The part of ``dp_comm_s`` not hidden behind compute."""
+    optimizer_s: float
+    """Optimizer update (plus offload transfers)."""
+    step_time_s: float
+    """Wall time of one optimizer step."""
+    tokens_per_s: float
+    tflops_per_gpu: float
+    """Executed FLOP/s per GPU ÷ 1e12 (recomputation counted, as Narayanan et al.)."""
+    mfu: float
+    """Model FLOPs utilisation (PaLM App. B): model FLOPs per second ÷ (GPUs × dense peak)."""
+    efficiency: float
+    """Matmul efficiency used for the compute time (calibration or default curve)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Comm:
+    """Traffic of one collective pattern: seconds on the critical path and seconds that may overlap."""
+
+    exposed_s: float = 0.0
+    total_s: float = 0.0
+
+
+def ring_all_reduce_bytes(size_bytes: float, ranks: int) -> float:
+    """Bytes each rank sends in a ring all-reduce of ``size_bytes``: 2·(N−1)/N·G (Patarasuk & Yuan 2009)."""
+    return 2.0 * (ranks - 1) / ranks * size_bytes if ranks > 1 else 0.0
+
+
+def ring_gather_bytes(size_bytes: float, ranks: int) -> float:
+    """Bytes each rank sends in a ring reduce-scatter or all-gather of ``size_bytes``: (N−1)/N·G."""
+    return (ranks - 1) / ranks * size_bytes if ranks > 1 else 0.0
+
+
+def pipeline_bubble_fraction(pp: int, micro_batches: int) -> float:
+    """Idle fraction of a 1F1B/GPipe step: (p − 1)/(m + p − 1) (Narayanan et al. 2021 §2.2.1)."""
+    return (pp - 1) / (micro_batches + pp - 1)
+
+
+def recompute_flops_per_token(model: ModelSpec, seq_len: int, recompute: str) -> int:
+    """Extra training FLOPs per token from activation recomputation (see the module docstring)."""
+    if recompute == "none":
+        return 0
+    attention = model.attention_flops_per_token(seq_len)
+    if recompute == "selective":
+        return attention // 3
+    layers = model.matmul_params_per_token - model.vocab_size * model.hidden_size
+    return (6 * layers + attention) // 3
+
+
+class StepTimeModel:
+    """Step-time estimates for one model on one cluster at one sequence length.
+
+    Model-dependent quantities are computed once here, so :meth:`estimate` is cheap enough for the
+    planner to call thousands of times.
+    """
+
+    def __init__(self, model: ModelSpec, cluster: ClusterSpec, *, seq_len: int,
+                 calibration: Calibration = DEFAULT_CALIBRATION) -> None:
+        self.model, self.cluster, self.seq_len, self.calibration = model, cluster, seq_len, calibration
+        self.flops_per_token = model.flops_per_token(seq_len)
+        self._recompute = {r: recompute_flops_per_token(model, seq_len, r) for r in ("none", "selective", "full")}
+        routed = model.num_moe_layers * model.num_experts * model.params_expert
+        self.expert_params = routed
+        self.dense_params = model.params_total - routed
+        self.intra_bw = cluster.accelerator.intra_node_bandwidth_bytes_per_s
+        self.inter_bw = cluster.inter_node_bandwidth_bytes_per_s or self.intra_bw
+
+    # ------------------------------------------------------------------ helpers
+    def _bandwidth(self, group: int, stride: int) -> float:
+        """Per-GPU bandwidth of a group of ``group`` ranks spaced ``stride`` apart in rank order."""
+        within_node = group * stride <= self.cluster.devices_per_node
+        return self.intra_bw if within_node else self.inter_bw
+
+    def peak_flops_per_s(self, settings: RunSettings) -> float:
+        return self.cluster.accelerator.peak_flops_per_s(PEAK_DTYPE[settings.precision])
+
+    # ------------------------------------------------------------------ the estimate
+    def estimate(self, settings: RunSettings, triad: BatchTriad) -> StepTime:
+        """Step time and throughput of ``settings`` (layout, ZeRO, recompute) at ``triad``."""
+        m, s, b = triad.grad_accum_steps, self.seq_len, triad.micro_batch_sequences
+        world = triad.data_parallel_ranks * settings.tp * settings.pp
+        tokens = triad.global_batch_tokens
+        hw_flops_per_token = self.flops_per_token + self._recompute[settings.recompute]
+        peak = self.peak_flops_per_s(settings)
+        efficiency = self.calibration.efficiency(b * s)
+        # the slowest stage holds ceil(L/p) layers; the head and embedding sit on the end stages
+        stage_share = math.ceil(self.model.num_layers / settings.pp) / self.model.num_layers if settings.pp > 1 else 1.0
+        micro_flops = b * s * hw_flops_per_token / settings.tp * stage_share
+        micro_compute_s = micro_flops / (peak * efficiency)
+        micro_stage_s = micro_compute_s + self._tp_micro_s(settings, b) + self._ep_micro_s(settings, triad)
+        pp_micro_s = self._pp_micro_s(settings, b)
+        dp = self._dp_comm(settings, triad, micro_compute_s)
+        optimizer_s = self._optimizer_s(settings, triad)
+        compute_s = m * micro_compute_s
+        bubble_s = (settings.pp - 1) * micro_stage_s
+        step = m * micro_stage_s + bubble_s + m * pp_micro_s + dp.exposed_s + optimizer_s
+        flops = float(tokens * hw_flops_per_token)
+        model_flops = float(tokens * self.flops_per_token)
+        return StepTime(
+            flops_per_step=flops, model_flops_per_step=model_flops, compute_s=compute_s, bubble_s=bubble_s,
+            tp_comm_s=m * self._tp_micro_s(settings, b), ep_comm_s=m * self._ep_micro_s(settings, triad),
+            pp_comm_s=m * pp_micro_s, dp_comm_s=dp.total_s, dp_exposed_s=dp.exposed_s, optimizer_s=optimizer_s,
+            step_time_s=step, tokens_per_s=tokens / step, tflops_per_gpu=flops / step / world / 1e12,
+            mfu=model_flops / step / (world * peak), efficiency=efficiency,
+        )
+
+    def _activation_bytes(self, settings: RunSettings, b: int) -> float:
+        return b * self.seq_len * self.model.hidden_size * ACTIVATION_BYTES[settings.precision]
+
+    def _tp_micro_s(self, settings: RunSettings, b: int) -> float:
+        if settings.tp == 1:
+            return 0.0
+        per_layer = 6 if settings.recompute == "full" else 4
+        layers = math.ceil(self.model.num_layers / settings.pp)
+        volume = per_layer * layers * ring_all_reduce_bytes(self._activation_bytes(settings, b), settings.tp)
+        return volume / self._bandwidth(settings.tp, 1)
+
+    def _ep_micro_s(self, settings: RunSettings, triad: BatchTriad) -> float:
+        if settings.ep == 1 or not self.model.is_moe:
+            return 0.0
+        per_layer = 6 if settings.recompute == "full" else 4
+        layers = math.ceil(self.model.num_moe_layers / settings.pp)
+        routed = self._activation_bytes(settings, triad.micro_batch_sequences) * self.model.num_experts_per_token
+        volume = per_layer * layers * routed * (settings.ep - 1) / settings.ep
+        return volume / self._bandwidth(settings.ep, settings.tp)
+
+    def _pp_micro_s(self, settings: RunSettings, b: int) -> float:
+        if settings.pp == 1:
+            return 0.0
+        stride = settings.tp * (self.cluster.total_devices // (settings.tp * settings.pp))
+        return 2 * self._activation_bytes(settings, b) / settings.tp / self._bandwidth(2, stride)
+
+    def _dp_comm(self, settings: RunSettings, triad: BatchTriad, micro_compute_s: float) -> _Comm:
+        """Gradient reduction and ZeRO gathers of dense and expert parameters (module docstring)."""
+        dp, ep, tp = triad.data_parallel_ranks, settings.ep, settings.tp
+        shard = settings.tp * settings.pp
+        groups = [(self.dense_params / shard, dp, tp)]
+        if self.expert_params:
+            groups.append((self.expert_params / (shard * ep), dp // ep, tp * ep))
+        grad_bytes = 4 if settings.precision == "fp32" else GRADIENT_REDUCE_BYTES[settings.engine]
+        weight_bytes = ACTIVATION_BYTES[settings.precision]
+        m, z = triad.grad_accum_steps, settings.zero_stage
+        backward_s, forward_s = micro_compute_s * 2 / 3, micro_compute_s / 3
+        exposed = total = 0.0
+        for params, ranks, stride in groups:
+            if ranks <= 1:
+                continue
+            bw = self._bandwidth(ranks, stride)
+            g, w = params * grad_bytes, params * weight_bytes
+            if z <= 1:
+                reduce_s = ring_all_reduce_bytes(g, ranks) / bw
+                exposed += max(0.0, reduce_s - backward_s)
+                total += reduce_s
+            elif z == 2:
+                reduce_s = ring_gather_bytes(g, ranks) / bw
+                exposed += m * max(0.0, reduce_s - backward_s)
+                total += m * reduce_s
+            else:
+                micro_s = (2 * ring_gather_bytes(w, ranks) + ring_gather_bytes(g, ranks)) / bw
+                exposed += m * max(0.0, micro_s - micro_compute_s)
+                total += m * micro_s
+            if z in (1, 2):
+                gather_s = ring_gather_bytes(w, ranks) / bw
+                exposed += max(0.0, gather_s - forward_s)
+                total += gather_s
+        return _Comm(exposed_s=exposed, total_s=total)
+
+    def _optimizer_s(self, settings: RunSettings, triad: BatchTriad) -> float:
+        shard = settings.tp * settings.pp
+        dense = self.dense_params / shard
+        experts = self.expert_params / (shard * settings.ep)
+        if settings.zero_stage >= 1:
+            dense /= triad.data_parallel_ranks
+            experts /= max(1, triad.data_parallel_ranks // settings.ep)
+        params = dense + experts
+        touched = params * OPTIMIZER_BYTES_PER_PARAM[settings.optimizer]
+        if not settings.offload:
+            return touched / self.cluster.accelerator.memory_bandwidth_bytes_per_s
+        host_bw = HOST_BANDWIDTH_BYTES_PER_S / self.cluster.devices_per_node
+        transfer = params * (4 + ACTIVATION_BYTES[settings.precision]) / PCIE_BANDWIDTH_BYTES_PER_S
+        return touched / host_bw + transfer

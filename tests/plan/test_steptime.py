@@ -1,0 +1,160 @@
+"""Step-time model: FLOPs pinned to Narayanan et al. 2021 (Eq. 2 and 3), communication and bubble
+formulas derived independently here, and the MFU definition of PaLM (App. B)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from plan_fixtures import a100_cluster, gpt
+
+from batchpilot.estimate.calibration import Calibration, EfficiencyPoint
+from batchpilot.estimate.steptime import (
+    StepTimeModel,
+    pipeline_bubble_fraction,
+    recompute_flops_per_token,
+    ring_all_reduce_bytes,
+    ring_gather_bytes,
+)
+from batchpilot.specs.batch import BatchTriad
+from batchpilot.specs.settings import RunSettings
+
+# Narayanan et al. 2021, Table 1: (parameters in billions, heads, hidden, layers).
+TABLE_1 = [
+    (1.7, 24, 2304, 24), (3.6, 32, 3072, 30), (7.5, 32, 4096, 36), (18.4, 48, 6144, 40),
+    (39.1, 64, 8192, 48), (76.1, 80, 10240, 60), (145.6, 96, 12288, 80), (310.1, 128, 16384, 96),
+    (529.6, 128, 20480, 105), (1008.0, 160, 25600, 128),
+]
+V, S = 51200, 2048
+
+
+def eq2_params(n_l: int, h: int) -> float:
+    """Narayanan et al. 2021 Eq. 2: P = 12·l·h²·(1 + 13/(12h) + (V + s)/(12·l·h))."""
+    return 12 * n_l * h**2 * (1 + 13 / (12 * h) + (V + S) / (12 * n_l * h))
+
+
+def eq3_flops(batch: int, n_l: int, h: int, *, recompute: bool) -> float:
+    """Eq. 3 with full recompute: 96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)). Without recompute the layer
+    forward is not repeated: 72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h)) (the head keeps 6·B·s·h·V)."""
+    if recompute:
+        return 96 * batch * S * n_l * h**2 * (1 + S / (6 * h) + V / (16 * n_l * h))
+    return 72 * batch * S * n_l * h**2 * (1 + S / (6 * h) + V / (12 * n_l * h))
+
+
+@pytest.mark.parametrize(("billions", "heads", "hidden", "layers"), TABLE_1)
+def test_gpt_parameters_match_eq2_and_table1(billions, heads, hidden, layers):
+    model = gpt(layers=layers, hidden=hidden, heads=heads)
+    assert model.params_total == pytest.approx(eq2_params(layers, hidden), rel=0.01)
+    assert model.params_total / 1e9 == pytest.approx(billions, abs=0.051 + 0.001 * billions)
+
+
+@pytest.mark.parametrize(("billions", "heads", "hidden", "layers"), TABLE_1)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_flops_per_step_match_eq3(billions, heads, hidden, layers, recompute):
+    model = gpt(layers=layers, hidden=hidden, heads=heads)
+    nodes = 4
+    step_model = StepTimeModel(model, a100_cluster(nodes), seq_len=S)
+    settings = RunSettings(tp=8, recompute="full" if recompute else "none", zero_stage=1)
+    triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=128, data_parallel_ranks=nodes,
+                       seq_len_tokens=S)
+    step = step_model.estimate(settings, triad)
+    batch = triad.global_batch_sequences
+    assert step.flops_per_step == pytest.approx(eq3_flops(batch, layers, hidden, recompute=recompute), rel=0.01)
+    assert step.model_flops_per_step == pytest.approx(eq3_flops(batch, layers, hidden, recompute=False), rel=0.01)
+
+
+def test_selective_recompute_repeats_only_the_attention_core_forward():
+    model = gpt(layers=24, hidden=2304, heads=24)
+    # attention core forward per token per layer: 2·s·h (scores) + 2·s·h (values) = 4·s·h
+    assert recompute_flops_per_token(model, S, "selective") == 24 * 4 * S * 2304
+    assert recompute_flops_per_token(model, S, "none") == 0
+
+
+def test_ring_collective_volumes():
+    assert ring_all_reduce_bytes(1000.0, 4) == 1500.0  # 2·3/4·G
+    assert ring_gather_bytes(1000.0, 4) == 750.0
+    assert ring_all_reduce_bytes(1000.0, 1) == 0.0
+
+
+@pytest.mark.parametrize(("p", "m", "fraction"), [(1, 8, 0.0), (4, 4, 3 / 7), (8, 64, 7 / 71)])
+def test_bubble_fraction(p, m, fraction):
+    assert pipeline_bubble_fraction(p, m) == pytest.approx(fraction)
+
+
+def _single_gpu():
+    return StepTimeModel(gpt(layers=24, hidden=2304, heads=24), a100_cluster(1, per_node=1), seq_len=S)
+
+
+def test_single_gpu_step_is_compute_plus_optimizer_and_mfu_is_palm():
+    model = _single_gpu()
+    triad = BatchTriad(micro_batch_sequences=4, grad_accum_steps=2, data_parallel_ranks=1, seq_len_tokens=S)
+    step = model.estimate(RunSettings(), triad)
+    assert step.dp_comm_s == step.tp_comm_s == step.bubble_s == step.ep_comm_s == 0.0
+    assert step.step_time_s == pytest.approx(step.compute_s + step.optimizer_s)
+    # compute: FLOPs / (peak × efficiency) at 4·2048 tokens per micro-batch
+    assert step.compute_s == pytest.approx(step.flops_per_step / (312e12 * step.efficiency))
+    # PaLM App. B: tokens/s × model FLOPs per token / peak
+    flops_per_token = model.model.flops_per_token(S)
+    assert step.mfu == pytest.approx(step.tokens_per_s * flops_per_token / 312e12)
+    assert step.tflops_per_gpu == pytest.approx(step.flops_per_step / step.step_time_s / 1e12)
+
+
+def test_optimizer_step_is_memory_bound_adamw():
+    model = _single_gpu()
+    triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=1, data_parallel_ranks=1, seq_len_tokens=S)
+    step = model.estimate(RunSettings(), triad)
+    assert step.optimizer_s == pytest.approx(model.model.params_total * 32 / 2.039e12)
+
+
+def test_calibration_replaces_the_default_curve():
+    flat = Calibration(points=(EfficiencyPoint(tokens_per_micro_batch=1, efficiency=0.25),))
+    base = _single_gpu()
+    calibrated = StepTimeModel(base.model, base.cluster, seq_len=S, calibration=flat)
+    triad = BatchTriad(micro_batch_sequences=2, grad_accum_steps=1, data_parallel_ranks=1, seq_len_tokens=S)
+    step = calibrated.estimate(RunSettings(), triad)
+    assert step.efficiency == 0.25
+    assert step.compute_s == pytest.approx(step.flops_per_step / (312e12 * 0.25))
+
+
+def test_pipeline_bubble_is_p_minus_1_stage_times():
+    model = StepTimeModel(gpt(layers=48, hidden=8192, heads=64), a100_cluster(4), seq_len=S)
+    settings = RunSettings(tp=8, pp=4)
+    for m in (4, 16):
+        triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=m, data_parallel_ranks=1, seq_len_tokens=S)
+        step = model.estimate(settings, triad)
+        stage = (step.compute_s + step.tp_comm_s) / m
+        assert step.bubble_s == pytest.approx(3 * stage)
+        pipelined = m * stage + step.bubble_s
+        assert step.bubble_s / pipelined == pytest.approx(pipeline_bubble_fraction(4, m))
+
+
+def test_data_parallel_all_reduce_over_nodes():
+    """ZeRO-0, 8 nodes × 1 GPU, accumulation 1: ring all-reduce of fp32 grads (torch engine) at 25 GB/s."""
+    model = gpt(layers=24, hidden=2304, heads=24)
+    step_model = StepTimeModel(model, a100_cluster(8, per_node=1), seq_len=S)
+    triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=1, data_parallel_ranks=8, seq_len_tokens=S)
+    step = step_model.estimate(RunSettings(engine="torch"), triad)
+    expected = 2 * 7 / 8 * model.params_total * 4 / 25e9
+    assert step.dp_comm_s == pytest.approx(expected)
+    backward = step.compute_s * 2 / 3
+    assert step.dp_exposed_s == pytest.approx(max(0.0, expected - backward))
+
+
+def test_zero3_gathers_every_micro_batch():
+    model = gpt(layers=24, hidden=2304, heads=24)
+    step_model = StepTimeModel(model, a100_cluster(8, per_node=1), seq_len=S)
+    triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=4, data_parallel_ranks=8, seq_len_tokens=S)
+    step = step_model.estimate(RunSettings(engine="deepspeed", zero_stage=3), triad)
+    psi = model.params_total
+    per_micro = (2 * 7 / 8 * psi * 2 + 7 / 8 * psi * 2) / 25e9  # two bf16 all-gathers + one reduce-scatter
+    assert step.dp_comm_s == pytest.approx(4 * per_micro)
+
+
+def test_recompute_costs_time_and_more_tp_costs_communication():
+    model = StepTimeModel(gpt(layers=40, hidden=6144, heads=48), a100_cluster(4), seq_len=S)
+    triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=32, data_parallel_ranks=4, seq_len_tokens=S)
+    plain = model.estimate(RunSettings(tp=8), triad)
+    full = model.estimate(dataclasses.replace(RunSettings(tp=8), recompute="full"), triad)
+    assert full.step_time_s > plain.step_time_s
+    assert full.tp_comm_s == pytest.approx(plain.tp_comm_s * 6 / 4)
+    assert full.mfu < plain.mfu and full.tflops_per_gpu > plain.tflops_per_gpu * 0.99
