@@ -1,0 +1,136 @@
+"""``batchpilot memory`` — per-GPU training memory of one configuration, and whether it fits.
+
+Examples::
+
+    batchpilot memory --model tiny-llama-1m --gpu h100-sxm --seq-len 256 --micro-batch 4 --precision fp32
+    batchpilot memory --model llama-3-8b --gpu h100-sxm --gpus 64 --seq-len 8192 --micro-batch 1 \\
+        --engine fsdp2 --zero 3 --recompute selective --json
+    batchpilot memory --model tiny-llama-15m --gpu h100-sxm --seq-len 256 --micro-batch 2 --method traced
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._settings import (
+    DEFAULTS,
+    AttentionOpt,
+    EngineOpt,
+    EpOpt,
+    HybridShardOpt,
+    OffloadOpt,
+    OptimizerOpt,
+    PpOpt,
+    PrecisionOpt,
+    RecomputeOpt,
+    SpOpt,
+    TpOpt,
+    ZeroOpt,
+    settings_from_options,
+)
+from batchpilot.errors import SpecError
+from batchpilot.estimate.breakdown import MemoryBreakdown
+from batchpilot.estimate.memory import analytic_memory
+from batchpilot.specs.hardware import load_accelerator
+from batchpilot.specs.model import ModelSpec, load_model
+from batchpilot.specs.settings import RunSettings, validate_for_model
+from batchpilot.units import GIB
+
+METHODS = ("analytic", "traced")
+
+
+def data_parallel_ranks(gpus: int, settings: RunSettings) -> int:
+    """Data-parallel ranks of ``gpus`` GPUs under ``tp × pp`` model parallelism (one-line error if not whole)."""
+    if isinstance(gpus, bool) or gpus < 1:
+        raise SpecError(f"--gpus {gpus!r} must be a positive integer")
+    if gpus % settings.model_parallel_size:
+        raise SpecError(
+            f"--gpus {gpus} is not a multiple of tp {settings.tp} × pp {settings.pp} = "
+            f"{settings.model_parallel_size}; use a multiple of {settings.model_parallel_size}"
+        )
+    return gpus // settings.model_parallel_size
+
+
+def estimate(model: ModelSpec, settings: RunSettings, *, method: str, micro_batch: int, seq_len: int, dp: int,
+             grad_accum: int) -> MemoryBreakdown:
+    """One estimator call; ``traced`` (fake-tensor execution of one GPU of the model) is imported lazily."""
+    if method == "analytic":
+        return analytic_memory(model, settings, micro_batch=micro_batch, seq_len=seq_len, dp=dp,
+                               grad_accum=grad_accum)
+    if method == "traced":
+        from batchpilot.estimate.traced import traced_memory
+
+        return traced_memory(model, settings, micro_batch=micro_batch, seq_len=seq_len, target="cuda")
+    raise SpecError(f"--method {method!r} is not one of: {', '.join(METHODS)}")
+
+
+def memory_record(model: ModelSpec, settings: RunSettings, memory: MemoryBreakdown, *, gpu_name: str,
+                  gpu_memory_bytes: int, gpus: int, dp: int, micro_batch: int, seq_len: int, grad_accum: int,
+                  method: str) -> dict[str, Any]:
+    """The ``memory --json`` contract: model, settings, gpu, memory breakdown, fits, headroom."""
+    return {
+        "model": model.name,
+        "method": method,
+        "micro_batch": micro_batch,
+        "seq_len": seq_len,
+        "grad_accum": grad_accum,
+        "gpus": gpus,
+        "dp": dp,
+        "settings": settings.to_dict(),
+        "gpu": {"name": gpu_name, "memory_bytes": gpu_memory_bytes},
+        "memory": memory.to_dict(),
+        "fits": memory.total_bytes <= gpu_memory_bytes,
+        "headroom_bytes": gpu_memory_bytes - memory.total_bytes,
+    }
+
+
+def _render(record: dict[str, Any]) -> None:
+    mem, gpu_bytes = record["memory"], record["gpu"]["memory_bytes"]
+    title = (f"{record['model']} on {record['gpu']['name']}: micro-batch {record['micro_batch']} × seq "
+             f"{record['seq_len']}, dp {record['dp']} ({record['method']}, per GPU)")
+    table = Table("term", "GiB", "share", title=title)
+    for key in ("weights", "gradients", "optimizer", "activations", "overhead", "total"):
+        share = mem[key] / mem["total"] if mem["total"] else 0.0
+        table.add_row(key, f"{mem[key] / GIB:,.3f}", f"{share:.0%}")
+    console.print(table)
+    verdict = "fits" if record["fits"] else "does NOT fit"
+    console.print(f"{verdict}: {mem['total'] / GIB:,.2f} GiB of {gpu_bytes / GIB:,.2f} GiB "
+                  f"(headroom {record['headroom_bytes'] / GIB:,.2f} GiB)")
+
+
+@handle_errors
+def memory(
+    model: Annotated[str, typer.Option("--model", help="Preset name or path to a config.json.")],
+    gpu: Annotated[str, typer.Option("--gpu", help="Accelerator catalog name or JSON file (see `hardware list`).")],
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")],
+    micro_batch: Annotated[int, typer.Option("--micro-batch", help="Sequences per GPU per forward/backward.")],
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs in the job (dp = gpus / (tp × pp)).")] = 1,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per step (pipeline in flight).")] = 1,
+    method: Annotated[str, typer.Option("--method", help="analytic (closed form) or traced (fake tensors).")] = "analytic",
+    precision: PrecisionOpt = DEFAULTS.precision, optimizer: OptimizerOpt = DEFAULTS.optimizer,
+    engine: EngineOpt = DEFAULTS.engine, zero: ZeroOpt = DEFAULTS.zero_stage,
+    hybrid_shard: HybridShardOpt = DEFAULTS.hybrid_shard, tp: TpOpt = DEFAULTS.tp, pp: PpOpt = DEFAULTS.pp,
+    ep: EpOpt = DEFAULTS.ep, sp: SpOpt = DEFAULTS.sp, recompute: RecomputeOpt = DEFAULTS.recompute,
+    attention: AttentionOpt = DEFAULTS.attention, offload: OffloadOpt = DEFAULTS.offload,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Per-GPU memory of one training step: weights, gradients, optimizer, activations, overhead."""
+    settings = settings_from_options(precision=precision, optimizer=optimizer, engine=engine, zero=zero,
+                                     hybrid_shard=hybrid_shard, tp=tp, pp=pp, ep=ep, sp=sp,
+                                     recompute=recompute, attention=attention, offload=offload)
+    spec, accelerator = load_model(model), load_accelerator(gpu)
+    validate_for_model(settings, spec)
+    dp = data_parallel_ranks(gpus, settings)
+    breakdown = estimate(spec, settings, method=method, micro_batch=micro_batch, seq_len=seq_len, dp=dp,
+                         grad_accum=grad_accum)
+    record = memory_record(spec, settings, breakdown, gpu_name=accelerator.name,
+                           gpu_memory_bytes=accelerator.memory_bytes, gpus=gpus, dp=dp, micro_batch=micro_batch,
+                           seq_len=seq_len, grad_accum=grad_accum, method=method)
+    if json_output:
+        print_json(record)
+    else:
+        _render(record)
