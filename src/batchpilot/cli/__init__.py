@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from batchpilot import __version__
-from batchpilot.cli import hardware, model, report
+from batchpilot.cli import hardware, known, model, report
 
 app = typer.Typer(
     name="batchpilot",
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 app.add_typer(model.app, name="model")
 app.add_typer(hardware.app, name="hardware")
+app.command("known")(known.known)
 app.command("report")(report.report)
 
 
