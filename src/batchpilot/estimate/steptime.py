@@ -24,8 +24,10 @@ t/p/e tensor/pipeline/expert-parallel sizes, d data-parallel ranks, world = d·t
   which gives exactly Eq. 3's 96·l·h²·(1 + s/(6h) + V/(16·l·h)). Selective recomputation repeats the
   attention core's forward: + attn/3 (Korthikanti et al. 2022 §5).
 - Compute time. Hardware FLOPs per GPU ÷ (dense peak at the run's precision × efficiency), efficiency
-  from :mod:`batchpilot.estimate.calibration` at b·s tokens per micro-batch. The slowest pipeline stage
-  holds ⌈L/p⌉ of the L layers (uneven splits cost time).
+  from :mod:`batchpilot.estimate.calibration` at b·s tokens per micro-batch. Routed-expert GEMMs (MoE)
+  run at the efficiency of the tokens one expert receives, e·b·s·k/E (k of E experts per token, e-way
+  expert parallelism gathers the tokens of e ranks): this is what expert parallelism buys. The slowest
+  pipeline stage holds ⌈L/p⌉ of the L layers (uneven splits cost time).
 - Tensor parallelism (Megatron, Narayanan et al. 2021 §3.3): per layer and micro-batch 2 all-reduces of
   b·s·h activations forward and 2 backward (+2 with full recompute); with sequence parallelism the
   all-reduce becomes reduce-scatter + all-gather, same bytes. Not overlapped.
@@ -180,6 +182,9 @@ class StepTimeModel:
         self._recompute = {r: recompute_flops_per_token(model, seq_len, r) for r in ("none", "selective", "full")}
         routed = model.num_moe_layers * model.num_experts * model.params_expert
         self.expert_params = routed
+        routed_per_token = 6 * model.num_moe_layers * model.num_experts_per_token * model.params_expert
+        self._routed_flops_per_token = {"none": routed_per_token, "selective": routed_per_token,
+                                        "full": routed_per_token * 4 // 3}
         self.dense_params = model.params_total - routed
         self.intra_bw = cluster.accelerator.intra_node_bandwidth_bytes_per_s
         self.inter_bw = cluster.inter_node_bandwidth_bytes_per_s or self.intra_bw
@@ -204,8 +209,10 @@ class StepTimeModel:
         efficiency = self.calibration.efficiency(b * s)
         # the slowest stage holds ceil(L/p) layers; the head and embedding sit on the end stages
         stage_share = math.ceil(self.model.num_layers / settings.pp) / self.model.num_layers if settings.pp > 1 else 1.0
-        micro_flops = b * s * hw_flops_per_token / settings.tp * stage_share
-        micro_compute_s = micro_flops / (peak * efficiency)
+        routed = self._routed_flops_per_token[settings.recompute]
+        dense_s = b * s * (hw_flops_per_token - routed) / (peak * efficiency)
+        routed_s = b * s * routed / (peak * self._expert_efficiency(settings, b)) if routed else 0.0
+        micro_compute_s = (dense_s + routed_s) / settings.tp * stage_share
         micro_stage_s = micro_compute_s + self._tp_micro_s(settings, b) + self._ep_micro_s(settings, triad)
         pp_micro_s = self._pp_micro_s(settings, b)
         dp = self._dp_comm(settings, triad, micro_compute_s)
@@ -222,6 +229,12 @@ class StepTimeModel:
             step_time_s=step, tokens_per_s=tokens / step, tflops_per_gpu=flops / step / world / 1e12,
             mfu=model_flops / step / (world * peak), efficiency=efficiency,
         )
+
+    def _expert_efficiency(self, settings: RunSettings, b: int) -> float:
+        """Efficiency of the routed-expert GEMMs: each local expert sees ep·b·s·k/E tokens on average."""
+        m = self.model
+        tokens = settings.ep * b * self.seq_len * m.num_experts_per_token / m.num_experts
+        return self.calibration.efficiency(max(tokens, 1.0))
 
     def _activation_bytes(self, settings: RunSettings, b: int) -> float:
         return b * self.seq_len * self.model.hidden_size * ACTIVATION_BYTES[settings.precision]
