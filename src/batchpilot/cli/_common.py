@@ -18,6 +18,11 @@ from rich.console import Console
 
 from batchpilot.errors import BatchpilotError
 
+try:  # typer >= 0.22 vendors click as typer._click; older releases use click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -42,13 +47,36 @@ def handle_errors(command: F) -> F:
             return command(*args, **kwargs)
         except BatchpilotError as exc:
             fail(str(exc))
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-            fail(f"{exc.strerror or 'cannot access'}: {exc.filename}")
+        except OSError as exc:  # missing, unwritable, name too long, disk full, read-only file system ...
+            where = f": {exc.filename}" if exc.filename else ""
+            fail(f"{exc.strerror or exc}{where}")
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def run_app(app: typer.Typer, args: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; a usage error (bad flag value, unknown option) is one line.
+
+    Click's standalone mode prints usage errors as a multi-line panel; here they become
+    ``error: Invalid value for '--seq-len': ...`` on stderr and exit code 2, like library errors.
+    """
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="batchpilot", standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as exc:  # the help text is already printed
+        return exc.exit_code
+    except click_exceptions.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        typer.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 1
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def _json_safe(value: Any) -> Any:

@@ -46,7 +46,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from batchpilot.errors import SpecError
-from batchpilot.specs.model import read_json_object
+from batchpilot.specs.model import path_is, read_json_object
 from batchpilot.units import unknown_name
 
 Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8"]
@@ -296,7 +296,7 @@ def load_accelerator(name_or_path: str | Path) -> AcceleratorSpec:
     """A catalog name (``h100-sxm``, case-insensitive) or the path of a user JSON file in the same format."""
     text = str(name_or_path).strip()
     path = Path(text)
-    if path.suffix == ".json" or "/" in text or "\\" in text or path.is_file():
+    if path.suffix == ".json" or "/" in text or "\\" in text or path_is(path, "is_file"):
         data = read_json_object(path, "accelerator file")
         return accelerator_from_dict(data, name=text)
     names = accelerator_names()

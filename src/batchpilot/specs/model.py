@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -515,19 +517,43 @@ def preset_names() -> list[str]:
 def preset_path(name: str) -> Path:
     """Path of a shipped preset's config file; an unknown name lists the known ones."""
     path = _preset_dir() / f"{name}.json"
-    if not path.is_file():
+    if not path_is(path, "is_file"):
         raise unknown_name("model preset", name, preset_names())
     return path
 
 
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """Read a JSON object from ``path``; every failure is a one-line :class:`SpecError`."""
+#: A config or hardware file larger than this is refused before it is read (a real ``config.json`` is a few
+#: KiB; this stops ``/dev/zero`` or a mistaken multi-GB file from exhausting memory).
+MAX_JSON_BYTES = 16 * 2**20
+
+
+def _read_small_file(path: Path, what: str) -> bytes:
+    """The bytes of a regular file of at most :data:`MAX_JSON_BYTES`; FIFOs and devices are refused unread."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
     except FileNotFoundError:
         raise SpecError(f"{what} {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{what} {str(path)!r} cannot be read: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"{what} {str(path)!r} cannot be opened: {getattr(exc, 'strerror', None) or exc}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SpecError(f"{what} {str(path)!r} is not a regular file")
+        if info.st_size > MAX_JSON_BYTES:
+            raise SpecError(f"{what} {str(path)!r} is {info.st_size:,} bytes; the limit is {MAX_JSON_BYTES:,}")
+        try:
+            return handle.read(MAX_JSON_BYTES + 1)
+        except OSError as exc:
+            raise SpecError(f"{what} {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object from ``path``; every failure is a one-line :class:`SpecError`."""
+    raw = _read_small_file(path, what)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{what} {str(path)!r} cannot be read: not UTF-8 text (byte {exc.start})") from None
 
     def _reject_constant(value: str) -> None:
         raise SpecError(f"{what} {str(path)!r}: {value} is not a valid JSON number")
@@ -538,18 +564,30 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
         raise SpecError(f"{what} {str(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     except RecursionError:
         raise SpecError(f"{what} {str(path)!r} is nested too deeply") from None
+    except SpecError:
+        raise
+    except ValueError:  # an integer literal longer than sys.get_int_max_str_digits() (4300 by default)
+        raise SpecError(f"{what} {str(path)!r} holds a number literal too long to be a real value") from None
     if not isinstance(data, dict):
         raise SpecError(f"{what} {str(path)!r} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def path_is(path: Path, test: str) -> bool:
+    """``path.is_dir()`` / ``path.exists()`` that answer False for names the OS rejects (too long, NUL)."""
+    try:
+        return bool(getattr(path, test)())
+    except (OSError, ValueError):
+        return False
 
 
 def load_model(name_or_path: str | Path) -> ModelSpec:
     """A preset name (``llama-3-8b``), a ``config.json`` path, or a directory holding one."""
     text = str(name_or_path)
     path = Path(text)
-    if path.is_dir():
+    if path_is(path, "is_dir"):
         path = path / "config.json"
-    looks_like_path = path.suffix == ".json" or "/" in text or path.exists()
+    looks_like_path = path.suffix == ".json" or "/" in text or path_is(path, "exists")
     if not looks_like_path:
         path = preset_path(text)
         config = read_json_object(path, "model preset")
