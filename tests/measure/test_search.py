@@ -93,6 +93,28 @@ def test_large_fixed_part_takes_one_more_guided_step() -> None:
     assert result.max_micro_batch == 20
 
 
+@pytest.mark.parametrize(
+    ("prediction", "expected"),
+    [
+        # 20 fits at 1020 MiB (fixed 20 + 50/seq, budget 1024: L = 20); line through it with slope 50:
+        # 20 + ⌊4/50⌋ = 20 ≤ lo → confirm 21 fails.
+        (20, [20, 21]),
+        # one too high: 21 fails, halve → 10 fits at 520; 10 + ⌊504/50⌋ = 20 fits; bracket (20, 21) closed.
+        (21, [21, 10, 20]),
+        # 2× too low: 10 fits → 20 fits → two-point line says 20 → confirm 21 fails.
+        (10, [10, 20, 21]),
+        # 2× too high: 40 fails → 20 fits → confirm 21 fails.
+        (40, [40, 20, 21]),
+    ],
+    ids=["exact", "plus-one", "2x-low", "2x-high"],
+)
+def test_slope_hint_makes_one_point_lines_exact(prediction: int, expected: list[int]) -> None:
+    fits, _ = linear_oracle(20 * MIB, 50 * MIB, 1024 * MIB)
+    result = search_max_micro_batch(prediction, fits, budget_bytes=1024 * MIB, slope_bytes=50 * MIB)
+    assert result.sizes == expected
+    assert result.max_micro_batch == 20
+
+
 def test_nothing_fits_halves_down_to_one() -> None:
     fits, _ = bool_oracle(0)
     result = search_max_micro_batch(8, fits)
@@ -138,6 +160,7 @@ def test_estimate_from_peaks() -> None:
     assert estimate_max_from_peaks([(4, 400), (8, 600)], 1000) == 16  # slope 50: 8 + 400/50
     assert estimate_max_from_peaks([(4, 400), (8, 400)], 1000) is None  # flat line: no estimate
     assert estimate_max_from_peaks([], 1000) is None
+    assert estimate_max_from_peaks([(4, 400)], 1000, slope_bytes=60.0) == 14  # 4 + ⌊600/60⌋
 
 
 @settings(max_examples=300, deadline=None)

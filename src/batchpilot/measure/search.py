@@ -18,7 +18,8 @@ fail, ``cap + 1`` at first; the search ends when ``hi == lo + 1``):
    too high in one step. When ``hi == 1`` nothing fits: the result is 0.
 3. Something fitted and the memory line is known (a budget was given and a fitted trial reported its
    peak): *guided* step. The line is drawn through the two largest fitted trials with peaks
-   (``peak(b) = peak_1 + (b − b_1)·slope``), or, with one such trial, through the origin
+   (``peak(b) = peak_1 + (b − b_1)·slope``); with one such trial, through it with the memory model's
+   per-sequence slope when the caller gives one (``slope_bytes``), else through the origin
    (``peak(b) = b · peak_1 / b_1`` — an under-estimate of the maximum whenever the fixed part of the
    memory is positive, so the first guided step does not overshoot a linear truth). When the
    estimated maximum ``e = ⌊b where peak(b) = budget⌋`` exceeds ``lo`` it is tried, clamped to
@@ -33,7 +34,8 @@ fail, ``cap + 1`` at first; the search ends when ``hi == lo + 1``):
 
 Trial counts with a boolean oracle (limit L, prediction p): p = L → 2 trials (L, L + 1);
 p = L + 1 → halving then bisection; p = L/2 → gallop then bisection (≈ 2·log2(L/2)).
-With a linear memory oracle: p = L → 2; p = 2L → 3 (2L, L, L + 1); p = L/2 → 3 or 4.
+With a linear memory oracle: p = L → 2; p = 2L → 3 (2L, L, L + 1); p = L/2 → 3 or 4; with a
+correct ``slope_bytes`` also p = L + 1 → 3 (L + 1, ⌊(L + 1)/2⌋, L) and p = L/2 → 3 (L/2, L, L + 1).
 
 Invariant (tested): the reported maximum is a size whose trial fitted, or 0.
 """
@@ -98,17 +100,21 @@ class SearchResult:
         return [s.micro_batch for s in self.steps]
 
 
-def estimate_max_from_peaks(points: Sequence[tuple[int, int]], budget_bytes: int) -> int | None:
+def estimate_max_from_peaks(points: Sequence[tuple[int, int]], budget_bytes: int,
+                            slope_bytes: float | None = None) -> int | None:
     """Largest ``b`` with ``peak(b) ≤ budget`` on the line through measured ``(micro_batch, peak)`` points.
 
-    Two or more points: the line through the two largest sizes. One point: the line through the
-    origin (see the module docstring, rule 3). None when the points give no usable (rising) line.
+    Two or more points: the line through the two largest sizes. One point: the line through it with
+    slope ``slope_bytes`` when given (> 0), else through the origin (module docstring, rule 3).
+    None when the points give no usable (rising) line.
     """
     usable = sorted({b: p for b, p in points if b > 0 and p > 0}.items())
     if not usable:
         return None
     if len(usable) == 1:
         b1, p1 = usable[0]
+        if slope_bytes is not None and slope_bytes > 0:
+            return b1 + int((budget_bytes - p1) // slope_bytes)
         return (b1 * budget_bytes) // p1
     (b1, p1), (b2, p2) = usable[-2], usable[-1]
     if p2 <= p1:
@@ -137,14 +143,14 @@ class _State:
     guided_trusted: bool = True
 
 
-def _next_size(state: _State, budget_bytes: int | None) -> tuple[int, Rule]:
+def _next_size(state: _State, budget_bytes: int | None, slope_bytes: float | None) -> tuple[int, Rule]:
     lo, hi = state.lo, state.hi
     if lo == 0:
         return max(1, hi // 2), "halve"
     peaks = [(s.micro_batch, s.peak_bytes) for s in state.steps if s.fits and s.peak_bytes is not None]
     estimate = None
     if budget_bytes is not None and peaks and state.guided_trusted:
-        estimate = estimate_max_from_peaks(peaks, budget_bytes)  # type: ignore[arg-type]
+        estimate = estimate_max_from_peaks(peaks, budget_bytes, slope_bytes)  # type: ignore[arg-type]
     if estimate is not None and estimate > lo:
         return min(estimate, hi - 1), "guided"
     if estimate is not None and not state.confirmed:
@@ -175,13 +181,15 @@ def search_max_micro_batch(
     fits: Oracle,
     *,
     budget_bytes: int | None = None,
+    slope_bytes: float | None = None,
     cap: int = DEFAULT_CAP,
     on_step: Callable[[SearchStep], None] | None = None,
 ) -> SearchResult:
     """Find the largest micro-batch in ``[1, cap]`` that fits, seeded by ``prediction``.
 
     ``fits`` is called once per trial (never twice for one size); ``budget_bytes`` enables the guided
-    step when the oracle reports peaks; ``on_step`` sees each trial as it completes (progress display).
+    step when the oracle reports peaks, ``slope_bytes`` (memory per sequence, from the model that made the
+    prediction) shapes its first line; ``on_step`` sees each trial as it completes (progress display).
     The policy is the module docstring's; the result's maximum is always a size that fitted, or 0.
     """
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
@@ -198,6 +206,6 @@ def search_max_micro_batch(
             on_step(state.steps[-1])
         if state.hi <= state.lo + 1 or state.hi == 1:
             break
-        size, rule = _next_size(state, budget_bytes)
+        size, rule = _next_size(state, budget_bytes, slope_bytes)
     return SearchResult(steps=tuple(state.steps), max_micro_batch=state.lo,
                         predicted_max_micro_batch=prediction, cap=cap)
