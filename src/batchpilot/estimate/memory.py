@@ -77,7 +77,7 @@ OPTIMIZER_STATE_BYTES: dict[str, int] = {"adamw": 8, "adamw-8bit": 2, "sgd-momen
 #: for the bias-corrected update, one more list of the same size: measured 2 × 4 bytes/param on torch
 #: 2.13 CPU (tests/estimate/test_memory_crosscheck.py). Fused GPU kernels (``fused=True``, DeepSpeed
 #: FusedAdam, Megatron's distributed optimizer) update in place: 0.
-OPTIMIZER_STEP_TRANSIENT_BYTES: dict[str, int] = {"adamw": 8, "adamw-8bit": 0, "sgd-momentum": 0, "adafactor": 4}
+OPTIMIZER_STEP_TRANSIENT_BYTES: dict[str, int] = {"adamw": 4, "adamw-8bit": 0, "sgd-momentum": 0, "adafactor": 4}
 
 Engine = Literal["torch", "fsdp2", "deepspeed", "megatron"]
 
@@ -459,32 +459,54 @@ def _stage_params(model: ModelSpec, lay: _Layout, first: bool, last: bool) -> _S
 
 # ---------------------------------------------------------------------------------------------- assembly
 @dataclass(frozen=True, kw_only=True, slots=True)
-class _States:
-    weights: float
-    gradients: float
-    optimizer: float
-    compute_copies: float
-    """Transient 16-bit weight copies alive during forward/backward (autocast cache, FSDP unsharded)."""
+class ModelStates:
+    """Model-state bytes on one GPU (Rajbhandari et al. 2020's "model states")."""
+
+    weights_bytes: float
+    gradients_bytes: float
+    optimizer_bytes: float
+    """Optimizer states including fp32 master weights (ZeRO's K·Ψ); 0 when offloaded to CPU."""
+    compute_copies_bytes: float = 0.0
+    """Transient 16-bit weight copies alive during forward/backward (autocast's cast cache; FSDP's
+    unsharded parameters between forward and backward when not resharded): not model state."""
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.gradients_bytes + self.optimizer_bytes
 
 
-def _model_states(params: _StageParams, settings: RunSettings, lay: _Layout) -> _States:
-    """ZeRO sharding of weights/gradients/optimizer (Rajbhandari et al. 2020 §5.1–5.3)."""
+def model_state_bytes(settings: RunSettings, *, params: float, dp: int, expert_params: float = 0.0,
+                      matmul_params: float | None = None, shard: int | None = None) -> ModelStates:
+    """Weights, gradients and optimizer states of ``params`` dense (+ ``expert_params`` routed-expert)
+    parameters held by one GPU, sharded per ZeRO stage (Rajbhandari et al. 2020 §5.1–5.3).
+
+    Stage 1 divides optimizer states by the shard group (``dp``, or ``shard`` for hybrid sharding),
+    stage 2 also gradients, stage 3 also weights: 16-bit DeepSpeed AdamW gives (2 + 2 + 12)·Ψ,
+    4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N and 16Ψ/N (the paper's Figure 1 and Table 1). Routed experts are sharded over
+    the expert data-parallel group ``shard / ep``. Megatron's distributed optimizer (``--zero`` ≥ 1)
+    shards only optimizer states (6 + 12/DP bytes/param).
+    """
     pb = bytes_per_param(settings)
+    group = max(1, dp if shard is None else shard)
+    expert_group = max(1, group // settings.ep)
     zero = settings.zero_stage
-    megatron_distopt = settings.engine == "megatron"
+    megatron = settings.engine == "megatron"
 
     def per_gpu(bytes_each: float, sharded: bool) -> float:
-        return bytes_each * (params.dense / lay.shard + params.expert / lay.expert_shard) if sharded \
-            else bytes_each * (params.dense + params.expert)
+        if not sharded:
+            return bytes_each * (params + expert_params)
+        return bytes_each * (params / group + expert_params / expert_group)
 
-    weights = per_gpu(pb.weights, zero >= 3 and not megatron_distopt)
-    gradients = per_gpu(pb.gradients, zero >= 2 and not megatron_distopt)
-    optimizer = 0.0 if settings.offload else per_gpu(pb.optimizer, zero >= 1)
     copies = 0.0
-    compute = ACTIVATION_BYTES[settings.precision]
-    if settings.engine in ("torch", "fsdp2") and settings.precision != "fp32":
-        copies = compute * params.matmul if zero < 3 else 0.0
-    return _States(weights=weights, gradients=gradients, optimizer=optimizer, compute_copies=copies)
+    if settings.engine in ("torch", "fsdp2") and settings.precision != "fp32" and zero < 3:
+        matmul = params + expert_params if matmul_params is None else matmul_params
+        copies = ACTIVATION_BYTES[settings.precision] * matmul
+    return ModelStates(
+        weights_bytes=per_gpu(pb.weights, zero >= 3 and not megatron),
+        gradients_bytes=per_gpu(pb.gradients, zero >= 2 and not megatron),
+        optimizer_bytes=0.0 if settings.offload else per_gpu(pb.optimizer, zero >= 1),
+        compute_copies_bytes=copies,
+    )
 
 
 def _activation_bytes(model: ModelSpec, settings: RunSettings, lay: _Layout, *, micro_batch: int,
@@ -539,37 +561,38 @@ def analytic_memory(model: ModelSpec, settings: RunSettings, *, micro_batch: int
 def _stage_memory(model: ModelSpec, settings: RunSettings, lay: _Layout, overhead: OverheadModel,
                   micro_batch: int, seq_len: int, first: bool, last: bool) -> MemoryBreakdown:
     params = _stage_params(model, lay, first, last)
-    states = _model_states(params, settings, lay)
+    states = model_state_bytes(settings, params=params.dense, expert_params=params.expert, dp=lay.dp,
+                               matmul_params=params.matmul, shard=lay.shard)
     acts = _activation_bytes(model, settings, lay, micro_batch=micro_batch, seq_len=seq_len,
                              first=first, last=last)
     activations = sum(acts.values())
     # Gradients alive at the fwd/bwd peak: persistent buffers (DDP buckets, DeepSpeed/Megatron/FSDP
     # reduce buffers) hold them all; a single-process torch step with zero_grad(set_to_none=True) has
     # none yet at the end of the forward pass.
-    grads_fwd = 0.0 if (settings.engine == "torch" and lay.dp == 1) else states.gradients
+    grads_fwd = 0.0 if (settings.engine == "torch" and lay.dp == 1) else states.gradients_bytes
     gather = 0.0
     if settings.zero_stage >= 3 and settings.engine != "megatron":
         gather = overhead.gather_layers * params.largest_layer * ACTIVATION_BYTES[settings.precision]
-    fwd_bwd = states.weights + states.compute_copies + states.optimizer + grads_fwd + activations + gather
+    fwd_bwd = states.weights_bytes + states.compute_copies_bytes + states.optimizer_bytes + grads_fwd + activations + gather
     transient = 0.0 if settings.offload else _optimizer_transient(settings, params, lay)
-    opt_step = states.weights + states.gradients + states.optimizer + transient
+    opt_step = states.weights_bytes + states.gradients_bytes + states.optimizer_bytes + transient
     fixed = overhead.cuda_context_bytes + overhead.workspace_bytes
     if lay.dp * lay.tp * lay.pp > 1:
         fixed += overhead.comm_buffer_bytes
     details = {f"activations_{k}": round(v) for k, v in acts.items()}
     details.update(fwd_bwd_peak=round(fwd_bwd), optimizer_step_peak=round(opt_step),
-                   activations_peak=round(activations), compute_weight_copies=round(states.compute_copies),
+                   activations_peak=round(activations), compute_weight_copies=round(states.compute_copies_bytes),
                    zero3_gather_buffer=round(gather), optimizer_step_transient=round(transient),
                    fixed_overhead=round(fixed))
     if fwd_bwd >= opt_step:
-        weights, grads, acts_now, extra = states.weights + states.compute_copies, grads_fwd, activations, gather
+        weights, grads, acts_now, extra = states.weights_bytes + states.compute_copies_bytes, grads_fwd, activations, gather
     else:
-        weights, grads, acts_now, extra = states.weights, states.gradients, 0.0, transient
+        weights, grads, acts_now, extra = states.weights_bytes, states.gradients_bytes, 0.0, transient
     peak = max(fwd_bwd, opt_step)
     frag = overhead.fragmentation_fraction * peak
     details["fragmentation"] = round(frag)
     return MemoryBreakdown(
-        weights_bytes=round(weights), gradients_bytes=round(grads), optimizer_bytes=round(states.optimizer),
+        weights_bytes=round(weights), gradients_bytes=round(grads), optimizer_bytes=round(states.optimizer_bytes),
         activations_bytes=round(acts_now), overhead_bytes=round(extra + frag + fixed), details=details,
     )
 
@@ -622,6 +645,6 @@ def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
 
 
 __all__ = [
-    "ACTIVATION_BYTES", "OPTIMIZER_STATE_BYTES", "PARAM_BYTES", "OverheadModel",
-    "ParamBytes", "activation_terms", "analytic_memory", "bytes_per_param", "logits_terms", "max_micro_batch",
+    "ACTIVATION_BYTES", "OPTIMIZER_STATE_BYTES", "PARAM_BYTES", "ModelStates", "OverheadModel",
+    "ParamBytes", "activation_terms", "analytic_memory", "bytes_per_param", "logits_terms", "max_micro_batch", "model_state_bytes",
 ]

@@ -1,0 +1,116 @@
+"""Measured memory of real CPU training steps, phase by phase (the ground truth of the memory benchmark).
+
+Example (CPU, a few seconds)::
+
+    .venv/bin/python -m benchmarks.cpu_step tiny-llama-1m 4 256
+
+A ``transformers`` causal LM is built from the preset's config in fp32 (``sdpa`` or ``eager``
+attention), trained with ``torch.optim.AdamW(foreach=True)`` (the CUDA default, forced on CPU) and
+``zero_grad(set_to_none=True)``. The second of two iterations is measured: the torch profiler with
+``profile_memory=True`` reports every allocation and free of the CPU allocator with its running
+``total_allocated``, the allocator's own view (``numel × element size``), not the process RSS. Phases are
+marked with ``record_function``: ``baseline`` is the running total just before the second forward
+(parameters + optimizer states + batch), then the peak during forward+backward and during the
+optimizer step.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from batchpilot.specs.model import ModelSpec, load_model
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepMemory:
+    """Allocator bytes measured during the second training iteration."""
+
+    baseline_bytes: int
+    """Allocated just before the forward pass (weights, optimizer states, inputs)."""
+    fwd_bwd_peak_bytes: int
+    """Largest running total during forward + backward."""
+    optimizer_peak_bytes: int
+    """Largest running total during ``optimizer.step()``."""
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.fwd_bwd_peak_bytes, self.optimizer_peak_bytes)
+
+    @property
+    def activations_bytes(self) -> int:
+        """The forward/backward peak above the baseline: saved tensors, logits/loss buffers and the
+        gradients alive at that moment."""
+        return self.fwd_bwd_peak_bytes - self.baseline_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "peak_bytes": self.peak_bytes, "activations_bytes": self.activations_bytes}
+
+
+def _flatten(roots: list[Any]) -> list[Any]:
+    events, stack = [], list(roots)
+    while stack:
+        event = stack.pop()
+        events.append(event)
+        stack.extend(event.children)
+    return events
+
+
+def measure_step(model: ModelSpec, *, micro_batch: int, seq_len: int, attention: str = "flash",
+                 seed: int = 0) -> StepMemory:
+    """Build, train two iterations, and return the second iteration's phase-wise allocator peaks."""
+    import torch
+    import transformers
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.for_model(**dict(model.hf_config))
+    attn = "eager" if attention == "eager" else "sdpa"
+
+    def iteration(module: Any, optimizer: Any, ids: Any, mark: bool) -> None:
+        with record_function("bp.fwd_bwd" if mark else "bp.warm"):
+            loss = module(input_ids=ids, labels=ids).loss
+            loss.backward()
+            del loss
+        with record_function("bp.optimizer" if mark else "bp.warm_opt"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    # The profiler runs from before the model exists, so its running total is absolute.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        module = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn,
+                                                               dtype=torch.float32)
+        module.train()
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, foreach=True)
+        ids = torch.randint(0, model.vocab_size, (micro_batch, seq_len), dtype=torch.long)
+        iteration(module, optimizer, ids, mark=False)
+        iteration(module, optimizer, ids, mark=True)
+    return _phases(prof)
+
+
+def _phases(prof: Any) -> StepMemory:
+    import torch
+
+    events = _flatten(prof.profiler.kineto_results.experimental_event_tree())
+    spans = {e.name: (e.start_time_ns, e.end_time_ns) for e in events if e.name.startswith("bp.")}
+    allocation = torch._C._profiler._EventType.Allocation
+    allocs = sorted((e.start_time_ns, e.extra_fields.total_allocated, e.extra_fields.alloc_size)
+                     for e in events if e.tag == allocation and e.extra_fields.device.type == "cpu")
+    fwd, opt = spans["bp.fwd_bwd"], spans["bp.optimizer"]
+    # The allocator's running total also counts what an earlier profile saw allocated but not freed:
+    # measure from the total before the first allocation of this profile (the model is built inside it).
+    offset = allocs[0][1] - allocs[0][2]
+    first = next(a for a in allocs if a[0] >= fwd[0])
+    baseline = first[1] - first[2] - offset  # running total before the forward pass's first allocation
+
+    def peak(span: tuple[int, int]) -> int:
+        return max(total for t, total, _ in allocs if span[0] <= t <= span[1]) - offset
+
+    return StepMemory(baseline_bytes=baseline, fwd_bwd_peak_bytes=peak(fwd), optimizer_peak_bytes=peak(opt))
+
+
+if __name__ == "__main__":
+    name, b, s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    attention = sys.argv[4] if len(sys.argv) > 4 else "flash"
+    print(measure_step(load_model(name), micro_batch=b, seq_len=s, attention=attention).to_dict())
