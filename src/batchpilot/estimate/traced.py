@@ -1,0 +1,466 @@
+"""Traced estimate: run the real ``transformers`` model under fake tensors and track every allocation.
+
+Examples (the first is CPU-sized and takes seconds)::
+
+    batchpilot memory --model tiny-llama-15m --micro-batch 4 --seq-len 256 --method traced
+    batchpilot memory --model llama-2-7b --micro-batch 1 --seq-len 2048 --method traced --json
+
+How (FACTS.md, "Traced measurement on CPU"): the model is built from ``ModelSpec.hf_config`` inside
+``torch._subclasses.fake_tensor.FakeTensorMode`` on the fake CPU device, so no parameter or activation
+holds real memory. Two training iterations run under
+``torch.distributed._tools.mem_tracker.MemTracker`` — forward with the run's autocast dtype, backward,
+optimizer step, ``zero_grad(set_to_none=True)`` — so the second one has optimizer state, as every step
+of a real run after the first does. MemTracker counts each storage's bytes from its creation to its
+garbage collection and records the per-category snapshot at the highest total; that equals the CPU
+allocator's peak for the same computation (measured with the torch profiler, see
+:mod:`batchpilot.measure.cpu_peak` and ``tests/estimate/test_traced.py``: exact to the byte on the tiny
+presets, fp32 and bf16). FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` with formulas
+added for the CPU flash-attention kernels, which it lacks.
+
+Settings are mapped onto the real module, never approximated:
+
+- ``precision``: ``fp32`` no autocast; ``bf16``/``fp16`` ``torch.autocast`` of that dtype with fp32
+  weights, gradients and optimizer states (``engine="torch"``; fp16 adds GradScaler's loss scaling and
+  unscaling, :func:`_scaled_backward`).
+  ``fp8`` needs Transformer-Engine kernels that do not exist on CPU: an error.
+- ``recompute``: ``full`` is Hugging Face activation checkpointing of every decoder layer
+  (non-reentrant ``torch.utils.checkpoint``); ``selective`` checkpoints every layer with a
+  selective-checkpoint policy that recomputes only the attention core (Korthikanti et al. 2022 §4.2):
+  ops whose output is a ``seq × seq`` score tensor; everything else the layer computes is saved.
+  With SDPA attention no such tensor exists, so ``selective`` saves what ``none`` saves.
+- ``attention``: ``eager`` → ``attn_implementation="eager"`` (the s×s scores are materialised),
+  ``flash`` → ``"sdpa"`` (on CPU ``_scaled_dot_product_flash_attention_for_cpu``, which keeps only the
+  output and the fp32 log-sum-exp, as FlashAttention does on CUDA).
+- ``optimizer``: ``adamw`` → ``torch.optim.AdamW``, ``sgd-momentum`` → ``torch.optim.SGD(momentum=0.9)``,
+  ``adafactor`` → ``torch.optim.Adafactor``; ``adamw-8bit`` (bitsandbytes CUDA kernels) is an error.
+  ``foreach`` follows torch's own default for the target: off on CPU, on for CUDA (the multi-tensor
+  path allocates whole-model temporaries during ``step()``, which the trace then contains).
+- Parallelism, ZeRO/FSDP sharding, offload and engines other than ``torch`` are not traced (one
+  process, one device): an error that points at ``--method analytic``.
+
+Category mapping of MemTracker's reference types (snapshot at the peak, so the categories sum to it):
+Parameter + Buffer → ``weights``; Gradient → ``gradients``; Optstate → ``optimizer``; Activation and
+Temp (backward temporaries: gradients of activations, recomputed activations' workspaces) →
+``activations``; Other (the input ids) and the CUDA-only terms → ``overhead``. ``details`` holds each
+of these terms separately (``weights.parameters``, ``activations.temporaries``, ...).
+
+CUDA-only terms (``target="cuda"``), added explicitly because fake *CUDA* tensors cannot run autograd on
+a CPU-only torch build (the process aborts): see :class:`CudaTerms`. Known error of the CUDA estimate:
+CPU and CUDA autocast cast a few ops differently, and allocator fragmentation (``reserved`` −
+``allocated``) is not modelled; the traced total is the caching allocator's ``max_memory_allocated``
+plus the context and workspaces, not ``nvidia-smi``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from batchpilot.errors import SpecError
+from batchpilot.estimate.breakdown import MemoryBreakdown
+
+if TYPE_CHECKING:
+    from batchpilot.specs.model import ModelSpec
+    from batchpilot.specs.settings import RunSettings
+
+Target = Literal["cpu", "cuda"]
+
+_MIB = 2**20
+_SGD_MOMENTUM = 0.9
+_LEARNING_RATE = 1e-4
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CudaTerms:
+    """Memory a CUDA process holds that a CPU trace cannot see; added to ``overhead`` for ``target="cuda"``."""
+
+    block_bytes: int = 512
+    """The caching allocator rounds every allocation up to a multiple of 512 bytes (``kMinBlockSize`` in
+    c10/cuda/CUDACachingAllocator.cpp); ``torch.cuda.max_memory_allocated`` counts the rounded sizes.
+    Applied to every traced storage, so the categories hold rounded sizes as ``max_memory_allocated``
+    does (MemTracker's own rule for CUDA tensors)."""
+    context_bytes: int = 512 * _MIB
+    """CUDA context + kernel images loaded by torch: FACTS.md "≈ 0.3-1.3 GiB depending on version"
+    (CUDA ≥ 11.7 lazy module loading sits at the low end; 512 MiB is a mid-range H100/CUDA 12 figure).
+    Not visible to ``max_memory_allocated``; visible to ``nvidia-smi`` and to OOM."""
+    cublas_workspace_bytes: int = 32 * _MIB
+    """cuBLAS workspace per handle/stream: torch allocates 32 MiB on Hopper (sm90+) and 4096 KiB·2 +
+    16 KiB·8 ≈ 8.1 MiB before (``getChosenWorkspaceSize`` in aten/src/ATen/cuda/CublasHandlePool.cpp;
+    ``CUBLAS_WORKSPACE_CONFIG`` overrides it). It comes from the caching allocator."""
+    nccl_bytes: int = 0
+    """NCCL communicator buffers: 0 for one traced rank; multi-GPU runs are the analytic model's job."""
+    fragmentation_fraction: float = 0.05
+    """Caching-allocator slack (reserved − allocated) as a fraction of the traced allocated peak: not
+    traceable (it depends on the allocation history of segments), so an allowance — the same 5 % default
+    as the analytic model's ``OverheadModel.fragmentation_fraction`` (typical 3–10 %)."""
+
+    def __post_init__(self) -> None:
+        for name in ("block_bytes", "context_bytes", "cublas_workspace_bytes", "nccl_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SpecError(f"CUDA term {name} {value!r} must be a non-negative integer")
+        if not 0.0 <= self.fragmentation_fraction < 1.0:
+            raise SpecError(f"CUDA term fragmentation_fraction {self.fragmentation_fraction!r} must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TraceResult:
+    """What one traced training step found."""
+
+    memory: MemoryBreakdown
+    """Categories at the moment of the peak (they sum to the peak), plus CUDA terms for ``target="cuda"``."""
+    flops: int
+    """FLOPs of one training step (forward, backward, recomputation); 0 when not counted."""
+    category_max_bytes: dict[str, int] = field(default_factory=dict)
+    """The largest value each category reached at any time in the step (these need not coincide:
+    gradients are largest after backward, activations before it)."""
+    wall_s: float = 0.0
+    """Seconds the trace took on this machine."""
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def traced_memory(
+    model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, target: Target = "cpu",
+) -> MemoryBreakdown:
+    """Peak memory of one training step of ``model`` on one device, by fake-tensor execution."""
+    return trace_step(model, settings, micro_batch=micro_batch, seq_len=seq_len, target=target,
+                      count_flops=False).memory
+
+
+def traced_flops(
+    model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, target: Target = "cpu",
+) -> int:
+    """FLOPs of one training step as the real module executes them (``FlopCounterMode``).
+
+    Comparable with ``model.flops_per_token(seq_len) × micro_batch × seq_len``; differences: torch counts
+    the attention backward with the score recomputation FlashAttention does (5 instead of 4 score-sized
+    matmuls), full recompute adds one forward, and elementwise ops are not counted by either.
+    """
+    return trace_step(model, settings, micro_batch=micro_batch, seq_len=seq_len, target=target,
+                      count_flops=True, track_memory=False).flops
+
+
+def trace_step(
+    model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, target: Target = "cpu",
+    count_flops: bool = True, track_memory: bool = True, cuda_terms: CudaTerms | None = None,
+) -> TraceResult:
+    """Trace two training iterations (memory) and one (FLOPs) of ``model`` with ``settings``."""
+    check_traceable(model, settings, micro_batch=micro_batch, seq_len=seq_len, target=target)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    terms = cuda_terms or CudaTerms()
+    start = time.perf_counter()
+    with _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
+        step = build_step(model, settings, micro_batch=micro_batch, seq_len=seq_len, target=target)
+        memory, maxima = (
+            _track_memory(step, target, terms) if track_memory
+            else (MemoryBreakdown(weights_bytes=0, gradients_bytes=0, optimizer_bytes=0,
+                                  activations_bytes=0, overhead_bytes=0), {})
+        )
+        flops = _count_flops(step) if count_flops else 0
+    return TraceResult(memory=memory, flops=flops, category_max_bytes=maxima,
+                       wall_s=time.perf_counter() - start)
+
+
+def check_traceable(
+    model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, target: str = "cpu",
+) -> None:
+    """Raise a one-line :class:`SpecError` for settings a one-process CPU trace cannot reproduce."""
+    if target not in ("cpu", "cuda"):
+        raise SpecError(f"traced target {target!r} is not one of: cpu, cuda")
+    for name, value in (("micro-batch", micro_batch), ("seq-len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"--{name} {value!r} must be a positive integer")
+    if seq_len > model.max_position_embeddings:
+        raise SpecError(f"--seq-len {seq_len} exceeds the {model.max_position_embeddings} positions of "
+                        f"{model.name}; use --seq-len ≤ {model.max_position_embeddings}")
+    if settings.precision == "fp8":
+        raise SpecError("--precision fp8 cannot be traced (Transformer-Engine fp8 kernels do not exist on CPU); "
+                        "use --method analytic or --precision bf16")
+    if settings.optimizer == "adamw-8bit":
+        raise SpecError("--optimizer adamw-8bit cannot be traced (bitsandbytes 8-bit states are CUDA kernels); "
+                        "use --method analytic or --optimizer adamw")
+    distributed = {"--engine": settings.engine != "torch", "--zero": settings.zero_stage != 0,
+                   "--tp": settings.tp != 1, "--pp": settings.pp != 1, "--ep": settings.ep != 1,
+                   "--sp": settings.sp, "--offload": settings.offload, "--hybrid-shard": settings.hybrid_shard}
+    used = [flag for flag, on in distributed.items() if on]
+    if used:
+        raise SpecError(f"{', '.join(used)} cannot be traced (the trace runs one process with --engine torch, "
+                        "no sharding or model parallelism); use --method analytic")
+
+
+# ---------------------------------------------------------------------------------------------- the step
+@dataclass(kw_only=True, slots=True)
+class TrainingStep:
+    """A built model, optimizer and batch, and the function that runs one training iteration on them."""
+
+    module: Any
+    """The ``transformers`` causal-LM module (``torch.nn.Module``)."""
+    optimizer: Any
+    """The ``torch.optim.Optimizer``."""
+    input_ids: Any
+    """``micro_batch × seq_len`` int64 token ids, also the labels."""
+    run: Callable[[], None]
+    """One iteration: autocast forward with labels, backward (loss-scaled for fp16), step, ``zero_grad``."""
+
+
+def build_step(
+    model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, target: str = "cpu",
+    seed: int = 0,
+) -> TrainingStep:
+    """Build the module, optimizer and batch of ``settings`` on the current (fake or real) CPU device.
+
+    Shared by the trace and by :func:`batchpilot.measure.cpu_peak.measure_cpu_step_peak`, so that both
+    run exactly the same computation.
+    """
+    import torch
+    import transformers
+
+    attn = "eager" if settings.attention == "eager" else "sdpa"
+    config = transformers.AutoConfig.for_model(**dict(model.hf_config))
+    torch.manual_seed(seed)
+    module = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    module.train()
+    if settings.recompute != "none":
+        _enable_checkpointing(module, settings.recompute, seq_len)
+    optimizer = _make_optimizer(settings.optimizer, module.parameters(), foreach=target == "cuda")
+    input_ids = torch.randint(0, model.vocab_size, (micro_batch, seq_len), dtype=torch.long)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
+    backward = _scaled_backward(module) if settings.precision == "fp16" else _plain_backward
+
+    def run() -> None:
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = module(input_ids=input_ids, labels=input_ids).loss
+        backward(loss)
+        del loss
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return TrainingStep(module=module, optimizer=optimizer, input_ids=input_ids, run=run)
+
+
+def _plain_backward(loss: Any) -> None:
+    loss.backward()
+
+
+def _scaled_backward(module: Any) -> Callable[[Any], None]:
+    """fp16 loss scaling as ``torch.amp.GradScaler`` does it, minus its data-dependent skip of the step.
+
+    Backward of ``loss × scale`` (GradScaler's initial scale 2¹⁶), then the same in-place
+    ``torch._amp_foreach_non_finite_check_and_unscale_`` on the gradients; the step always runs (a fake
+    tensor has no value to test for inf/NaN). Memory differs from GradScaler's by a few scalar tensors.
+    """
+    import torch
+
+    scale = torch.full((), 2.0**16)
+    inv_scale = scale.reciprocal()
+    found_inf = torch.zeros(())
+
+    def backward(loss: Any) -> None:
+        (loss * scale).backward()
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+
+    return backward
+
+
+def _make_optimizer(name: str, params: Iterator[Any], *, foreach: bool) -> Any:
+    import torch
+
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=_LEARNING_RATE, foreach=foreach)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, lr=_LEARNING_RATE, momentum=_SGD_MOMENTUM, foreach=foreach)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=_LEARNING_RATE, foreach=foreach)
+    raise SpecError(f"--optimizer {name!r} cannot be traced; use adamw, sgd-momentum or adafactor")
+
+
+def _enable_checkpointing(module: Any, recompute: str, seq_len: int) -> None:
+    """Hugging Face activation checkpointing of every decoder layer; ``selective`` adds an SAC policy."""
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if recompute == "selective":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts,
+                                                 functools.partial(_attention_core_policy, seq_len))
+    enable = getattr(module, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers < 5
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _attention_core_policy(seq_len: int, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Recompute ops that produce an s×s score tensor (Korthikanti et al. 2022's attention core); save the rest.
+
+    The policy sees the op before it runs, so the output shape is inferred from the inputs: a batched
+    matmul ``[..., s, d] @ [..., d, s]``, or an elementwise/softmax/dropout op on an ``[..., s, s]`` input.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    def is_scores(t: Any) -> bool:
+        shape = getattr(t, "shape", ())
+        return len(shape) >= 3 and tuple(shape[-2:]) == (seq_len, seq_len)
+
+    tensors = [a for a in args if hasattr(a, "shape")]
+    scores_out = any(is_scores(t) for t in tensors)
+    if len(tensors) >= 2 and len(tensors[0].shape) >= 3 and len(tensors[1].shape) >= 3:
+        q, k = tensors[0].shape, tensors[1].shape
+        scores_out = scores_out or (q[-2] == seq_len and k[-1] == seq_len and q[-1] == k[-2])
+    return CheckpointPolicy.PREFER_RECOMPUTE if scores_out else CheckpointPolicy.MUST_SAVE
+
+
+# ---------------------------------------------------------------------------------------------- tracking
+_CATEGORY = {
+    "Parameter": ("weights", "weights.parameters"),
+    "Buffer": ("weights", "weights.buffers"),
+    "Gradient": ("gradients", "gradients.parameters"),
+    "Optstate": ("optimizer", "optimizer.states"),
+    "Activation": ("activations", "activations.saved_and_forward"),
+    "Temp": ("activations", "activations.backward_temporaries"),
+    "Other": ("overhead", "overhead.inputs"),
+}
+
+
+def _track_memory(step: TrainingStep, target: str, terms: CudaTerms) -> tuple[MemoryBreakdown, dict[str, int]]:
+    """Two iterations under MemTracker; the categories of the peak snapshot, and each category's maximum."""
+    from torch.distributed._tools import mem_tracker as mt_module
+
+    with _block_rounding(mt_module, terms.block_bytes if target == "cuda" else 1):
+        tracker = mt_module.MemTracker()
+        tracker.track_external(step.module, step.optimizer, step.input_ids)
+        maxima: dict[str, int] = {}
+        with tracker, _watch_maxima(tracker, maxima):
+            step.run()
+            tracker.reset_mod_stats()
+            step.run()
+        peak = tracker.get_tracker_snapshot("peak")
+    snapshot = next(iter(peak.values()), {})
+    details: dict[str, int] = {}
+    categories = dict.fromkeys(("weights", "gradients", "optimizer", "activations", "overhead"), 0)
+    for reftype, nbytes in snapshot.items():
+        key = getattr(reftype, "value", reftype)
+        if key in _CATEGORY and nbytes:
+            category, detail = _CATEGORY[key]
+            categories[category] += nbytes
+            details[detail] = details.get(detail, 0) + nbytes
+    if target == "cuda":
+        allocated = sum(categories.values())
+        fragmentation = round(allocated * terms.fragmentation_fraction)
+        for name, nbytes in (("overhead.cuda_context", terms.context_bytes),
+                             ("overhead.cublas_workspace", terms.cublas_workspace_bytes),
+                             ("overhead.nccl", terms.nccl_bytes),
+                             ("overhead.cuda_fragmentation_allowance", fragmentation)):
+            if nbytes:
+                categories["overhead"] += nbytes
+                details[name] = nbytes
+    memory = MemoryBreakdown(
+        weights_bytes=categories["weights"], gradients_bytes=categories["gradients"],
+        optimizer_bytes=categories["optimizer"], activations_bytes=categories["activations"],
+        overhead_bytes=categories["overhead"], details=details,
+    )
+    return memory, {_CATEGORY[k][1]: v for k, v in maxima.items() if k in _CATEGORY}
+
+
+@contextlib.contextmanager
+def _watch_maxima(tracker: Any, maxima: dict[str, int]) -> Iterator[None]:
+    """Record each reference type's largest value, sampled whenever MemTracker updates its peak stats."""
+    original = tracker._update_peak_stats
+
+    def update(peak_state: Any) -> None:
+        original(peak_state)
+        for snap in tracker._curr_mem_snap.values():
+            for reftype, nbytes in snap.items():
+                key = getattr(reftype, "value", reftype)
+                if nbytes > maxima.get(key, 0):
+                    maxima[key] = nbytes
+
+    tracker._update_peak_stats = update
+    try:
+        yield
+    finally:
+        tracker._update_peak_stats = original
+
+
+@contextlib.contextmanager
+def _block_rounding(mt_module: Any, block_bytes: int) -> Iterator[None]:
+    """Make MemTracker round every storage up to ``block_bytes`` (its CUDA rule, applied to fake CPU tensors)."""
+    if block_bytes <= 1:
+        yield
+        return
+    base = mt_module._WeakRefInfo
+
+    class _Rounded(base):  # type: ignore[misc, valid-type]
+        def _calculate_mem_consumed(self) -> int:
+            return math.ceil(self.size * self.element_size / block_bytes) * block_bytes
+
+    mt_module._WeakRefInfo = _Rounded
+    try:
+        yield
+    finally:
+        mt_module._WeakRefInfo = base
+
+
+def _count_flops(step: TrainingStep) -> int:
+    """FLOPs of one iteration (the optimizer's elementwise work is not counted, as usual)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas()) as counter:
+        step.run()
+    return int(counter.get_total_flops())
+
+
+@functools.cache
+def _cpu_attention_formulas() -> dict[Any, Callable[..., int]]:
+    """FlopCounterMode formulas for the CPU flash-attention kernels, reusing torch's SDPA shape formulas.
+
+    ``_scaled_dot_product_flash_attention_for_cpu(q, k, v, ...)`` computes what the CUDA flash kernel does:
+    QKᵀ and PV, 2·b·h·s_q·s_k·(d_qk + d_v) FLOPs forward; its backward recomputes the scores (5 matmuls).
+    FlopCounterMode passes shapes (tensors replaced by their ``.shape``) to these functions.
+    """
+    import torch
+    from torch.utils import flop_counter
+
+    def forward(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return int(flop_counter.sdpa_flop_count(q, k, v))
+
+    def backward(grad_out: Any, q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return int(flop_counter.sdpa_backward_flop_count(grad_out, q, k, v))
+
+    aten = torch.ops.aten
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    }
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the deprecation and fake-tensor warnings ``transformers`` and torch raise while tracing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def peak_error(traced: int, measured: int) -> float:
+    """Relative error of a traced peak against a measured one: (traced − measured) / measured."""
+    return (traced - measured) / measured if measured else math.inf
+
+
+def to_record(result: TraceResult, *, micro_batch: int, seq_len: int) -> dict[str, Any]:
+    """JSON-able record of a trace (memory in the :class:`MemoryBreakdown` contract, FLOPs, timing)."""
+    return {
+        "micro_batch": micro_batch,
+        "seq_len": seq_len,
+        "memory": result.memory.to_dict(),
+        "category_max_bytes": dict(result.category_max_bytes),
+        "flops": result.flops,
+        "wall_s": result.wall_s,
+    }
