@@ -1,0 +1,183 @@
+"""The runner's configuration: one small frozen dataclass per component, grouped in :class:`TrainConfig`.
+
+Every field is plain data (JSON round-trip via :meth:`TrainConfig.to_dict` / :meth:`TrainConfig.from_dict`),
+so the same config travels to torchrun workers and into ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from batchpilot.errors import BatchpilotError
+from batchpilot.train.batching import BATCHING_MODES, BatchingMode
+
+Precision = Literal["fp32", "bf16", "fp16"]
+LRDecay = Literal["cosine", "linear", "constant"]
+LRScaling = Literal["none", "linear", "sqrt"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ConfigError(BatchpilotError):
+    """A training setting that is out of range or inconsistent with another."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """Which model to train."""
+
+    model: str = "tiny-llama-1m"
+    """Preset name, a config.json (random init), or a local pretrained directory (safetensors)."""
+    trust_remote_code: bool = False
+    """Allow a local checkpoint's custom modelling code (off by default, never needed for presets)."""
+    attn_implementation: str | None = None
+    """``sdpa``, ``eager``, ``flash_attention_2``…; None lets ``transformers`` choose."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    """What the model reads."""
+
+    data: str = "stdlib"
+    """``stdlib``, a local file/folder (text, JSONL, Parquet) or ``hf:NAME[:SPLIT]``."""
+    tokenizer: str = "bytes"
+    """``bytes``, ``bpe:VOCAB`` (trained on the corpus, cached) or a local tokenizer directory."""
+    text_field: str = "text"
+    """Field/column holding the text in JSONL, Parquet and ``datasets`` rows."""
+    seq_len: int = 256
+    """Tokens per sequence (row)."""
+    val_fraction: float = 0.02
+    """Share of documents (by key hash) held out for validation."""
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 2, f"--seq-len {self.seq_len} must be at least 2 (one input and its target)")
+        _require(0.0 <= self.val_fraction < 1.0, f"validation fraction {self.val_fraction} must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BatchConfig:
+    """The global batch, its micro-batches and its schedule."""
+
+    global_batch_sequences: int = 16
+    """Global batch in sequences (the final one for a ramp; ignored by a ``steps:`` schedule)."""
+    micro_batch_sequences: int = 16
+    """Sequences per micro-batch per rank (fixed and packed batching)."""
+    batching: BatchingMode = "fixed"
+    """``fixed`` padding, ``token-budget`` dynamic batching or ``packed`` documents."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token-budget batching: padded tokens per micro-batch (default micro × seq_len)."""
+    batch_schedule: str = "constant"
+    """See :mod:`batchpilot.train.schedule`."""
+
+    def __post_init__(self) -> None:
+        _require(self.batching in BATCHING_MODES, f"--batching {self.batching!r}: use {', '.join(BATCHING_MODES)}")
+        _require(self.global_batch_sequences >= 1, "--global-batch must be positive")
+        _require(self.micro_batch_sequences >= 1, "--micro-batch must be positive")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimConfig:
+    """AdamW, learning-rate schedule, precision, clipping."""
+
+    lr: float = 3e-3
+    """Peak learning rate at the reference global batch."""
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    """Linear warmup over the first optimizer steps."""
+    decay: LRDecay = "cosine"
+    """Decay after warmup, over ``--steps`` or ``--tokens``."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay as a fraction of the peak."""
+    lr_scaling: LRScaling = "none"
+    """Rescale the LR when the global batch B differs from the first one B₀: ×B/B₀ (linear, Goyal et
+    al. 2017) or ×√(B/B₀) (sqrt, Malladi et al. 2022 for Adam)."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping (the norm is still logged)."""
+    precision: Precision = "fp32"
+    """fp32, bf16 autocast, or fp16 autocast with a gradient scaler."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"--lr {self.lr} must be positive")
+        _require(self.warmup_steps >= 0, "--warmup-steps must be ≥ 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "min LR ratio must be in [0, 1]")
+        _require(self.grad_clip >= 0, "--grad-clip must be ≥ 0")
+        _require(self.precision in ("fp32", "bf16", "fp16"), f"--precision {self.precision!r}: use fp32, bf16 or fp16")
+        _require(self.lr_scaling in ("none", "linear", "sqrt"), f"--lr-scaling {self.lr_scaling!r}: use none, linear or sqrt")
+        _require(self.decay in ("cosine", "linear", "constant"), f"--lr-decay {self.decay!r}: use cosine, linear or constant")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    """How long, where, how many processes, checkpoints and evaluation."""
+
+    steps: int | None = 100
+    """Optimizer steps to train (exclusive with ``tokens``)."""
+    tokens: int | None = None
+    """Input tokens to train on (exclusive with ``steps``)."""
+    out: str = "runs/train"
+    """Output directory: metrics.jsonl, summary.json, checkpoints/."""
+    checkpoint_every: int = 0
+    """Checkpoint every N steps (0: only at the end and on SIGTERM/SIGINT)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept on disk."""
+    resume: bool = False
+    """Continue from the latest checkpoint in ``out``."""
+    seed: int = 0
+    """Model init and data order."""
+    val_every: int = 0
+    """Validation loss every N steps (0: only at the end)."""
+    val_rows: int = 64
+    """Validation rows evaluated each time."""
+    nproc: int = 1
+    """Local processes; > 1 launches torchrun."""
+    fsdp: bool = False
+    """FSDP2 ``fully_shard`` instead of DDP."""
+    expected_world_size: int | None = None
+    """Fail unless the launcher started exactly this many processes."""
+    device: Device = "auto"
+    """``cuda`` when available under auto."""
+    threads: int | None = None
+    """``torch.set_num_threads`` per process (default: cores / local processes)."""
+
+    def __post_init__(self) -> None:
+        _require((self.steps is None) != (self.tokens is None), "give exactly one of --steps and --tokens")
+        _require(self.steps is None or self.steps >= 1, "--steps must be positive")
+        _require(self.tokens is None or self.tokens >= 1, "--tokens must be positive")
+        _require(self.checkpoint_every >= 0 and self.val_every >= 0, "--checkpoint-every/--val-every must be ≥ 0")
+        _require(self.nproc >= 1, "--nproc must be positive")
+        _require(self.keep_checkpoints >= 1, "--keep-checkpoints must be positive")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """Everything :func:`batchpilot.train.run` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        optim = dict(data.get("optim", {}))
+        if "betas" in optim:
+            optim["betas"] = tuple(optim["betas"])
+        return cls(model=ModelConfig(**data.get("model", {})), data=DataConfig(**data.get("data", {})),
+                   batch=BatchConfig(**data.get("batch", {})), optim=OptimConfig(**optim),
+                   run=RunConfig(**data.get("run", {})))
+
+    def replace(self, **sections: Any) -> TrainConfig:
+        """A copy with some fields of some sections changed: ``cfg.replace(run={"steps": 5})``."""
+        return dataclasses.replace(self, **{k: dataclasses.replace(getattr(self, k), **v) for k, v in sections.items()})

@@ -1,0 +1,196 @@
+"""Processes: the torchrun environment, DDP / FSDP2 wrapping, and launching torchrun locally.
+
+The same ``batchpilot train`` command runs
+
+- alone (one process, no process group);
+- under torchrun or any launcher that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``
+  (multi-node included): a process group is created, NCCL on CUDA, gloo on CPU;
+- with ``--nproc N``: :func:`launch_torchrun` starts ``torchrun --standalone --nproc-per-node N`` on
+  :mod:`batchpilot.train.worker` and follows the workers' ``metrics.jsonl``.
+
+``expected_world_size`` guards against launchers that silently start a single process: the run
+fails before touching the model when ``WORLD_SIZE`` differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from batchpilot.errors import BatchpilotError
+
+
+class LaunchError(BatchpilotError):
+    """The process layout is not the one asked for, or torchrun failed."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DistEnv:
+    """This process's place in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    """``cuda:<local_rank>`` when asked for (or available under ``auto``), else ``cpu``."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise LaunchError("--device cuda was requested but torch.cuda.is_available() is False")
+    if preference in ("cuda", "auto") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def check_world_size(expected: int | None) -> int:
+    """``WORLD_SIZE`` from the environment (1 when unset), checked against ``expected``."""
+    world = _env_int("WORLD_SIZE", 1)
+    slurm_tasks = _env_int("SLURM_NTASKS", 1)
+    if "WORLD_SIZE" not in os.environ and slurm_tasks > 1 and expected not in (None, 1):
+        raise LaunchError(
+            f"SLURM started {slurm_tasks} tasks but WORLD_SIZE is unset; launch each task through torchrun "
+            f"or export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT"
+        )
+    if expected is not None and world != expected:
+        raise LaunchError(
+            f"expected a world size of {expected} but the launcher started {world} process(es) "
+            f"(WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')}); check --nproc-per-node/--nnodes"
+        )
+    return world
+
+
+def init_distributed(*, expected_world_size: int | None, device: str) -> DistEnv:
+    """Read the launcher's environment and create the process group when there is more than one rank."""
+    world = check_world_size(expected_world_size)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    dev = pick_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, env: DistEnv, *, fsdp: bool) -> nn.Module:
+    """DDP (default) or FSDP2 ``fully_shard`` per decoder layer and the root; unchanged on one process."""
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        if not dist.is_initialized():  # fully_shard needs a process group, even a group of one
+            dist.init_process_group(backend="gloo" if env.device.type == "cpu" else "nccl",
+                                    store=dist.HashStore(), rank=0, world_size=1)
+        layers = getattr(getattr(model, "model", model), "layers", [])
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    if not env.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DDP wrapper (FSDP2 modifies the module in place)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the cross-rank gradient reduction of this backward unless ``enabled`` (DDP ``no_sync``;
+    FSDP2 ``set_requires_gradient_sync``)."""
+    set_sync: Any = getattr(model, "set_requires_gradient_sync", None)
+    no_sync: Any = getattr(model, "no_sync", None)
+    if set_sync is not None:
+        set_sync(enabled)
+        yield
+    elif enabled or no_sync is None:
+        yield
+    else:
+        with no_sync():
+            yield
+
+
+def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
+    """Element-wise sum of small float64 vectors across ranks (identity on one process)."""
+    if not env.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_reduce_gradients(model: nn.Module, env: DistEnv) -> None:
+    """Average ``p.grad`` over ranks by hand (used when a hook needed the rank-local gradients)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(env.world_size)
+
+
+def launch_torchrun(config_dict: dict[str, Any], nproc: int, out_dir: Path,
+                    on_record: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Run :mod:`batchpilot.train.worker` under ``torchrun --standalone --nproc-per-node nproc``.
+
+    The config goes to ``out_dir/launch-config.json``; new lines of ``metrics.jsonl`` are passed to
+    ``on_record`` while the workers run. Returns torchrun's exit code.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / "launch-config.json"
+    config_path.write_text(json.dumps(config_dict), encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "batchpilot.train.worker", str(config_path)]
+    metrics = out_dir / "metrics.jsonl"
+    start = 0
+    with subprocess.Popen(command) as proc:
+        while True:
+            code = proc.poll()
+            start = _follow(metrics, start, on_record)
+            if code is not None:
+                return code
+            time.sleep(0.5)
+
+
+def _follow(path: Path, offset: int, on_record: Callable[[dict[str, Any]], None] | None) -> int:
+    if on_record is None or not path.exists():
+        return offset
+    with path.open("rb") as handle:
+        handle.seek(min(offset, path.stat().st_size))
+        data = handle.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    for line in complete.splitlines():
+        if line.strip():
+            on_record(json.loads(line))
+    return offset + len(complete)

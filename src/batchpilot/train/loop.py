@@ -1,0 +1,424 @@
+"""The training loop: gradient accumulation that is numerically the large batch.
+
+For a global batch with ``N`` target tokens (all micro-batches, all ranks), micro-step ``i`` on a
+rank back-propagates ``Σ_{t ∈ micro-batch i} ℓ_t × world / N`` (× the fp16 loss scale). DDP and FSDP2
+average gradients over ranks, which cancels ``world``; the sum over micro-steps and ranks is then
+exactly ``∇ (1/N) Σ_t ℓ_t`` — the gradient of the token-mean loss of the whole global batch, not a
+mean of per-micro-batch means (which would weight short micro-batches more). ``N`` is known on
+every rank without communication: the global batch's layout is a pure function of the data, the
+seed and the step (see :mod:`batchpilot.train.batching`). DDP skips gradient synchronisation on all
+but the last micro-step (``no_sync``; FSDP2 ``set_requires_gradient_sync``).
+
+One optimizer step:
+
+1. ask the :class:`~batchpilot.train.schedule.BatchSchedule` for the global batch ``G`` and re-derive
+   the accumulation steps with :class:`~batchpilot.specs.batch.BatchTriad` (the micro-batch stays);
+2. take rows ``sequences_seen … sequences_seen + G − 1`` of the row stream and lay them out;
+3. forward/backward each micro-batch under autocast (bf16/fp16) with the scaled loss above;
+4. unscale (fp16), call the hooks, clip, set the LR (warmup, decay, batch-scaling rule), step AdamW;
+5. all-reduce the loss sum (and the stop flag) once, write the ``metrics.jsonl`` record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from batchpilot.errors import BatchpilotError
+from batchpilot.specs.batch import BatchTriad
+from batchpilot.train import checkpoint as ckpt
+from batchpilot.train.batching import (
+    IGNORE_INDEX,
+    MicroBatch,
+    MicroBatchPlan,
+    Row,
+    RowStream,
+    StepLayout,
+    collate,
+    layout_step,
+)
+from batchpilot.train.config import TrainConfig
+from batchpilot.train.data import TokenizedCorpus, fingerprint, load_documents, split_documents, tokenize
+from batchpilot.train.distributed import (
+    DistEnv,
+    all_reduce_gradients,
+    all_reduce_sum,
+    gradient_sync,
+    unwrap,
+    wrap_model,
+)
+from batchpilot.train.hooks import MicroStepInfo, StepInfo, TrainHook
+from batchpilot.train.lr import LRSchedule
+from batchpilot.train.metrics import MetricsLog, peak_memory_bytes, write_json_atomic
+from batchpilot.train.model import build_model
+from batchpilot.train.schedule import BatchSchedule, Progress
+from batchpilot.train.tokenizer import load_tokenizer
+from batchpilot.train.validate import StaticPlan, check_static
+
+RecordCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainState:
+    """Counters saved in every checkpoint: they fix the data position and the LR."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    sequences_seen: int = 0
+    """Rows consumed: the position in the row stream."""
+    tokens_seen: int = 0
+    """Input tokens consumed (padding excluded)."""
+    target_tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    """Wall time spent in training steps, summed over resumes."""
+
+    def progress(self, batch_multiple: int) -> Progress:
+        return Progress(step=self.step, sequences_seen=self.sequences_seen, tokens_seen=self.tokens_seen,
+                        batch_multiple_sequences=batch_multiple)
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ over target tokens of −log p(target), in fp32 (padding and ``IGNORE_INDEX`` excluded)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+class Trainer:
+    """Owns the model, optimizer, data stream and counters of one process of a run."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv, *, hooks: Sequence[TrainHook] = (),
+                 on_record: RecordCallback | None = None) -> None:
+        self.config, self.env, self.hooks, self.on_record = config, env, list(hooks), on_record
+        self.plan: StaticPlan = check_static(config, env.world_size)
+        self.schedule: BatchSchedule = self.plan.schedule
+        self.out = Path(config.run.out)
+        self._set_threads()
+        self._load_data()
+        self._build()
+        self.state = TrainState()
+        self._stop_signal: int | None = None
+        resume = self._resume_path()
+        if resume is not None:
+            self._restore(resume)
+        self.lr = self._lr_schedule()
+        if env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = (MetricsLog(self.out / "metrics.jsonl", resume_step=self.state.step if resume else None)
+                        if env.is_main else None)
+        self._step_times: list[tuple[int, float]] = []
+
+    # ------------------------------------------------------------------ setup
+    def _set_threads(self) -> None:
+        if self.env.device.type != "cpu":
+            return
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(self.config.run.threads or max(1, (os.cpu_count() or 1) // local))
+
+    def _load_data(self) -> None:
+        dc = self.config.data
+        docs = load_documents(dc.data, text_field=dc.text_field)
+        train_docs, val_docs = split_documents(docs, dc.val_fraction)
+        self.tokenizer = load_tokenizer(dc.tokenizer, (d.text for d in train_docs), fingerprint(train_docs))
+        self.corpus: TokenizedCorpus = tokenize(train_docs, self.tokenizer)
+        self.val_corpus = tokenize(val_docs, self.tokenizer) if val_docs else None
+        self.num_documents = (len(train_docs), len(val_docs))
+        mode = self.config.batch.batching
+        self.stream = RowStream(self.corpus, mode=mode, seq_len=dc.seq_len, seed=self.config.run.seed)
+        self.val_rows: list[Row] = []
+        if self.val_corpus is not None and self.val_corpus.num_tokens:
+            val_stream = RowStream(self.val_corpus, mode="fixed", seq_len=dc.seq_len, seed=0)
+            self.val_rows = val_stream.rows(0, min(self.config.run.val_rows, val_stream.rows_per_epoch))
+
+    def _build(self) -> None:
+        built = build_model(self.config.model, seed=self.config.run.seed)
+        if self.tokenizer.vocab_size > built.vocab_size:
+            raise BatchpilotError(
+                f"tokenizer {self.tokenizer.name!r} has {self.tokenizer.vocab_size} ids but the model's vocabulary "
+                f"is {built.vocab_size}; use a smaller tokenizer (e.g. --tokenizer bpe:{built.vocab_size}) or a "
+                f"model with a larger vocab_size"
+            )
+        self.built = built
+        module = built.module.to(self.env.device)
+        module.train()
+        self.model = wrap_model(module, self.env, fsdp=self.config.run.fsdp)
+        self.varlen = "flash" in str(getattr(module.config, "_attn_implementation", ""))
+        oc = self.config.optim
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=oc.lr, betas=oc.betas, eps=oc.eps)
+        self.scaler = self._make_scaler()
+        self.manual_sync = any(getattr(h, "requires_local_gradients", False) for h in self.hooks) \
+            and self.env.distributed
+        if self.manual_sync and self.config.run.fsdp:
+            raise BatchpilotError("a hook needs rank-local gradients, which FSDP2 does not keep; run it with DDP")
+
+    def _make_scaler(self) -> torch.amp.GradScaler:
+        enabled = self.config.optim.precision == "fp16"
+        if self.config.run.fsdp and enabled:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(self.env.device.type, enabled=True)
+        return torch.amp.GradScaler(self.env.device.type, enabled=enabled)
+
+    def _lr_schedule(self) -> LRSchedule:
+        oc, rc = self.config.optim, self.config.run
+        first = Progress(step=0, sequences_seen=0, tokens_seen=0, batch_multiple_sequences=self.plan.batch_multiple)
+        return LRSchedule(peak_lr=oc.lr, warmup_steps=oc.warmup_steps, decay=oc.decay, min_lr_ratio=oc.min_lr_ratio,
+                          scaling=oc.lr_scaling, reference_batch_sequences=self.schedule.global_batch(first),
+                          total_steps=rc.steps, total_tokens=rc.tokens)
+
+    def _resume_path(self) -> Path | None:
+        if not self.config.run.resume:
+            return None
+        path = ckpt.latest_checkpoint(self.out)
+        if path is None:
+            raise BatchpilotError(f"--resume: no complete checkpoint in {str(self.out / ckpt.CHECKPOINTS)!r}; "
+                                  f"run without --resume to start fresh")
+        return path
+
+    def _restore(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+                                     env=self.env)
+        self.state = TrainState(**state["train"])
+        self.schedule.load_state_dict(state["schedule"])
+        for hook, hook_state in zip(self.hooks, state.get("hooks", []), strict=False):
+            hook.load_state_dict(hook_state)
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        precision = self.config.optim.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.env.device.type, dtype=dtype)
+
+    def _forward_loss(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+        dev = self.env.device
+        kwargs: dict[str, Any] = {"input_ids": mb.input_ids.to(dev, non_blocking=True)}
+        if mb.attention_mask is not None:
+            kwargs["attention_mask"] = mb.attention_mask.to(dev, non_blocking=True)
+        if mb.position_ids is not None:
+            kwargs["position_ids"] = mb.position_ids.to(dev, non_blocking=True)
+        with self._autocast():
+            logits = model(**kwargs).logits
+        return cross_entropy_sum(logits, mb.targets.to(dev, non_blocking=True))
+
+    def _layout(self, global_batch: int) -> StepLayout:
+        bc, dc = self.config.batch, self.config.data
+        if bc.batching != "token-budget":  # the one owner of global = micro × accum × dp checks it
+            BatchTriad.from_global(global_batch_sequences=global_batch, micro_batch_sequences=bc.micro_batch_sequences,
+                                   data_parallel_ranks=self.env.world_size, seq_len_tokens=dc.seq_len)
+        elif global_batch % self.env.world_size:
+            raise BatchpilotError(f"global batch {global_batch} is not divisible by dp {self.env.world_size}")
+        rows = self.stream.rows(self.state.sequences_seen, global_batch)
+        return layout_step(rows, mode=bc.batching, dp=self.env.world_size, micro_batch_sequences=bc.micro_batch_sequences,
+                           seq_len=dc.seq_len, max_tokens_per_micro_batch=self.plan.max_tokens_per_micro_batch)
+
+    def _accumulate(self, layout: StepLayout, lr: float) -> tuple[torch.Tensor, float]:
+        env, st = self.env, self.state
+        plans = layout.per_rank[env.rank]
+        n_global = max(1, layout.global_target_tokens)
+        loss_scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+        factor = env.world_size / n_global
+        local_targets = layout.local_target_tokens(env.rank)
+        local_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        for i, plan in enumerate(plans):
+            mb = collate(plan, self.corpus.tokens, mode=self.config.batch.batching, varlen=self.varlen)
+            last = i == len(plans) - 1
+            with gradient_sync(self.model, last and not self.manual_sync):
+                loss_sum = self._forward_loss(self.model, mb)
+                self.scaler.scale(loss_sum * factor).backward()
+            local_sum += loss_sum.detach().double()
+            if self.hooks:
+                info = MicroStepInfo(
+                    step=st.step, micro_index=i, num_micro_steps=len(plans), micro_target_tokens=mb.num_targets,
+                    local_target_tokens=local_targets, global_target_tokens=n_global,
+                    micro_batch_sequences=len(plan.rows), loss_sum=float(loss_sum.detach()), loss_scale=loss_scale,
+                    grad_to_sum_factor=n_global / (env.world_size * loss_scale),
+                    grads_synced=last and env.distributed and not self.manual_sync, rank=env.rank,
+                    world_size=env.world_size)
+                for hook in self.hooks:
+                    hook.on_micro_step(self.model, info)
+        step_info = StepInfo(step=st.step, global_batch_sequences=layout.num_rows, global_target_tokens=n_global,
+                             local_target_tokens=local_targets, tokens_seen=st.tokens_seen, loss_scale=loss_scale,
+                             grad_to_sum_factor=n_global / (env.world_size * loss_scale), lr=lr, rank=env.rank,
+                             world_size=env.world_size)
+        if self.manual_sync:
+            for hook in self.hooks:
+                hook.on_local_gradients(self.model, step_info)
+            all_reduce_gradients(self.model, env)
+        self.scaler.unscale_(self.optimizer)
+        extras: dict[str, float] = {}
+        for hook in self.hooks:
+            extras.update(hook.on_gradients(self.model, step_info))
+        self._extras = extras
+        return local_sum, loss_scale
+
+    def _optimizer_step(self, lr: float) -> float:
+        clip = self.config.optim.grad_clip or math.inf
+        norm: Any = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def train_step(self) -> dict[str, Any]:
+        """Run one optimizer step; returns its metrics record (before validation is added)."""
+        st, start = self.state, time.perf_counter()
+        global_batch = self.schedule.global_batch(st.progress(self.plan.batch_multiple))
+        layout = self._layout(global_batch)
+        lr = self.lr.lr(step=st.step, tokens_seen=st.tokens_seen, global_batch_sequences=global_batch)
+        local_sum, loss_scale = self._accumulate(layout, lr)
+        grad_norm = self._optimizer_step(lr)
+        loss_total, stop = all_reduce_sum([float(local_sum), 1.0 if self._stop_signal else 0.0], self.env)
+        self._stop_requested = stop > 0
+        seconds = time.perf_counter() - start
+        st.step += 1
+        st.sequences_seen += layout.num_rows
+        st.tokens_seen += layout.global_input_tokens
+        st.target_tokens_seen += layout.global_target_tokens
+        st.elapsed_s += seconds
+        self._step_times.append((layout.global_input_tokens, seconds))
+        return self._record(layout, loss_total, lr, grad_norm, seconds, loss_scale)
+
+    def _record(self, layout: StepLayout, loss_total: float, lr: float, grad_norm: float, seconds: float,
+                loss_scale: float) -> dict[str, Any]:
+        bc = self.config.batch
+        micro = (bc.micro_batch_sequences if bc.batching != "token-budget"
+                 else max(len(p.rows) for p in layout.per_rank[0]))
+        record: dict[str, Any] = {
+            "step": self.state.step, "tokens": self.state.tokens_seen,
+            "loss": loss_total / max(1, layout.global_target_tokens), "lr": lr,
+            "global_batch_sequences": layout.num_rows, "global_batch_tokens": layout.global_input_tokens,
+            "micro_batch": micro, "grad_accum": layout.grad_accum_steps, "grad_norm": grad_norm,
+            "padding_fraction": layout.padding_fraction, "tokens_per_s": layout.global_input_tokens / seconds,
+            "peak_memory_bytes": peak_memory_bytes(self.env.device), "elapsed_s": self.state.elapsed_s,
+            "target_tokens": layout.global_target_tokens, "loss_scale": loss_scale,
+        }
+        record.update(self._extras)
+        return record
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> float | None:
+        """Token-mean validation loss over ``val_rows`` rows (every rank runs the same number of forwards)."""
+        if not self.val_rows:
+            return None
+        env, micro = self.env, self.config.batch.micro_batch_sequences
+        mine = self.val_rows[env.rank::env.world_size]
+        per_rank = -(-len(self.val_rows) // env.world_size)
+        model = self.model if self.config.run.fsdp else unwrap(self.model)
+        totals = [0.0, 0.0]
+        was_training = model.training
+        model.eval()
+        assert self.val_corpus is not None
+        with torch.no_grad():
+            for start in range(0, per_rank, micro):
+                plan = MicroBatchPlan(rows=tuple(mine[start:start + micro]), pad_to=self.config.data.seq_len)
+                mb = collate(plan, self.val_corpus.tokens, mode="fixed")
+                totals[0] += float(self._forward_loss(model, mb))
+                totals[1] += mb.num_targets
+        model.train(was_training)
+        loss_sum, count = all_reduce_sum(totals, self.env)
+        return loss_sum / count if count else None
+
+    # ------------------------------------------------------------------ the run
+    def _done(self) -> bool:
+        rc = self.config.run
+        return self.state.step >= rc.steps if rc.steps is not None else self.state.tokens_seen >= (rc.tokens or 0)
+
+    def _checkpoint(self) -> None:
+        state = {"train": dataclasses.asdict(self.state), "schedule": self.schedule.state_dict(),
+                 "hooks": [h.state_dict() for h in self.hooks], "config": self.config.to_dict()}
+        ckpt.save_checkpoint(self.out, self.state.step, model=self.model, optimizer=self.optimizer,
+                             scaler=self.scaler, state=state, env=self.env, keep=self.config.run.keep_checkpoints)
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            self._stop_signal = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _publish(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+            if self.on_record is not None:
+                self.on_record(record)
+        for hook in self.hooks:
+            hook.on_step_end(record)
+        self.schedule.observe(record)
+
+    def train(self) -> dict[str, Any]:
+        """Train until ``--steps``/``--tokens`` or a signal; returns the summary (also ``summary.json``)."""
+        rc = self.config.run
+        stopped: str | None = None
+        self._stop_requested = False
+        with self._signals():
+            while not self._done():
+                record = self.train_step()
+                if rc.val_every and self.state.step % rc.val_every == 0:
+                    record["val_loss"] = self.evaluate()
+                self._publish(record)
+                if self._stop_requested:
+                    stopped = signal.Signals(self._stop_signal).name if self._stop_signal else "peer rank signal"
+                    break
+                if rc.checkpoint_every and self.state.step % rc.checkpoint_every == 0:
+                    self._checkpoint()
+            self._checkpoint()
+            val_loss = None if stopped else self.evaluate()
+        if self.metrics is not None:
+            self.metrics.close()
+        return self._summary(val_loss, stopped)
+
+    def _summary(self, val_loss: float | None, stopped: str | None) -> dict[str, Any]:
+        timed = self._step_times[1:] or self._step_times  # the first step pays one-off warm-up costs
+        tokens, seconds = sum(t for t, _ in timed), sum(s for _, s in timed)
+        last = self._last_loss()
+        summary = {
+            "steps": self.state.step, "tokens": self.state.tokens_seen, "target_tokens": self.state.target_tokens_seen,
+            "final_loss": last, "val_loss": val_loss, "tokens_per_s": tokens / seconds if seconds else None,
+            "elapsed_s": self.state.elapsed_s, "peak_memory_bytes": peak_memory_bytes(self.env.device),
+            "world_size": self.env.world_size, "device": str(self.env.device), "model_params": self.built.num_params,
+            "model_source": self.built.source, "tokenizer": self.tokenizer.name,
+            "train_documents": self.num_documents[0], "val_documents": self.num_documents[1],
+            "corpus_tokens": self.corpus.num_tokens, "batch_schedule": self.schedule.describe(),
+            "stopped_by_signal": stopped, "out": str(self.out), "config": self.config.to_dict(),
+        }
+        if self.env.is_main:
+            write_json_atomic(self.out / "summary.json", summary)
+        return summary
+
+    def _last_loss(self) -> float | None:
+        path = self.out / "metrics.jsonl"
+        if not self.env.is_main or not path.exists():
+            return None
+        from batchpilot.train.metrics import read_metrics
+
+        records = read_metrics(path)
+        return records[-1]["loss"] if records else None

@@ -1,0 +1,71 @@
+"""The model to train: a real ``transformers`` causal LM, randomly initialised or loaded from disk.
+
+- a preset name (``tiny-llama-1m``) or a ``config.json`` → ``AutoConfig.for_model(**hf_config)`` and
+  ``AutoModelForCausalLM.from_config`` under ``torch.manual_seed(seed)`` (same weights on every rank);
+- a directory with ``config.json`` and ``*.safetensors`` → ``from_pretrained(local_files_only=True,
+  use_safetensors=True, trust_remote_code=False)`` unless the user opts in to remote code.
+
+Weights are kept in fp32 (master weights); bf16/fp16 come from autocast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchpilot.errors import SpecError
+from batchpilot.specs.model import load_model
+from batchpilot.train.config import ModelConfig
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BuiltModel:
+    """A model ready to train and the limits the data must respect."""
+
+    module: nn.Module
+    vocab_size: int
+    """Rows of the input embedding: every token id must be below this."""
+    max_positions: int
+    """``max_position_embeddings``: the longest sequence the model accepts."""
+    num_params: int
+    source: str
+    """``random-init`` or ``pretrained``."""
+
+
+def _is_pretrained_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def build_model(config: ModelConfig, *, seed: int) -> BuiltModel:
+    """Build the model named by ``--model`` (see the module docstring)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(config.model)
+    extra: dict[str, Any] = {}
+    if config.attn_implementation:
+        extra["attn_implementation"] = config.attn_implementation
+    if _is_pretrained_dir(path):
+        try:
+            module = AutoModelForCausalLM.from_pretrained(
+                str(path), local_files_only=True, use_safetensors=True, dtype=torch.float32,
+                trust_remote_code=config.trust_remote_code, **extra)
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"model directory {config.model!r} cannot be loaded: {' '.join(str(exc).split())[:200]}") from None
+        source = "pretrained"
+    else:
+        spec = load_model(config.model)
+        hf_config = AutoConfig.for_model(**dict(spec.hf_config))
+        torch.manual_seed(seed)
+        module = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **extra)
+        source = "random-init"
+    cfg = module.config
+    embedding: Any = module.get_input_embeddings()
+    return BuiltModel(
+        module=module, vocab_size=int(embedding.weight.shape[0]),
+        max_positions=int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0)),
+        num_params=sum(p.numel() for p in module.parameters()), source=source,
+    )
