@@ -10,6 +10,7 @@ import typer
 
 from batchpilot import __version__
 from batchpilot.cli import hardware, known, model, report
+from batchpilot.cli import probe as probe_cli
 
 app = typer.Typer(
     name="batchpilot",
@@ -22,6 +23,7 @@ app.add_typer(model.app, name="model")
 app.add_typer(hardware.app, name="hardware")
 app.command("known")(known.known)
 app.command("report")(report.report)
+app.command("probe")(probe_cli.probe)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,160 @@
+"""``batchpilot probe`` — real training steps on the real device: max micro-batch, knee, calibration.
+
+Examples::
+
+    batchpilot probe --model tiny-llama-1m --seq-len 128 --memory-budget 128MiB --device cpu --precision fp32
+    batchpilot probe --model tiny-llama-15m --seq-len 512 --memory-budget 2GiB --precision fp32 \\
+        --calibration-out cpu-calibration.json --json
+    batchpilot probe --model ./config.json --seq-len 4096 --device cuda --precision bf16 --recompute full \\
+        --accelerator h100-sxm --calibration-out h100.json
+
+On CPU every trial runs in its own process under an address-space limit of its baseline + the budget
+(so out-of-memory is real), and Ctrl-C kills the running trial with its process group.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from batchpilot.cli._common import err_console, handle_errors, print_json
+from batchpilot.cli._settings import (
+    DEFAULTS,
+    AttentionOpt,
+    EngineOpt,
+    EpOpt,
+    HybridShardOpt,
+    OffloadOpt,
+    OptimizerOpt,
+    PpOpt,
+    PrecisionOpt,
+    RecomputeOpt,
+    SpOpt,
+    TpOpt,
+    ZeroOpt,
+    settings_from_options,
+)
+from batchpilot.errors import BatchpilotError
+from batchpilot.measure.probe import (
+    ProbeRequest,
+    ProbeResult,
+    ProbeTrial,
+    device_memory_bytes,
+    resolve_device,
+    run_probe,
+    worst_case_seq_len,
+    write_calibration,
+)
+from batchpilot.specs.model import load_model
+from batchpilot.units import format_bytes, parse_bytes, parse_seconds
+
+
+def _read_lengths(path: Path) -> list[int]:
+    """Sequence lengths from a file: whitespace/comma-separated integers or a JSON list."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BatchpilotError(f"--lengths {str(path)!r} cannot be read: {exc}") from None
+    try:
+        return [int(tok) for tok in text.replace("[", " ").replace("]", " ").replace(",", " ").split()]
+    except ValueError:
+        raise BatchpilotError(f"--lengths {str(path)!r} must hold integers (one per line or a JSON list)") from None
+
+
+class _Display:
+    """Rich live table of the trials so far, plus the running one (stderr, so stdout stays clean)."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.rows: list[ProbeTrial] = []
+        self.running: int | None = None
+        self.started = time.monotonic()
+        self.live = Live(self._table(), console=err_console, refresh_per_second=4, transient=False)
+
+    def _table(self) -> Table:
+        table = Table("#", "phase", "micro-batch", "fits", "peak", "tokens/s", "seconds", title=self.title)
+        for i, t in enumerate(self.rows, 1):
+            table.add_row(str(i), t.phase, str(t.micro_batch), "yes" if t.fits else "[red]no[/red]",
+                          format_bytes(t.peak_bytes) if t.peak_bytes else "—",
+                          f"{t.tokens_per_s:,.0f}" if t.tokens_per_s else "—", f"{t.seconds:.1f}")
+        if self.running is not None:
+            elapsed = time.monotonic() - self.started
+            table.add_row(str(len(self.rows) + 1), "…", str(self.running), "[yellow]running[/yellow]", "", "",
+                          f"{elapsed:.0f}")
+        return table
+
+    def __call__(self, event: str, micro_batch: int, trial: ProbeTrial | None) -> None:
+        if event == "start":
+            self.running, self.started = micro_batch, time.monotonic()
+        else:
+            self.running = None
+            if trial is not None:
+                self.rows.append(trial)
+        self.live.update(self._table())
+
+
+def _render(result: ProbeResult, calibration: Path | None) -> None:
+    err_console.print(
+        f"max micro-batch [bold]{result.max_micro_batch}[/bold] (predicted {result.predicted_max_micro_batch}; "
+        f"{result.search_trials} search trials, {result.search_seconds:.1f} s), throughput knee "
+        f"[bold]{result.knee_micro_batch}[/bold] (smallest within 3% of the best tokens/s), budget "
+        f"{format_bytes(result.budget_bytes)} on {result.device}")
+    if calibration is not None:
+        err_console.print(f"calibration written to {calibration} (use: batchpilot plan --calibration {calibration})")
+
+
+@handle_errors
+def probe(
+    model: Annotated[str, typer.Option("--model", help="Preset name or path to a config.json.")],
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (the data's worst case).")] = 512,
+    lengths: Annotated[Path | None, typer.Option(
+        "--lengths", help="File of the data's sequence lengths: the probe uses the longest (≤ --seq-len).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda.")] = "auto",
+    memory_budget: Annotated[str | None, typer.Option(
+        "--memory-budget", help="e.g. 6GiB. Default: the device's memory (CPU: MemAvailable).")] = None,
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Full steps before timing (≥ 2).")] = 2,
+    timed_steps: Annotated[int, typer.Option("--timed-steps", help="Timed steps per trial.")] = 1,
+    knee: Annotated[bool, typer.Option("--knee/--no-knee", help="Measure the halving ladder for the knee.")] = True,
+    trial_timeout: Annotated[str, typer.Option("--trial-timeout", help="Per-trial limit, e.g. 10m.")] = "30m",
+    calibration_out: Annotated[Path | None, typer.Option(
+        "--calibration-out", help="Write a calibration file for `plan --calibration`.")] = None,
+    accelerator: Annotated[str | None, typer.Option(
+        "--accelerator", help="Catalog name or JSON file whose peak FLOP/s the calibration divides by "
+        "(CUDA: required for --calibration-out; CPU: default is the measured matmul rate).")] = None,
+    precision: PrecisionOpt = DEFAULTS.precision, optimizer: OptimizerOpt = DEFAULTS.optimizer,
+    engine: EngineOpt = DEFAULTS.engine, zero: ZeroOpt = DEFAULTS.zero_stage,
+    hybrid_shard: HybridShardOpt = DEFAULTS.hybrid_shard, tp: TpOpt = DEFAULTS.tp, pp: PpOpt = DEFAULTS.pp,
+    ep: EpOpt = DEFAULTS.ep, sp: SpOpt = DEFAULTS.sp, recompute: RecomputeOpt = DEFAULTS.recompute,
+    attention: AttentionOpt = DEFAULTS.attention, offload: OffloadOpt = DEFAULTS.offload,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Find the largest micro-batch that really fits, tokens/s per size and the throughput knee."""
+    settings = settings_from_options(precision=precision, optimizer=optimizer, engine=engine, zero=zero,
+                                     hybrid_shard=hybrid_shard, tp=tp, pp=pp, ep=ep, sp=sp,
+                                     recompute=recompute, attention=attention, offload=offload)
+    spec = load_model(model)
+    if lengths is not None:
+        seq_len = worst_case_seq_len(_read_lengths(lengths), cap=seq_len)
+    dev = resolve_device(device)
+    budget = parse_bytes(memory_budget, "--memory-budget") if memory_budget else device_memory_bytes(dev)
+    request = ProbeRequest(model=spec, settings=settings, seq_len=seq_len, device=dev, budget_bytes=budget,
+                           warmup_steps=warmup_steps, timed_steps=timed_steps, knee=knee,
+                           trial_timeout_s=parse_seconds(trial_timeout, "--trial-timeout"))
+    if json_output:
+        result = run_probe(request)
+    else:
+        display = _Display(f"probe {spec.name}, seq {seq_len}, budget {format_bytes(budget)} on {dev}")
+        with display.live:
+            result = run_probe(request, progress=display)
+    written = write_calibration(result, request, calibration_out, accelerator) if calibration_out else None
+    record: dict[str, Any] = result.to_dict()
+    record["calibration_file"] = str(written) if written else None
+    if json_output:
+        print_json(record)
+    else:
+        _render(result, written)

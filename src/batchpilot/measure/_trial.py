@@ -1,0 +1,273 @@
+"""One probe trial: real training steps of the real model at one micro-batch size, OOM-safe.
+
+This module runs *inside* the trial process (CPU) or the probing process itself (CUDA); the parent
+side — process management, timeouts, interrupts — is :mod:`batchpilot.measure.probe`. It imports
+torch and transformers at module level on purpose: the probe's fork server preloads it, so each
+trial process starts with both already imported (≈ 4.5 s saved per trial on a 2-core machine).
+
+A trial: build the model from its Hugging Face config (seeded), the optimizer, random tokens of
+shape ``micro_batch × seq_len``; run ``warmup_steps`` full steps (forward, backward, optimizer step
+— the first one creates the optimizer state, so it is counted) and then ``timed_steps`` timed ones.
+
+CPU memory limit (FACTS.md, "CPU out-of-memory is real and catchable"): after the model and the
+optimizer are built and the thread pool has started, the process measures its address-space size
+(``VmSize``) as the baseline and sets ``RLIMIT_AS = baseline + budget``. glibc's mmap threshold is
+fixed at 128 KiB with ``mallopt(M_MMAP_THRESHOLD)`` — the same effect as
+``MALLOC_MMAP_THRESHOLD_=131072`` — so every tensor buffer is its own mapping and is returned on free.
+The allocator then genuinely fails (``RuntimeError: … DefaultCPUAllocator: can't allocate memory``),
+the trial reports "does not fit", and the process exits. Peak memory is the growth of the address
+space over the baseline (``VmPeak − baseline``): exactly the quantity the limit constrains.
+
+CUDA: the budget caps the caching allocator (``torch.cuda.set_per_process_memory_fraction``);
+``torch.OutOfMemoryError`` is caught, everything is freed, and the peak is
+``torch.cuda.max_memory_reserved()``. Under ``torch.distributed`` every rank runs the same trial and
+the outcome is the all-reduce (MAX) of the failure flag, so all ranks agree and none hangs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import transformers
+
+M_MMAP_THRESHOLD = -3
+"""glibc ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h)."""
+MMAP_THRESHOLD_BYTES = 131072
+"""128 KiB, the value of ``MALLOC_MMAP_THRESHOLD_`` in FACTS.md's recipe."""
+
+_OOM_MESSAGES = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "out of memory")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrialSpec:
+    """Everything a trial process needs (plain values: it crosses a process boundary)."""
+
+    hf_config: dict[str, Any]
+    """The model's Hugging Face config (``transformers.AutoConfig.for_model(**hf_config)``)."""
+    seq_len: int
+    """Tokens per sequence: the worst case of the data."""
+    micro_batch: int
+    device: str
+    """``cpu`` or ``cuda`` (``cuda:N`` under torchrun is chosen from ``LOCAL_RANK``)."""
+    budget_bytes: int
+    """CPU: address space allowed above the baseline. CUDA: the caching allocator's cap."""
+    precision: str = "fp32"
+    recompute: str = "none"
+    attention: str = "flash"
+    optimizer: str = "adamw"
+    warmup_steps: int = 2
+    timed_steps: int = 2
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrialReport:
+    """What one trial measured."""
+
+    micro_batch: int
+    fits: bool
+    peak_bytes: int | None
+    """CPU: address-space growth over the baseline; CUDA: peak reserved by the caching allocator."""
+    tokens_per_s: float | None
+    """``micro_batch × seq_len`` over the fastest timed step (the least disturbed by other load)."""
+    step_seconds: float | None
+    """The fastest timed step."""
+    baseline_bytes: int | None = None
+    """CPU: the address-space size the limit was set above."""
+    error: str | None = None
+    """The allocator's message (first line) when the trial did not fit."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """An allocator failure (CPU under RLIMIT_AS, or CUDA), as opposed to any other error."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def set_mmap_threshold() -> None:
+    """``mallopt(M_MMAP_THRESHOLD, 128 KiB)`` in this process (glibc only; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def build(spec: TrialSpec, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model from its config (seeded), its recomputation setting and its optimizer."""
+    torch.manual_seed(spec.seed)
+    config = transformers.AutoConfig.for_model(**spec.hf_config)
+    attn = "eager" if spec.attention == "eager" else "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    model.to(device)
+    if spec.recompute == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt: torch.optim.Optimizer
+    if spec.optimizer == "sgd-momentum":
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, opt
+
+
+def _autocast(spec: TrialSpec, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if spec.precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def train_steps(spec: TrialSpec, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                device: torch.device) -> list[float]:
+    """Warm-up steps then timed steps; returns the timed steps' seconds."""
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    vocab = int(spec.hf_config["vocab_size"])
+    tokens = torch.randint(0, vocab, (spec.micro_batch, spec.seq_len), generator=gen).to(device)
+    times = []
+    for i in range(spec.warmup_steps + spec.timed_steps):
+        _sync(device)
+        start = time.perf_counter()
+        with _autocast(spec, device):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del loss
+        _sync(device)
+        if i >= spec.warmup_steps:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _report(spec: TrialSpec, times: list[float], peak: int | None, baseline: int | None) -> TrialReport:
+    best = min(times) if times else None
+    tps = spec.micro_batch * spec.seq_len / best if best else None
+    return TrialReport(micro_batch=spec.micro_batch, fits=True, peak_bytes=peak, tokens_per_s=tps,
+                       step_seconds=best, baseline_bytes=baseline)
+
+
+def _failed(spec: TrialSpec, exc: BaseException, baseline: int | None) -> TrialReport:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return TrialReport(micro_batch=spec.micro_batch, fits=False, peak_bytes=None, tokens_per_s=None,
+                       step_seconds=None, baseline_bytes=baseline, error=first)
+
+
+def run_cpu_trial(spec: TrialSpec, on_limit_set: Any = None) -> TrialReport:
+    """A CPU trial in *this* process: it sets this process's RLIMIT_AS, so run it in a throwaway one."""
+    set_mmap_threshold()
+    device = torch.device("cpu")
+    model, opt = build(spec, device)
+    torch.ones(256, 256) @ torch.ones(256, 256)  # start the intra-op thread pool before the limit
+    baseline = _proc_status_bytes("VmSize")
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = baseline + spec.budget_bytes
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    if on_limit_set is not None:
+        on_limit_set(baseline)
+    try:
+        times = train_steps(spec, model, opt, device)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_oom(exc):
+            raise
+        del model, opt
+        gc.collect()
+        return _failed(spec, exc, baseline)
+    peak = max(0, _proc_status_bytes("VmPeak") - baseline)
+    return _report(spec, times, peak, baseline)
+
+
+def matmul_flops_per_s(precision: str = "fp32", size: int = 1024, repeats: int = 5) -> float:
+    """This CPU's dense matmul rate: ``2·n³`` FLOPs per ``n×n`` product, fastest of ``repeats``.
+
+    The CPU's stand-in for a datasheet peak (CPUs are not in the accelerator catalog); efficiencies in a
+    CPU calibration are relative to it.
+    """
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+@contextlib.contextmanager
+def _cuda_budget(device: torch.device, budget_bytes: int) -> Iterator[None]:
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def agree_across_ranks(failed: bool, peak_bytes: int, tokens_per_s: float,
+                       device: torch.device) -> tuple[bool, int, float]:
+    """All ranks' common verdict, one all-reduce (MAX) of ``[failed, peak, −tokens/s]``: failed on any
+    rank means failed on all, the peak is the largest, tokens/s the slowest rank's. Without
+    ``torch.distributed`` initialised, the inputs unchanged."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return failed, peak_bytes, tokens_per_s
+    values = torch.tensor([1.0 if failed else 0.0, float(peak_bytes), -tokens_per_s],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return bool(values[0].item()), int(values[1].item()), -float(values[2].item())
+
+
+def run_cuda_trial(spec: TrialSpec) -> TrialReport:
+    """A CUDA trial in this process: OOM is caught, memory freed, all ranks agree on the outcome."""
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    message: str | None = None
+    times: list[float] = []
+    with _cuda_budget(device, spec.budget_bytes):
+        try:
+            model, opt = build(spec, device)
+            times = train_steps(spec, model, opt, device)
+            del model, opt
+        except (RuntimeError, MemoryError) as exc:
+            if not is_oom(exc):
+                raise
+            message = (str(exc).strip().splitlines() or ["out of memory"])[0][:300]
+        # the exception (and the frames holding the step's tensors) is gone here: free the cache
+        gc.collect()
+        torch.cuda.empty_cache()
+    ok = _report(spec, times, int(torch.cuda.max_memory_reserved(device)), None)
+    failed, peak, tps = agree_across_ranks(message is not None, ok.peak_bytes or 0, ok.tokens_per_s or 0.0, device)
+    if failed:
+        return _failed(spec, RuntimeError(message or "out of memory on another rank"), None)
+    return TrialReport(micro_batch=spec.micro_batch, fits=True, peak_bytes=peak, tokens_per_s=tps,
+                       step_seconds=ok.step_seconds)

@@ -1,0 +1,184 @@
+"""The probe around the search: injected runners (exact trials, knee, JSON), then real CPU trials.
+
+Fake-runner numbers are derived by hand in the comments. The real tests run the tiny preset under a
+small budget and check what must hold whatever the machine: the reported maximum fitted under the
+limit, the size above it really failed with the allocator's error, and the calibration file loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from batchpilot.errors import BatchpilotError, InfeasibleError
+from batchpilot.estimate.calibration import load_calibration
+from batchpilot.measure.probe import (
+    Prediction,
+    ProbeError,
+    ProbeRequest,
+    ProbeTrial,
+    _to_trial,
+    calibration_from_probe,
+    find_knee,
+    knee_ladder,
+    run_probe,
+    worst_case_seq_len,
+)
+from batchpilot.specs.model import load_model
+from batchpilot.specs.settings import RunSettings
+
+MIB = 2**20
+SEQ = 64
+
+
+def _step_seconds(b: int) -> float:
+    """A CPU-like step time: fixed cost, linear work, and a quadratic penalty (cache pressure)."""
+    return 0.1 + 0.02 * b + 0.002 * b * b
+
+
+class FakeRunner:
+    """peak(b) = 20 MiB + 50 MiB·b; fits under 1024 MiB up to L = 20; tokens/s = b·64 / step_seconds(b)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, micro_batch: int) -> ProbeTrial:
+        self.calls.append(micro_batch)
+        peak = 20 * MIB + 50 * MIB * micro_batch
+        fits = peak <= 1024 * MIB
+        return ProbeTrial(micro_batch=micro_batch, fits=fits, peak_bytes=peak if fits else None,
+                          tokens_per_s=micro_batch * SEQ / _step_seconds(micro_batch) if fits else None,
+                          seconds=1.0)
+
+
+def _request(**kw: object) -> ProbeRequest:
+    base: dict[str, object] = dict(model=load_model("tiny-llama-1m"), settings=RunSettings(precision="fp32"),
+                                   seq_len=SEQ, device="cpu", budget_bytes=1024 * MIB)
+    base.update(kw)
+    return ProbeRequest(**base)  # type: ignore[arg-type]
+
+
+def test_exact_prediction_two_search_trials_then_the_knee_ladder() -> None:
+    runner = FakeRunner()
+    result = run_probe(_request(), runner=runner,
+                       predictor=lambda r: Prediction(max_micro_batch=20, bytes_per_sequence=50 * MIB))
+    # search: 20 fits, line says 20, confirm 21 fails; knee ladder 20 → 10, 5, 2, 1.
+    assert runner.calls == [20, 21, 10, 5, 2, 1]
+    assert result.max_micro_batch == 20 and result.search_trials == 2
+    assert [t.phase for t in result.trials] == ["search"] * 2 + ["knee"] * 4
+    # tokens/s = 64b/(0.1 + 0.02b + 0.002b²): b=5 → 320/0.25 = 1280, b=10 → 640/0.5 = 1280,
+    # b=20 → 1280/1.3 = 984.6, b=2 → 864.9, b=1 → 524.6. Best 1280; smallest within 3 %: 5.
+    assert result.knee_micro_batch == 5
+
+
+def test_prediction_twice_too_high_and_an_int_predictor() -> None:
+    runner = FakeRunner()
+    result = run_probe(_request(knee=False), runner=runner, predictor=lambda r: 40)
+    # 40 fails; halve → 20 fits at 1020 MiB; origin line 20·1024/1020 = 20.08 → 20 ≤ lo → confirm 21 fails.
+    assert runner.calls == [40, 20, 21]
+    assert result.max_micro_batch == 20 and result.predicted_max_micro_batch == 40
+    assert result.knee_micro_batch == 20  # only one measured size
+
+
+def test_json_contract() -> None:
+    result = run_probe(_request(knee=False), runner=FakeRunner(), predictor=lambda r: 20)
+    record = json.loads(json.dumps(result.to_dict()))
+    for key in ("max_micro_batch", "knee_micro_batch", "predicted_max_micro_batch", "search_trials", "trials",
+                "device", "budget_bytes"):
+        assert key in record
+    assert set(record["trials"][0]) >= {"micro_batch", "fits", "peak_bytes", "tokens_per_s", "seconds"}
+    assert record["budget_bytes"] == 1024 * MIB and record["device"] == "cpu"
+
+
+def test_nothing_fits_is_a_one_line_infeasible_error() -> None:
+    def never(b: int) -> ProbeTrial:
+        return ProbeTrial(micro_batch=b, fits=False, peak_bytes=None, tokens_per_s=None, seconds=0.1,
+                          error="DefaultCPUAllocator: can't allocate memory")
+
+    with pytest.raises(InfeasibleError, match=r"not even micro-batch 1 .* --memory-budget") as info:
+        run_probe(_request(), runner=never, predictor=lambda r: 4)
+    assert "\n" not in str(info.value)
+
+
+def test_find_knee_and_ladder() -> None:
+    def t(b: int, tps: float | None, fits: bool = True) -> ProbeTrial:
+        return ProbeTrial(micro_batch=b, fits=fits, peak_bytes=1, tokens_per_s=tps, seconds=1.0)
+
+    assert find_knee([t(1, 100.0), t(2, 196.0), t(4, 200.0), t(8, 150.0)]) == 2  # 196 ≥ 0.97·200 = 194
+    assert find_knee([t(1, 100.0), t(2, 193.0), t(4, 200.0)]) == 4  # 193 < 194
+    assert find_knee([t(3, None, fits=False)]) == 0
+    assert knee_ladder(20, {20, 10}) == [5, 2, 1]
+    assert knee_ladder(1, {1}) == []
+
+
+def test_worst_case_seq_len() -> None:
+    assert worst_case_seq_len([100, 900, 300]) == 900
+    assert worst_case_seq_len([100, 900, 300], cap=512) == 512
+    with pytest.raises(BatchpilotError):
+        worst_case_seq_len([])
+
+
+@pytest.mark.parametrize(("settings", "match"), [
+    (RunSettings(precision="fp8"), "--precision fp8"),
+    (RunSettings(recompute="selective"), "--recompute selective"),
+    (RunSettings(tp=2), "one device"),
+])
+def test_unsupported_settings_are_refused(settings: RunSettings, match: str) -> None:
+    with pytest.raises(ProbeError, match=match):
+        _request(settings=settings)
+
+
+def test_trial_process_outcomes() -> None:
+    died_under_limit = _to_trial(7, [("limit", 123)], -9, 2.0)
+    assert not died_under_limit.fits and "died under the memory limit" in (died_under_limit.error or "")
+    with pytest.raises(ProbeError, match="before its memory limit"):
+        _to_trial(7, [], 1, 2.0)
+    with pytest.raises(ProbeError, match="ValueError: boom"):
+        _to_trial(7, [("limit", 1), ("error", "ValueError: boom")], 0, 2.0)
+
+
+def test_calibration_efficiency_is_tokens_times_flops_over_peak(tmp_path) -> None:
+    request = _request(knee=False)
+    result = run_probe(request, runner=FakeRunner(), predictor=lambda r: 20)
+    peak = 1e12
+    cal = calibration_from_probe(result, request, peak_flops_per_s=peak, accelerator="cpu",
+                                 analytic_bytes=lambda b: 50 * MIB * b)
+    flops = request.model.flops_per_token(SEQ)
+    # the one fitted size, 20: tokens/s = 1280/1.3; memory gap = (20 + 50·20) − 50·20 MiB = 20 MiB
+    (point,) = cal.points
+    assert point.tokens_per_micro_batch == 20 * SEQ
+    assert math.isclose(point.efficiency, (1280 / 1.3) * flops / peak)
+    assert cal.memory_overhead_bytes == 20 * MIB
+
+
+# ------------------------------------------------------------------------------------------ real CPU
+def test_real_cpu_probe_of_the_tiny_preset(cli_runner, tmp_path) -> None:
+    """Real trials: tiny-llama-1m, seq 64, 48 MiB above the baseline (≈ 10 s on 2 cores)."""
+    from batchpilot.cli import app
+
+    cal_path = tmp_path / "cal.json"
+    res = cli_runner.invoke(app, ["probe", "--model", "tiny-llama-1m", "--seq-len", "64", "--memory-budget",
+                                  "48MiB", "--device", "cpu", "--precision", "fp32", "--attention", "eager",
+                                  "--no-knee", "--calibration-out", str(cal_path), "--json"])
+    assert res.exit_code == 0, res.output
+    record = json.loads(res.stdout)
+    best = record["max_micro_batch"]
+    by_size = {t["micro_batch"]: t for t in record["trials"]}
+    assert best >= 1 and by_size[best]["fits"]
+    assert 0 < by_size[best]["peak_bytes"] <= 48 * MIB  # the peak is what the limit constrained
+    assert by_size[best]["tokens_per_s"] > 0
+    assert not by_size[best + 1]["fits"]  # the search always establishes the failing neighbour
+    assert "can't allocate memory" in by_size[best + 1]["error"] or "died under" in by_size[best + 1]["error"]
+    assert record["search_trials"] == len(record["trials"]) <= 4
+    cal = load_calibration(cal_path)
+    assert cal.accelerator == "cpu" and cal.points and cal.memory_overhead_bytes is not None
+
+
+def test_bad_budget_is_a_one_line_error(cli_runner) -> None:
+    from batchpilot.cli import app
+
+    res = cli_runner.invoke(app, ["probe", "--model", "tiny-llama-1m", "--memory-budget", "lots", "--device", "cpu"])
+    assert res.exit_code == 2
+    assert "--memory-budget" in res.stderr and len(res.stderr.strip().splitlines()) == 1
