@@ -54,6 +54,10 @@ class DistEnv:
         return self.world_size > 1
 
 
+CPU_ENV_FOR_TESTS = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+"""A single CPU process, for building a Trainer without a launcher."""
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return default if value in (None, "") else int(value)

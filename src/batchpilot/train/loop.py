@@ -103,6 +103,7 @@ class Trainer:
         self.config, self.env, self.hooks, self.on_record = config, env, list(hooks), on_record
         self.plan: StaticPlan = check_static(config, env.world_size)
         self.schedule: BatchSchedule = self.plan.schedule
+        self.hooks += getattr(self.schedule, "required_hooks", list)()  # e.g. the adaptive schedule's noise hook
         self.out = Path(config.run.out)
         self._set_threads()
         self._load_data()

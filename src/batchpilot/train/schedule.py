@@ -225,6 +225,10 @@ def _batch_value(value: str, in_tokens: bool, seq_len_tokens: int) -> int:
 def parse_batch_schedule(text: str, *, global_batch_sequences: int, seq_len_tokens: int) -> BatchSchedule:
     """Parse ``--batch-schedule`` (see the module docstring); ``global_batch_sequences`` is the final batch."""
     kind, _, body = text.strip().partition(":")
+    if kind == "adaptive":  # the convergence issue's schedule (lazy import: it imports this module)
+        from batchpilot.train.adaptive import parse_adaptive
+
+        return parse_adaptive(body, global_batch_sequences=global_batch_sequences)
     if kind == "constant" and not body:
         return ConstantSchedule(global_batch_sequences=global_batch_sequences)
     if kind in ("ramp", "ramp-tokens"):
