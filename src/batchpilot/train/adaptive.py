@@ -66,15 +66,18 @@ class NoiseScaleHook(BaseHook):
         """Wall time of this step's measurement outside backward (the tensor hooks' share is inside backward)."""
 
     def on_micro_step(self, model: nn.Module, info: MicroStepInfo) -> None:
-        if self._meter is None:  # attach on first use; the micro-step just run was not seen: skip its step
-            self._meter = MicroGradNorms(model.parameters())
-            self._valid = False
-            return
         start = time.perf_counter()
-        if info.micro_index == 0:
-            self._valid, self._stats = True, [0.0, 0.0, 0.0]
         # × N_global/(world·loss_scale) → ∇ of the micro-batch loss sum; ÷ its targets → its token-mean gradient
-        value = self._meter.pop(info.grad_to_sum_factor / max(1, info.micro_target_tokens))
+        scale = info.grad_to_sum_factor / max(1, info.micro_target_tokens)
+        if self._meter is None:  # attach on first use (also after a resume): this backward ran unseen, but on
+            self._meter = MicroGradNorms(model.parameters())  # micro-step 0 p.grad is its gradient alone
+            self._valid = info.micro_index == 0 and not info.grads_synced
+            self._stats = [0.0, 0.0, 0.0]
+            value = grads_sq_norm(model.parameters()) * scale * scale if self._valid else 0.0
+        else:
+            if info.micro_index == 0:
+                self._valid, self._stats = True, [0.0, 0.0, 0.0]
+            value = self._meter.pop(scale)
         if self._valid and info.micro_target_tokens > 0:
             self._stats[0] += value
             self._stats[1] += 1.0 / info.micro_target_tokens

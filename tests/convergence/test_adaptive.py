@@ -1,0 +1,99 @@
+"""The adaptive batch schedule: decision rule, parsing, and its run inside the real training loop."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+
+from batchpilot.measure.noise import NoiseEstimate
+from batchpilot.train.adaptive import AdaptiveBatchSchedule, AdaptiveSettings, parse_adaptive
+from batchpilot.train.config import TrainConfig
+from batchpilot.train.data import stdlib_root
+from batchpilot.train.metrics import read_metrics
+from batchpilot.train.runner import run
+from batchpilot.train.schedule import Progress, ScheduleError, parse_batch_schedule
+
+
+def _estimate(b_simple: float, band_ratio: float) -> NoiseEstimate:
+    half = math.sqrt(band_ratio)
+    return NoiseEstimate(steps=50, effective_steps=30.0, grad_sq_norm=1.0, trace_cov=b_simple,
+                         tokens_per_sequence=32.0, b_simple_sequences=b_simple,
+                         band_sequences=(b_simple / half, b_simple * half), confident=band_ratio <= 3.0)
+
+
+def _schedule(**kw: object) -> AdaptiveBatchSchedule:
+    settings = AdaptiveSettings(**{"min_sequences": 8, "max_sequences": 64, "cooldown_steps": 0, **kw})  # type: ignore[arg-type]
+    schedule = AdaptiveBatchSchedule(settings)
+    schedule.global_batch(Progress(step=0, sequences_seen=0, tokens_seen=0, batch_multiple_sequences=4))
+    return schedule
+
+
+def test_grows_at_most_2x_per_change_and_never_shrinks() -> None:
+    s = _schedule()
+    assert s.decide(0, _estimate(100.0, 2.0)) == "grow:8->16"
+    assert s.decide(1, _estimate(100.0, 2.0)) == "grow:16->32"
+    assert s.decide(2, _estimate(5.0, 2.0)).startswith("hold") and s.current == 32  # never shrinks
+    assert s.decide(3, _estimate(100.0, 2.0)) == "grow:32->64"
+    assert s.decide(4, _estimate(1000.0, 2.0)) == "hold:at-max" and s.current == 64
+
+
+def test_holds_when_not_confident_or_in_cooldown_and_rounds_to_micro_times_dp() -> None:
+    s = _schedule(cooldown_steps=5)
+    assert s.decide(0, None) == "hold:no-estimate"
+    assert s.decide(1, _estimate(100.0, 10.0)).startswith("hold:band-ratio")
+    assert s.decide(2, _estimate(100.0, 2.0)) == "hold:cooldown"  # 3 steps since the start < 5
+    assert s.decide(4, _estimate(14.9, 2.0)) == "grow:8->12"  # 14.9 → 12 = 3 × (micro × dp = 4)
+    assert s.decide(6, _estimate(100.0, 2.0)) == "hold:cooldown"
+    assert s.decide(9, _estimate(100.0, 2.0)) == "grow:12->24"
+
+
+def test_state_round_trip_and_mismatch() -> None:
+    s = _schedule()
+    s.decide(0, _estimate(100.0, 2.0))
+    t = _schedule()
+    t.load_state_dict(s.state_dict())
+    assert t.current == 16 and t.last_change_step == 1
+    with pytest.raises(ScheduleError, match="resume with the same"):
+        _schedule(max_sequences=128).load_state_dict(s.state_dict())
+
+
+def test_parse_defaults_and_errors() -> None:
+    s = parse_batch_schedule("adaptive", global_batch_sequences=16, seq_len_tokens=128)
+    assert isinstance(s, AdaptiveBatchSchedule)
+    assert (s.settings.min_sequences, s.settings.max_sequences) == (16, 512)
+    s = parse_adaptive("min=8,max=1Ki,band=2.5,cooldown=0,ema=0.9,growth=1.5", global_batch_sequences=16)
+    assert s.settings == AdaptiveSettings(min_sequences=8, max_sequences=1024, max_band_ratio=2.5, cooldown_steps=0,
+                                          ema_decay=0.9, max_growth=1.5)
+    for bad in ("minimum=8", "min=64,max=8", "growth=1"):
+        with pytest.raises(ScheduleError):
+            parse_adaptive(bad, global_batch_sequences=16)
+
+
+def _config(out: Path) -> TrainConfig:
+    return TrainConfig().replace(
+        data={"data": str(stdlib_root() / "json"), "seq_len": 32, "val_fraction": 0.1},
+        batch={"global_batch_sequences": 4, "micro_batch_sequences": 2,
+               "batch_schedule": "adaptive:max=16,band=1e9,cooldown=2"},
+        optim={"warmup_steps": 2, "lr_scaling": "sqrt"},
+        run={"steps": 6, "out": str(out), "threads": 1, "val_rows": 4, "checkpoint_every": 3})
+
+
+def test_runs_in_the_loop_logs_decisions_and_resumes_exactly(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run(_config(out))
+    full = read_metrics(out / "metrics.jsonl")
+    assert all("b_simple" in r and "batch_decision" in r for r in full)
+    assert all(r["b_simple"] > 0 for r in full[1:])  # step 1 attaches the hooks; measured from step 2
+    batches = [r["global_batch_sequences"] for r in full]
+    assert batches == sorted(batches) and all(b % 2 == 0 and 4 <= b <= 16 for b in batches)
+    for prev, rec in itertools.pairwise(full):  # each batch is the previous step's decision
+        assert rec["global_batch_sequences"] == prev["next_global_batch"]
+        assert rec["global_batch_sequences"] <= 2 * prev["global_batch_sequences"]
+    (out / "checkpoints" / "latest").write_text("step-00000003")
+    run(_config(out).replace(run={"resume": True}))
+    resumed = read_metrics(out / "metrics.jsonl")
+    keys = ("loss", "global_batch_sequences", "b_simple", "batch_decision", "lr")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
