@@ -35,16 +35,16 @@ def _assert_matches(preset: str, settings: RunSettings, micro_batch: int, seq_le
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("micro_batch", [1, 4])
+@pytest.mark.parametrize("micro_batch", [1, 2, 4])
 def test_tiny_1m_peak_matches_real_cpu_step(precision: str, micro_batch: int) -> None:
     _assert_matches("tiny-llama-1m", RunSettings(precision=precision), micro_batch, 128)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("micro_batch", [1, 2, 4])
+@pytest.mark.parametrize("micro_batch", [1, 4])
 def test_tiny_15m_peak_matches_real_cpu_step(precision: str, micro_batch: int) -> None:
-    _assert_matches("tiny-llama-15m", RunSettings(precision=precision), micro_batch, 256)
+    _assert_matches("tiny-llama-15m", RunSettings(precision=precision), micro_batch, 128)
 
 
 @pytest.mark.slow
@@ -56,9 +56,8 @@ def test_tiny_15m_peak_matches_real_cpu_step(precision: str, micro_batch: int) -
         RunSettings(precision="bf16", recompute="full"),
         RunSettings(precision="fp32", attention="eager", recompute="selective"),
         RunSettings(precision="fp32", optimizer="sgd-momentum"),
-        RunSettings(precision="fp32", optimizer="adafactor"),
     ],
-    ids=["eager", "fp16", "full-recompute", "selective-eager", "sgd", "adafactor"],
+    ids=["eager", "fp16", "full-recompute", "selective-eager", "sgd"],
 )
 def test_settings_variants_match_real_cpu_step(settings: RunSettings) -> None:
     _assert_matches("tiny-llama-1m", settings, 2, 128)
@@ -131,6 +130,7 @@ def test_cuda_target_adds_explicit_terms_and_rounds_blocks() -> None:
     [
         ({"precision": "fp8"}, "fp8"),
         ({"optimizer": "adamw-8bit"}, "adamw-8bit"),
+        ({"optimizer": "adafactor"}, "adafactor"),
         ({"engine": "deepspeed"}, "--engine"),
         ({"zero_stage": 3, "engine": "fsdp2"}, "--zero"),
         ({"tp": 2}, "--tp"),

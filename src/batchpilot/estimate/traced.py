@@ -31,8 +31,9 @@ Settings are mapped onto the real module, never approximated:
 - ``attention``: ``eager`` → ``attn_implementation="eager"`` (the s×s scores are materialised),
   ``flash`` → ``"sdpa"`` (on CPU ``_scaled_dot_product_flash_attention_for_cpu``, which keeps only the
   output and the fp32 log-sum-exp, as FlashAttention does on CUDA).
-- ``optimizer``: ``adamw`` → ``torch.optim.AdamW``, ``sgd-momentum`` → ``torch.optim.SGD(momentum=0.9)``,
-  ``adafactor`` → ``torch.optim.Adafactor``; ``adamw-8bit`` (bitsandbytes CUDA kernels) is an error.
+- ``optimizer``: ``adamw`` → ``torch.optim.AdamW``, ``sgd-momentum`` → ``torch.optim.SGD(momentum=0.9)``.
+  ``adamw-8bit`` (bitsandbytes CUDA kernels) and ``adafactor`` (``torch.optim.Adafactor`` reads norms
+  with ``.item()``, which fake tensors do not have) are errors that point at ``--method analytic``.
   ``foreach`` follows torch's own default for the target: off on CPU, on for CUDA (the multi-tensor
   path allocates whole-model temporaries during ``step()``, which the trace then contains).
 - Parallelism, ZeRO/FSDP sharding, offload and engines other than ``torch`` are not traced (one
@@ -186,6 +187,9 @@ def check_traceable(
     if settings.optimizer == "adamw-8bit":
         raise SpecError("--optimizer adamw-8bit cannot be traced (bitsandbytes 8-bit states are CUDA kernels); "
                         "use --method analytic or --optimizer adamw")
+    if settings.optimizer == "adafactor":
+        raise SpecError("--optimizer adafactor cannot be traced (torch's Adafactor step reads tensor values "
+                        "with .item(), which fake tensors do not have); use --method analytic")
     distributed = {"--engine": settings.engine != "torch", "--zero": settings.zero_stage != 0,
                    "--tp": settings.tp != 1, "--pp": settings.pp != 1, "--ep": settings.ep != 1,
                    "--sp": settings.sp, "--offload": settings.offload, "--hybrid-shard": settings.hybrid_shard}
@@ -277,9 +281,7 @@ def _make_optimizer(name: str, params: Iterator[Any], *, foreach: bool) -> Any:
         return torch.optim.AdamW(params, lr=_LEARNING_RATE, foreach=foreach)
     if name == "sgd-momentum":
         return torch.optim.SGD(params, lr=_LEARNING_RATE, momentum=_SGD_MOMENTUM, foreach=foreach)
-    if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=_LEARNING_RATE, foreach=foreach)
-    raise SpecError(f"--optimizer {name!r} cannot be traced; use adamw, sgd-momentum or adafactor")
+    raise SpecError(f"--optimizer {name!r} cannot be traced; use adamw or sgd-momentum, or --method analytic")
 
 
 def _enable_checkpointing(module: Any, recompute: str, seq_len: int) -> None:
@@ -334,15 +336,14 @@ def _track_memory(step: TrainingStep, target: str, terms: CudaTerms) -> tuple[Me
     from torch.distributed._tools import mem_tracker as mt_module
 
     with _block_rounding(mt_module, terms.block_bytes if target == "cuda" else 1):
-        tracker = mt_module.MemTracker()
+        tracker = _global_peak_tracker(mt_module)
         tracker.track_external(step.module, step.optimizer, step.input_ids)
-        maxima: dict[str, int] = {}
-        with tracker, _watch_maxima(tracker, maxima):
+        with tracker:
             step.run()
             tracker.reset_mod_stats()
             step.run()
         peak = tracker.get_tracker_snapshot("peak")
-    snapshot = next(iter(peak.values()), {})
+    snapshot: dict[Any, int] = next(iter(peak.values()), {})
     details: dict[str, int] = {}
     categories = dict.fromkeys(("weights", "gradients", "optimizer", "activations", "overhead"), 0)
     for reftype, nbytes in snapshot.items():
@@ -352,41 +353,54 @@ def _track_memory(step: TrainingStep, target: str, terms: CudaTerms) -> tuple[Me
             categories[category] += nbytes
             details[detail] = details.get(detail, 0) + nbytes
     if target == "cuda":
-        allocated = sum(categories.values())
-        fragmentation = round(allocated * terms.fragmentation_fraction)
-        for name, nbytes in (("overhead.cuda_context", terms.context_bytes),
-                             ("overhead.cublas_workspace", terms.cublas_workspace_bytes),
-                             ("overhead.nccl", terms.nccl_bytes),
-                             ("overhead.cuda_fragmentation_allowance", fragmentation)):
-            if nbytes:
-                categories["overhead"] += nbytes
-                details[name] = nbytes
+        _add_cuda_terms(categories, details, terms)
     memory = MemoryBreakdown(
         weights_bytes=categories["weights"], gradients_bytes=categories["gradients"],
         optimizer_bytes=categories["optimizer"], activations_bytes=categories["activations"],
         overhead_bytes=categories["overhead"], details=details,
     )
-    return memory, {_CATEGORY[k][1]: v for k, v in maxima.items() if k in _CATEGORY}
+    maxima = {_CATEGORY[k][1]: v for k, v in tracker.category_max_bytes.items() if k in _CATEGORY}
+    return memory, maxima
 
 
-@contextlib.contextmanager
-def _watch_maxima(tracker: Any, maxima: dict[str, int]) -> Iterator[None]:
-    """Record each reference type's largest value, sampled whenever MemTracker updates its peak stats."""
-    original = tracker._update_peak_stats
+def _add_cuda_terms(categories: dict[str, int], details: dict[str, int], terms: CudaTerms) -> None:
+    """Add :class:`CudaTerms` to ``overhead`` (the fragmentation allowance is a fraction of the traced peak)."""
+    fragmentation = round(sum(categories.values()) * terms.fragmentation_fraction)
+    for name, nbytes in (("overhead.cuda_context", terms.context_bytes),
+                         ("overhead.cublas_workspace", terms.cublas_workspace_bytes),
+                         ("overhead.nccl", terms.nccl_bytes),
+                         ("overhead.cuda_fragmentation_allowance", fragmentation)):
+        if nbytes:
+            categories["overhead"] += nbytes
+            details[name] = nbytes
 
-    def update(peak_state: Any) -> None:
-        original(peak_state)
-        for snap in tracker._curr_mem_snap.values():
-            for reftype, nbytes in snap.items():
-                key = getattr(reftype, "value", reftype)
-                if nbytes > maxima.get(key, 0):
-                    maxima[key] = nbytes
 
-    tracker._update_peak_stats = update
-    try:
-        yield
-    finally:
-        tracker._update_peak_stats = original
+def _global_peak_tracker(mt_module: Any) -> Any:
+    """A MemTracker that keeps only the process-wide peak and each reference type's maximum.
+
+    MemTracker's own ``_update_peak_stats`` also refreshes the peak of every active module, walking all
+    tracked modules after every op: O(ops × modules), minutes for a 7B model. The process-wide peak
+    snapshot is computed the same way as there.
+    """
+    total_key = mt_module._TOTAL_KEY
+
+    class _GlobalPeakTracker(mt_module.MemTracker):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.category_max_bytes: dict[str, int] = {}
+
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            maxima = self.category_max_bytes
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[total_key]:
+                    self._peak_mem[dev] = snap[total_key]
+                    self._peak_mem_snap[dev] = dict(snap)
+                for reftype, nbytes in snap.items():
+                    key = getattr(reftype, "value", reftype)
+                    if nbytes > maxima.get(key, 0):
+                        maxima[key] = nbytes
+
+    return _GlobalPeakTracker()
 
 
 @contextlib.contextmanager
