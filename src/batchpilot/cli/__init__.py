@@ -10,6 +10,7 @@ import typer
 
 from batchpilot import __version__
 from batchpilot.cli import hardware, known, model, report
+from batchpilot.cli import noise as noise_cli
 from batchpilot.cli import probe as probe_cli
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app.add_typer(hardware.app, name="hardware")
 app.command("known")(known.known)
 app.command("report")(report.report)
 app.command("probe")(probe_cli.probe)
+app.command("noise")(noise_cli.noise)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,146 @@
+"""Measure the gradient noise scale B_simple on a real model and data over K training steps.
+
+Examples::
+
+    batchpilot noise --steps 20                                    # tiny-llama-1m on the stdlib, CPU
+    batchpilot noise --model tiny-llama-15m --seq-len 256 --micro-batch 4 --global-batch 32 --steps 40 --json
+    batchpilot noise --model ./my-checkpoint --data corpus.jsonl --train-tokens 2T
+
+It runs the real training loop (:func:`batchpilot.train.run`, single process) for K optimizer steps at a
+constant global batch from the given point of training — random init for a preset/config.json, or the
+weights of a local pretrained directory — with :class:`batchpilot.train.adaptive.NoiseScaleHook` measuring
+micro-batch vs global gradients each step. The K per-step estimates are averaged with equal weights
+(β = 1), so the result describes the K-step window; keep K small relative to training for "the current
+point". The report adds the steps/examples trade-off (McCandlish et al. 2018, Eq. 2.11) for a few
+batches around B_crit ≈ B_simple and the scaling-law priors (:mod:`batchpilot.plan.priors`).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchpilot.errors import BatchpilotError
+from batchpilot.measure.noise import NoiseEstimate, examples_factor, steps_factor
+from batchpilot.plan.priors import (
+    deepseek_batch_tokens,
+    deepseek_flops_per_token,
+    kaplan_critical_batch_tokens,
+)
+from batchpilot.specs.model import load_model
+
+CANDIDATE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+"""Batches shown in the trade-off table, as multiples of B_crit."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NoiseRunSettings:
+    """What ``batchpilot noise`` measures on."""
+
+    model: str = "tiny-llama-1m"
+    """Preset, config.json (random init) or local pretrained directory."""
+    data: str = "stdlib"
+    """Training data (see ``batchpilot train --data``)."""
+    tokenizer: str = "bytes"
+    """Tokenizer (see ``batchpilot train --tokenizer``)."""
+    seq_len: int = 256
+    """Tokens per sequence."""
+    micro_batch_sequences: int = 4
+    """Sequences per micro-batch: B_small."""
+    global_batch_sequences: int = 16
+    """Sequences per optimizer step: B_big (a multiple of the micro-batch, at least 2×)."""
+    steps: int = 20
+    """K: optimizer steps measured."""
+    seed: int = 0
+    """Model init and data order."""
+    lr: float = 1e-3
+    """Peak learning rate of the K steps (constant after a 2-step warmup)."""
+    train_tokens: float | None = None
+    """Planned training tokens D, for the DeepSeek prior (optional)."""
+    out: str | None = None
+    """Keep the run's metrics here (default: a temporary folder)."""
+    threads: int | None = None
+    """CPU threads."""
+
+    def __post_init__(self) -> None:
+        if self.global_batch_sequences < 2 * self.micro_batch_sequences:
+            raise BatchpilotError(
+                f"noise needs two batch sizes: global batch {self.global_batch_sequences} must be at least 2 × micro "
+                f"{self.micro_batch_sequences}; use --global-batch {2 * self.micro_batch_sequences} or more")
+        if self.steps < 2:
+            raise BatchpilotError(f"--steps {self.steps}: the band needs at least 2 steps; use --steps 20")
+
+
+def _train_config(settings: NoiseRunSettings, out: str) -> Any:
+    from batchpilot.train.config import TrainConfig
+
+    return TrainConfig().replace(
+        model={"model": settings.model},
+        data={"data": settings.data, "tokenizer": settings.tokenizer, "seq_len": settings.seq_len},
+        batch={"global_batch_sequences": settings.global_batch_sequences,
+               "micro_batch_sequences": settings.micro_batch_sequences, "batch_schedule": "constant"},
+        optim={"lr": settings.lr, "warmup_steps": 2, "decay": "constant"},
+        run={"steps": settings.steps, "out": out, "seed": settings.seed, "threads": settings.threads,
+             "val_every": 0, "val_rows": 8})
+
+
+def measure_noise(settings: NoiseRunSettings) -> dict[str, Any]:
+    """Run K steps and return the ``batchpilot noise --json`` record (see :func:`noise_report`)."""
+    from batchpilot.train.adaptive import NoiseScaleHook
+    from batchpilot.train.metrics import read_metrics
+    from batchpilot.train.runner import run
+
+    hook = NoiseScaleHook(ema_decay=1.0)
+    with tempfile.TemporaryDirectory(prefix="batchpilot-noise-") as tmp:
+        out = settings.out or tmp
+        summary = run(_train_config(settings, out), hooks=[hook])
+        records = read_metrics(Path(out) / "metrics.jsonl")
+    if hook.last is None:
+        raise BatchpilotError("no step was measured; use --steps 2 or more")
+    return noise_report(hook.last, settings=settings, records=records, summary=summary)
+
+
+def noise_report(estimate: NoiseEstimate, *, settings: NoiseRunSettings, records: list[dict[str, Any]],
+                 summary: dict[str, Any]) -> dict[str, Any]:
+    """The JSON record: estimate, band, trade-off table, priors, and the per-step trajectory."""
+    record = estimate.to_dict()
+    b_crit = estimate.b_simple_sequences
+    record.update(
+        model=settings.model, data=settings.data, seq_len=settings.seq_len,
+        micro_batch_sequences=settings.micro_batch_sequences, global_batch_sequences=settings.global_batch_sequences,
+        seed=settings.seed, b_crit_sequences=b_crit, b_crit_tokens=estimate.b_simple_tokens,
+        tradeoff=_tradeoff(b_crit, settings), priors=_priors(settings, records),
+        loss_first=records[0]["loss"] if records else None, loss_last=records[-1]["loss"] if records else None,
+        trajectory=[{"step": r["step"], "loss": r["loss"], "b_simple": r.get("b_simple")} for r in records],
+        noise_overhead_s=sum(r.get("noise_overhead_s", 0.0) for r in records), elapsed_s=summary.get("elapsed_s"))
+    return record
+
+
+def _tradeoff(b_crit: float, settings: NoiseRunSettings) -> list[dict[str, float]]:
+    """S/S_min = 1 + B_crit/B and E/E_min = 1 + B/B_crit (McCandlish et al. 2018, Eq. 2.11)."""
+    if not math.isfinite(b_crit) or b_crit <= 0:
+        return []
+    batches = sorted({max(1, round(b_crit * f)) for f in CANDIDATE_FACTORS} | {settings.global_batch_sequences})
+    return [{"batch_sequences": b, "batch_tokens": b * settings.seq_len, "steps_vs_min": steps_factor(b, b_crit),
+             "examples_vs_min": examples_factor(b, b_crit)} for b in batches]
+
+
+def _priors(settings: NoiseRunSettings, records: list[dict[str, Any]]) -> dict[str, Any]:
+    priors: dict[str, Any] = {}
+    if records:
+        loss = float(records[-1]["loss"])
+        priors["kaplan_b_crit_tokens"] = kaplan_critical_batch_tokens(loss)
+        priors["kaplan_note"] = (f"Kaplan et al. 2020 Eq. 5.1 at loss {loss:.3f} nats/token; fitted on WebText2 with "
+                                 "GPT-2 tokens, so only an order of magnitude for other tokenizers")
+    if settings.train_tokens:
+        try:
+            spec = load_model(settings.model)
+        except BatchpilotError:
+            return priors
+        m = deepseek_flops_per_token(num_layers=spec.num_layers, hidden_size=spec.hidden_size, seq_len=settings.seq_len)
+        priors["deepseek_b_opt_tokens"] = deepseek_batch_tokens(m * settings.train_tokens)
+        priors["deepseek_note"] = "DeepSeek LLM 2024 §3.1, B_opt = 0.2920·C^0.3271 with C = M·D"
+    return priors

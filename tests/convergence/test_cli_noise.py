@@ -1,0 +1,38 @@
+"""``batchpilot noise``: the --json contract and one-line errors."""
+
+from __future__ import annotations
+
+import math
+
+from typer.testing import CliRunner
+
+from batchpilot.cli import app
+from batchpilot.train.data import stdlib_root
+
+RUNNER = CliRunner()
+
+
+def test_noise_json_keys_and_values() -> None:
+    import json
+
+    args = ["noise", "--data", str(stdlib_root() / "json"), "--seq-len", "32", "--micro-batch", "2",
+            "--global-batch", "8", "--steps", "4", "--threads", "1", "--train-tokens", "1B", "--json"]
+    result = RUNNER.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    for key in ("b_simple_sequences", "b_simple_tokens", "band", "steps_measured", "tradeoff", "priors"):
+        assert key in record
+    assert record["steps_measured"] == 4 and len(record["trajectory"]) == 4
+    b = record["b_simple_sequences"]
+    lo, hi = record["band"]["sequences"]
+    assert b > 0 and (hi is None or lo <= b <= hi)
+    assert math.isclose(record["b_simple_tokens"], b * record["tokens_per_sequence"], rel_tol=1e-9)
+    assert "deepseek_b_opt_tokens" in record["priors"] and "kaplan_b_crit_tokens" in record["priors"]
+    for row in record["tradeoff"]:  # McCandlish Eq. 2.11 at B_crit = B_simple
+        assert math.isclose(row["steps_vs_min"], 1 + b / row["batch_sequences"], rel_tol=1e-9)
+
+
+def test_noise_rejects_one_batch_size() -> None:
+    result = RUNNER.invoke(app, ["noise", "--micro-batch", "4", "--global-batch", "4"])
+    assert result.exit_code == 2
+    assert "at least 2 × micro" in result.stderr and len(result.stderr.strip().splitlines()) == 1
