@@ -7,8 +7,14 @@ limit, the size above it really failed with the allocator's error, and the calib
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -182,3 +188,49 @@ def test_bad_budget_is_a_one_line_error(cli_runner) -> None:
     res = cli_runner.invoke(app, ["probe", "--model", "tiny-llama-1m", "--memory-budget", "lots", "--device", "cpu"])
     assert res.exit_code == 2
     assert "--memory-budget" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def _session_members(sid: int) -> list[tuple[int, int]]:
+    """(pid, pgid) of every live process in session ``sid`` (from /proc/PID/stat)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, pgid, session = fields[0], int(fields[2]), int(fields[3])
+        if session == sid and state != "Z":
+            members.append((int(entry), pgid))
+    return members
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_no_process_behind() -> None:
+    """Ctrl-C (SIGINT to the foreground process group) during a trial: exit 130, nothing left running."""
+    exe = os.path.join(os.path.dirname(sys.executable), "batchpilot")
+    proc = subprocess.Popen([exe, "probe", "--model", "tiny-llama-1m", "--seq-len", "512", "--memory-budget",
+                             "2GiB", "--device", "cpu", "--precision", "fp32", "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # a trial process: own process group inside the session
+            if any(pgid == pid != proc.pid for pid, pgid in _session_members(proc.pid)):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no trial process started within 120 s")
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        deadline = time.monotonic() + 15
+        while _session_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _session_members(proc.pid) == []
+    finally:
+        for pid, _ in _session_members(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
