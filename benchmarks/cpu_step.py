@@ -6,7 +6,8 @@ Example (CPU, a few seconds)::
 
 A ``transformers`` causal LM is built from the preset's config in fp32 (``sdpa`` or ``eager``
 attention), trained with ``torch.optim.AdamW(foreach=True)`` (the CUDA default, forced on CPU) and
-``zero_grad(set_to_none=True)``. The second of two iterations is measured: the torch profiler with
+``zero_grad(set_to_none=True)``; ``precision="bf16"`` runs the forward under CPU autocast (fp32
+parameters, bf16 matmuls), as ``engine="torch"`` mixed precision does on a GPU. The second of two iterations is measured: the torch profiler with
 ``profile_memory=True`` reports every allocation and free of the CPU allocator with its running
 ``total_allocated``, the allocator's own view (``numel × element size``), not the process RSS. Phases are
 marked with ``record_function``: ``baseline`` is the running total just before the second forward
@@ -58,7 +59,7 @@ def _flatten(roots: list[Any]) -> list[Any]:
 
 
 def measure_step(model: ModelSpec, *, micro_batch: int, seq_len: int, attention: str = "flash",
-                 seed: int = 0) -> StepMemory:
+                 precision: str = "fp32", seed: int = 0) -> StepMemory:
     """Build, train two iterations, and return the second iteration's phase-wise allocator peaks."""
     import torch
     import transformers
@@ -70,7 +71,8 @@ def measure_step(model: ModelSpec, *, micro_batch: int, seq_len: int, attention:
 
     def iteration(module: Any, optimizer: Any, ids: Any, mark: bool) -> None:
         with record_function("bp.fwd_bwd" if mark else "bp.warm"):
-            loss = module(input_ids=ids, labels=ids).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = module(input_ids=ids, labels=ids).loss
             loss.backward()
             del loss
         with record_function("bp.optimizer" if mark else "bp.warm_opt"):
@@ -113,4 +115,6 @@ def _phases(prof: Any) -> StepMemory:
 if __name__ == "__main__":
     name, b, s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     attention = sys.argv[4] if len(sys.argv) > 4 else "flash"
-    print(measure_step(load_model(name), micro_batch=b, seq_len=s, attention=attention).to_dict())
+    precision = sys.argv[5] if len(sys.argv) > 5 else "fp32"
+    print(measure_step(load_model(name), micro_batch=b, seq_len=s, attention=attention,
+                       precision=precision).to_dict())

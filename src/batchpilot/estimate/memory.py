@@ -37,7 +37,8 @@ and ``2·s·b·h`` with full recomputation (plus their 8-byte LayerNorm statisti
 paper ignores: < 0.01 %). Llama/MoE/MLA blocks are derived the same way from the ``transformers``
 implementations (listed tensor by tensor in :func:`_llama_attention` and friends): GQA-sized K/V under
 SDPA/flash, repeated K/V and an fp32 softmax under eager attention, four ``I``-sized SwiGLU tensors,
-RMSNorm's normalised input and output, the fp32 logits, their log-softmax and their gradient.
+RMSNorm's normalised input and output (one 16-bit cast per consuming matmul under autocast), the fp32
+log-softmax of the logits and two logits-sized gradients.
 Known error: checked against measured CPU peaks of real steps (tests/estimate/test_memory_crosscheck.py,
 within 10 %); kernels that fuse more (Megatron/TE fused norms, fused cross-entropy) save less.
 """
@@ -250,24 +251,37 @@ def _dtypes(settings: RunSettings) -> _Dtypes:
     return _Dtypes(act=act, resid=4 if autocast_fp32_stream else act)
 
 
-def _norm_terms(model: ModelSpec, d: _Dtypes, prefix: str) -> dict[str, float]:
-    """One pre-norm (bytes per token, before sequence-parallel division).
+def _norm_terms(model: ModelSpec, d: _Dtypes, prefix: str, consumers: int) -> dict[str, float]:
+    """One pre-norm feeding ``consumers`` matmuls (bytes per token, before sequence-parallel division).
 
-    LayerNorm saves its input (the residual stream, counted there) and mean/rstd (2 fp32); its output is
-    the next matmul's input (Korthikanti: "QKV input 2sbh"). HF ``LlamaRMSNorm`` computes
-    ``w * (x * rsqrt(mean(x²) + eps))``: it saves rsqrt (1 fp32), the normalised ``x·rsqrt`` (for ``w``'s
-    gradient) and its output (the matmul input).
+    LayerNorm saves its input (the residual stream, counted there) and mean/rstd (2 fp32). HF
+    ``LlamaRMSNorm`` computes ``w * (x * rsqrt(mean(x²) + eps))`` and saves rsqrt (1 fp32) and the
+    normalised ``x·rsqrt`` (for ``w``'s gradient). The output is saved by the matmuls it feeds: once when
+    it already has the matmul dtype; under autocast with an fp32 residual stream each consuming matmul
+    saves its *own* 16-bit cast (autocast caches casts of leaf weights only) — three for separate Q/K/V
+    projections, two for SwiGLU's gate and up.
     """
     h = model.hidden_size
-    terms = {f"{prefix}_out": float(h * d.resid)}
+    terms: dict[str, float] = {}
     if model.norm_kind == "layernorm":
         terms[f"{prefix}_stats"] = 8.0
     else:
         terms[f"{prefix}_normalized"] = float(h * d.resid)
         terms[f"{prefix}_rstd"] = 4.0
     if d.cast_copy:
-        terms[f"{prefix}_cast"] = float(h * d.cast_copy)
+        terms[f"{prefix}_out_casts"] = float(consumers * h * d.cast_copy)
+    else:
+        terms[f"{prefix}_out"] = float(h * d.act)
     return terms
+
+
+def _norm_consumers(model: ModelSpec) -> tuple[int, int]:
+    """Matmuls reading the attention norm's and the FFN norm's output (GPT-2: fused QKV, one fc)."""
+    if model.family == "gpt2":
+        return 1, 1
+    attention = 2 if model.family == "mla" else 3
+    ffn = 2 if model.mlp_kind == "swiglu" else 1
+    return attention, ffn
 
 
 def _core_attention(model: ModelSpec, settings: RunSettings, d: _Dtypes, seq_len: int, heads: int,
@@ -277,15 +291,14 @@ def _core_attention(model: ModelSpec, settings: RunSettings, d: _Dtypes, seq_len
     Eager (``attention="eager"``): the s×s probabilities are materialised. HF Llama-style code repeats
     K/V to all heads (``repeat_kv`` copies) and runs softmax in fp32 (then casts); Korthikanti's GPT block
     keeps 16-bit scores: softmax output 2as, dropout mask as, dropout output 2as (bytes per token).
-    Flash/SDPA: Q, K, V (GQA-sized: ``enable_gqa``), the output and the fp32 log-sum-exp per head; no s²
-    term. Selective recomputation (Korthikanti §4) drops the s² terms.
+    Flash/SDPA: Q, K, V (GQA-sized: ``enable_gqa``), the fp32 log-sum-exp per head and the output (in
+    ``(b, s, heads, d)`` layout, so it is also the output projection's saved input); no s² term. Selective recomputation (Korthikanti §4) drops the s² terms.
     """
     dqk, dv = model.head_dim_qk, model.head_dim_v
     terms: dict[str, float] = {"attn_q": float(heads * dqk * d.act)}
     if settings.attention == "flash":
         terms["attn_k"] = float(kv_heads * dqk * d.act)
         terms["attn_v"] = float(kv_heads * dv * d.act)
-        terms["attn_out"] = float(heads * dv * d.act)
         terms["attn_lse"] = float(heads * 4)
         return terms
     hf_style = model.family != "gpt2"
@@ -381,8 +394,9 @@ def activation_terms(model: ModelSpec, settings: RunSettings, *, seq_len: int, m
         return {"layer_input": h * d.resid / sp_div}
     dropout = _dropout(model)
     outside: dict[str, float] = {"layer_input": float(h * d.resid), "attn_residual": float(h * d.resid)}
-    outside.update(_norm_terms(model, d, "norm1"))
-    outside.update(_norm_terms(model, d, "norm2"))
+    attn_consumers, ffn_consumers = _norm_consumers(model)
+    outside.update(_norm_terms(model, d, "norm1", attn_consumers))
+    outside.update(_norm_terms(model, d, "norm2", ffn_consumers))
     if dropout:
         outside["attn_proj_dropout_mask"] = float(h)
         outside["mlp_dropout_mask"] = float(h)
@@ -399,20 +413,21 @@ def activation_terms(model: ModelSpec, settings: RunSettings, *, seq_len: int, m
 def logits_terms(model: ModelSpec, settings: RunSettings, *, tp: int | None = None) -> dict[str, float]:
     """Bytes per token of the output layer and loss on the last stage (vocabulary split over tp).
 
-    The final norm (as any norm), the logits in the activation dtype, an fp32 copy for the loss when they
-    are 16-bit (HF ``logits.float()``; Megatron's vocab-parallel cross-entropy upcasts too), the saved
-    log-softmax output (fp32) and, at the start of the backward pass, its gradient (fp32): the
-    "logits and their gradient" that dominate at 128k+ vocabularies.
+    The final norm (as any norm) and the unfused cross-entropy of PyTorch/HF (``logits.float()`` then
+    ``log_softmax`` + ``nll_loss``) at its peak, the start of the backward pass: the saved fp32
+    log-softmax output, ``nll_loss``'s V-wide gradient and ``log_softmax``'s gradient — 12 bytes per token
+    per vocabulary entry whatever the precision. The logits themselves (16-bit or fp32) are saved by
+    nothing and freed once the loss is computed. These are the "logits and their gradient" that dominate
+    at 128k+ vocabularies; fused/chunked cross-entropy kernels (Liger, Megatron's vocab-parallel loss)
+    keep less.
     """
     t = settings.tp if tp is None else tp
     d = _dtypes(settings)
     v = model.vocab_size / t
-    terms = {f"final_{k}": val for k, val in _norm_terms(model, d, "norm").items()}
-    terms["logits"] = v * d.act
-    if d.act != 4:
-        terms["logits_fp32"] = v * 4
+    terms = {f"final_{k}": val for k, val in _norm_terms(model, d, "norm", 1).items()}
     terms["loss_log_softmax"] = v * 4
-    terms["loss_grad"] = v * 4
+    terms["loss_nll_grad"] = v * 4
+    terms["loss_log_softmax_grad"] = v * 4
     return terms
 
 
@@ -580,7 +595,8 @@ def _stage_memory(model: ModelSpec, settings: RunSettings, lay: _Layout, overhea
     if lay.dp * lay.tp * lay.pp > 1:
         fixed += overhead.comm_buffer_bytes
     details = {f"activations_{k}": round(v) for k, v in acts.items()}
-    details.update(fwd_bwd_peak=round(fwd_bwd), optimizer_step_peak=round(opt_step),
+    details.update(resident_states=round(states.weights_bytes + states.optimizer_bytes),
+                   fwd_bwd_peak=round(fwd_bwd), optimizer_step_peak=round(opt_step),
                    activations_peak=round(activations), compute_weight_copies=round(states.compute_copies_bytes),
                    zero3_gather_buffer=round(gather), optimizer_step_transient=round(transient),
                    fixed_overhead=round(fixed))
