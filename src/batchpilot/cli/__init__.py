@@ -10,6 +10,7 @@ import typer
 
 from batchpilot import __version__
 from batchpilot.cli import hardware, known, model, report
+from batchpilot.cli import memory as memory_cli
 from batchpilot.cli import noise as noise_cli
 from batchpilot.cli import probe as probe_cli
 
@@ -26,6 +27,7 @@ app.command("known")(known.known)
 app.command("report")(report.report)
 app.command("probe")(probe_cli.probe)
 app.command("noise")(noise_cli.noise)
+app.command("memory")(memory_cli.memory)
 
 
 def _version(value: bool) -> None:
