@@ -117,8 +117,10 @@ def probe(
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda.")] = "auto",
     memory_budget: Annotated[str | None, typer.Option(
         "--memory-budget", help="e.g. 6GiB. Default: the device's memory (CPU: MemAvailable).")] = None,
-    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Full steps before timing (≥ 2).")] = 2,
-    timed_steps: Annotated[int, typer.Option("--timed-steps", help="Timed steps per trial.")] = 1,
+    warmup_steps: Annotated[int, typer.Option(
+        "--warmup-steps", help="Untimed full steps first (the first creates the optimizer state).")] = 1,
+    timed_steps: Annotated[int, typer.Option(
+        "--timed-steps", help="Timed full steps after them (warm-up + timed ≥ 2).")] = 1,
     knee: Annotated[bool, typer.Option("--knee/--no-knee", help="Measure the halving ladder for the knee.")] = True,
     trial_timeout: Annotated[str, typer.Option("--trial-timeout", help="Per-trial limit, e.g. 10m.")] = "30m",
     calibration_out: Annotated[Path | None, typer.Option(

@@ -7,7 +7,8 @@ trial process starts with both already imported (≈ 4.5 s saved per trial on a 
 
 A trial: build the model from its Hugging Face config (seeded), the optimizer, random tokens of
 shape ``micro_batch × seq_len``; run ``warmup_steps`` full steps (forward, backward, optimizer step
-— the first one creates the optimizer state, so it is counted) and then ``timed_steps`` timed ones.
+— the first one creates the optimizer state, so it is counted) and then ``timed_steps`` timed ones;
+at least 2 steps in all, so the peak step (optimizer state, gradients and activations together) ran.
 
 CPU memory limit (FACTS.md, "CPU out-of-memory is real and catchable"): after the model and the
 optimizer are built and the thread pool has started, the process measures its address-space size
@@ -64,8 +65,8 @@ class TrialSpec:
     recompute: str = "none"
     attention: str = "flash"
     optimizer: str = "adamw"
-    warmup_steps: int = 2
-    timed_steps: int = 2
+    warmup_steps: int = 1
+    timed_steps: int = 1
     seed: int = 0
 
 

@@ -100,9 +100,12 @@ class ProbeRequest:
     budget_bytes: int
     """CPU: memory allowed above the trial process's baseline (imports, model, optimizer object).
     CUDA: the caching allocator's cap (everything the step allocates, model included)."""
-    warmup_steps: int = 2
-    """Full steps before timing; the first creates the optimizer state, so it is inside the budget."""
+    warmup_steps: int = 1
+    """Untimed full steps first; the first step creates the optimizer state (inside the budget)."""
     timed_steps: int = 1
+    """Timed full steps after the warm-up. A size fits when all ``warmup + timed`` (≥ 2) steps ran, so the
+    last one — the step that holds optimizer state, gradients and activations at once — is included;
+    with the defaults that is the 2nd step, and it is the one timed."""
     knee: bool = True
     """Add the halving ladder below the maximum to locate the throughput knee."""
     trial_timeout_s: float = DEFAULT_TRIAL_TIMEOUT_S
@@ -114,9 +117,9 @@ class ProbeRequest:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BatchpilotError(f"probe {name} must be a positive integer, got {value!r}")
-        if self.warmup_steps < 2:
-            raise BatchpilotError(f"probe warmup_steps {self.warmup_steps} < 2: the optimizer state must "
-                                  "exist before a size counts as fitting; use 2 or more")
+        if self.warmup_steps + self.timed_steps < 2:
+            raise BatchpilotError(f"probe warmup {self.warmup_steps} + timed {self.timed_steps} steps < 2: a size "
+                                  "fits only after a step with optimizer state; use 2 or more steps in all")
         if self.seq_len > self.model.max_position_embeddings:
             raise BatchpilotError(
                 f"--seq-len {self.seq_len} exceeds {self.model.name}'s max_position_embeddings "
