@@ -35,7 +35,7 @@ def _assert_matches(preset: str, settings: RunSettings, micro_batch: int, seq_le
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("micro_batch", [1, 2, 4])
+@pytest.mark.parametrize("micro_batch", [1, 4])
 def test_tiny_1m_peak_matches_real_cpu_step(precision: str, micro_batch: int) -> None:
     _assert_matches("tiny-llama-1m", RunSettings(precision=precision), micro_batch, 128)
 
@@ -60,7 +60,7 @@ def test_tiny_15m_peak_matches_real_cpu_step(precision: str, micro_batch: int) -
     ids=["eager", "fp16", "full-recompute", "selective-eager", "sgd"],
 )
 def test_settings_variants_match_real_cpu_step(settings: RunSettings) -> None:
-    _assert_matches("tiny-llama-1m", settings, 2, 128)
+    _assert_matches("tiny-llama-1m", settings, 1, 128)
 
 
 def test_breakdown_categories_are_model_states_and_activations() -> None:
