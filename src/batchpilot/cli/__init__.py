@@ -12,6 +12,7 @@ from batchpilot import __version__
 from batchpilot.cli import hardware, known, model, report
 from batchpilot.cli import memory as memory_cli
 from batchpilot.cli import noise as noise_cli
+from batchpilot.cli import plan as plan_cli
 from batchpilot.cli import probe as probe_cli
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app.command("report")(report.report)
 app.command("probe")(probe_cli.probe)
 app.command("noise")(noise_cli.noise)
 app.command("memory")(memory_cli.memory)
+app.command("plan")(plan_cli.plan_command)
 
 
 def _version(value: bool) -> None:

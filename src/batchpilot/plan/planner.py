@@ -395,6 +395,11 @@ def _rank_key(p: Plan) -> tuple[float, float, int]:
 def plan(req: PlanRequest) -> PlanResult:
     """Search the configuration space of ``req``; raises :class:`InfeasibleError` (or a ``BatchError``)
     with the reason and what would help when nothing is feasible."""
+    return _plan(req, explain=True)
+
+
+def _plan(req: PlanRequest, *, explain: bool) -> PlanResult:
+    """:func:`plan`; ``explain=False`` skips the (re-planning) search for fixes when nothing fits."""
     _check_pins(req)
     target = target_sequences(req)
     search = _Search(req, target)
@@ -421,7 +426,7 @@ def plan(req: PlanRequest) -> PlanResult:
         plans.sort(key=_rank_key)
         del plans[req.top:]
     if not plans:
-        raise _infeasible(req, target, layouts, rejected)
+        raise _infeasible(req, target, layouts, rejected) if explain else InfeasibleError("nothing fits")
     rejected.sort(key=lambda r: (r.kind != "memory", r.need_bytes))
     result = PlanResult(request=req, target_sequences=target, plans=tuple(plans), rejected=tuple(rejected),
                         layouts=len(layouts), memory_evaluations=search.memory_evaluations, pruned=pruned,
@@ -529,7 +534,7 @@ def _suggestions(req: PlanRequest, target: float) -> str:
 
 def _try(req: PlanRequest) -> Plan | None:
     try:
-        return plan(req).plans[0]
+        return _plan(req, explain=False).plans[0]
     except BatchpilotError:
         return None
 

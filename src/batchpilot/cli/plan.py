@@ -1,0 +1,194 @@
+"""``batchpilot plan`` — the fastest feasible batch triad and parallel layout, ranked, with exports.
+
+Examples::
+
+    batchpilot plan --model llama-3-8b --gpu h100-sxm --gpus 64 --seq-len 8192 --global-batch-tokens 4Mi
+    batchpilot plan --model deepseek-v3 --gpu h800 --gpus 2048 --seq-len 4096 --like deepseek-v3 --engine megatron
+    batchpilot plan --model llama-3-70b --gpu h100-sxm --gpus 512 --seq-len 8192 --global-batch 512 \\
+        --engine deepspeed --tp 1 --pp 1 --export deepspeed --out ds_config.json
+    batchpilot plan --model tiny-llama-1m --gpu rtx-4090 --gpus 1 --seq-len 256 --global-batch 32 --json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.table import Table
+
+from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._settings import (
+    DEFAULTS,
+    AttentionOpt,
+    EngineOpt,
+    HybridShardOpt,
+    OffloadOpt,
+    OptimizerOpt,
+    PrecisionOpt,
+    SpOpt,
+)
+from batchpilot.errors import SpecError
+from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, load_calibration
+from batchpilot.plan.export import FORMATS, export_text
+from batchpilot.plan.planner import DEFAULT_HEADROOM, Pins, PlanRequest, PlanResult, plan
+from batchpilot.specs.hardware import ClusterSpec, load_accelerator
+from batchpilot.specs.model import load_model
+from batchpilot.specs.settings import RunSettings
+from batchpilot.units import GIB, format_count, parse_bytes, parse_count
+
+_PINS = "Pins (fix a choice; omitted = searched)"
+_TARGET = "Target global batch (exactly one)"
+
+DEFAULT_INTER_NODE_BANDWIDTH = "50GB"
+"""Per GPU, one direction: one 400 Gb/s InfiniBand/RoCE NIC per GPU (DGX H100 reference architecture:
+8 × ConnectX-7 400 Gb/s; DeepSeek-V3 §3.1 reports the same 50 GB/s IB per H800)."""
+
+
+def parse_fraction(text: str, flag: str) -> float:
+    """``10%`` or ``0.1`` → 0.1; one-line error otherwise."""
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise SpecError(f"{flag} {text!r} is not a fraction; use e.g. 10% or 0.1") from None
+    if not 0.0 <= value < 1.0:
+        raise SpecError(f"{flag} {text!r} must be in [0, 1) as a fraction or [0%, 100%) as a percentage, e.g. 10%")
+    return value
+
+
+def build_cluster(gpu: str, gpus: int, gpus_per_node: int | None, inter_node_bandwidth: str) -> ClusterSpec:
+    """The cluster the flags describe: ``gpus`` GPUs in nodes of ``gpus_per_node`` (default min(gpus, 8))."""
+    if isinstance(gpus, bool) or gpus < 1:
+        raise SpecError(f"--gpus {gpus!r} must be a positive integer")
+    per_node = min(gpus, 8) if gpus_per_node is None else gpus_per_node
+    if per_node < 1:
+        raise SpecError(f"--gpus-per-node {per_node!r} must be a positive integer")
+    if gpus % per_node:
+        raise SpecError(f"--gpus {gpus} is not a multiple of --gpus-per-node {per_node}; "
+                        f"use --gpus {gpus - gpus % per_node or per_node} or {gpus + per_node - gpus % per_node}")
+    nodes = gpus // per_node
+    bandwidth = float(parse_bytes(inter_node_bandwidth, "--inter-node-bandwidth")) if nodes > 1 else None
+    return ClusterSpec(accelerator=load_accelerator(gpu), devices_per_node=per_node, num_nodes=nodes,
+                       inter_node_bandwidth_bytes_per_s=bandwidth)
+
+
+def _target(global_batch_tokens: str | None, global_batch: str | None, like: str | None,
+            seq_len: int) -> tuple[int | None, int | None, str]:
+    given = [name for name, v in (("--global-batch-tokens", global_batch_tokens), ("--global-batch", global_batch),
+                                  ("--like", like)) if v is not None]
+    if len(given) != 1:
+        raise SpecError(f"give exactly one target global batch: --global-batch-tokens, --global-batch or --like "
+                        f"(got {', '.join(given) or 'none'})")
+    if global_batch_tokens is not None:
+        return None, parse_count(global_batch_tokens, "--global-batch-tokens"), ""
+    if global_batch is not None:
+        return parse_count(global_batch, "--global-batch"), None, ""
+    from batchpilot.plan.registry import target_global_batch
+
+    sequences, _tokens, entry = target_global_batch(str(like), seq_len)
+    return sequences, None, f"published batch of {entry.name} ({entry.source.title}, {entry.source.section})"
+
+
+def _rate(per_s: float) -> str:
+    return f"{per_s / 1e6:.2f}M" if per_s >= 1e6 else f"{per_s / 1e3:.0f}K"
+
+
+def _render(result: PlanResult, source: str) -> None:
+    r = result.request
+    c = r.cluster
+    target = result.target_sequences
+    console.print(
+        f"[bold]{r.model.name}[/] on {c.total_devices} × {c.accelerator.name} ({c.devices_per_node} per node), "
+        f"seq {r.seq_len}, target {target:.6g} sequences = {format_count(target * r.seq_len)} tokens"
+        + (f" — {source}" if source else "")
+    )
+    deviates = any(p.deviation for p in result.plans)
+    last = ("Δ batch", "MFU") if deviates else ("TFLOP/s", "MFU")  # keep the table within 80 columns
+    table = Table("m×acc×dp", "tp·pp·ep", "ZeRO", "recompute", "GiB", "step s", "tokens/s", *last,
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0),
+                  caption="ranked by tokens/s (whole job); GiB and TFLOP/s per GPU")
+    for p in result.plans:
+        t, s, st = p.triad, p.settings, p.step
+        extra = f"{p.deviation:+.2%}" if deviates else f"{st.tflops_per_gpu:.0f}"
+        table.add_row(f"{t.micro_batch_sequences}×{t.grad_accum_steps}×{t.data_parallel_ranks}",
+                      f"{s.tp}·{s.pp}·{s.ep}", str(s.zero_stage), s.recompute, f"{p.memory.total_bytes / GIB:.1f}",
+                      f"{st.step_time_s:.2f}", _rate(st.tokens_per_s), extra, f"{st.mfu:.1%}")
+    console.print(table)
+    console.print(f"[bold]winner[/]: {result.rationale}")
+    memory = sum(1 for x in result.rejected if x.kind == "memory")
+    batch = len(result.rejected) - memory
+    console.print(f"searched {result.layouts} layouts ({result.memory_evaluations} memory evaluations, "
+                  f"{result.pruned} pruned by throughput bound); rejected: {memory} do not fit, "
+                  f"{batch} cannot reach the batch; efficiency: {r.calibration.source}")
+
+
+@handle_errors
+def plan_command(
+    model: Annotated[str, typer.Option("--model", help="Preset name or path to a config.json.")],
+    gpu: Annotated[str, typer.Option("--gpu", help="Accelerator catalog name or JSON file (see `hardware list`).")],
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs in the job.")],
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")],
+    global_batch_tokens: Annotated[str | None, typer.Option(
+        "--global-batch-tokens", help="Target global batch in tokens (4Mi = 4,194,304; 4M = 4,000,000).",
+        rich_help_panel=_TARGET)] = None,
+    global_batch: Annotated[str | None, typer.Option(
+        "--global-batch", help="Target global batch in sequences.", rich_help_panel=_TARGET)] = None,
+    like: Annotated[str | None, typer.Option(
+        "--like", help="Use a published model's batch (see `batchpilot known`).", rich_help_panel=_TARGET)] = None,
+    gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node [min(gpus, 8)].")] = None,
+    inter_node_bandwidth: Annotated[str, typer.Option(
+        "--inter-node-bandwidth", help="Per-GPU network bandwidth, one direction (bytes/s).")] = DEFAULT_INTER_NODE_BANDWIDTH,
+    micro_batch: Annotated[int | None, typer.Option("--micro-batch", rich_help_panel=_PINS)] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", rich_help_panel=_PINS)] = None,
+    tp: Annotated[int | None, typer.Option("--tp", help="Tensor-parallel size.", rich_help_panel=_PINS)] = None,
+    pp: Annotated[int | None, typer.Option("--pp", help="Pipeline stages.", rich_help_panel=_PINS)] = None,
+    ep: Annotated[int | None, typer.Option("--ep", help="Expert-parallel size.", rich_help_panel=_PINS)] = None,
+    zero: Annotated[int | None, typer.Option("--zero", help="ZeRO stage 0-3.", rich_help_panel=_PINS)] = None,
+    recompute: Annotated[str | None, typer.Option(
+        "--recompute", help="none|selective|full.", rich_help_panel=_PINS)] = None,
+    precision: PrecisionOpt = DEFAULTS.precision, optimizer: OptimizerOpt = DEFAULTS.optimizer,
+    engine: EngineOpt = DEFAULTS.engine, hybrid_shard: HybridShardOpt = DEFAULTS.hybrid_shard,
+    sp: SpOpt = DEFAULTS.sp, attention: AttentionOpt = DEFAULTS.attention, offload: OffloadOpt = DEFAULTS.offload,
+    headroom: Annotated[str, typer.Option("--headroom", help="Memory kept free per GPU.")] = f"{DEFAULT_HEADROOM:.0%}",
+    max_deviation: Annotated[str, typer.Option(
+        "--max-deviation", help="Allow the nearest global batch within this fraction of the target.")] = "0",
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", help="Efficiency/overhead file written by `batchpilot probe`.")] = None,
+    top: Annotated[int, typer.Option("--top", help="Plans to show.")] = 5,
+    export: Annotated[str | None, typer.Option("--export", help=f"Export the winner: {'|'.join(FORMATS)}.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="File for --export (default: stdout).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Rank feasible (micro-batch, accumulation, dp, tp, pp, ep, ZeRO, recompute) by tokens/s."""
+    sequences, tokens, source = _target(global_batch_tokens, global_batch, like, seq_len)
+    settings = RunSettings(precision=precision.lower(), optimizer=optimizer.lower(),  # type: ignore[arg-type]
+                           engine=engine.lower(), hybrid_shard=hybrid_shard, sp=sp,  # type: ignore[arg-type]
+                           attention=attention.lower(), offload=offload,  # type: ignore[arg-type]
+                           zero_stage=1 if offload else 0)
+    request = PlanRequest(
+        model=load_model(model), cluster=build_cluster(gpu, gpus, gpus_per_node, inter_node_bandwidth),
+        seq_len=seq_len, global_batch_sequences=sequences, global_batch_tokens=tokens, settings=settings,
+        pins=Pins(micro_batch=micro_batch, grad_accum=grad_accum, tp=tp, pp=pp, ep=ep, zero_stage=zero,
+                  recompute=recompute.lower() if recompute else None),
+        headroom=parse_fraction(headroom, "--headroom"), max_deviation=parse_fraction(max_deviation, "--max-deviation"),
+        calibration=load_calibration(calibration) if calibration else DEFAULT_CALIBRATION, top=top,
+    )
+    result = plan(request)
+    exported = export_text(result.plans[0], request, export) if export else None
+    if exported is not None and out is None:
+        typer.echo(exported, nl=False)
+        return
+    if exported is not None and out is not None:
+        out.write_text(exported, encoding="utf-8")
+    if json_output:
+        record: dict[str, Any] = result.to_dict()
+        record["target"]["source"] = source
+        if export:
+            record["export"] = {"format": export, "path": str(out)}
+        print_json(record)
+        return
+    _render(result, source)
+    if export:
+        console.print(f"exported the winner as {export} to {out}")

@@ -1,0 +1,124 @@
+"""``batchpilot plan`` CLI contract: JSON keys, exports, calibration, exit code 2 with one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batchpilot.cli import app
+from batchpilot.estimate.calibration import Calibration, EfficiencyPoint, save_calibration
+
+BASE = ["plan", "--model", "tiny-llama-15m", "--gpu", "h100-sxm", "--gpus", "16", "--seq-len", "1024"]
+PLAN_KEYS = {"micro_batch", "grad_accum", "dp", "tp", "pp", "ep", "zero_stage", "recompute",
+             "global_batch_sequences", "global_batch_tokens", "memory", "flops_per_step", "step_time_s",
+             "tokens_per_s", "tflops_per_gpu", "mfu"}
+MEMORY_KEYS = {"weights", "gradients", "optimizer", "activations", "overhead", "total"}
+
+
+def _json(cli_runner, *args: str) -> dict:
+    result = cli_runner.invoke(app, [*BASE, *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_json_contract(cli_runner):
+    record = _json(cli_runner, "--global-batch", "64", "--top", "3", "--engine", "deepspeed")
+    assert len(record["plans"]) == 3
+    for plan in record["plans"]:
+        assert set(plan) >= PLAN_KEYS
+        assert set(plan["memory"]) == MEMORY_KEYS
+        assert plan["micro_batch"] * plan["grad_accum"] * plan["dp"] == plan["global_batch_sequences"] == 64
+        assert plan["global_batch_tokens"] == 64 * 1024
+        assert plan["dp"] * plan["tp"] * plan["pp"] == 16
+        assert plan["memory"]["total"] == sum(plan["memory"][k] for k in MEMORY_KEYS - {"total"})
+    assert [p["tokens_per_s"] for p in record["plans"]] == sorted((p["tokens_per_s"] for p in record["plans"]),
+                                                                   reverse=True)
+    assert isinstance(record["rejected"], list) and record["rationale"].startswith("tp ")
+
+
+def test_tokens_target_with_binary_suffix(cli_runner):
+    record = _json(cli_runner, "--global-batch-tokens", "64Ki", "--max-deviation", "0")
+    assert record["target"]["global_batch_sequences"] == 64
+    assert all(p["global_batch_tokens"] == 64 * 1024 for p in record["plans"])
+
+
+def test_rejections_carry_reasons(cli_runner):
+    result = cli_runner.invoke(app, ["plan", "--model", "llama-2-7b", "--gpu", "a100-40gb", "--gpus", "16",
+                                     "--seq-len", "4096", "--global-batch", "256", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    memory = [r for r in record["rejected"] if r["kind"] == "memory"]
+    assert memory and all("GiB" in r["reason"] and "usable" in r["reason"] for r in memory)
+    assert record["rejected_total"] >= len(record["rejected"])
+
+
+def test_like_uses_the_registry(cli_runner):
+    record = _json(cli_runner, "--like", "llama-2-7b", "--max-deviation", "5%")
+    assert record["target"]["global_batch_tokens"] == pytest.approx(4 * 2**20, rel=0.01)
+    assert "llama" in record["target"]["source"].lower()
+
+
+def test_pins_and_calibration(cli_runner, tmp_path):
+    cal = Calibration(points=(EfficiencyPoint(tokens_per_micro_batch=1024, efficiency=0.2),),
+                      memory_overhead_bytes=2**30, source="test probe")
+    path = save_calibration(cal, tmp_path / "cal.json")
+    record = _json(cli_runner, "--global-batch", "64", "--tp", "2", "--micro-batch", "2", "--zero", "1",
+                   "--recompute", "full", "--calibration", str(path))
+    assert record["calibration"] == "test probe"
+    for plan in record["plans"]:
+        assert (plan["tp"], plan["micro_batch"], plan["zero_stage"], plan["recompute"]) == (2, 2, 1, "full")
+        assert plan["step"]["efficiency"] == 0.2
+
+
+@pytest.mark.parametrize("fmt", ["deepspeed", "hf", "lightning"])
+def test_export_to_file(cli_runner, tmp_path, fmt):
+    out = tmp_path / f"{fmt}.json"
+    result = cli_runner.invoke(app, [*BASE, "--global-batch", "64", "--engine", "deepspeed", "--tp", "1",
+                                     "--pp", "1", "--export", fmt, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())
+    assert f"exported the winner as {fmt}" in result.stdout
+
+
+def test_export_to_stdout(cli_runner):
+    result = cli_runner.invoke(app, [*BASE, "--global-batch", "64", "--export", "torchrun"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("torchrun --nnodes 2 --nproc-per-node 8")
+
+
+def test_table_output(cli_runner):
+    result = cli_runner.invoke(app, [*BASE, "--global-batch", "64"])
+    assert result.exit_code == 0, result.output
+    assert "winner:" in result.stdout and "tokens/s" in result.stdout and "MFU" in result.stdout
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["--global-batch", "64", "--tp", "4"], ["--tp 4", "6 attention heads", "divisor of 6"]),
+    (["--global-batch", "64", "--pp", "8"], ["--pp 8", "6 layers", "--pp ≤ 6"]),
+    (["--global-batch", "-64"], ["--global-batch", "-64"]),
+    (["--global-batch", "64", "--micro-batch", "0"], ["--micro-batch 0", "positive"]),
+    (["--global-batch", "7", "--tp", "1", "--pp", "1"], ["global batch 7", "--global-batch 16", "--max-deviation"]),
+    (["--global-batch-tokens", "1000"], ["1000 tokens", "1024-token", "--max-deviation"]),
+    (["--global-batch", "64", "--global-batch-tokens", "64Ki"], ["exactly one", "--global-batch-tokens"]),
+    (["--seq-len", "0", "--global-batch", "64"], ["--seq-len 0"]),
+    (["--global-batch", "64", "--headroom", "150%"], ["--headroom", "150%"]),
+    (["--global-batch", "64", "--export", "yaml"], ["--export 'yaml'", "deepspeed"]),
+    (["--global-batch", "64", "--gpus-per-node", "5"], ["--gpus 16", "--gpus-per-node 5"]),
+    (["--global-batch", "64", "--calibration", "/nonexistent.json"], ["/nonexistent.json", "batchpilot probe"]),
+    (["--global-batch", "64", "--like", "gpt-3-175b"], ["exactly one"]),
+])
+def test_bad_input_is_one_line_exit_2(cli_runner, args, fragments):
+    result = cli_runner.invoke(app, [*BASE, *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_nothing_fits_exit_2(cli_runner):
+    result = cli_runner.invoke(app, ["plan", "--model", "llama-3-70b", "--gpu", "rtx-4090", "--gpus", "8",
+                                     "--seq-len", "4096", "--global-batch", "64", "--engine", "deepspeed"])
+    assert result.exit_code == 2
+    assert "nothing fits" in result.stderr and "try" in result.stderr
