@@ -7,14 +7,18 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from batchpilot.measure.noise import NoiseEstimate
-from batchpilot.train.adaptive import AdaptiveBatchSchedule, AdaptiveSettings, parse_adaptive
+from batchpilot.train.adaptive import AdaptiveBatchSchedule, AdaptiveSettings, NoiseScaleHook, parse_adaptive
 from batchpilot.train.config import TrainConfig
 from batchpilot.train.data import stdlib_root
+from batchpilot.train.hooks import MicroStepInfo, StepInfo
 from batchpilot.train.metrics import read_metrics
 from batchpilot.train.runner import run
 from batchpilot.train.schedule import Progress, ScheduleError, parse_batch_schedule
+
+from .linreg import LinReg, loss_sum
 
 
 def _estimate(b_simple: float, band_ratio: float) -> NoiseEstimate:
@@ -97,3 +101,41 @@ def test_runs_in_the_loop_logs_decisions_and_resumes_exactly(tmp_path: Path) -> 
     resumed = read_metrics(out / "metrics.jsonl")
     keys = ("loss", "global_batch_sequences", "b_simple", "batch_decision", "lr")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
+
+
+def _drive_hook(hook: NoiseScaleHook, steps: int, *, loss_scale: float, poison_step: int | None = None) -> float:
+    """The loop's contract (hooks.py) on the synthetic regression: loss × world·scale/N, unscale before on_gradients."""
+    problem = LinReg(dim=16, noise_var=4.0, delta_sq=1.0)  # B_simple = 81 examples
+    model, w_star = problem.make(seed=5)
+    gen = torch.Generator().manual_seed(7)
+    micro, accum = 8, 8
+    n_global = micro * accum  # one target per example
+    for step in range(steps):
+        model.zero_grad(set_to_none=True)
+        for i in range(accum):
+            x, y = problem.batch(w_star, micro, gen)
+            (loss_sum(model, x, y) * loss_scale / n_global).backward()
+            hook.on_micro_step(model, MicroStepInfo(
+                step=step, micro_index=i, num_micro_steps=accum, micro_target_tokens=micro,
+                local_target_tokens=n_global, global_target_tokens=n_global, micro_batch_sequences=micro,
+                loss_sum=0.0, loss_scale=loss_scale, grad_to_sum_factor=n_global / loss_scale,
+                grads_synced=False, rank=0, world_size=1))
+        with torch.no_grad():
+            model.weight.grad /= loss_scale  # GradScaler.unscale_
+            if step == poison_step:
+                model.weight.grad[0, 0] = math.inf
+        fields = hook.on_gradients(model, StepInfo(
+            step=step, global_batch_sequences=n_global, global_target_tokens=n_global, local_target_tokens=n_global,
+            tokens_seen=0, loss_scale=loss_scale, grad_to_sum_factor=n_global / loss_scale, lr=0.0, rank=0,
+            world_size=1))
+        if step == poison_step:
+            assert fields["noise_skipped"] == 1.0
+    assert hook.last is not None
+    return hook.last.b_simple_sequences
+
+
+def test_hook_recovers_closed_form_through_the_loop_contract_with_a_loss_scale() -> None:
+    hook = NoiseScaleHook(ema_decay=1.0)
+    got = _drive_hook(hook, 400, loss_scale=1024.0, poison_step=17)
+    assert got == pytest.approx(LinReg(dim=16, noise_var=4.0, delta_sq=1.0).b_simple, rel=0.10)
+    assert hook.estimator.steps == 399  # the overflowed step was skipped, not averaged in

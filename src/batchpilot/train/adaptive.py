@@ -85,12 +85,16 @@ class NoiseScaleHook(BaseHook):
         self.overhead_s += time.perf_counter() - start
 
     def on_gradients(self, model: nn.Module, info: StepInfo) -> Mapping[str, float]:
-        if not self._valid or self._stats[2] == 0:
+        if not self._valid:  # the same on every rank, so all ranks reach the all-reduce below or none
             fields = self._fields()
             self.overhead_s = 0.0
             return fields
         start = time.perf_counter()
-        stats = self._reduce(info)
+        stats = self._reduce(model, info)
+        self._valid = False
+        big = grads_sq_norm(model.parameters())
+        if stats[2] == 0 or not all(math.isfinite(v) for v in (*stats, big)):  # e.g. an fp16 overflow step
+            return {**self._fields(), "noise_skipped": 1.0}
         sq_small, b_small_tokens = stats[0] / stats[2], stats[2] / stats[1]  # harmonic-mean micro size
         b_big_tokens = float(info.global_target_tokens)
         if b_small_tokens >= b_big_tokens:
@@ -99,20 +103,18 @@ class NoiseScaleHook(BaseHook):
                 f"global {b_big_tokens:.0f}); use a global batch of at least 2 × micro × dp")
         tokens_per_seq = info.global_target_tokens / info.global_batch_sequences
         sample = NoiseSample(b_small=b_small_tokens / tokens_per_seq, b_big=b_big_tokens / tokens_per_seq,
-                             sq_norm_small=sq_small, sq_norm_big=grads_sq_norm(model.parameters()),
-                             tokens_per_sequence=tokens_per_seq)
+                             sq_norm_small=sq_small, sq_norm_big=big, tokens_per_sequence=tokens_per_seq)
         self.last = self.estimator.update(sample)
-        self._valid = False
         self.overhead_s += time.perf_counter() - start
         fields = self._fields()
         self.overhead_s = 0.0
         return fields
 
-    def _reduce(self, info: StepInfo) -> list[float]:
+    def _reduce(self, model: nn.Module, info: StepInfo) -> list[float]:
+        """Sum the micro-batch statistics over ranks (one 3-element all-reduce), so all ranks agree."""
         if info.world_size == 1:
             return list(self._stats)
-        tensor = torch.tensor(self._stats, dtype=torch.float64,
-                              device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        tensor = torch.tensor(self._stats, dtype=torch.float64, device=next(model.parameters()).device)
         dist.all_reduce(tensor)
         return [float(v) for v in tensor.tolist()]
 
