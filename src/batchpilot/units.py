@@ -36,20 +36,33 @@ _SECONDS_SUFFIX = {"": 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
-def _split(text: str, what: str) -> tuple[float, str]:
+_EXACT_DIGITS = 30  # whole-number literals up to this many digits are parsed exactly (floats lose digits past 2^53)
+
+
+def _split(text: str, what: str) -> tuple[float | int, str]:
     match = _NUMBER.match(str(text))
     if not match:
         raise BatchpilotError(f"{what} {text!r} is not a number with an optional unit (e.g. 4M, 6GiB, 10m)")
-    value = float(match.group(1))
+    literal = match.group(1)
+    value: float | int = int(literal) if literal.isdigit() and len(literal) <= _EXACT_DIGITS else float(literal)
     if not math.isfinite(value):
         raise BatchpilotError(f"{what} {text!r} is not finite")
     return value, match.group(2).lower()
 
 
+def _given(value: float | int, what: str) -> float | int:
+    """A number passed as a number (not text): finite and not a bool; big ints stay exact."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BatchpilotError(f"{what} {value!r} is not a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BatchpilotError(f"{what} {value!r} is not finite")
+    return value
+
+
 def parse_count(text: str | int, what: str = "count") -> int:
     """Parse a positive integer count such as ``1024``, ``4M`` (4e6) or ``4Mi`` (4·2^20)."""
     if isinstance(text, int) and not isinstance(text, bool):
-        value, suffix = float(text), ""
+        value, suffix = _given(text, what), ""
     else:
         value, suffix = _split(str(text), what)
     if suffix not in _COUNT_SUFFIX:
@@ -64,7 +77,7 @@ def parse_count(text: str | int, what: str = "count") -> int:
 
 def parse_bytes(text: str | int, what: str = "size") -> int:
     """Parse a positive byte size such as ``6GiB`` (6·2^30), ``80GB`` (80e9) or ``1048576``."""
-    value, suffix = (float(text), "") if isinstance(text, int) else _split(str(text), what)
+    value, suffix = (_given(text, what), "") if isinstance(text, int) else _split(str(text), what)
     if suffix not in _BYTE_SUFFIX:
         raise BatchpilotError(f"{what} {text!r}: unknown unit {suffix!r}; use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB")
     total = value * _BYTE_SUFFIX[suffix]
@@ -77,10 +90,10 @@ def parse_bytes(text: str | int, what: str = "size") -> int:
 
 def parse_seconds(text: str | float, what: str = "duration") -> float:
     """Parse a positive duration such as ``90``, ``90s``, ``10m`` or ``1.5h`` into seconds."""
-    value, suffix = (float(text), "") if isinstance(text, (int, float)) else _split(str(text), what)
+    value, suffix = (_given(text, what), "") if isinstance(text, (int, float)) else _split(str(text), what)
     if suffix not in _SECONDS_SUFFIX:
         raise BatchpilotError(f"{what} {text!r}: unknown unit {suffix!r}; use s, m, h or d")
-    total = value * _SECONDS_SUFFIX[suffix]
+    total = float(value) * _SECONDS_SUFFIX[suffix] if abs(value) < 1e300 else math.inf
     if not math.isfinite(total) or total <= 0:
         raise BatchpilotError(f"{what} {text!r} must be a positive finite duration")
     return total

@@ -484,7 +484,8 @@ def _mla(f: _Fields, common: dict[str, Any]) -> ModelSpec:
 
 
 def _validate(spec: ModelSpec, where: str) -> None:
-    if spec.family != "mla" and spec.hidden_size % spec.num_heads and "head_dim" not in spec.hf_config:
+    explicit_head_dim = spec.family in ("llama", "moe") and spec.hf_config.get("head_dim") is not None
+    if spec.family != "mla" and spec.hidden_size % spec.num_heads and not explicit_head_dim:
         raise SpecError(
             f"{where}: hidden_size {spec.hidden_size} is not divisible by num_attention_heads {spec.num_heads}"
         )
