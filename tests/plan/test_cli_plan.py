@@ -59,6 +59,29 @@ def test_like_uses_the_registry(cli_runner):
     assert "llama" in record["target"]["source"].lower()
 
 
+def test_train_tokens_uses_the_deepseek_prior(cli_runner):
+    from batchpilot.plan.priors import global_batch_from_prior
+
+    record = _json(cli_runner, "--train-tokens", "1B")
+    prior = global_batch_from_prior(num_layers=6, hidden_size=384, seq_len=1024, train_tokens=1e9)
+    assert record["target"]["prior"]["batch_sequences"] == prior.batch_sequences
+    assert record["target"]["max_deviation"] == 0.1  # soft target: 10 % unless --max-deviation
+    for plan in record["plans"]:
+        assert abs(plan["global_batch_sequences"] - prior.batch_sequences) <= 0.1 * prior.batch_sequences
+
+
+def test_noise_file_sets_the_target_and_warns_on_other_seq_len(cli_runner, tmp_path):
+    path = tmp_path / "noise.json"
+    path.write_text(json.dumps({"b_simple_sequences": 96.4, "b_simple_tokens": 96.4 * 2048,
+                                "band": {"sequences": [60, 140]}, "steps_measured": 40, "seq_len": 2048}))
+    result = cli_runner.invoke(app, [*BASE, "--noise", str(path), "--max-deviation", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["target"]["global_batch_sequences"] == 96
+    assert all(p["global_batch_sequences"] == 96 for p in record["plans"])
+    assert "seq 2048" in record["warnings"][0] and "warning:" in result.stderr
+
+
 def test_pins_and_calibration(cli_runner, tmp_path):
     cal = Calibration(points=(EfficiencyPoint(tokens_per_micro_batch=1024, efficiency=0.2),),
                       memory_overhead_bytes=2**30, source="test probe")

@@ -7,10 +7,13 @@ Examples::
     batchpilot plan --model llama-3-70b --gpu h100-sxm --gpus 512 --seq-len 8192 --global-batch 512 \\
         --engine deepspeed --tp 1 --pp 1 --export deepspeed --out ds_config.json
     batchpilot plan --model tiny-llama-1m --gpu rtx-4090 --gpus 1 --seq-len 256 --global-batch 32 --json
+    batchpilot plan --model llama-3-8b --gpu h100-sxm --gpus 64 --seq-len 8192 --train-tokens 15T
+    batchpilot plan --model tiny-llama-15m --gpu h100-sxm --gpus 8 --seq-len 512 --noise noise.json
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,7 +21,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._common import console, err_console, handle_errors, print_json
 from batchpilot.cli._settings import (
     DEFAULTS,
     AttentionOpt,
@@ -31,10 +34,13 @@ from batchpilot.cli._settings import (
 )
 from batchpilot.errors import SpecError
 from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, load_calibration
+from batchpilot.measure.noise import load_noise_record
 from batchpilot.plan.export import FORMATS, export_text
 from batchpilot.plan.planner import DEFAULT_HEADROOM, Pins, PlanRequest, PlanResult, plan
+from batchpilot.plan.priors import global_batch_from_noise, global_batch_from_prior
+from batchpilot.plan.registry import target_global_batch
 from batchpilot.specs.hardware import ClusterSpec, load_accelerator
-from batchpilot.specs.model import load_model
+from batchpilot.specs.model import ModelSpec, load_model
 from batchpilot.specs.settings import RunSettings
 from batchpilot.units import GIB, format_count, parse_bytes, parse_count
 
@@ -74,21 +80,57 @@ def build_cluster(gpu: str, gpus: int, gpus_per_node: int | None, inter_node_ban
                        inter_node_bandwidth_bytes_per_s=bandwidth)
 
 
-def _target(global_batch_tokens: str | None, global_batch: str | None, like: str | None,
-            seq_len: int) -> tuple[int | None, int | None, str]:
-    given = [name for name, v in (("--global-batch-tokens", global_batch_tokens), ("--global-batch", global_batch),
-                                  ("--like", like)) if v is not None]
-    if len(given) != 1:
-        raise SpecError(f"give exactly one target global batch: --global-batch-tokens, --global-batch or --like "
-                        f"(got {', '.join(given) or 'none'})")
-    if global_batch_tokens is not None:
-        return None, parse_count(global_batch_tokens, "--global-batch-tokens"), ""
-    if global_batch is not None:
-        return parse_count(global_batch, "--global-batch"), None, ""
-    from batchpilot.plan.registry import target_global_batch
+SOFT_TARGET_DEVIATION = 0.10
+"""Default --max-deviation for targets that are estimates (--train-tokens prior, --noise measurement):
+their own uncertainty is far larger (DeepSeek LLM Fig. 3 shows a wide near-optimal band)."""
 
-    sequences, _tokens, entry = target_global_batch(str(like), seq_len)
-    return sequences, None, f"published batch of {entry.name} ({entry.source.title}, {entry.source.section})"
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Target:
+    sequences: int | None = None
+    tokens: int | None = None
+    source: str = ""
+    """Where the target comes from, for display."""
+    soft: bool = False
+    """An estimate (prior or measurement) rather than a user's exact batch."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """Extra JSON for ``target`` (the prior's or the measurement's suggestion)."""
+    warnings: tuple[str, ...] = ()
+
+
+def _target(*, global_batch_tokens: str | None, global_batch: str | None, like: str | None,
+            train_tokens: str | None, noise: Path | None, seq_len: int, model: ModelSpec) -> _Target:
+    given = [name for name, v in (("--global-batch-tokens", global_batch_tokens), ("--global-batch", global_batch),
+                                  ("--like", like), ("--train-tokens", train_tokens), ("--noise", noise))
+             if v is not None]
+    if len(given) != 1:
+        raise SpecError(f"give exactly one target global batch: --global-batch-tokens, --global-batch, --like, "
+                        f"--train-tokens or --noise (got {', '.join(given) or 'none'})")
+    if global_batch_tokens is not None:
+        return _Target(tokens=parse_count(global_batch_tokens, "--global-batch-tokens"))
+    if global_batch is not None:
+        return _Target(sequences=parse_count(global_batch, "--global-batch"))
+    if like is not None:
+        sequences, _tokens, entry = target_global_batch(like, seq_len)
+        return _Target(sequences=sequences,
+                       source=f"published batch of {entry.name} ({entry.source.title}, {entry.source.section})")
+    if train_tokens is not None:
+        prior = global_batch_from_prior(num_layers=model.num_layers, hidden_size=model.hidden_size, seq_len=seq_len,
+                                        train_tokens=parse_count(train_tokens, "--train-tokens"))
+        lr = f", peak LR {prior.learning_rate:.2e}" if prior.learning_rate else ""
+        return _Target(sequences=prior.batch_sequences, soft=True, record={"prior": prior.to_dict()},
+                       source=f"DeepSeek LLM prior B_opt = 0.2920·C^0.3271 = {format_count(prior.batch_tokens)} "
+                              f"tokens at C = {prior.compute_flops:.2e} FLOPs{lr}")
+    assert noise is not None
+    record = load_noise_record(noise)
+    suggestion = global_batch_from_noise(record, seq_len=seq_len)
+    warnings: tuple[str, ...] = ()
+    if record.seq_len is not None and record.seq_len != seq_len:
+        warnings = (f"the noise file was measured at seq {record.seq_len}, planning at --seq-len {seq_len}: "
+                    f"B_simple in tokens scales with the tokens per sequence",)
+    return _Target(sequences=suggestion.batch_sequences, soft=True, record={"noise": suggestion.to_dict()},
+                   warnings=warnings, source=f"measured B_simple ≈ B_crit = {record.b_simple_sequences:.0f} sequences "
+                                             f"({record.steps_measured} steps, {noise})")
 
 
 def _rate(per_s: float) -> str:
@@ -137,6 +179,10 @@ def plan_command(
         "--global-batch", help="Target global batch in sequences.", rich_help_panel=_TARGET)] = None,
     like: Annotated[str | None, typer.Option(
         "--like", help="Use a published model's batch (see `batchpilot known`).", rich_help_panel=_TARGET)] = None,
+    train_tokens: Annotated[str | None, typer.Option(
+        "--train-tokens", help="Training tokens D: target from the DeepSeek LLM prior.", rich_help_panel=_TARGET)] = None,
+    noise: Annotated[Path | None, typer.Option(
+        "--noise", help="`batchpilot noise --json` file: target B_crit ≈ B_simple.", rich_help_panel=_TARGET)] = None,
     gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node [min(gpus, 8)].")] = None,
     inter_node_bandwidth: Annotated[str, typer.Option(
         "--inter-node-bandwidth", help="Per-GPU network bandwidth, one direction (bytes/s).")] = DEFAULT_INTER_NODE_BANDWIDTH,
@@ -152,8 +198,9 @@ def plan_command(
     engine: EngineOpt = DEFAULTS.engine, hybrid_shard: HybridShardOpt = DEFAULTS.hybrid_shard,
     sp: SpOpt = DEFAULTS.sp, attention: AttentionOpt = DEFAULTS.attention, offload: OffloadOpt = DEFAULTS.offload,
     headroom: Annotated[str, typer.Option("--headroom", help="Memory kept free per GPU.")] = f"{DEFAULT_HEADROOM:.0%}",
-    max_deviation: Annotated[str, typer.Option(
-        "--max-deviation", help="Allow the nearest global batch within this fraction of the target.")] = "0",
+    max_deviation: Annotated[str | None, typer.Option(
+        "--max-deviation", help="Allow the nearest global batch within this fraction of the target "
+                                "[0; 10% for --train-tokens/--noise].")] = None,
     calibration: Annotated[Path | None, typer.Option(
         "--calibration", help="Efficiency/overhead file written by `batchpilot probe`.")] = None,
     top: Annotated[int, typer.Option("--top", help="Plans to show.")] = 5,
@@ -162,20 +209,26 @@ def plan_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Rank feasible (micro-batch, accumulation, dp, tp, pp, ep, ZeRO, recompute) by tokens/s."""
-    sequences, tokens, source = _target(global_batch_tokens, global_batch, like, seq_len)
+    spec = load_model(model)
+    target = _target(global_batch_tokens=global_batch_tokens, global_batch=global_batch, like=like,
+                     train_tokens=train_tokens, noise=noise, seq_len=seq_len, model=spec)
+    deviation = (parse_fraction(max_deviation, "--max-deviation") if max_deviation is not None
+                 else SOFT_TARGET_DEVIATION if target.soft else 0.0)
     settings = RunSettings(precision=precision.lower(), optimizer=optimizer.lower(),  # type: ignore[arg-type]
                            engine=engine.lower(), hybrid_shard=hybrid_shard, sp=sp,  # type: ignore[arg-type]
                            attention=attention.lower(), offload=offload,  # type: ignore[arg-type]
                            zero_stage=1 if offload else 0)
     request = PlanRequest(
-        model=load_model(model), cluster=build_cluster(gpu, gpus, gpus_per_node, inter_node_bandwidth),
-        seq_len=seq_len, global_batch_sequences=sequences, global_batch_tokens=tokens, settings=settings,
+        model=spec, cluster=build_cluster(gpu, gpus, gpus_per_node, inter_node_bandwidth),
+        seq_len=seq_len, global_batch_sequences=target.sequences, global_batch_tokens=target.tokens, settings=settings,
         pins=Pins(micro_batch=micro_batch, grad_accum=grad_accum, tp=tp, pp=pp, ep=ep, zero_stage=zero,
                   recompute=recompute.lower() if recompute else None),
-        headroom=parse_fraction(headroom, "--headroom"), max_deviation=parse_fraction(max_deviation, "--max-deviation"),
+        headroom=parse_fraction(headroom, "--headroom"), max_deviation=deviation,
         calibration=load_calibration(calibration) if calibration else DEFAULT_CALIBRATION, top=top,
     )
     result = plan(request)
+    for warning in target.warnings:
+        err_console.print(f"warning: {warning}", soft_wrap=True)
     exported = export_text(result.plans[0], request, export) if export else None
     if exported is not None and out is None:
         typer.echo(exported, nl=False)
@@ -184,11 +237,12 @@ def plan_command(
         out.write_text(exported, encoding="utf-8")
     if json_output:
         record: dict[str, Any] = result.to_dict()
-        record["target"]["source"] = source
+        record["target"].update(source=target.source, **target.record)
+        record["warnings"] = list(target.warnings)
         if export:
             record["export"] = {"format": export, "path": str(out)}
         print_json(record)
         return
-    _render(result, source)
+    _render(result, target.source)
     if export:
         console.print(f"exported the winner as {export} to {out}")

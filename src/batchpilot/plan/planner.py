@@ -211,8 +211,8 @@ class PlanResult:
         r = self.request
         return {
             "model": r.model.name, "cluster": r.cluster.to_dict(), "seq_len": r.seq_len,
-            "target": {"global_batch_sequences": self.target_sequences,
-                       "global_batch_tokens": self.target_sequences * r.seq_len,
+            "target": {"global_batch_sequences": _whole(self.target_sequences),
+                       "global_batch_tokens": _whole(self.target_sequences * r.seq_len),
                        "max_deviation": r.max_deviation},
             "headroom": r.headroom, "budget_bytes": r.budget_bytes, "calibration": r.calibration.source,
             "pins": r.pins.pinned(), "settings": r.settings.to_dict(),
@@ -222,6 +222,10 @@ class PlanResult:
             "search": {"layouts": self.layouts, "memory_evaluations": self.memory_evaluations,
                        "pruned": self.pruned, "feasible": self.feasible},
         }
+
+
+def _whole(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
 
 
 # ---------------------------------------------------------------------- the search space
