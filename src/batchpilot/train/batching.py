@@ -25,16 +25,15 @@ segment predicts nothing), so the loss never reaches across documents.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.train.config import BATCHING_MODES, BatchingMode
 from batchpilot.train.data import TokenizedCorpus
 
-BatchingMode = Literal["fixed", "token-budget", "packed"]
-BATCHING_MODES: tuple[BatchingMode, ...] = ("fixed", "token-budget", "packed")
+__all__ = ["BATCHING_MODES", "BatchingMode", "MicroBatch", "Row", "RowStream", "collate", "layout_step"]
 IGNORE_INDEX = -100
 """Label value excluded from the loss (``torch.nn.functional.cross_entropy`` default)."""
 PAD_ID = 0

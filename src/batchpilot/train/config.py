@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.train.batching import BATCHING_MODES, BatchingMode
+
+BatchingMode = Literal["fixed", "token-budget", "packed"]
+BATCHING_MODES: tuple[BatchingMode, ...] = ("fixed", "token-budget", "packed")
 
 Precision = Literal["fp32", "bf16", "fp16"]
 LRDecay = Literal["cosine", "linear", "constant"]

@@ -119,6 +119,7 @@ class Trainer:
         self.metrics = (MetricsLog(self.out / "metrics.jsonl", resume_step=self.state.step if resume else None)
                         if env.is_main else None)
         self._step_times: list[tuple[int, float]] = []
+        self._slots = [0, 0]  # real input tokens, padded tensor slots (this process's steps)
 
     # ------------------------------------------------------------------ setup
     def _set_threads(self) -> None:
@@ -297,6 +298,8 @@ class Trainer:
         st.target_tokens_seen += layout.global_target_tokens
         st.elapsed_s += seconds
         self._step_times.append((layout.global_input_tokens, seconds))
+        self._slots[0] += layout.global_input_tokens
+        self._slots[1] += layout.global_padded_tokens
         return self._record(layout, loss_total, lr, grad_norm, seconds, loss_scale)
 
     def _record(self, layout: StepLayout, loss_total: float, lr: float, grad_norm: float, seconds: float,
@@ -404,6 +407,7 @@ class Trainer:
         summary = {
             "steps": self.state.step, "tokens": self.state.tokens_seen, "target_tokens": self.state.target_tokens_seen,
             "final_loss": last, "val_loss": val_loss, "tokens_per_s": tokens / seconds if seconds else None,
+            "padding_fraction": 1 - self._slots[0] / self._slots[1] if self._slots[1] else None,
             "elapsed_s": self.state.elapsed_s, "peak_memory_bytes": peak_memory_bytes(self.env.device),
             "world_size": self.env.world_size, "device": str(self.env.device), "model_params": self.built.num_params,
             "model_source": self.built.source, "tokenizer": self.tokenizer.name,

@@ -1,0 +1,166 @@
+"""``batchpilot train`` — run a batch plan: accumulation, mixed precision, dynamic batching, schedules.
+
+Examples::
+
+    batchpilot train                                    # ~2 min CPU demo: tiny-llama-1m on the stdlib source
+    batchpilot train --global-batch 32 --micro-batch 8 --batching packed --steps 200 --out runs/packed
+    batchpilot train --global-batch-tokens 64Ki --seq-len 512 --batch-schedule steps:0=32,2M=128
+    batchpilot train --nproc 2 --fsdp --steps 20        # torchrun, 2 local processes (gloo on CPU)
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m batchpilot.cli train --expect-world-size 16 ...
+    batchpilot train --out runs/demo --resume           # continue exactly where the last checkpoint left off
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.errors import BatchpilotError
+from batchpilot.specs.batch import sequences_from_tokens
+from batchpilot.train.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from batchpilot.units import format_bytes, format_count, parse_count
+
+#: The no-argument demo: small enough that the loss visibly falls within a couple of CPU minutes.
+DEMO_SEQ_LEN = 128
+DEMO_GLOBAL_BATCH = 16
+DEMO_STEPS = 30
+
+
+def _global_batch(sequences: int | None, tokens: str | None, seq_len: int) -> int:
+    if sequences is not None and tokens is not None:
+        raise BatchpilotError("give --global-batch (sequences) or --global-batch-tokens, not both")
+    if tokens is not None:
+        return sequences_from_tokens(parse_count(tokens, "--global-batch-tokens"), seq_len_tokens=seq_len)
+    return sequences if sequences is not None else DEMO_GLOBAL_BATCH
+
+
+def _duration(steps: int | None, tokens: str | None) -> tuple[int | None, int | None]:
+    if steps is not None and tokens is not None:
+        raise BatchpilotError("give --steps or --tokens, not both")
+    if tokens is not None:
+        return None, parse_count(tokens, "--tokens")
+    return (steps if steps is not None else DEMO_STEPS), None
+
+
+class _ProgressView:
+    """A rich progress bar fed with each ``metrics.jsonl`` record: loss, tokens/s and the ETA."""
+
+    def __init__(self, total: int, by_tokens: bool) -> None:
+        self.by_tokens = by_tokens
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), TextColumn("{task.fields[where]}"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        )
+        self.task = self.progress.add_task("train", total=total, where="", loss="—", speed="—")
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        done = record["tokens"] if self.by_tokens else record["step"]
+        where = f"step {record['step']}" + (f" · {format_count(record['tokens'])} tok" if self.by_tokens else "")
+        loss = f"{record['loss']:.3f}" + (f" (val {record['val_loss']:.3f})" if record.get("val_loss") else "")
+        self.progress.update(self.task, completed=done, where=where, loss=loss,
+                             speed=format_count(record["tokens_per_s"]))
+
+
+def _render(summary: dict[str, Any]) -> None:
+    table = Table("result", "value", title=f"batchpilot train → {summary['out']}")
+    rows = [
+        ("steps", str(summary["steps"])), ("tokens", format_count(summary["tokens"])),
+        ("final loss", f"{summary['final_loss']:.4f}" if summary.get("final_loss") is not None else "—"),
+        ("validation loss", f"{summary['val_loss']:.4f}" if summary.get("val_loss") is not None else "—"),
+        ("tokens/s", format_count(summary["tokens_per_s"] or 0)),
+        ("padding", f"{100 * (summary.get('padding_fraction') or 0):.1f}%"),
+        ("peak memory", format_bytes(summary["peak_memory_bytes"])),
+        ("model", f"{format_count(summary['model_params'])} params ({summary['model_source']})"),
+        ("world size", f"{summary['world_size']} × {summary['device']}"),
+        ("batch schedule", summary["batch_schedule"]),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+def train(
+    model: str = typer.Option("tiny-llama-1m", "--model", help="Preset, config.json (random init) or a local pretrained directory."),
+    data: str = typer.Option("stdlib", "--data", help="stdlib, a text/JSONL/Parquet file or folder, or hf:NAME[:SPLIT]."),
+    tokenizer: str = typer.Option("bytes", "--tokenizer", help="bytes, bpe:VOCAB (trained on the corpus, cached) or a tokenizer directory."),
+    text_field: str = typer.Option("text", "--text-field", help="Text field of JSONL/Parquet/datasets rows."),
+    seq_len: int = typer.Option(DEMO_SEQ_LEN, "--seq-len", help="Tokens per sequence."),
+    global_batch: int | None = typer.Option(None, "--global-batch", help=f"Global batch in sequences [default {DEMO_GLOBAL_BATCH}]."),
+    global_batch_tokens: str | None = typer.Option(None, "--global-batch-tokens", help="Global batch in tokens (e.g. 4Mi)."),
+    micro_batch: int | None = typer.Option(None, "--micro-batch", help="Sequences per micro-batch per rank [default: the global batch / nproc]."),
+    batching: str = typer.Option("fixed", "--batching", help="fixed | token-budget | packed."),
+    max_tokens_per_micro_batch: str | None = typer.Option(None, "--max-tokens-per-micro-batch", help="Token-budget batching: padded tokens per micro-batch."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 (with a gradient scaler)."),
+    lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate (at the first global batch)."),
+    warmup_steps: int = typer.Option(10, "--warmup-steps", help="Linear warmup steps."),
+    lr_decay: str = typer.Option("cosine", "--lr-decay", help="cosine | linear | constant."),
+    lr_scaling: str = typer.Option("none", "--lr-scaling", help="none | linear | sqrt, applied when the global batch changes."),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Max gradient norm (0: no clipping)."),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (matrices only)."),
+    batch_schedule: str = typer.Option("constant", "--batch-schedule", help="constant | ramp:start=S,increment=I,over=TOKENS | steps:0=B0,TOKENS=B1 (…-tokens: batches in tokens)."),
+    steps: int | None = typer.Option(None, "--steps", help=f"Optimizer steps [default {DEMO_STEPS}]."),
+    tokens: str | None = typer.Option(None, "--tokens", help="Train on this many tokens instead of --steps (e.g. 10M)."),
+    nproc: int = typer.Option(1, "--nproc", help="Local processes (launches torchrun when > 1)."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="FSDP2 fully_shard instead of DDP."),
+    expect_world_size: int | None = typer.Option(None, "--expect-world-size", help="Fail unless the launcher started this many processes."),
+    out: str = typer.Option("runs/train", "--out", help="Output directory."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (always at the end and on SIGTERM/SIGINT)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    seed: int = typer.Option(0, "--seed", help="Model init and data order."),
+    val_every: int = typer.Option(0, "--val-every", help="Validation loss every N steps (always at the end)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads per process."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a local checkpoint's own modelling code."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Train a transformers causal LM with the chosen batch triad, batching, precision and schedule."""
+    steps_n, tokens_n = _duration(steps, tokens)
+    g = _global_batch(global_batch, global_batch_tokens, seq_len)
+    world = expect_world_size or int(os.environ.get("WORLD_SIZE", nproc))
+    budget = parse_count(max_tokens_per_micro_batch, "--max-tokens-per-micro-batch") if max_tokens_per_micro_batch else None
+    config = TrainConfig(
+        model=ModelConfig(model=model, trust_remote_code=trust_remote_code),
+        data=DataConfig(data=data, tokenizer=tokenizer, text_field=text_field, seq_len=seq_len),
+        batch=BatchConfig(global_batch_sequences=g, micro_batch_sequences=micro_batch or max(1, g // world),
+                          batching=batching, max_tokens_per_micro_batch=budget,  # type: ignore[arg-type]
+                          batch_schedule=batch_schedule),
+        optim=OptimConfig(lr=lr, warmup_steps=warmup_steps, decay=lr_decay, lr_scaling=lr_scaling,  # type: ignore[arg-type]
+                          grad_clip=grad_clip, weight_decay=weight_decay, precision=precision),  # type: ignore[arg-type]
+        run=RunConfig(steps=steps_n, tokens=tokens_n, out=out, checkpoint_every=checkpoint_every, resume=resume,
+                      seed=seed, val_every=val_every, nproc=nproc, fsdp=fsdp, expected_world_size=expect_world_size,
+                      device=device, threads=threads),  # type: ignore[arg-type]
+    )
+    _run_and_report(config, json_output)
+
+
+def _run_and_report(config: TrainConfig, json_output: bool) -> None:
+    from batchpilot.train import run
+
+    is_main = os.environ.get("RANK", "0") == "0"
+    view = None if json_output or not is_main else _ProgressView(
+        config.run.tokens or config.run.steps or 0, by_tokens=config.run.tokens is not None)
+    if view is None:
+        summary = run(config)
+    else:
+        with view.progress:
+            summary = run(config, on_record=view)
+    if not is_main:
+        return
+    if json_output:
+        print_json(summary)
+    else:
+        _render(summary)
+    stopped = summary.get("stopped_by_signal")
+    if stopped:
+        console.print(f"stopped by {stopped} at step {summary['steps']}; checkpoint saved — continue with --resume")
+        raise typer.Exit(128 + int(getattr(signal, stopped, signal.SIGTERM)))
+
+
+train_command = handle_errors(train)

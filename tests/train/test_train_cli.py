@@ -1,0 +1,62 @@
+"""``batchpilot train``: the --json contract, flags reaching the run, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from batchpilot.cli import app
+from batchpilot.train.metrics import read_metrics
+
+runner = CliRunner()
+
+
+def _train(*args: str) -> object:
+    return runner.invoke(app, ["train", "--threads", "1", *args])
+
+
+def test_json_summary_and_flags_reach_the_run(corpus_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _train("--data", str(corpus_dir), "--seq-len", "32", "--global-batch-tokens", "256",
+                    "--micro-batch", "4", "--batching", "packed", "--steps", "2", "--lr", "1e-3",
+                    "--warmup-steps", "0", "--lr-decay", "constant", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    summary = json.loads(result.stdout)  # type: ignore[attr-defined]
+    assert {"steps", "tokens", "final_loss", "val_loss", "tokens_per_s", "padding_fraction", "peak_memory_bytes",
+            "world_size", "config"} <= set(summary)
+    assert summary["steps"] == 2 and summary["config"]["batch"]["batching"] == "packed"
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["global_batch_sequences"] for r in records] == [8, 8]  # 256 tokens / 32
+    assert [r["grad_accum"] for r in records] == [2, 2] and [r["lr"] for r in records] == [1e-3, 1e-3]
+    assert records[0]["padding_fraction"] == 0.0  # packed rows are full
+
+
+def test_rich_output_and_resume(corpus_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    common = ["--data", str(corpus_dir), "--seq-len", "32", "--global-batch", "4", "--out", str(out)]
+    first = _train(*common, "--steps", "2")
+    assert first.exit_code == 0 and "final loss" in first.stdout  # type: ignore[attr-defined]
+    again = _train(*common, "--steps", "3", "--resume", "--json")
+    assert again.exit_code == 0, again.output  # type: ignore[attr-defined]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data", "/no/such/dir"], "data path '/no/such/dir' does not exist"),
+    (["--global-batch", "10", "--micro-batch", "4"], "global batch 10 is not divisible by micro 4 × dp 1 = 4; use --global-batch 8 or --global-batch 12"),
+    (["--global-batch-tokens", "100"], "global batch 100 tokens is not a whole number of 32-token sequences"),
+    (["--seq-len", "4096"], "--seq-len 4096 exceeds the model's 1024 positions"),
+    (["--steps", "3", "--tokens", "1K"], "give --steps or --tokens, not both"),
+    (["--batching", "bucket"], "--batching 'bucket'"),
+    (["--batch-schedule", "ramp:start=3,increment=2,over=1K"], "not a whole number of increments"),
+])
+def test_bad_input_is_one_line_and_exit_2(corpus_dir: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    base = ["--data", str(corpus_dir), "--seq-len", "32", "--out", str(tmp_path / "out")]
+    result = _train(*base, *args)
+    assert result.exit_code == 2  # type: ignore[attr-defined]
+    stderr = result.stderr.strip()  # type: ignore[attr-defined]
+    assert stderr.startswith("error: ") and "\n" not in stderr and message in stderr
+    assert not (tmp_path / "out").exists()
