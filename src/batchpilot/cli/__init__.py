@@ -10,7 +10,11 @@ import typer
 
 from batchpilot import __version__
 from batchpilot.cli import hardware, known, model, report
+from batchpilot.cli import memory as memory_cli
+from batchpilot.cli import noise as noise_cli
+from batchpilot.cli import plan as plan_cli
 from batchpilot.cli import probe as probe_cli
+from batchpilot.cli import train as train_cli
 
 app = typer.Typer(
     name="batchpilot",
@@ -24,6 +28,10 @@ app.add_typer(hardware.app, name="hardware")
 app.command("known")(known.known)
 app.command("report")(report.report)
 app.command("probe")(probe_cli.probe)
+app.command("train")(train_cli.train_command)
+app.command("noise")(noise_cli.noise)
+app.command("memory")(memory_cli.memory)
+app.command("plan")(plan_cli.plan_command)
 
 
 def _version(value: bool) -> None:
