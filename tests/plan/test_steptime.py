@@ -158,3 +158,32 @@ def test_recompute_costs_time_and_more_tp_costs_communication():
     assert full.step_time_s > plain.step_time_s
     assert full.tp_comm_s == pytest.approx(plain.tp_comm_s * 6 / 4)
     assert full.mfu < plain.mfu and full.tflops_per_gpu > plain.tflops_per_gpu * 0.99
+
+
+def test_zero1_moves_the_data_parallel_volume_of_the_zero_paper():
+    """ZeRO paper §7: ZeRO-1/2 move 2Ψ per rank like plain DP (reduce-scatter Ψ + all-gather Ψ, bf16 both)."""
+    model = gpt(layers=24, hidden=2304, heads=24)
+    step_model = StepTimeModel(model, a100_cluster(8, per_node=1), seq_len=S)
+    triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=1, data_parallel_ranks=8, seq_len_tokens=S)
+    zero0 = step_model.estimate(RunSettings(engine="deepspeed", zero_stage=0), triad)
+    zero1 = step_model.estimate(RunSettings(engine="deepspeed", zero_stage=1), triad)
+    psi = model.params_total
+    assert zero0.dp_comm_s == pytest.approx(2 * 7 / 8 * psi * 2 / 25e9)
+    assert zero1.dp_comm_s == pytest.approx(zero0.dp_comm_s)
+    torch_zero1 = step_model.estimate(RunSettings(engine="torch", zero_stage=1), triad)  # DDP all-reduce (fp32)
+    assert torch_zero1.dp_comm_s == pytest.approx((2 * 7 / 8 * psi * 4 + 7 / 8 * psi * 2) / 25e9)
+
+
+def test_hybrid_shard_gathers_inside_the_node():
+    """2 nodes × 8 GPUs, ZeRO-3 hybrid: gathers over 8 ranks at NVLink speed, gradient slices all-reduced
+    over 2 replicas at the network speed."""
+    model = gpt(layers=24, hidden=2304, heads=24)
+    step_model = StepTimeModel(model, a100_cluster(2), seq_len=S)
+    triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=2, data_parallel_ranks=16, seq_len_tokens=S)
+    hybrid = step_model.estimate(RunSettings(engine="fsdp2", zero_stage=3, hybrid_shard=True), triad)
+    psi = model.params_total
+    per_micro = (2 * 7 / 8 * psi * 2 + 7 / 8 * psi * 4) / 300e9
+    replicas = 2 * 1 / 2 * (psi * 4 / 8) / 25e9
+    assert hybrid.dp_comm_s == pytest.approx(2 * per_micro + replicas)
+    flat = step_model.estimate(RunSettings(engine="fsdp2", zero_stage=3), triad)
+    assert flat.dp_comm_s > hybrid.dp_comm_s

@@ -35,13 +35,16 @@ t/p/e tensor/pipeline/expert-parallel sizes, d data-parallel ranks, world = d·t
   activations (k experts per token), forward and backward (+2 with full recompute), fraction (e−1)/e
   leaves the rank. Not overlapped (DeepSeek-V3's DualPipe hides it; we do not assume that).
 - Data-parallel gradient reduction (ring: 2·(N−1)/N·G bytes per rank for an all-reduce of G bytes,
-  (N−1)/N·G for a reduce-scatter or an all-gather): ZeRO-0/1 reduce once per step and overlap with the
-  last micro-batch's backward; ZeRO-2 reduce-scatters every micro-batch (DeepSpeed keeps no full
-  gradient) overlapped with that backward; ZeRO-3 gathers parameters forward and backward and
-  reduce-scatters gradients every micro-batch, overlapped with that micro-batch's compute; ZeRO-1/2/3
+  (N−1)/N·G for a reduce-scatter or an all-gather): ZeRO-0 all-reduces once per step, ZeRO-1
+  reduce-scatters once per step (together with the parameter all-gather the 2Ψ of plain data
+  parallelism, ZeRO paper §7; the ``torch`` engine's ZeroRedundancyOptimizer all-reduces), both
+  overlapped with the last micro-batch's backward; ZeRO-2 reduce-scatters every micro-batch
+  (DeepSpeed keeps no full gradient) overlapped with that backward; ZeRO-3 gathers parameters forward and backward and
+  reduce-scatters gradients every micro-batch, overlapped with that micro-batch's compute; ZeRO-1/2
   gather updated parameters after the step (overlapped with the first forward). Only what exceeds the
   overlap window counts. Expert gradients reduce over d/e ranks. A group spanning nodes runs at the
-  per-GPU inter-node bandwidth, otherwise at the intra-node bandwidth.
+  per-GPU inter-node bandwidth, otherwise at the intra-node bandwidth. ``hybrid_shard`` shards within
+  a node and all-reduces each shard's gradient slice across nodes once per step.
 - Pipeline bubble (1F1B): the step takes (m + p − 1) stage-times instead of m, i.e. a fraction
   (p − 1)/(m + p − 1) is idle (Narayanan et al. 2021 §2.2.1); plus point-to-point sends of b·s·h
   activations between stages.
@@ -269,33 +272,45 @@ class StepTimeModel:
         groups = [(self.dense_params / shard, dp, tp)]
         if self.expert_params:
             groups.append((self.expert_params / (shard * ep), dp // ep, tp * ep))
-        grad_bytes = 4 if settings.precision == "fp32" else GRADIENT_REDUCE_BYTES[settings.engine]
-        weight_bytes = ACTIVATION_BYTES[settings.precision]
-        m, z = triad.grad_accum_steps, settings.zero_stage
-        backward_s, forward_s = micro_compute_s * 2 / 3, micro_compute_s / 3
         exposed = total = 0.0
         for params, ranks, stride in groups:
             if ranks <= 1:
                 continue
-            bw = self._bandwidth(ranks, stride)
-            g, w = params * grad_bytes, params * weight_bytes
-            if z <= 1:
-                reduce_s = ring_all_reduce_bytes(g, ranks) / bw
-                exposed += max(0.0, reduce_s - backward_s)
-                total += reduce_s
-            elif z == 2:
-                reduce_s = ring_gather_bytes(g, ranks) / bw
-                exposed += m * max(0.0, reduce_s - backward_s)
-                total += m * reduce_s
-            else:
-                micro_s = (2 * ring_gather_bytes(w, ranks) + ring_gather_bytes(g, ranks)) / bw
-                exposed += m * max(0.0, micro_s - micro_compute_s)
-                total += m * micro_s
-            if z in (1, 2):
-                gather_s = ring_gather_bytes(w, ranks) / bw
-                exposed += max(0.0, gather_s - forward_s)
-                total += gather_s
+            comm = self._group_comm(settings, triad, micro_compute_s, params, ranks, stride)
+            exposed, total = exposed + comm.exposed_s, total + comm.total_s
         return _Comm(exposed_s=exposed, total_s=total)
+
+    def _group_comm(self, settings: RunSettings, triad: BatchTriad, micro_compute_s: float, params: float,
+                    ranks: int, stride: int) -> _Comm:
+        """One data-parallel group of ``ranks`` ranks, ``stride`` apart, holding ``params`` per model shard.
+
+        With ``hybrid_shard`` ZeRO shards within a node (intra-node bandwidth) and the shards all-reduce
+        their gradient slice across nodes once per step (FSDP HYBRID_SHARD, ZeRO++ hpZ)."""
+        z, m = settings.zero_stage, triad.grad_accum_steps
+        grad_bytes = 4 if settings.precision == "fp32" else GRADIENT_REDUCE_BYTES[settings.engine]
+        g, w = params * grad_bytes, params * ACTIVATION_BYTES[settings.precision]
+        shard_ranks, replicas = ranks, 1
+        if settings.hybrid_shard and z >= 1:
+            shard_ranks = max(1, min(ranks, self.cluster.devices_per_node // stride))
+            replicas = ranks // shard_ranks
+        bw = self._bandwidth(shard_ranks, stride)
+        backward_s, forward_s = micro_compute_s * 2 / 3, micro_compute_s / 3
+        if z == 0 or (z == 1 and settings.engine == "torch"):  # DDP all-reduce (ZeroRedundancyOptimizer too)
+            per_step, per_micro = ring_all_reduce_bytes(g, shard_ranks) / bw, 0.0
+        elif z == 1:  # reduce-scatter once per step (ZeRO paper §7: same 2Ψ volume as DP with the gather)
+            per_step, per_micro = ring_gather_bytes(g, shard_ranks) / bw, 0.0
+        elif z == 2:
+            per_step, per_micro = 0.0, ring_gather_bytes(g, shard_ranks) / bw
+        else:
+            per_step, per_micro = 0.0, (2 * ring_gather_bytes(w, shard_ranks) + ring_gather_bytes(g, shard_ranks)) / bw
+        gather_s = ring_gather_bytes(w, shard_ranks) / bw if z in (1, 2) else 0.0
+        if replicas > 1:  # hybrid: all-reduce of this rank's gradient slice across the replicas
+            slice_bytes = g / shard_ranks
+            per_step += ring_all_reduce_bytes(slice_bytes, replicas) / self._bandwidth(replicas, stride * shard_ranks)
+        window = micro_compute_s if z == 3 else backward_s
+        exposed = (max(0.0, per_step - backward_s) + m * max(0.0, per_micro - window)
+                   + max(0.0, gather_s - forward_s))
+        return _Comm(exposed_s=exposed, total_s=per_step + m * per_micro + gather_s)
 
     def _optimizer_s(self, settings: RunSettings, triad: BatchTriad) -> float:
         shard = settings.tp * settings.pp

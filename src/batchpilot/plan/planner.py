@@ -21,7 +21,7 @@ both the experts and the data-parallel ranks; the ZeRO stages the engine support
 (:data:`ENGINE_ZERO_STAGES`; with pipeline parallelism only 0 and 1, as DeepSpeed's PipelineEngine and
 Megatron's distributed optimizer allow); recomputation none/selective/full; and every micro-batch with
 ``micro × accum × dp = global`` exactly (or, with ``max_deviation``, the nearest global batch within
-that relative deviation). Any of them can be pinned (:class:`Pins`).
+that relative deviation), micro-batches up to :data:`MAX_MICRO_BATCH` sequences. Any of them can be pinned (:class:`Pins`).
 
 Each candidate must fit: analytic memory (:func:`batchpilot.estimate.memory.analytic_memory`, plus
 the calibration's measured overhead) ≤ device memory × (1 − headroom). Feasible candidates are ranked
@@ -65,6 +65,10 @@ DEFAULT_SETTINGS = RunSettings()
 
 DEFAULT_HEADROOM = 0.10
 """Fraction of device memory kept free by default (allocator spikes, estimate error)."""
+
+MAX_MICRO_BATCH = 1024
+"""Largest micro-batch (sequences) searched unless pinned: keeps the search bounded for tiny models and
+huge targets (memory allows more only for models far below the device size)."""
 
 MAX_PIPELINE_ZERO_STAGE = 1
 """With pipeline parallelism DeepSpeed supports ZeRO-1 only, Megatron its distributed optimizer (≈ 1)."""
@@ -303,11 +307,11 @@ def _micro_candidates(req: PlanRequest, target: float, dp: int) -> list[tuple[in
         if g % dp:
             return []
         local = g // dp
-        pairs = [(m, local // m) for m in _divisors(local)]
+        pairs = [(m, local // m) for m in _divisors(local) if m <= MAX_MICRO_BATCH or m == pins.micro_batch]
     else:
         limit = max(1, math.floor(target * (1 + req.max_deviation) / dp))
         pairs = []
-        for m in range(1, limit + 1):
+        for m in range(1, min(limit, pins.micro_batch or MAX_MICRO_BATCH) + 1):
             accum = max(1, round(target / (m * dp)))
             if abs(m * accum * dp - target) <= req.max_deviation * target:
                 pairs.append((m, accum))
@@ -322,6 +326,8 @@ class _Layout:
     pairs: list[tuple[int, int]]
     bound: float = 0.0
     """Best tokens/s over ``pairs`` ignoring memory."""
+    memory: dict[tuple[int, int], MemoryBreakdown] = dataclasses.field(default_factory=dict)
+    """Memory evaluated so far, by pair."""
 
 
 def _layouts(req: PlanRequest, target: float) -> Iterator[_Layout]:
@@ -356,24 +362,29 @@ class _Search:
                           seq_len_tokens=self.req.seq_len)
 
     def memory(self, layout: _Layout, pair: tuple[int, int]) -> MemoryBreakdown:
+        cached = layout.memory.get(pair)
+        if cached is not None:
+            return cached
         self.memory_evaluations += 1
         mem = analytic_memory(self.req.model, layout.settings, micro_batch=pair[0], seq_len=self.req.seq_len,
                               dp=layout.dp, grad_accum=pair[1], overhead=self.req.overhead,
                               gpus_per_node=self.req.cluster.devices_per_node)
         if self.extra_bytes:
             mem = dataclasses.replace(mem, overhead_bytes=mem.overhead_bytes + self.extra_bytes)
+        layout.memory[pair] = mem
         return mem
 
     def bound(self, layout: _Layout) -> float:
         return max(self.steps.estimate(layout.settings, self.triad(layout, p)).tokens_per_s for p in layout.pairs)
 
-    def fitting(self, layout: _Layout) -> tuple[list[tuple[tuple[int, int], MemoryBreakdown]], MemoryBreakdown]:
-        """The pairs that fit (bisection on the micro-batch) with their memory, and the smallest memory."""
+    def fitting(self, layout: _Layout) -> tuple[int, MemoryBreakdown]:
+        """How many of the layout's pairs fit (a prefix: memory grows with the micro-batch; bisection),
+        and the memory of the smallest pair."""
         budget = self.req.budget_bytes
         pairs = layout.pairs
         first = self.memory(layout, pairs[0])
         if first.total_bytes > budget:
-            return [], first
+            return 0, first
         lo, hi = 0, len(pairs)  # pairs[lo] fits; pairs[hi] (if any) does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -381,14 +392,16 @@ class _Search:
                 lo = mid
             else:
                 hi = mid
-        out = [(pairs[0], first)]
-        out += [(p, self.memory(layout, p)) for p in pairs[1:lo + 1]]
-        return out, first
+        return lo + 1, first
 
-    def plan(self, layout: _Layout, pair: tuple[int, int], memory: MemoryBreakdown) -> Plan:
+    def candidates(self, layout: _Layout, count: int) -> list[tuple[StepTime, tuple[int, int]]]:
+        """Step times of the first ``count`` pairs, fastest first."""
+        timed = [(self.steps.estimate(layout.settings, self.triad(layout, p)), p) for p in layout.pairs[:count]]
+        return sorted(timed, key=lambda sp: -sp[0].tokens_per_s)
+
+    def plan(self, layout: _Layout, pair: tuple[int, int], step: StepTime) -> Plan:
         triad = self.triad(layout, pair)
-        return Plan(triad=triad, settings=layout.settings, memory=memory,
-                    step=self.steps.estimate(layout.settings, triad),
+        return Plan(triad=triad, settings=layout.settings, memory=self.memory(layout, pair), step=step,
                     deviation=(triad.global_batch_sequences - self.target) / self.target)
 
 
@@ -421,14 +434,18 @@ def _plan(req: PlanRequest, *, explain: bool) -> PlanResult:
         if not req.exhaustive and kth is not None and lay.bound < kth:
             pruned += 1
             continue
-        fits, smallest = search.fitting(lay)
-        if not fits:
+        count, smallest = search.fitting(lay)
+        if not count:
             rejected.append(_memory_rejection(req, lay, smallest))
             continue
-        feasible += len(fits)
-        plans.extend(search.plan(lay, pair, mem) for pair, mem in fits)
-        plans.sort(key=_rank_key)
-        del plans[req.top:]
+        feasible += count
+        for step, pair in search.candidates(lay, count):
+            kth = _kth_best(plans, req.top)
+            if kth is not None and step.tokens_per_s < kth:
+                break
+            plans.append(search.plan(lay, pair, step))
+            plans.sort(key=_rank_key)
+            del plans[req.top:]
     if not plans:
         raise _infeasible(req, target, layouts, rejected) if explain else InfeasibleError("nothing fits")
     rejected.sort(key=lambda r: (r.kind != "memory", r.need_bytes))
