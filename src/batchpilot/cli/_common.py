@@ -34,6 +34,8 @@ EXIT_USAGE = 2
 def fail(message: str) -> NoReturn:
     """Print ``error: message`` as one line on stderr and exit with code 2."""
     first_line = " ".join(str(message).split())
+    # Values from user files reach messages: show control characters (terminal escapes) as escapes.
+    first_line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in first_line)
     typer.echo(f"error: {first_line}", err=True)
     raise typer.Exit(EXIT_USAGE)
 

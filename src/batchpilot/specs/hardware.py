@@ -253,7 +253,8 @@ def accelerator_from_dict(data: Mapping[str, Any], *, name: str) -> AcceleratorS
     where = name
     known = {"name", "display_name", "vendor", "memory_bytes", "peak_flops_per_s",
              "memory_bandwidth_bytes_per_s", "intra_node_bandwidth_bytes_per_s", "intra_node_link", "notes"}
-    unknown = sorted(str(k) for k in data if k not in known and not str(k).startswith("_"))
+    unknown = sorted(str(k) if str(k).isprintable() else repr(str(k))  # no raw newlines or escapes in messages
+                     for k in data if k not in known and not str(k).startswith("_"))
     if unknown:
         raise SpecError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     sources: dict[str, FigureSource] = {}

@@ -550,27 +550,31 @@ def _read_small_file(path: Path, what: str) -> bytes:
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
     """Read a JSON object from ``path``; every failure is a one-line :class:`SpecError`."""
-    raw = _read_small_file(path, what)
+    return parse_json_object(_read_small_file(path, what), f"{what} {str(path)!r}")
+
+
+def parse_json_object(raw: bytes, where: str) -> dict[str, Any]:
+    """Parse UTF-8 ``raw`` bytes holding one JSON object (no NaN/Infinity); failures name ``where``."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SpecError(f"{what} {str(path)!r} cannot be read: not UTF-8 text (byte {exc.start})") from None
+        raise SpecError(f"{where} cannot be read: not UTF-8 text (byte {exc.start})") from None
 
     def _reject_constant(value: str) -> None:
-        raise SpecError(f"{what} {str(path)!r}: {value} is not a valid JSON number")
+        raise SpecError(f"{where}: {value} is not a valid JSON number")
 
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise SpecError(f"{what} {str(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        raise SpecError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     except RecursionError:
-        raise SpecError(f"{what} {str(path)!r} is nested too deeply") from None
+        raise SpecError(f"{where} is nested too deeply") from None
     except SpecError:
         raise
     except ValueError:  # an integer literal longer than sys.get_int_max_str_digits() (4300 by default)
-        raise SpecError(f"{what} {str(path)!r} holds a number literal too long to be a real value") from None
+        raise SpecError(f"{where} holds a number literal too long to be a real value") from None
     if not isinstance(data, dict):
-        raise SpecError(f"{what} {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+        raise SpecError(f"{where} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
