@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration
 from batchpilot.specs.batch import BatchTriad
@@ -145,6 +145,22 @@ class _Comm:
     total_s: float = 0.0
 
 
+class _Terms(NamedTuple):
+    """The pieces of one step estimate (seconds unless noted)."""
+
+    micro_compute_s: float
+    tp_micro_s: float
+    ep_micro_s: float
+    pp_micro_s: float
+    bubble_s: float
+    dp: _Comm
+    optimizer_s: float
+    step_s: float
+    peak: float
+    """Dense peak FLOP/s at the run's precision."""
+    efficiency: float
+
+
 def ring_all_reduce_bytes(size_bytes: float, ranks: int) -> float:
     """Bytes each rank sends in a ring all-reduce of ``size_bytes``: 2·(N−1)/N·G (Patarasuk & Yuan 2009)."""
     return 2.0 * (ranks - 1) / ranks * size_bytes if ranks > 1 else 0.0
@@ -189,6 +205,7 @@ class StepTimeModel:
         self._routed_flops_per_token = {"none": routed_per_token, "selective": routed_per_token,
                                         "full": routed_per_token * 4 // 3}
         self.dense_params = model.params_total - routed
+        self._peak: dict[str, float] = {}
         self.intra_bw = cluster.accelerator.intra_node_bandwidth_bytes_per_s
         self.inter_bw = cluster.inter_node_bandwidth_bytes_per_s or self.intra_bw
 
@@ -199,39 +216,54 @@ class StepTimeModel:
         return self.intra_bw if within_node else self.inter_bw
 
     def peak_flops_per_s(self, settings: RunSettings) -> float:
-        return self.cluster.accelerator.peak_flops_per_s(PEAK_DTYPE[settings.precision])
+        """Dense peak FLOP/s of the run's precision (unsupported precision → one-line SpecError)."""
+        peak = self._peak.get(settings.precision)
+        if peak is None:
+            peak = self._peak[settings.precision] = self.cluster.accelerator.peak_flops_per_s(
+                PEAK_DTYPE[settings.precision])
+        return peak
 
     # ------------------------------------------------------------------ the estimate
     def estimate(self, settings: RunSettings, triad: BatchTriad) -> StepTime:
         """Step time and throughput of ``settings`` (layout, ZeRO, recompute) at ``triad``."""
-        m, s, b = triad.grad_accum_steps, self.seq_len, triad.micro_batch_sequences
-        world = triad.data_parallel_ranks * settings.tp * settings.pp
+        m, b, dp = triad.grad_accum_steps, triad.micro_batch_sequences, triad.data_parallel_ranks
+        t = self._terms(settings, b, m, dp)
+        world = dp * settings.tp * settings.pp
         tokens = triad.global_batch_tokens
-        hw_flops_per_token = self.flops_per_token + self._recompute[settings.recompute]
+        flops = float(tokens * (self.flops_per_token + self._recompute[settings.recompute]))
+        model_flops = float(tokens * self.flops_per_token)
+        return StepTime(
+            flops_per_step=flops, model_flops_per_step=model_flops, compute_s=m * t.micro_compute_s,
+            bubble_s=t.bubble_s, tp_comm_s=m * t.tp_micro_s, ep_comm_s=m * t.ep_micro_s, pp_comm_s=m * t.pp_micro_s,
+            dp_comm_s=t.dp.total_s, dp_exposed_s=t.dp.exposed_s, optimizer_s=t.optimizer_s, step_time_s=t.step_s,
+            tokens_per_s=tokens / t.step_s, tflops_per_gpu=flops / t.step_s / world / 1e12,
+            mfu=model_flops / t.step_s / (world * t.peak), efficiency=t.efficiency,
+        )
+
+    def tokens_per_s(self, settings: RunSettings, *, micro_batch: int, grad_accum: int, dp: int) -> float:
+        """Only the throughput of :meth:`estimate` (the planner's bound; no records built)."""
+        return micro_batch * grad_accum * dp * self.seq_len / self._terms(settings, micro_batch, grad_accum, dp).step_s
+
+    def _terms(self, settings: RunSettings, b: int, m: int, dp: int) -> _Terms:
+        s = self.seq_len
         peak = self.peak_flops_per_s(settings)
         efficiency = self.calibration.efficiency(b * s)
         # the slowest stage holds ceil(L/p) layers; the head and embedding sit on the end stages
         stage_share = math.ceil(self.model.num_layers / settings.pp) / self.model.num_layers if settings.pp > 1 else 1.0
         routed = self._routed_flops_per_token[settings.recompute]
+        hw_flops_per_token = self.flops_per_token + self._recompute[settings.recompute]
         dense_s = b * s * (hw_flops_per_token - routed) / (peak * efficiency)
         routed_s = b * s * routed / (peak * self._expert_efficiency(settings, b)) if routed else 0.0
         micro_compute_s = (dense_s + routed_s) / settings.tp * stage_share
-        micro_stage_s = micro_compute_s + self._tp_micro_s(settings, b) + self._ep_micro_s(settings, triad)
-        pp_micro_s = self._pp_micro_s(settings, b)
-        dp = self._dp_comm(settings, triad, micro_compute_s)
-        optimizer_s = self._optimizer_s(settings, triad)
-        compute_s = m * micro_compute_s
+        tp_s, ep_s, pp_s = self._tp_micro_s(settings, b), self._ep_micro_s(settings, b), self._pp_micro_s(settings, b)
+        micro_stage_s = micro_compute_s + tp_s + ep_s
+        dp_comm = self._dp_comm(settings, m, dp, micro_compute_s)
+        optimizer_s = self._optimizer_s(settings, dp)
         bubble_s = (settings.pp - 1) * micro_stage_s
-        step = m * micro_stage_s + bubble_s + m * pp_micro_s + dp.exposed_s + optimizer_s
-        flops = float(tokens * hw_flops_per_token)
-        model_flops = float(tokens * self.flops_per_token)
-        return StepTime(
-            flops_per_step=flops, model_flops_per_step=model_flops, compute_s=compute_s, bubble_s=bubble_s,
-            tp_comm_s=m * self._tp_micro_s(settings, b), ep_comm_s=m * self._ep_micro_s(settings, triad),
-            pp_comm_s=m * pp_micro_s, dp_comm_s=dp.total_s, dp_exposed_s=dp.exposed_s, optimizer_s=optimizer_s,
-            step_time_s=step, tokens_per_s=tokens / step, tflops_per_gpu=flops / step / world / 1e12,
-            mfu=model_flops / step / (world * peak), efficiency=efficiency,
-        )
+        step = m * micro_stage_s + bubble_s + m * pp_s + dp_comm.exposed_s + optimizer_s
+        return _Terms(micro_compute_s=micro_compute_s, tp_micro_s=tp_s, ep_micro_s=ep_s, pp_micro_s=pp_s,
+                      bubble_s=bubble_s, dp=dp_comm, optimizer_s=optimizer_s, step_s=step, peak=peak,
+                      efficiency=efficiency)
 
     def _expert_efficiency(self, settings: RunSettings, b: int) -> float:
         """Efficiency of the routed-expert GEMMs: each local expert sees ep·b·s·k/E tokens on average."""
@@ -250,12 +282,12 @@ class StepTimeModel:
         volume = per_layer * layers * ring_all_reduce_bytes(self._activation_bytes(settings, b), settings.tp)
         return volume / self._bandwidth(settings.tp, 1)
 
-    def _ep_micro_s(self, settings: RunSettings, triad: BatchTriad) -> float:
+    def _ep_micro_s(self, settings: RunSettings, b: int) -> float:
         if settings.ep == 1 or not self.model.is_moe:
             return 0.0
         per_layer = 6 if settings.recompute == "full" else 4
         layers = math.ceil(self.model.num_moe_layers / settings.pp)
-        routed = self._activation_bytes(settings, triad.micro_batch_sequences) * self.model.num_experts_per_token
+        routed = self._activation_bytes(settings, b) * self.model.num_experts_per_token
         volume = per_layer * layers * routed * (settings.ep - 1) / settings.ep
         return volume / self._bandwidth(settings.ep, settings.tp)
 
@@ -265,9 +297,9 @@ class StepTimeModel:
         stride = settings.tp * (self.cluster.total_devices // (settings.tp * settings.pp))
         return 2 * self._activation_bytes(settings, b) / settings.tp / self._bandwidth(2, stride)
 
-    def _dp_comm(self, settings: RunSettings, triad: BatchTriad, micro_compute_s: float) -> _Comm:
+    def _dp_comm(self, settings: RunSettings, m: int, dp: int, micro_compute_s: float) -> _Comm:
         """Gradient reduction and ZeRO gathers of dense and expert parameters (module docstring)."""
-        dp, ep, tp = triad.data_parallel_ranks, settings.ep, settings.tp
+        ep, tp = settings.ep, settings.tp
         shard = settings.tp * settings.pp
         groups = [(self.dense_params / shard, dp, tp)]
         if self.expert_params:
@@ -276,17 +308,17 @@ class StepTimeModel:
         for params, ranks, stride in groups:
             if ranks <= 1:
                 continue
-            comm = self._group_comm(settings, triad, micro_compute_s, params, ranks, stride)
+            comm = self._group_comm(settings, m, micro_compute_s, params, ranks, stride)
             exposed, total = exposed + comm.exposed_s, total + comm.total_s
         return _Comm(exposed_s=exposed, total_s=total)
 
-    def _group_comm(self, settings: RunSettings, triad: BatchTriad, micro_compute_s: float, params: float,
-                    ranks: int, stride: int) -> _Comm:
+    def _group_comm(self, settings: RunSettings, m: int, micro_compute_s: float, params: float, ranks: int,
+                    stride: int) -> _Comm:
         """One data-parallel group of ``ranks`` ranks, ``stride`` apart, holding ``params`` per model shard.
 
         With ``hybrid_shard`` ZeRO shards within a node (intra-node bandwidth) and the shards all-reduce
         their gradient slice across nodes once per step (FSDP HYBRID_SHARD, ZeRO++ hpZ)."""
-        z, m = settings.zero_stage, triad.grad_accum_steps
+        z = settings.zero_stage
         grad_bytes = 4 if settings.precision == "fp32" else GRADIENT_REDUCE_BYTES[settings.engine]
         g, w = params * grad_bytes, params * ACTIVATION_BYTES[settings.precision]
         shard_ranks, replicas = ranks, 1
@@ -312,13 +344,13 @@ class StepTimeModel:
                    + max(0.0, gather_s - forward_s))
         return _Comm(exposed_s=exposed, total_s=per_step + m * per_micro + gather_s)
 
-    def _optimizer_s(self, settings: RunSettings, triad: BatchTriad) -> float:
+    def _optimizer_s(self, settings: RunSettings, dp: int) -> float:
         shard = settings.tp * settings.pp
         dense = self.dense_params / shard
         experts = self.expert_params / (shard * settings.ep)
         if settings.zero_stage >= 1:
-            dense /= triad.data_parallel_ranks
-            experts /= max(1, triad.data_parallel_ranks // settings.ep)
+            dense /= dp
+            experts /= max(1, dp // settings.ep)
         params = dense + experts
         touched = params * OPTIMIZER_BYTES_PER_PARAM[settings.optimizer]
         if not settings.offload:

@@ -375,7 +375,8 @@ class _Search:
         return mem
 
     def bound(self, layout: _Layout) -> float:
-        return max(self.steps.estimate(layout.settings, self.triad(layout, p)).tokens_per_s for p in layout.pairs)
+        return max(self.steps.tokens_per_s(layout.settings, micro_batch=m, grad_accum=a, dp=layout.dp)
+                   for m, a in layout.pairs)
 
     def fitting(self, layout: _Layout) -> tuple[int, MemoryBreakdown]:
         """How many of the layout's pairs fit (a prefix: memory grows with the micro-batch; bisection),
