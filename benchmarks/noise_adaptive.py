@@ -1,0 +1,231 @@
+"""Time to a target validation loss: adaptive batch vs fixed small, fixed large and a linear ramp (CPU).
+
+Example (the default CPU task; ~15–30 min on a shared 2-core machine)::
+
+    .venv/bin/python -m benchmarks.noise_adaptive            # all parts
+    .venv/bin/python -m benchmarks.noise_adaptive race       # only the time-to-target race
+
+Parts, each writing ``benchmarks/results/noise_adaptive*.{json,md,png}``:
+
+- ``race`` — tiny-llama-1m on the stdlib corpus (byte tokens, 256-token rows), micro-batch 4 fixed,
+  AdamW at peak LR 3e-3 for a batch of 8 sequences, constant after a 5-step warmup, and the square-root
+  LR rule (Malladi et al. 2022) for every other batch (fixed large gets 3e-3·√(64/8)). Runs: fixed 8,
+  fixed 64, a linear ramp 8→64 over the token budget's first third, and ``adaptive:min=8,max=64``.
+  Validation loss (64 held-out rows) every 2 steps; the time to target is interpolated linearly
+  between the two evaluations around the crossing, in training wall-clock (evaluation excluded),
+  optimizer steps and tokens. Process CPU time is reported beside wall-clock, because the machine is
+  shared and wall-clock is noisy. Every run carries the noise-measurement hook (same overhead for all;
+  B_simple trajectories at fixed batch sizes).
+- ``seeds`` — ``batchpilot noise`` (K = 30 steps from scratch) with two seeds: B_simple and the ratio.
+- ``overhead`` — the same 20 steps with and without the noise hook, alternated 3 times: CPU-time ratio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from batchpilot.measure.noise_run import NoiseRunSettings, measure_noise
+from batchpilot.train.adaptive import NoiseScaleHook
+from batchpilot.train.config import TrainConfig
+from batchpilot.train.runner import run
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEQ_LEN, MICRO, SMALL, LARGE, LR = 128, 4, 8, 64, 3e-3
+TOKEN_BUDGET = 600_000
+"""Tokens each race run may use (a run stops early once it is ``STOP_MARGIN`` below the target)."""
+STOP_MARGIN = 0.05
+TARGET_LOSS = 2.5
+"""Validation loss (nats per byte) every run is timed to; chosen from a pilot so that all runs reach it."""
+THREADS = 1
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _base(out: Path, **batch: Any) -> TrainConfig:
+    return TrainConfig().replace(
+        data={"data": "stdlib", "seq_len": SEQ_LEN},
+        batch={"micro_batch_sequences": MICRO, **batch},
+        optim={"lr": LR, "warmup_steps": 5, "decay": "constant", "lr_scaling": "sqrt"},
+        run={"steps": None, "tokens": TOKEN_BUDGET, "out": str(out), "threads": THREADS, "val_every": 2,
+             "val_rows": 64, "seed": 0, "checkpoint_every": 0})
+
+
+def race_configs(root: Path) -> dict[str, TrainConfig]:
+    """The four runs of the race."""
+    ramp_tokens = TOKEN_BUDGET // 3
+    return {
+        f"fixed-{SMALL}": _base(root / "small", global_batch_sequences=SMALL),
+        f"fixed-{LARGE}": _base(root / "large", global_batch_sequences=LARGE).replace(
+            optim={"lr": LR * math.sqrt(LARGE / SMALL)}),
+        f"ramp-{SMALL}-{LARGE}": _base(root / "ramp", global_batch_sequences=LARGE,
+                                       batch_schedule=f"ramp:start={SMALL},increment={SMALL},over={ramp_tokens}"),
+        f"adaptive-{SMALL}-{LARGE}": _base(root / "adaptive", global_batch_sequences=SMALL,
+                                           batch_schedule=f"adaptive:min={SMALL},max={LARGE},cooldown=10"),
+    }
+
+
+class _Reached(Exception):
+    """Raised from the record callback once a run is safely past the target, to save benchmark time."""
+
+
+def time_to_target(records: list[dict[str, Any]], target: float) -> dict[str, float] | None:
+    """Interpolate (elapsed_s, step, tokens) at the first crossing of ``target`` by the validation loss."""
+    evals = [r for r in records if r.get("val_loss") is not None]
+    for prev, cur in zip([None, *evals], evals, strict=False):
+        if cur["val_loss"] > target:
+            continue
+        if prev is None:
+            return {k: float(cur[v]) for k, v in (("wall_s", "elapsed_s"), ("steps", "step"), ("tokens", "tokens"))}
+        f = (prev["val_loss"] - target) / (prev["val_loss"] - cur["val_loss"])
+        return {k: prev[v] + f * (cur[v] - prev[v]) for k, v in
+                (("wall_s", "elapsed_s"), ("steps", "step"), ("tokens", "tokens"), ("cpu_s", "cpu_s"))}
+    return None
+
+
+def race() -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bp-race-") as tmp:
+        for name, cfg in race_configs(Path(tmp)).items():
+            cpu0 = _cpu_s()
+            records: list[dict[str, Any]] = []
+
+            def keep(record: dict[str, Any], _records: list[dict[str, Any]] = records, _cpu0: float = cpu0) -> None:
+                _records.append({**record, "cpu_s": _cpu_s() - _cpu0})
+                if record.get("val_loss") is not None and record["val_loss"] < TARGET_LOSS - STOP_MARGIN:
+                    raise _Reached
+
+            # Every run measures the noise scale (the adaptive schedule installs its own hook): the same
+            # overhead everywhere, and B_simple trajectories at fixed batches for the growth analysis.
+            hooks = [] if name.startswith("adaptive") else [NoiseScaleHook()]
+            with contextlib.suppress(_Reached):
+                run(cfg, hooks=hooks, on_record=keep)
+            reached = time_to_target(records, TARGET_LOSS)
+            vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+            results[name] = {"schedule": cfg.batch.batch_schedule, "reached": reached,
+                             "final_val_loss": vals[-1] if vals else None, "steps": records[-1]["step"],
+                             "tokens": records[-1]["tokens"], "elapsed_s": records[-1]["elapsed_s"],
+                             "trajectory": [{k: r.get(k) for k in ("step", "tokens", "elapsed_s", "cpu_s", "loss",
+                                                                     "val_loss", "global_batch_sequences", "lr",
+                                                                     "b_simple", "b_simple_lo", "b_simple_hi",
+                                                                     "batch_decision")} for r in records]}
+            print(f"{name}: {reached}", flush=True)
+    return results
+
+
+def seeds(k: int = 30) -> dict[str, Any]:
+    out = {}
+    for seed in (0, 1):
+        record = measure_noise(NoiseRunSettings(seq_len=SEQ_LEN, micro_batch_sequences=MICRO,
+                                                global_batch_sequences=4 * MICRO, steps=k, seed=seed, lr=LR,
+                                                threads=THREADS))
+        out[f"seed-{seed}"] = {key: record[key] for key in ("b_simple_sequences", "b_simple_tokens", "band",
+                                                             "steps_measured", "loss_first", "loss_last",
+                                                             "trajectory", "confident")}
+        print(f"seed {seed}: B_simple {record['b_simple_sequences']:.2f} band {record['band']['sequences']}", flush=True)
+    a, b = (out[f"seed-{s}"]["b_simple_sequences"] for s in (0, 1))
+    out["ratio"] = max(a, b) / min(a, b)
+    return out
+
+
+def overhead(repeats: int = 3, steps: int = 30) -> dict[str, Any]:
+    """CPU time of steps 2…N (setup and the first step excluded) with and without the noise hook, alternated."""
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    walls: dict[str, list[float]] = {"off": [], "on": []}
+    with tempfile.TemporaryDirectory(prefix="bp-overhead-") as tmp:
+        for i in range(repeats):
+            for mode in ("off", "on"):
+                cfg = _base(Path(tmp) / f"{mode}{i}", global_batch_sequences=4 * MICRO).replace(
+                    run={"steps": steps, "tokens": None, "val_every": 0, "val_rows": 1})
+                marks: list[tuple[float, float]] = []
+
+                def mark(record: dict[str, Any], _marks: list[tuple[float, float]] = marks) -> None:
+                    _marks.append((_cpu_s(), record["elapsed_s"]))
+
+                run(cfg, hooks=[NoiseScaleHook()] if mode == "on" else [], on_record=mark)
+                times[mode].append(marks[-1][0] - marks[0][0])
+                walls[mode].append(marks[-1][1] - marks[0][1])
+                print(f"overhead {mode} {i}: cpu {times[mode][-1]:.2f} s, wall {walls[mode][-1]:.2f} s", flush=True)
+    return {"cpu_s": times, "wall_s": walls, "overhead_fraction_cpu": min(times["on"]) / min(times["off"]) - 1.0,
+            "overhead_fraction_wall": min(walls["on"]) / min(walls["off"]) - 1.0, "steps_timed": steps - 1,
+            "global_batch": 4 * MICRO, "micro_batch": MICRO, "seq_len": SEQ_LEN}
+
+
+def _write(name: str, data: dict[str, Any], table: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+    (RESULTS / f"{name}.md").write_text(table, encoding="utf-8")
+
+
+def race_table(results: dict[str, Any]) -> str:
+    lines = [f"Target validation loss {TARGET_LOSS} (nats/byte), tiny-llama-1m, stdlib, seq {SEQ_LEN}, micro {MICRO}, "
+             f"torch {torch.__version__}, {THREADS} threads on a shared machine.", "",
+             "| run | wall-clock to target (s) | CPU time to target (s) | optimizer steps | tokens | final val loss |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        hit = r["reached"]
+        if hit is None:
+            lines.append(f"| {name} | not reached | — | — | — | {r['final_val_loss']:.3f} |")
+        else:
+            lines.append(f"| {name} | {hit['wall_s']:.1f} | {hit.get('cpu_s', float('nan')):.1f} | {hit['steps']:.1f} | "
+                         f"{hit['tokens']:,.0f} | {r['final_val_loss']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def race_plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, r in results.items():
+        evals = [t for t in r["trajectory"] if t["val_loss"] is not None]
+        ax1.plot([t["elapsed_s"] for t in evals], [t["val_loss"] for t in evals], label=name)
+        ax2.plot([t["tokens"] for t in r["trajectory"]], [t["global_batch_sequences"] for t in r["trajectory"]],
+                 label=name)
+    ax1.axhline(TARGET_LOSS, color="grey", linestyle="--", linewidth=1)
+    ax1.set(xlabel="training wall-clock (s)", ylabel="validation loss (nats/byte)", ylim=(TARGET_LOSS - 0.3, 4.0))
+    ax2.set(xlabel="tokens", ylabel="global batch (sequences)", yscale="log")
+    ax1.legend()
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str]) -> int:
+    parts = argv or ["overhead", "seeds", "race"]
+    if "overhead" in parts:
+        data = overhead()
+        _write("noise_adaptive_overhead", data,
+               f"Noise-hook overhead, {data['steps_timed']} steps of {data['global_batch']} × {SEQ_LEN} tokens "
+               f"(micro {MICRO}), min of {len(data['cpu_s']['on'])} alternated runs: CPU time "
+               f"{100 * data['overhead_fraction_cpu']:+.1f}%, training wall-clock "
+               f"{100 * data['overhead_fraction_wall']:+.1f}% (shared machine)\n")
+    if "seeds" in parts:
+        data = seeds()
+        rows = "\n".join(f"| {k} | {v['b_simple_sequences']:.2f} | {v['band']['sequences']} | {v['loss_first']:.2f} → "
+                         f"{v['loss_last']:.2f} |" for k, v in data.items() if k.startswith("seed"))
+        _write("noise_adaptive_seeds", data, "| seed | B_simple (seq) | 95% band | loss |\n|---|---|---|---|\n"
+               f"{rows}\n\nratio between seeds: {data['ratio']:.2f}\n")
+    if "race" in parts:
+        data = race()
+        _write("noise_adaptive", data, race_table(data))
+        race_plot(data, RESULTS / "noise_adaptive.png")
+        print(race_table(data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
