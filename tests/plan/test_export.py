@@ -92,18 +92,32 @@ def test_lightning_trainer_accepts_the_arguments(engine, zero, offload):
     assert exported["dataloader"]["batch_size"] == best.triad.micro_batch_sequences
 
 
-def test_torchrun_command_parses_with_torchruns_parser():
+def test_torchrun_command_parses_with_torchruns_parser_and_the_runners_cli():
+    import typer
     from torch.distributed.run import get_args_parser
 
-    best, request = chosen(tp=2, pp=1)
+    from batchpilot.cli import app
+
+    best, request = chosen(engine="fsdp2", zero_stage=3, tp=1, pp=1, micro_batch=2)
     argv = torchrun_command(best, request)
     parsed = get_args_parser().parse_args(argv[1:])
     assert int(parsed.nnodes) * int(parsed.nproc_per_node) == 16
-    assert parsed.training_script == "train.py"
-    script_args = dict(zip(parsed.training_script_args[::2], parsed.training_script_args[1::2], strict=True))
-    t = best.triad
-    assert int(script_args["--micro-batch"]) * int(script_args["--grad-accum"]) * t.data_parallel_ranks == 96
+    assert parsed.module and parsed.training_script == "batchpilot.cli" and parsed.training_script_args[0] == "train"
+    train = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+    params = train.make_context("train", list(parsed.training_script_args[1:])).params  # parses, does not run
+    assert params["global_batch"] == 96 and params["micro_batch"] == 2 and params["fsdp"]
+    assert params["expect_world_size"] == 16 and params["model"] == "tiny-llama-15m" and params["precision"] == "bf16"
+    assert params["global_batch"] // (params["micro_batch"] * params["expect_world_size"]) == best.triad.grad_accum_steps
     assert export_text(best, request, "torchrun").startswith("torchrun --nnodes 2 --nproc-per-node 8")
+
+
+def test_torchrun_launches_megatron_for_model_parallel_plans():
+    from torch.distributed.run import get_args_parser
+
+    best, request = chosen(tp=2, pp=2)
+    parsed = get_args_parser().parse_args(torchrun_command(best, request)[1:])
+    assert parsed.training_script == "pretrain_gpt.py"
+    assert parsed.training_script_args == megatron_args(best, request)
 
 
 def test_megatron_arguments_multiply_out():

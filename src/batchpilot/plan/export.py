@@ -22,8 +22,10 @@ Formats (:data:`FORMATS`) and what each carries of the plan:
 - ``lightning`` — ``lightning.Trainer`` keyword arguments (devices, nodes, precision,
   ``accumulate_grad_batches``, strategy) plus the DataLoader ``batch_size``; tensor/pipeline
   parallelism refused as for ``hf``.
-- ``torchrun`` — the launch command (``--nnodes``, ``--nproc-per-node``) for ``train.py`` (or
-  ``script``) with the triad as arguments.
+- ``torchrun`` — the launch command (``--nnodes``, ``--nproc-per-node``): ``batchpilot train`` with the
+  triad (``--global-batch``, ``--micro-batch``; the runner derives the accumulation from the world size
+  it checks with ``--expect-world-size``) for data-parallel plans, FSDP2 (``--fsdp``) for ZeRO-2/3;
+  Megatron-LM's ``pretrain_gpt.py`` with the ``megatron`` arguments for tensor/pipeline/expert plans.
 """
 
 from __future__ import annotations
@@ -154,8 +156,9 @@ def lightning_trainer(plan: Plan, request: PlanRequest) -> dict[str, Any]:
             "dataloader": {"batch_size": t.micro_batch_sequences}}
 
 
-def torchrun_command(plan: Plan, request: PlanRequest, *, script: str = "train.py") -> list[str]:
-    """``torchrun`` argv launching ``script`` on every GPU of the plan, the triad passed as arguments."""
+def torchrun_command(plan: Plan, request: PlanRequest) -> list[str]:
+    """``torchrun`` argv for ``plan``: ``batchpilot train`` (DDP, or FSDP2 for ZeRO-2/3) when the plan is
+    purely data-parallel, Megatron-LM's ``pretrain_gpt.py`` with :func:`megatron_args` otherwise."""
     t, s = plan.triad, plan.settings
     world = t.data_parallel_ranks * s.tp * s.pp
     per_node = min(world, request.cluster.devices_per_node)
@@ -163,8 +166,14 @@ def torchrun_command(plan: Plan, request: PlanRequest, *, script: str = "train.p
     cmd = ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(per_node)]
     if nodes > 1:
         cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", "$MASTER_ADDR:29500", "--rdzv-id", "batchpilot"]
-    cmd += [script, "--micro-batch", str(t.micro_batch_sequences), "--grad-accum", str(t.grad_accum_steps),
-            "--global-batch", str(t.global_batch_sequences), "--seq-len", str(t.seq_len_tokens)]
+    if s.tp > 1 or s.pp > 1 or s.ep > 1:
+        return [*cmd, "pretrain_gpt.py", *megatron_args(plan, request)]
+    precision = "bf16" if s.precision == "fp8" else s.precision
+    cmd += ["-m", "batchpilot.cli", "train", "--model", request.model.name, "--seq-len", str(t.seq_len_tokens),
+            "--global-batch", str(t.global_batch_sequences), "--micro-batch", str(t.micro_batch_sequences),
+            "--precision", precision, "--expect-world-size", str(world)]
+    if s.zero_stage >= 2:
+        cmd.append("--fsdp")
     return cmd
 
 
