@@ -129,6 +129,8 @@ def _one_line(exc: BaseException) -> str:
      ["1000 tokens", "1024-token", "--max-deviation"]),
     (dict(global_batch_sequences=7, pins=Pins(tp=1, pp=1)), BatchError,
      ["global batch 7", "dp ∈ {8}", "--global-batch 8", "--max-deviation"]),
+    (dict(global_batch_sequences=64, pins=Pins(micro_batch=3)), BatchError,
+     ["--micro-batch 3", "--global-batch 63", "--global-batch 66"]),
     (dict(pins=Pins(zero_stage=3, pp=2), settings=RunSettings(engine="deepspeed")), SpecError,
      ["--zero 3", "--pp 2", "--pp 1"]),
     (dict(pins=Pins(zero_stage=3)), SpecError, ["--zero 3", "--engine torch", "stages 0, 1", "--engine deepspeed"]),

@@ -513,12 +513,16 @@ def _infeasible(req: PlanRequest, target: float, layouts: list[_Layout], rejecte
 
 
 def _batch_message(req: PlanRequest, target: float, dps: list[int]) -> str:
-    options = sorted({m for dp in dps for m in _near_multiples(target, dp)}, key=lambda g: (abs(g - target), g))[:2]
-    fixes = [f"--global-batch {g}" for g in options]
-    fixes.append("--max-deviation 5%")
-    return (f"global batch {target:g} sequences cannot be split as micro × accum × dp on {req.cluster.total_devices} "
-            f"GPUs (dp ∈ {{{', '.join(map(str, dps))}}}{', with the pinned micro/accum' if req.pins.micro_batch or req.pins.grad_accum else ''}); "
-            f"use {' or '.join(fixes)}")
+    """Why no layout reaches the target, with the nearest reachable global batches as fixes."""
+    pinned = (req.pins.micro_batch or 1) * (req.pins.grad_accum or 1)
+    units = [dp * pinned for dp in dps]
+    options = sorted({g for u in units for g in _near_multiples(target, u)}, key=lambda g: (abs(g - target), g))[:2]
+    fixes = [f"--global-batch {g}" for g in options] + ["--max-deviation 5%"]
+    rule = "micro × accum × dp"
+    if req.pins.micro_batch or req.pins.grad_accum:
+        rule += f" with --micro-batch {req.pins.micro_batch or 'any'} --grad-accum {req.pins.grad_accum or 'any'}"
+    return (f"global batch {target:g} sequences cannot be split as {rule} on {req.cluster.total_devices} GPUs "
+            f"(dp ∈ {{{', '.join(map(str, dps))}}}); use {' or '.join(fixes)}")
 
 
 def _near_multiples(target: float, unit: int) -> list[int]:
