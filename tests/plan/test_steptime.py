@@ -187,3 +187,13 @@ def test_hybrid_shard_gathers_inside_the_node():
     assert hybrid.dp_comm_s == pytest.approx(2 * per_micro + replicas)
     flat = step_model.estimate(RunSettings(engine="fsdp2", zero_stage=3), triad)
     assert flat.dp_comm_s > hybrid.dp_comm_s
+
+
+def test_tensor_parallel_gemms_run_at_the_efficiency_of_their_size():
+    """t-way TP splits each GEMM's width: the efficiency is read at b·s/t tokens (module docstring)."""
+    from batchpilot.estimate.calibration import default_efficiency
+
+    model = StepTimeModel(gpt(layers=24, hidden=2304, heads=24), a100_cluster(1), seq_len=S)
+    triad = BatchTriad(micro_batch_sequences=2, grad_accum_steps=1, data_parallel_ranks=2, seq_len_tokens=S)
+    step = model.estimate(RunSettings(tp=4), triad)
+    assert step.efficiency == pytest.approx(default_efficiency(2 * S / 4))

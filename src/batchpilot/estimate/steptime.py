@@ -24,9 +24,11 @@ t/p/e tensor/pipeline/expert-parallel sizes, d data-parallel ranks, world = d·t
   which gives exactly Eq. 3's 96·l·h²·(1 + s/(6h) + V/(16·l·h)). Selective recomputation repeats the
   attention core's forward: + attn/3 (Korthikanti et al. 2022 §5).
 - Compute time. Hardware FLOPs per GPU ÷ (dense peak at the run's precision × efficiency), efficiency
-  from :mod:`batchpilot.estimate.calibration` at b·s tokens per micro-batch. Routed-expert GEMMs (MoE)
-  run at the efficiency of the tokens one expert receives, e·b·s·k/E (k of E experts per token, e-way
-  expert parallelism gathers the tokens of e ranks): this is what expert parallelism buys. The slowest
+  from :mod:`batchpilot.estimate.calibration` at b·s/t tokens per micro-batch: tensor parallelism
+  splits every GEMM's width by t, so each GPU runs GEMMs with the FLOPs of a b·s/t-token GEMM of the
+  full width (the calibration is measured on one GPU, t = 1). Routed-expert GEMMs (MoE) run at the
+  efficiency of the tokens one expert receives, e·b·s·k/(E·t) (k of E experts per token, e-way expert
+  parallelism gathers the tokens of e ranks): this is what expert parallelism buys. The slowest
   pipeline stage holds ⌈L/p⌉ of the L layers (uneven splits cost time).
 - Tensor parallelism (Megatron, Narayanan et al. 2021 §3.3): per layer and micro-batch 2 all-reduces of
   b·s·h activations forward and 2 backward (+2 with full recompute); with sequence parallelism the
@@ -247,7 +249,7 @@ class StepTimeModel:
     def _terms(self, settings: RunSettings, b: int, m: int, dp: int) -> _Terms:
         s = self.seq_len
         peak = self.peak_flops_per_s(settings)
-        efficiency = self.calibration.efficiency(b * s)
+        efficiency = self.calibration.efficiency(b * s / settings.tp)
         # the slowest stage holds ceil(L/p) layers; the head and embedding sit on the end stages
         stage_share = math.ceil(self.model.num_layers / settings.pp) / self.model.num_layers if settings.pp > 1 else 1.0
         routed = self._routed_flops_per_token[settings.recompute]
@@ -268,7 +270,7 @@ class StepTimeModel:
     def _expert_efficiency(self, settings: RunSettings, b: int) -> float:
         """Efficiency of the routed-expert GEMMs: each local expert sees ep·b·s·k/E tokens on average."""
         m = self.model
-        tokens = settings.ep * b * self.seq_len * m.num_experts_per_token / m.num_experts
+        tokens = settings.ep * b * self.seq_len * m.num_experts_per_token / m.num_experts / settings.tp
         return self.calibration.efficiency(max(tokens, 1.0))
 
     def _activation_bytes(self, settings: RunSettings, b: int) -> float:
