@@ -84,12 +84,15 @@ class ProbeTrial:
     """``search`` (part of the size search) or ``knee`` (a throughput point below the maximum)."""
     error: str | None = None
     """The allocator's message when it did not fit."""
+    peak_source: str | None = None
+    """How ``peak_bytes`` was measured: ``address-space`` or ``address-space-upper-bound`` (CPU, see
+    :mod:`batchpilot.measure._trial`), ``allocator`` (CUDA)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "micro_batch": self.micro_batch, "fits": self.fits, "peak_bytes": self.peak_bytes,
             "tokens_per_s": self.tokens_per_s, "seconds": self.seconds, "phase": self.phase,
-            "error": self.error,
+            "error": self.error, "peak_source": self.peak_source,
         }
 
 
@@ -452,7 +455,8 @@ def _to_trial(micro_batch: int, messages: list[tuple[str, Any]], exitcode: int |
     if "report" in kinds:
         r = kinds["report"]
         return ProbeTrial(micro_batch=micro_batch, fits=r["fits"], peak_bytes=r["peak_bytes"],
-                          tokens_per_s=r["tokens_per_s"], seconds=seconds, error=r["error"])
+                          tokens_per_s=r["tokens_per_s"], seconds=seconds, error=r["error"],
+                          peak_source=r["peak_source"] if r["fits"] else None)
     if "error" in kinds:
         raise ProbeError(f"trial at micro-batch {micro_batch} failed: {kinds['error']}")
     if "limit" in kinds:  # died under the limit without a word: an allocation outside torch failed
@@ -474,7 +478,8 @@ class CudaTrialRunner:
         start = time.perf_counter()
         r = run_cuda_trial(TrialSpec(**trial_spec(self.request, micro_batch)))
         return ProbeTrial(micro_batch=micro_batch, fits=r.fits, peak_bytes=r.peak_bytes,
-                          tokens_per_s=r.tokens_per_s, seconds=time.perf_counter() - start, error=r.error)
+                          tokens_per_s=r.tokens_per_s, seconds=time.perf_counter() - start, error=r.error,
+                          peak_source=r.peak_source if r.fits else None)
 
 
 def _gemm_child(conn: Connection, precision: str) -> None:
