@@ -55,9 +55,10 @@ def test_tiny_15m_peak_matches_real_cpu_step(precision: str, micro_batch: int) -
         RunSettings(precision="fp16"),
         RunSettings(precision="bf16", recompute="full"),
         RunSettings(precision="fp32", attention="eager", recompute="selective"),
+        RunSettings(precision="bf16", recompute="selective"),
         RunSettings(precision="fp32", optimizer="sgd-momentum"),
     ],
-    ids=["eager", "fp16", "full-recompute", "selective-eager", "sgd"],
+    ids=["eager", "fp16", "full-recompute", "selective-eager", "selective-flash", "sgd"],
 )
 def test_settings_variants_match_real_cpu_step(settings: RunSettings) -> None:
     _assert_matches("tiny-llama-1m", settings, 1, 128)
@@ -105,6 +106,16 @@ def test_full_recompute_costs_one_more_layer_forward_up_to_the_last_saved_tensor
     head = 3 * 2 * spec.hidden_size * spec.vocab_size * s
     down_proj = 2 * spec.intermediate_size * spec.hidden_size * s * spec.num_layers
     assert full == base + (base - head) // 3 - down_proj
+
+
+def test_recompute_settings_order_activation_memory() -> None:
+    """none > selective > full in activation bytes, and selective drops eager attention's s×s scores."""
+    spec = load_model("tiny-llama-1m")
+    acts = {rc: traced_memory(spec, RunSettings(attention="eager", recompute=rc), micro_batch=1,  # type: ignore[arg-type]
+                              seq_len=256).activations_bytes for rc in ("none", "selective", "full")}
+    assert acts["none"] > acts["selective"] > acts["full"]
+    scores_per_layer = spec.num_heads * 256 * 256 * 2  # one bf16 score matrix per layer, micro-batch 1
+    assert acts["none"] - acts["selective"] > spec.num_layers * scores_per_layer
 
 
 def test_cuda_target_adds_explicit_terms_and_rounds_blocks() -> None:

@@ -24,10 +24,12 @@ Settings are mapped onto the real module, never approximated:
   unscaling, :func:`_scaled_backward`).
   ``fp8`` needs Transformer-Engine kernels that do not exist on CPU: an error.
 - ``recompute``: ``full`` is Hugging Face activation checkpointing of every decoder layer
-  (non-reentrant ``torch.utils.checkpoint``); ``selective`` checkpoints every layer with a
-  selective-checkpoint policy that recomputes only the attention core (Korthikanti et al. 2022 §4.2):
-  ops whose output is a ``seq × seq`` score tensor; everything else the layer computes is saved.
-  With SDPA attention no such tensor exists, so ``selective`` saves what ``none`` saves.
+  (non-reentrant ``torch.utils.checkpoint``; it stops recomputing once backward has what it needs, so
+  each layer's last matmul is not rerun). ``selective`` checkpoints every layer with a selective
+  activation-checkpoint policy (:func:`_selective_policy`): matmul and attention-kernel outputs are
+  saved, the s×s attention scores (Korthikanti et al. 2022 §4.2) and the cheap elementwise ops (norms,
+  RoPE, SiLU, softmax) are recomputed — torchtitan's op-level selective policy. It therefore keeps less
+  than Korthikanti's 34·s·b·h per layer.
 - ``attention``: ``eager`` → ``attn_implementation="eager"`` (the s×s scores are materialised),
   ``flash`` → ``"sdpa"`` (on CPU ``_scaled_dot_product_flash_attention_for_cpu``, which keeps only the
   output and the fp32 log-sum-exp, as FlashAttention does on CUDA).
@@ -291,7 +293,7 @@ def _enable_checkpointing(module: Any, recompute: str, seq_len: int) -> None:
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts,
-                                                 functools.partial(_attention_core_policy, seq_len))
+                                                 functools.partial(_selective_policy, seq_len))
     enable = getattr(module, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs=kwargs)
@@ -299,24 +301,30 @@ def _enable_checkpointing(module: Any, recompute: str, seq_len: int) -> None:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _attention_core_policy(seq_len: int, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
-    """Recompute ops that produce an s×s score tensor (Korthikanti et al. 2022's attention core); save the rest.
+def _selective_policy(seq_len: int, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Save matmul and attention-kernel outputs except s×s score tensors; recompute everything else.
 
-    The policy sees the op before it runs, so the output shape is inferred from the inputs: a batched
-    matmul ``[..., s, d] @ [..., d, s]``, or an elementwise/softmax/dropout op on an ``[..., s, s]`` input.
+    The selective-checkpoint cache keeps the output of every op marked ``MUST_SAVE``, needed by backward
+    or not, so "save all but the attention core" would keep more than no checkpointing. Saving only the
+    expensive ops (``mm``/``addmm``/non-score ``bmm``, the SDPA kernels) and recomputing the cheap
+    elementwise ones (norms, RoPE, SiLU, softmax) is torchtitan's op-level selective policy; the s×s
+    score matmuls of eager attention are recomputed as in Korthikanti et al. 2022.
     """
+    import torch
     from torch.utils.checkpoint import CheckpointPolicy
 
-    def is_scores(t: Any) -> bool:
-        shape = getattr(t, "shape", ())
-        return len(shape) >= 3 and tuple(shape[-2:]) == (seq_len, seq_len)
-
-    tensors = [a for a in args if hasattr(a, "shape")]
-    scores_out = any(is_scores(t) for t in tensors)
-    if len(tensors) >= 2 and len(tensors[0].shape) >= 3 and len(tensors[1].shape) >= 3:
-        q, k = tensors[0].shape, tensors[1].shape
-        scores_out = scores_out or (q[-2] == seq_len and k[-1] == seq_len and q[-1] == k[-2])
-    return CheckpointPolicy.PREFER_RECOMPUTE if scores_out else CheckpointPolicy.MUST_SAVE
+    aten = torch.ops.aten
+    saved = {aten.mm.default, aten.addmm.default, aten.bmm.default,
+             aten._scaled_dot_product_flash_attention_for_cpu.default,
+             aten._scaled_dot_product_efficient_attention.default,
+             aten._scaled_dot_product_flash_attention.default}
+    if op not in saved:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    if op == aten.bmm.default:
+        left, right = args[0].shape, args[1].shape
+        if (left[-2] == seq_len and right[-1] == seq_len) or (left[-2] == seq_len and left[-1] == seq_len):
+            return CheckpointPolicy.PREFER_RECOMPUTE  # QKᵀ produces, PV consumes an s×s score tensor
+    return CheckpointPolicy.MUST_SAVE
 
 
 # ---------------------------------------------------------------------------------------------- tracking
