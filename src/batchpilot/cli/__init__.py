@@ -15,6 +15,7 @@ from batchpilot.cli import noise as noise_cli
 from batchpilot.cli import plan as plan_cli
 from batchpilot.cli import probe as probe_cli
 from batchpilot.cli import train as train_cli
+from batchpilot.cli import tune as tune_cli
 
 app = typer.Typer(
     name="batchpilot",
@@ -27,11 +28,12 @@ app.add_typer(model.app, name="model")
 app.add_typer(hardware.app, name="hardware")
 app.command("known")(known.known)
 app.command("report")(report.report)
+app.command("memory")(memory_cli.memory)
+app.command("plan")(plan_cli.plan_command)
 app.command("probe")(probe_cli.probe)
 app.command("train")(train_cli.train_command)
 app.command("noise")(noise_cli.noise)
-app.command("memory")(memory_cli.memory)
-app.command("plan")(plan_cli.plan_command)
+app.command("tune")(tune_cli.tune)
 
 
 def _version(value: bool) -> None:

@@ -51,6 +51,15 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _number(value: Any) -> str:
+    """Four significant digits for floats, thousands separators for integers."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
 def _cell(key: str, value: Any) -> str:
     if isinstance(value, float):
         shown = f"{value:.3f}" if key == "mfu" else f"{value:,.1f}"
@@ -104,11 +113,12 @@ def _summary_section(records: RunRecords) -> str:
     if noise:
         tokens = noise.get("b_simple_tokens")
         facts.append(("critical batch ≈ B_simple",
-                      f"{noise.get('b_simple_sequences', '?')} sequences"
+                      f"{_number(noise.get('b_simple_sequences', '?'))} sequences"
                       + (f" ({format_count(tokens)} tokens)" if isinstance(tokens, (int, float)) else "")))
     if summary:
-        facts += [(f"verification run: {k}", str(v)) for k, v in summary.items()
-                  if isinstance(v, (int, float, str)) and not isinstance(v, bool)][:8]
+        keys = ("steps", "tokens", "final_loss", "val_loss", "tokens_per_s", "padding_fraction", "peak_memory_bytes",
+                "elapsed_s")
+        facts += [(f"verification run: {k}", _number(summary[k])) for k in keys if summary.get(k) is not None]
     rows = "".join(f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_e(v)}</td></tr>" for k, v in facts)
     return f"<h2>Summary</h2><table>{rows}</table>" if rows else ""
 

@@ -86,7 +86,7 @@ def plot_throughput(records: RunRecords, path: Path) -> Path | None:
 def plot_noise(records: RunRecords, path: Path) -> Path | None:
     """B_simple (sequences) over optimizer steps, with the uncertainty band."""
     noise = records.noise or {}
-    history = [h for h in noise.get("history") or [] if isinstance(h, dict)]
+    history = [h for h in noise.get("trajectory") or noise.get("history") or [] if isinstance(h, dict)]
     steps, values = numbers(history, "step"), numbers(history, "b_simple_sequences") or numbers(history, "b_simple")
     if not values:
         rows = [m for m in records.metrics if isinstance(m.get("b_simple"), (int, float))]
@@ -98,6 +98,8 @@ def plot_noise(records: RunRecords, path: Path) -> Path | None:
     if values and len(steps) == len(values):
         ax.plot(steps, values, "-", label="B_simple estimate (EMA)")
     band = noise.get("band")
+    if isinstance(band, dict):  # ``batchpilot noise --json``: {"sequences": [lo, hi], "tokens": [lo, hi]}
+        band = band.get("sequences")
     if isinstance(band, (list, tuple)) and len(band) == 2 and all(isinstance(b, (int, float)) for b in band):
         ax.axhspan(band[0], band[1], color="tab:blue", alpha=0.15, label="band")
     if isinstance(final, (int, float)):

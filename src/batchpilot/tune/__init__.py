@@ -1,0 +1,1 @@
+"""batchpilot tune: measure, plan, prove and show, in one command (see :mod:`batchpilot.tune.pipeline`)."""

@@ -1,0 +1,296 @@
+"""The stages of ``batchpilot tune``: each runs one library function and returns a JSON-able record.
+
+probe  → the largest micro-batch that really fits, tokens/s per size, the knee, a calibration
+memory → analytic and traced estimates at the probed sizes (same convention as the probe's peaks)
+noise  → the gradient noise scale B_simple ≈ critical batch, on the user's model and data
+plan   → the triad for this device (calibrated by the probe) and, with --gpu/--gpus, for the cluster
+verify → a short training run with the chosen plan: measured tokens/s and memory vs predicted
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchpilot.errors import BatchpilotError
+from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration, calibration_from_dict
+from batchpilot.measure.probe import Device, ProbeRequest, ProgressHook
+from batchpilot.specs.model import ModelSpec, load_model
+from batchpilot.tune.config import CPU_DEFAULT_BUDGET_BYTES, TuneConfig
+
+LOCAL_EXPORTS = ("torchrun", "hf")
+MIN_MEMORY_STAGE_S = 60.0
+"""Traces of a small model take seconds each; give the memory curve at least this long."""
+CLUSTER_EXPORTS = ("deepspeed", "megatron", "hf", "lightning", "torchrun")
+
+
+@dataclass(kw_only=True, slots=True)
+class TuneState:
+    """What earlier stages found, for the later ones (filled from records when a stage is reused)."""
+
+    model: ModelSpec
+    device: Device = "cpu"
+    probe: dict[str, Any] | None = None
+    calibration: Calibration = DEFAULT_CALIBRATION
+    peak_flops_per_s: float | None = None
+    """The local device's peak the calibration's efficiencies are relative to."""
+    noise: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def new_state(cfg: TuneConfig) -> TuneState:
+    from batchpilot.measure.probe import resolve_device
+
+    return TuneState(model=load_model(cfg.model), device=resolve_device(cfg.device))
+
+
+def probe_request(cfg: TuneConfig, state: TuneState) -> ProbeRequest:
+    from batchpilot.measure.probe import device_memory_bytes
+
+    default_budget = CPU_DEFAULT_BUDGET_BYTES if state.device == "cpu" else device_memory_bytes(state.device)
+    return ProbeRequest(
+        model=state.model, settings=cfg.settings, seq_len=cfg.seq_len, device=state.device,
+        budget_bytes=cfg.memory_budget_bytes or default_budget, seed=cfg.seed,
+        trial_timeout_s=max(60.0, cfg.stage_seconds("probe")),
+    )
+
+
+# ------------------------------------------------------------------------------------------- probe
+def probe_stage(cfg: TuneConfig, state: TuneState, progress: ProgressHook | None = None) -> dict[str, Any]:
+    """Real trials on the device; the calibration divides measured FLOP/s by the device's peak."""
+    from batchpilot.measure.probe import analytic_trial_bytes, calibration_from_probe, run_probe
+
+    request = probe_request(cfg, state)
+    result = run_probe(request, progress=progress)
+    peak, name = local_peak_flops(cfg, state)
+    record = result.to_dict()
+    if peak is not None:
+        calibration = calibration_from_probe(
+            result, request, peak_flops_per_s=peak, accelerator=name,
+            analytic_bytes=lambda b: analytic_trial_bytes(request, b))
+        record["calibration"] = calibration.to_dict()
+        record["peak_flops_per_s"] = peak
+    absorb_probe(record, state)
+    return record
+
+
+def absorb_probe(record: dict[str, Any], state: TuneState) -> None:
+    """Take a probe record (fresh or reused) into the state."""
+    state.probe = record
+    if isinstance(record.get("calibration"), dict):
+        state.calibration = calibration_from_dict(record["calibration"], "probe.json calibration")
+        state.peak_flops_per_s = float(record["peak_flops_per_s"])
+
+
+def local_peak_flops(cfg: TuneConfig, state: TuneState) -> tuple[float | None, str]:
+    """CPU: this machine's measured matmul rate. CUDA: the --gpu catalog figure (never guessed)."""
+    from batchpilot.measure.probe import measure_cpu_matmul_flops
+
+    if state.device == "cpu":
+        return measure_cpu_matmul_flops(cfg.settings.precision), "cpu"
+    if cfg.gpu:
+        from batchpilot.specs.hardware import load_accelerator
+
+        spec = load_accelerator(cfg.gpu)
+        return spec.peak_flops_per_s(cfg.settings.precision), spec.name
+    return None, ""
+
+
+# ------------------------------------------------------------------------------------------- memory
+def memory_stage(cfg: TuneConfig, state: TuneState) -> dict[str, Any]:
+    """Analytic and traced estimates at every probed size, in the probe's own convention (the CPU
+    trial's baseline already holds the weights, so they are subtracted from both)."""
+    from batchpilot.estimate.traced import traced_memory
+    from batchpilot.measure.probe import analytic_trial_bytes, baseline_model_bytes
+
+    request = probe_request(cfg, state)
+    sizes = sorted({int(t["micro_batch"]) for t in (state.probe or {}).get("trials", [])}) or [1, 2, 4, 8]
+    baseline = baseline_model_bytes(request)
+    deadline = time.monotonic() + max(MIN_MEMORY_STAGE_S, cfg.stage_seconds("memory"))
+    traced: list[int | None] = []
+    for size in sizes:
+        if time.monotonic() > deadline:
+            traced.append(None)
+            continue
+        total = traced_memory(state.model, cfg.settings, micro_batch=size, seq_len=cfg.seq_len,
+                              target="cuda" if state.device == "cuda" else "cpu").total_bytes
+        traced.append(total - baseline)
+    return {"micro_batches": sizes, "analytic": [analytic_trial_bytes(request, b) for b in sizes],
+            "traced": traced, "convention": "bytes above the trial process's baseline (weights excluded on CPU)"}
+
+
+# ------------------------------------------------------------------------------------------- plan
+def local_cluster(cfg: TuneConfig, state: TuneState) -> Any:
+    """The local device as a one-device cluster: its budget as memory, its measured peak."""
+    from batchpilot.specs.hardware import AcceleratorSpec, ClusterSpec, FigureSource, load_accelerator
+
+    if state.device == "cuda" and cfg.gpu:
+        return ClusterSpec(accelerator=load_accelerator(cfg.gpu), devices_per_node=1)
+    if state.peak_flops_per_s is None:
+        raise BatchpilotError("the local plan needs the probe's measured peak; run the probe stage "
+                              "(or pass --gpu NAME for a CUDA device)")
+    from batchpilot.measure.probe import baseline_model_bytes
+
+    # The probe's budget sits above a baseline that already holds the weights (see probe.default_predictor):
+    # the planner's analytic total counts them, so the device's memory is budget + weights.
+    budget = int((state.probe or {}).get("budget_bytes") or CPU_DEFAULT_BUDGET_BYTES)
+    budget += baseline_model_bytes(probe_request(cfg, state))
+    measured = FigureSource(url="measured by batchpilot tune on this machine", says="measured", dense=True)
+    precision = cfg.settings.precision
+    accel = AcceleratorSpec(
+        name="cpu", display_name="this machine's CPU (measured)", vendor="local", memory_bytes=budget,
+        peak_flops={precision: state.peak_flops_per_s}, memory_bandwidth_bytes_per_s=10e9,
+        intra_node_bandwidth_bytes_per_s=10e9, intra_node_link="none (one device)",
+        sources={"memory_bytes": measured, f"peak_flops.{precision}": measured},
+        notes="memory is the probe's budget; bandwidths are placeholders unused with one device",
+    )
+    return ClusterSpec(accelerator=accel, devices_per_node=1)
+
+
+def critical_batch_sequences(state: TuneState, cfg: TuneConfig) -> int:
+    """The global batch the convergence measurement asks for: B_simple in sequences, at least the knee,
+    rounded to a whole number of knee-sized micro-batches."""
+    knee = int((state.probe or {}).get("knee_micro_batch") or 1)
+    b_simple = (state.noise or {}).get("b_simple_sequences")
+    if not isinstance(b_simple, (int, float)) or not math.isfinite(b_simple) or b_simple <= 0:
+        return knee
+    return max(1, round(b_simple / knee)) * knee
+
+
+def plan_stage(cfg: TuneConfig, state: TuneState, out: Path) -> dict[str, Any]:
+    """Plan for the local device (and the target cluster), write the exports."""
+    from batchpilot.estimate.memory import OverheadModel
+    from batchpilot.plan.planner import Pins, PlanRequest, plan
+
+    knee = int((state.probe or {}).get("knee_micro_batch") or 1)
+    target = critical_batch_sequences(state, cfg)
+    request = PlanRequest(
+        model=state.model, cluster=local_cluster(cfg, state), seq_len=cfg.seq_len, global_batch_sequences=target,
+        settings=cfg.settings, pins=Pins(micro_batch=knee), calibration=state.calibration, headroom=0.0,
+        overhead=OverheadModel.cpu() if state.device == "cpu" else None, top=5,
+    )
+    result = plan(request)
+    record = result.to_dict()
+    record["target_source"] = "noise (B_simple)" if state.noise else "probe knee (no noise measurement)"
+    _write_exports(result, out / "exports", "local", LOCAL_EXPORTS)
+    if cfg.gpu and cfg.gpus:
+        record["cluster_plan"] = _cluster_plan(cfg, state, out)
+    state.plan = record
+    return record
+
+
+def _cluster_plan(cfg: TuneConfig, state: TuneState, out: Path) -> dict[str, Any]:
+    from batchpilot.plan.planner import PlanRequest, plan
+    from batchpilot.specs.hardware import ClusterSpec, load_accelerator
+
+    assert cfg.gpu is not None and cfg.gpus is not None
+    per_node = min(cfg.gpus_per_node, cfg.gpus)
+    if cfg.gpus % per_node:
+        raise BatchpilotError(f"--gpus {cfg.gpus} is not a multiple of --gpus-per-node {per_node}")
+    nodes = cfg.gpus // per_node
+    cluster = ClusterSpec(accelerator=load_accelerator(cfg.gpu), devices_per_node=per_node, num_nodes=nodes,
+                          inter_node_bandwidth_bytes_per_s=50e9 if nodes > 1 else None)
+    tokens = _cluster_target_tokens(cfg, state)
+    settings = cfg.settings if cfg.settings.precision != "fp32" else _bf16(cfg)
+    request = PlanRequest(model=state.model, cluster=cluster, seq_len=cfg.seq_len, global_batch_tokens=tokens,
+                          settings=settings, max_deviation=0.25, top=5)
+    result = plan(request)
+    _write_exports(result, out / "exports", "cluster", CLUSTER_EXPORTS)
+    return result.to_dict()
+
+
+def _bf16(cfg: TuneConfig) -> Any:
+    from dataclasses import replace
+
+    return replace(cfg.settings, precision="bf16")
+
+
+def _cluster_target_tokens(cfg: TuneConfig, state: TuneState) -> int:
+    """Scaling-law prior when --train-tokens is given, else the measured B_simple (in tokens)."""
+    if cfg.train_tokens:
+        from batchpilot.plan.priors import global_batch_from_prior
+
+        suggestion = global_batch_from_prior(num_layers=state.model.num_layers, hidden_size=state.model.hidden_size,
+                                             seq_len=cfg.seq_len, train_tokens=cfg.train_tokens)
+        return int(suggestion.batch_tokens)
+    return critical_batch_sequences(state, cfg) * cfg.seq_len
+
+
+def _write_exports(result: Any, folder: Path, prefix: str, formats: tuple[str, ...]) -> None:
+    from batchpilot.plan.export import ExportError, export_text
+
+    if not result.plans:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = {"deepspeed": "json", "hf": "json", "lightning": "json", "megatron": "sh", "torchrun": "sh"}
+    for fmt in formats:
+        try:
+            text = export_text(result.plans[0], result.request, fmt)
+        except ExportError as exc:
+            text = f"# not exportable: {exc}"
+        (folder / f"{prefix}-{fmt}.{suffix[fmt]}").write_text(text + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------- noise
+def _tokens_per_s_at(state: TuneState, micro_batch: int) -> float | None:
+    for trial in (state.probe or {}).get("trials", []):
+        if trial.get("micro_batch") == micro_batch and trial.get("tokens_per_s"):
+            return float(trial["tokens_per_s"])
+    return None
+
+
+def steps_within(seconds: float, tokens_per_step: int, tokens_per_s: float | None, *, lo: int, hi: int) -> int:
+    """Optimizer steps that fit in ``seconds`` at the measured speed, clamped to [lo, hi]."""
+    if not tokens_per_s:
+        return lo
+    return max(lo, min(hi, int(seconds * tokens_per_s / tokens_per_step)))
+
+
+def noise_stage(cfg: TuneConfig, state: TuneState, out: Path) -> dict[str, Any]:
+    """B_simple over K real steps at micro-batch = the knee (B_small) and 2 × knee (B_big)."""
+    from batchpilot.measure.noise_run import NoiseRunSettings, measure_noise
+
+    knee = int((state.probe or {}).get("knee_micro_batch") or 4)
+    global_batch = 2 * knee
+    steps = steps_within(cfg.stage_seconds("noise"), global_batch * cfg.seq_len, _tokens_per_s_at(state, knee),
+                         lo=4, hi=40)
+    settings = NoiseRunSettings(model=cfg.model, data=cfg.data, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len,
+                                micro_batch_sequences=knee, global_batch_sequences=global_batch, steps=steps,
+                                seed=cfg.seed, train_tokens=float(cfg.train_tokens) if cfg.train_tokens else None,
+                                out=str(out / "noise-run"))
+    record = measure_noise(settings)
+    state.noise = record
+    return record
+
+
+# ------------------------------------------------------------------------------------------- verify
+def verify_stage(cfg: TuneConfig, state: TuneState, out: Path, on_record: Any = None) -> dict[str, Any]:
+    """Train with the winning local plan; compare measured tokens/s and peak memory with the prediction."""
+    from batchpilot.train.config import TrainConfig
+    from batchpilot.train.runner import run
+
+    plans = (state.plan or {}).get("plans") or []
+    if not plans:
+        raise BatchpilotError("no plan to verify: the plan stage found none (see plan.json)")
+    best = plans[0]
+    steps = steps_within(cfg.stage_seconds("verify"), int(best["global_batch_tokens"]),
+                         _tokens_per_s_at(state, int(best["micro_batch"])), lo=5, hi=200)
+    config = TrainConfig().replace(
+        model={"model": cfg.model},
+        data={"data": cfg.data, "tokenizer": cfg.tokenizer, "seq_len": cfg.seq_len},
+        batch={"global_batch_sequences": int(best["global_batch_sequences"]),
+               "micro_batch_sequences": int(best["micro_batch"])},
+        optim={"precision": cfg.settings.precision if cfg.settings.precision != "fp8" else "bf16",
+               "warmup_steps": max(1, steps // 10)},
+        run={"steps": steps, "out": str(out / "train"), "seed": cfg.seed, "val_every": max(1, steps // 4),
+             "val_rows": 16, "device": state.device},
+    )
+    summary = run(config, on_record=on_record)
+    return {"summary": summary, "predicted": {k: best.get(k) for k in ("tokens_per_s", "step_time_s", "memory")},
+            "measured": {"tokens_per_s": summary.get("tokens_per_s"),
+                         "peak_memory_bytes": summary.get("peak_memory_bytes")},
+            "steps": steps}

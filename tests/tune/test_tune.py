@@ -1,0 +1,81 @@
+"""``batchpilot tune`` end to end on the ~1M preset: every stage's record, the report and its plots.
+
+Real trials (child processes under a real memory limit), a real noise measurement, a real plan and a
+real verification run; kept short by a small budget, a short sequence and a short time budget.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchpilot.cli import app
+from batchpilot.tune.config import STAGES
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tune_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("tune") / "run"
+    cmd = [sys.executable, "-m", "batchpilot.cli", "tune", "--model", "tiny-llama-1m", "--seq-len", "64",
+           "--memory-budget", "96MiB", "--time-budget", "60s", "--device", "cpu", "--out", str(out), "--json",
+           "--gpu", "h100-sxm", "--gpus", "16"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads(done.stdout)
+
+
+def test_every_stage_ran_and_wrote_its_record(tune_run: tuple[Path, dict]) -> None:
+    out, summary = tune_run
+    stages = {s["name"]: s for s in summary["stages"]}
+    assert list(stages) == list(STAGES)
+    assert all(s["status"] == "ok" for s in stages.values()), stages
+    for name, stage in stages.items():
+        assert (out / stage["record"]).is_file(), name
+    tune_record = json.loads((out / "tune.json").read_text())
+    assert [s["name"] for s in tune_record["stages"]] == list(STAGES)
+
+
+def test_records_are_consistent(tune_run: tuple[Path, dict]) -> None:
+    out, summary = tune_run
+    probe = json.loads((out / "probe.json").read_text())
+    fitting = [t["micro_batch"] for t in probe["trials"] if t["fits"]]
+    assert probe["max_micro_batch"] == max(fitting)
+    assert all(t["micro_batch"] > probe["max_micro_batch"] for t in probe["trials"] if not t["fits"])
+    assert probe["knee_micro_batch"] in fitting
+    curve = json.loads((out / "memory_curve.json").read_text())
+    assert curve["micro_batches"] == sorted({t["micro_batch"] for t in probe["trials"]})
+    noise = json.loads((out / "noise.json").read_text())
+    assert noise["steps_measured"] >= 4 and noise["micro_batch_sequences"] == probe["knee_micro_batch"]
+    plan = json.loads((out / "plan.json").read_text())
+    best = plan["plans"][0]
+    assert best["micro_batch"] == probe["knee_micro_batch"]
+    assert best["micro_batch"] * best["grad_accum"] * best["dp"] == best["global_batch_sequences"]
+    assert plan["cluster_plan"]["plans"], "a plan for the 16 × H100 target"
+    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["global_batch_sequences"] == best["global_batch_sequences"] for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"], "the verification run learns"
+    assert summary["plan"]["global_batch_sequences"] == best["global_batch_sequences"]
+    assert any(p.name.startswith("cluster-deepspeed") for p in (out / "exports").iterdir())
+
+
+def test_report_has_every_plot(tune_run: tuple[Path, dict]) -> None:
+    out, _ = tune_run
+    page = (out / "report.html").read_text()
+    for name in ("memory", "throughput", "noise", "loss"):
+        assert f"id='plot-{name}'" in page and (out / "plots" / f"{name}.png").is_file()
+
+
+def test_reuse_skips_measuring_again(tune_run: tuple[Path, dict], cli_runner) -> None:
+    out, _ = tune_run
+    result = cli_runner.invoke(app, ["tune", "--out", str(out), "--reuse", "--skip", "verify", "--json",
+                                     "--time-budget", "60s", "--device", "cpu", "--seq-len", "64"])
+    assert result.exit_code == 0, result.stderr
+    stages = {s["name"]: s["status"] for s in json.loads(result.stdout)["stages"]}
+    assert stages == {"probe": "reused", "memory": "reused", "noise": "reused", "plan": "reused",
+                      "verify": "skipped", "report": "ok"}
