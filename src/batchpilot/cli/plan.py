@@ -183,11 +183,13 @@ def plan_command(
         "--train-tokens", help="Training tokens D: target from the DeepSeek LLM prior.", rich_help_panel=_TARGET)] = None,
     noise: Annotated[Path | None, typer.Option(
         "--noise", help="`batchpilot noise --json` file: target B_crit ≈ B_simple.", rich_help_panel=_TARGET)] = None,
-    gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node [min(gpus, 8)].")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node (default: min(gpus, 8)).")] = None,
     inter_node_bandwidth: Annotated[str, typer.Option(
         "--inter-node-bandwidth", help="Per-GPU network bandwidth, one direction (bytes/s).")] = DEFAULT_INTER_NODE_BANDWIDTH,
-    micro_batch: Annotated[int | None, typer.Option("--micro-batch", rich_help_panel=_PINS)] = None,
-    grad_accum: Annotated[int | None, typer.Option("--grad-accum", rich_help_panel=_PINS)] = None,
+    micro_batch: Annotated[int | None, typer.Option(
+        "--micro-batch", help="Sequences per GPU per forward/backward.", rich_help_panel=_PINS)] = None,
+    grad_accum: Annotated[int | None, typer.Option(
+        "--grad-accum", help="Micro-batches accumulated per optimizer step.", rich_help_panel=_PINS)] = None,
     tp: Annotated[int | None, typer.Option("--tp", help="Tensor-parallel size.", rich_help_panel=_PINS)] = None,
     pp: Annotated[int | None, typer.Option("--pp", help="Pipeline stages.", rich_help_panel=_PINS)] = None,
     ep: Annotated[int | None, typer.Option("--ep", help="Expert-parallel size.", rich_help_panel=_PINS)] = None,
@@ -200,7 +202,7 @@ def plan_command(
     headroom: Annotated[str, typer.Option("--headroom", help="Memory kept free per GPU.")] = f"{DEFAULT_HEADROOM:.0%}",
     max_deviation: Annotated[str | None, typer.Option(
         "--max-deviation", help="Allow the nearest global batch within this fraction of the target "
-                                "[0; 10% for --train-tokens/--noise].")] = None,
+                                "(default: 0; 10% for --train-tokens/--noise).")] = None,
     calibration: Annotated[Path | None, typer.Option(
         "--calibration", help="Efficiency/overhead file written by `batchpilot probe`.")] = None,
     top: Annotated[int, typer.Option("--top", help="Plans to show.")] = 5,
