@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet $(PIP_EXTRA) -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
+# The main job on the embedded default: probe, noise, plan, verify and the HTML report (CPU, ~5 min),
+# plus the plan for a 64 × H100 cluster. It ends by printing where the report is.
 demo: install
-	$(BIN)/batchpilot plan --model llama-3-8b --gpu h100-sxm --gpus 64 --seq-len 8192 --global-batch-tokens 4Mi
+	$(BIN)/batchpilot tune --out runs/demo --gpu h100-sxm --gpus 64
 
 # pytest exits 5 when it collects no test: that is a failure of the suite, not success.
 test: install
@@ -37,7 +39,9 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
+# llm-analysis pins transformers<5, so it goes in without its dependencies (its estimator needs none).
 bench: install
+	$(BIN)/python -m pip install --quiet --no-deps llm-analysis
 	$(BIN)/python -m benchmarks
 
 clean:
