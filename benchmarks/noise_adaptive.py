@@ -4,6 +4,7 @@ Example (the default CPU task; ~15–30 min on a shared 2-core machine)::
 
     .venv/bin/python -m benchmarks.noise_adaptive            # all parts
     .venv/bin/python -m benchmarks.noise_adaptive race       # only the time-to-target race
+    .venv/bin/python -m benchmarks.noise_adaptive tables     # re-render tables and plot from the JSON
 
 Parts, each writing ``benchmarks/results/noise_adaptive*.{json,md,png}``:
 
@@ -162,6 +163,22 @@ def overhead(repeats: int = 3, steps: int = 30) -> dict[str, Any]:
             "global_batch": 4 * MICRO, "micro_batch": MICRO, "seq_len": SEQ_LEN}
 
 
+def growth_table(results: dict[str, Any]) -> str:
+    """B_simple (EMA, β = 0.95) against the training loss along each run: does it grow as the loss falls?"""
+    lines = ["| run | step | train loss | val loss | B_simple (seq) | 95% band |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        measured = [t for t in r["trajectory"] if t.get("b_simple") is not None and math.isfinite(t["b_simple"])]
+        if len(measured) < 3:
+            continue
+        picks = sorted({measured[int(f * (len(measured) - 1))]["step"] for f in (0.1, 0.4, 0.7, 1.0)})
+        for t in (m for m in measured if m["step"] in picks):
+            val = "" if t["val_loss"] is None else f"{t['val_loss']:.3f}"
+            hi = "∞" if t["b_simple_hi"] is None or not math.isfinite(t["b_simple_hi"]) else f"{t['b_simple_hi']:.2f}"
+            lines.append(f"| {name} | {t['step']} | {t['loss']:.3f} | {val} | {t['b_simple']:.2f} | "
+                         f"{t['b_simple_lo']:.2f}–{hi} |")
+    return "\n".join(lines) + "\n"
+
+
 def _write(name: str, data: dict[str, Any], table: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
@@ -215,13 +232,18 @@ def main(argv: list[str]) -> int:
                f"{100 * data['overhead_fraction_wall']:+.1f}% (shared machine)\n")
     if "seeds" in parts:
         data = seeds()
-        rows = "\n".join(f"| {k} | {v['b_simple_sequences']:.2f} | {v['band']['sequences']} | {v['loss_first']:.2f} → "
+        rows = "\n".join(f"| {k} | {v['b_simple_sequences']:.2f} | {v['band']['sequences'][0]:.2f}–"
+                         f"{v['band']['sequences'][1]:.2f} | {v['loss_first']:.2f} → "
                          f"{v['loss_last']:.2f} |" for k, v in data.items() if k.startswith("seed"))
         _write("noise_adaptive_seeds", data, "| seed | B_simple (seq) | 95% band | loss |\n|---|---|---|---|\n"
                f"{rows}\n\nratio between seeds: {data['ratio']:.2f}\n")
+    if "tables" in parts:  # re-render the race's table, growth table and plot from its JSON
+        data = json.loads((RESULTS / "noise_adaptive.json").read_text(encoding="utf-8"))
+        _write("noise_adaptive", data, race_table(data) + "\n" + growth_table(data))
+        race_plot(data, RESULTS / "noise_adaptive.png")
     if "race" in parts:
         data = race()
-        _write("noise_adaptive", data, race_table(data))
+        _write("noise_adaptive", data, race_table(data) + "\n" + growth_table(data))
         race_plot(data, RESULTS / "noise_adaptive.png")
         print(race_table(data))
     return 0
