@@ -234,3 +234,26 @@ def test_ctrl_c_leaves_no_process_behind() -> None:
                 os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+
+
+def test_lengths_file_gives_the_worst_case(tmp_path) -> None:
+    from batchpilot.cli.probe import _read_lengths
+
+    (tmp_path / "a.txt").write_text("12\n700\n35\n", encoding="utf-8")
+    (tmp_path / "b.json").write_text("[12, 70, 35]", encoding="utf-8")
+    assert worst_case_seq_len(_read_lengths(tmp_path / "a.txt"), cap=512) == 512
+    assert worst_case_seq_len(_read_lengths(tmp_path / "b.json"), cap=512) == 70
+    (tmp_path / "c.txt").write_text("12 x", encoding="utf-8")
+    with pytest.raises(BatchpilotError, match="must hold integers"):
+        _read_lengths(tmp_path / "c.txt")
+
+
+def test_cuda_without_a_gpu_is_a_one_line_error(cli_runner) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from batchpilot.cli import app
+
+    res = cli_runner.invoke(app, ["probe", "--model", "tiny-llama-1m", "--device", "cuda"])
+    assert res.exit_code == 2
+    assert "--device cuda" in res.stderr and len(res.stderr.strip().splitlines()) == 1
