@@ -68,12 +68,14 @@ def build_cluster(gpu: str, gpus: int, gpus_per_node: int | None, inter_node_ban
     """The cluster the flags describe: ``gpus`` GPUs in nodes of ``gpus_per_node`` (default min(gpus, 8))."""
     if isinstance(gpus, bool) or gpus < 1:
         raise SpecError(f"--gpus {gpus!r} must be a positive integer")
-    per_node = min(gpus, 8) if gpus_per_node is None else gpus_per_node
+    per_node = 8 if gpus_per_node is None else gpus_per_node
     if per_node < 1:
         raise SpecError(f"--gpus-per-node {per_node!r} must be a positive integer")
+    per_node = min(per_node, gpus)  # a job smaller than a node uses part of one node
     if gpus % per_node:
+        fixes = sorted({g for g in (gpus - gpus % per_node, gpus + per_node - gpus % per_node) if g > 0})
         raise SpecError(f"--gpus {gpus} is not a multiple of --gpus-per-node {per_node}; "
-                        f"use --gpus {gpus - gpus % per_node or per_node} or {gpus + per_node - gpus % per_node}")
+                        f"use --gpus {' or '.join(map(str, fixes))}")
     nodes = gpus // per_node
     bandwidth = float(parse_bytes(inter_node_bandwidth, "--inter-node-bandwidth")) if nodes > 1 else None
     return ClusterSpec(accelerator=load_accelerator(gpu), devices_per_node=per_node, num_nodes=nodes,
