@@ -14,6 +14,7 @@ On CPU every trial runs in its own process under an address-space limit of its b
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -153,6 +154,8 @@ def probe(
         display = _Display(f"probe {spec.name}, seq {seq_len}, budget {format_bytes(budget)} on {dev}")
         with display.live:
             result = run_probe(request, progress=display)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank probed in step; rank 0 reports
+        return
     written = write_calibration(result, request, calibration_out, accelerator) if calibration_out else None
     record: dict[str, Any] = result.to_dict()
     record["calibration_file"] = str(written) if written else None

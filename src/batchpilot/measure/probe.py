@@ -246,9 +246,9 @@ def default_predictor(request: ProbeRequest) -> Prediction:
     :data:`CPU_TRIAL_OVERHEAD_BYTES` taken off, and the CPU overhead model (no CUDA context, no
     caching-allocator slack) is used.
     """
-    from batchpilot.estimate.memory import OverheadModel, max_micro_batch
+    from batchpilot.estimate.memory import max_micro_batch
 
-    overhead = OverheadModel.cpu() if request.device == "cpu" else OverheadModel()
+    overhead = _overhead(request)
     budget = request.budget_bytes + baseline_model_bytes(request)
     if request.device == "cpu":
         budget = max(1, budget - CPU_TRIAL_OVERHEAD_BYTES)
@@ -257,6 +257,14 @@ def default_predictor(request: ProbeRequest) -> Prediction:
     b = max(size, 1)
     slope = analytic_trial_bytes(request, b + 1) - analytic_trial_bytes(request, b)
     return Prediction(max_micro_batch=size, bytes_per_sequence=float(slope) if slope > 0 else None)
+
+
+def _overhead(request: ProbeRequest) -> Any:
+    """The analytic overhead terms a trial's peak contains: CPU none; CUDA all but the context, which the
+    caching allocator's budget (and ``max_memory_reserved``) does not include."""
+    from batchpilot.estimate.memory import OverheadModel
+
+    return OverheadModel.cpu() if request.device == "cpu" else OverheadModel(cuda_context_bytes=0)
 
 
 def baseline_model_bytes(request: ProbeRequest) -> int:
@@ -271,9 +279,9 @@ def baseline_model_bytes(request: ProbeRequest) -> int:
 
 def analytic_trial_bytes(request: ProbeRequest, micro_batch: int) -> int:
     """The analytic estimate of what a trial's ``peak_bytes`` measures (same baseline convention)."""
-    from batchpilot.estimate.memory import OverheadModel, analytic_memory
+    from batchpilot.estimate.memory import analytic_memory
 
-    overhead = OverheadModel.cpu() if request.device == "cpu" else OverheadModel()
+    overhead = _overhead(request)
     total = analytic_memory(request.model, request.settings, micro_batch=micro_batch, seq_len=request.seq_len,
                             overhead=overhead).total_bytes
     return total - baseline_model_bytes(request)
@@ -467,10 +475,30 @@ def _to_trial(micro_batch: int, messages: list[tuple[str, Any]], exitcode: int |
 
 
 class CudaTrialRunner:
-    """Trials in this process on the current CUDA device (``LOCAL_RANK`` under torchrun)."""
+    """Trials in this process on the current CUDA device (``LOCAL_RANK`` under torchrun).
+
+    Under torchrun (``WORLD_SIZE`` > 1) it joins the NCCL process group, so every trial's outcome is
+    agreed by all ranks (``_trial.agree_across_ranks``) and all ranks take the same search path.
+    """
 
     def __init__(self, request: ProbeRequest) -> None:
         self.request = request
+        self._owns_group = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                dist.init_process_group("nccl")
+                self._owns_group = True
+
+    def close(self) -> None:
+        if self._owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._owns_group = False
 
     def __call__(self, micro_batch: int) -> ProbeTrial:
         from batchpilot.measure._trial import TrialSpec, run_cuda_trial
@@ -530,11 +558,12 @@ def resolve_device(device: str) -> Device:
 
 
 def device_memory_bytes(device: Device) -> int:
-    """Default budget: CPU ``MemAvailable`` (/proc/meminfo) or the CUDA device's total memory."""
+    """Default budget: CPU ``MemAvailable`` (/proc/meminfo); CUDA the device's free memory once this
+    process's CUDA context exists (``torch.cuda.mem_get_info``), i.e. what the allocator can get."""
     if device == "cuda":
         import torch
 
-        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+        return int(torch.cuda.mem_get_info(torch.cuda.current_device())[0])
     with open("/proc/meminfo", encoding="ascii") as fh:
         for line in fh:
             if line.startswith("MemAvailable:"):
