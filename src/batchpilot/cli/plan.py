@@ -136,7 +136,7 @@ def _target(*, global_batch_tokens: str | None, global_batch: str | None, like: 
 
 
 def _rate(per_s: float) -> str:
-    return f"{per_s / 1e6:.2f}M" if per_s >= 1e6 else f"{per_s / 1e3:.0f}K"
+    return f"{per_s / 1e6:.2f}M" if per_s >= 1e6 else f"{per_s / 1e3:.0f}K" if per_s >= 1e4 else f"{per_s:.0f}"
 
 
 def _render(result: PlanResult, source: str) -> None:
@@ -158,7 +158,7 @@ def _render(result: PlanResult, source: str) -> None:
         extra = f"{p.deviation:+.2%}" if deviates else f"{st.tflops_per_gpu:.0f}"
         table.add_row(f"{t.micro_batch_sequences}×{t.grad_accum_steps}×{t.data_parallel_ranks}",
                       f"{s.tp}·{s.pp}·{s.ep}", str(s.zero_stage), s.recompute, f"{p.memory.total_bytes / GIB:.1f}",
-                      f"{st.step_time_s:.2f}", _rate(st.tokens_per_s), extra, f"{st.mfu:.1%}")
+                      f"{st.step_time_s:.3g}", _rate(st.tokens_per_s), extra, f"{st.mfu:.1%}")
     console.print(table)
     console.print(f"[bold]winner[/]: {result.rationale}")
     memory = sum(1 for x in result.rejected if x.kind == "memory")

@@ -592,7 +592,7 @@ def rationale(result: PlanResult) -> str:
     text = (f"tp {s.tp} × pp {s.pp} × dp {t.data_parallel_ranks}, ZeRO-{s.zero_stage}, recompute {s.recompute}, "
             f"micro-batch {t.micro_batch_sequences} × accum {t.grad_accum_steps}: uses "
             f"{mem.total_bytes / GIB:.1f} of {result.request.budget_bytes / GIB:.1f} GiB usable, MFU {st.mfu:.0%}; "
-            f"largest overhead {name} {seconds / st.step_time_s:.0%} of the {st.step_time_s:.2f} s step")
+            f"largest overhead {name} {seconds / st.step_time_s:.0%} of the {st.step_time_s:.3g} s step")
     if len(result.plans) > 1:
         gain = st.tokens_per_s / result.plans[1].step.tokens_per_s - 1
         text += f"; {gain:+.1%} tokens/s over the runner-up"
