@@ -55,6 +55,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--budgets", help="comma-separated, e.g. 256MiB,512MiB")
     p.add_argument("--finders", default=",".join(FINDERS))
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per finder process")
+    p.add_argument("--output-stem", default="probe_vs_finders", help="results/<stem>.json and .md")
     return p.parse_args(argv)
 
 
@@ -136,7 +137,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"{setup['seq_len']}, {setup['attention']} attention, random tokens; each finder whole in a fresh "
         "process under RLIMIT_AS = own baseline + budget, `MALLOC_MMAP_THRESHOLD_=131072` "
         f"(batchpilot: per trial process). Run {record['date']} on {record['cpus']} shared CPU cores "
-        f"(`python -m benchmarks.probe_vs_finders{' --full' if record['full'] else ''}`).",
+        f"(`python -m benchmarks.probe_vs_finders {record.get('argv', '')}`).",
         "",
         "| budget (true L) | finder | trials | wall s | size found | truly fits | tokens/s at that size |",
         "|---|---|---|---|---|---|---|",
@@ -167,12 +168,13 @@ def main(argv: list[str]) -> int:
     if args.budgets:
         setup["budgets"] = args.budgets.split(",")
     finders = [f for f in args.finders.split(",") if f]
-    record = {"setup": setup, "full": args.full, "params": load_model(setup["model"]).params_total,
+    record = {"setup": setup, "full": args.full, "argv": " ".join(argv),
+              "params": load_model(setup["model"]).params_total,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
               "budgets": [one_budget(setup, b, finders, args.timeout) for b in setup["budgets"]]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "probe_vs_finders.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    (RESULTS / "probe_vs_finders.md").write_text(markdown(record), encoding="utf-8")
+    (RESULTS / f"{args.output_stem}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (RESULTS / f"{args.output_stem}.md").write_text(markdown(record), encoding="utf-8")
     print(markdown(record))
     return 0
 
