@@ -5,12 +5,15 @@ The step-time model (:mod:`batchpilot.estimate.steptime`) turns FLOPs into secon
 the training step's matmuls reach; it rises with the tokens one forward/backward processes (bigger
 GEMMs, fewer kernel launches per FLOP) and saturates. Two sources:
 
-- :data:`DEFAULT_CURVE` — a documented default, ``e(t) = e_max · t / (t + t_half)`` with
+- :func:`default_efficiency` (:data:`DEFAULT_CALIBRATION`) — a documented default, ``e(t) = e_max · t / (t + t_half)`` with
   ``e_max = 0.55`` and ``t_half = 2048`` tokens. It gives 0.28 at 2,048 tokens per micro-batch, 0.44 at
   8,192 and 0.52 at 32,768. Basis: well-tuned dense training reaches 0.4–0.55 of peak end to end
   (Narayanan et al. 2021, Table 1: 44–52 % on A100 including communication and bubble; Llama 3 405B:
   38–43 % BF16 MFU on H100, Llama 3 Herd of Models, Table 4), so the matmul-only ceiling sits at or a
-  little above that, and small micro-batches (short GEMMs) fall well below it. Known error: ±30 % for a given model and kernel stack; calibrate with the probe.
+  little above that, and small micro-batches (short GEMMs) fall well below it. Known error: ±30 % for
+  an LLM-sized model (hidden ≥ 2048) and a tuned kernel stack; far worse for small models, whose
+  narrow GEMMs and launch overheads the curve does not see (a 15M-parameter model is launch-bound, not
+  at 50 % of an H100's peak). Calibrate with the probe.
 - A :class:`Calibration` measured by ``batchpilot probe`` on the real device: efficiency at several
   tokens-per-micro-batch points (piecewise-linear in log tokens between them, clamped at both ends)
   and the memory overhead the analytic model missed.
