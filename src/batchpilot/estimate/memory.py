@@ -9,17 +9,20 @@ Examples::
     >>> m.total_bytes > m.activations_bytes > 0
     True
 
-The step's peak is the larger of two phases (both are in ``details``):
+The step's peak is the largest of three moments (each total is in ``details``):
 
-- ``fwd_bwd``: the end of the forward pass / start of the backward pass. Weights (plus any compute
-  copies), optimizer states, the gradients alive then, and every tensor saved for backward plus the
-  logits/loss buffers (:func:`activation_terms`).
-- ``optimizer``: the optimizer step. Weights, all gradients, optimizer states and the step's transient
-  (``torch.optim.AdamW(foreach=True)`` materialises one state-sized list, ``sqrt(v)``, see
-  :data:`OPTIMIZER_STEP_TRANSIENT_BYTES`). Activations are freed by then.
+- ``backward_start`` (end of forward / start of backward): weights (plus 16-bit compute copies),
+  optimizer states, the gradients alive then and every tensor saved for backward plus the logits/loss
+  buffers (:func:`activation_terms`, :func:`logits_terms`).
+- ``backward_end``: all gradients (activations freed), plus the tied input embedding's dense gradient
+  before it is added into the head's.
+- ``optimizer_step``: weights, all gradients, optimizer states and the step's temporaries
+  (``torch.optim.AdamW(foreach=True)`` materialises one fp32 state-sized list, ``sqrt(v)``:
+  :data:`OPTIMIZER_STEP_TRANSIENT_BYTES`, measured).
 
-Categories of the returned :class:`MemoryBreakdown` are those *of the peak phase*, so they always sum to
-the peak; ``details["activations_peak"]`` keeps the activation peak even when the optimizer phase wins.
+Categories of the returned :class:`MemoryBreakdown` are those *of the peak moment*, so they always sum
+to the peak; ``details["activations_peak"]`` keeps the activation peak even when a later moment wins and
+``details["peak_phase"]`` says which won (0 backward start, 1 backward end, 2 optimizer step).
 
 Model states (``bytes_per_param``): an explicit table keyed by engine × precision × optimizer
 (:data:`PARAM_BYTES`), sharded per ZeRO stage over the data-parallel group exactly as Rajbhandari et al.
@@ -351,18 +354,23 @@ def _mla_projections(model: ModelSpec, d: _Dtypes, heads: int) -> dict[str, floa
     return terms
 
 
-def _ffn(model: ModelSpec, d: _Dtypes, width: int, prefix: str) -> dict[str, float]:
+def _ffn(model: ModelSpec, settings: RunSettings, d: _Dtypes, width: int, prefix: str) -> dict[str, float]:
     """One FFN of ``width`` (already divided by tp) per token it processes.
 
     SwiGLU ``down(silu(gate(x)) * up(x))``: gate output (SiLU input), up output, SiLU output, the product
-    (the down-projection input): 4·I. GELU MLP (Korthikanti): fc1 output (GELU input) 8sbh = 2·I, GELU
-    output (fc2 input) 2·I — i.e. 2·I elements.
+    (the down-projection input): 4·I. GELU MLP with a fused GELU (Korthikanti; Megatron): fc1 output
+    (GELU input, 8sbh) and GELU output (fc2 input, 8sbh): 2·I. GPT-2's ``gelu_new`` in ``transformers``
+    is elementwise Python, ``0.5·x·(1 + tanh(c·(x + 0.044715·x³)))``, and also saves ``0.5·x``, the
+    tanh output and ``1 + tanh``: 5·I (every engine but ``megatron``).
     """
     count = 4 if model.mlp_kind == "swiglu" else 2
+    if model.mlp_kind == "gelu" and settings.engine != "megatron" \
+            and model.hf_config.get("activation_function") == "gelu_new":
+        count = 5
     return {f"{prefix}": float(count * width * d.act)}
 
 
-def _moe(model: ModelSpec, d: _Dtypes, tp: int) -> dict[str, float]:
+def _moe(model: ModelSpec, settings: RunSettings, d: _Dtypes, tp: int) -> dict[str, float]:
     """MoE FFN per token (Mixtral/DeepSeek in ``transformers``): router logits (16-bit) and their fp32
     softmax, per routed copy the gathered expert input and the expert output (for the routing-weight
     product), each expert's FFN; shared experts see every token. Balanced routing assumed (capacity
@@ -371,9 +379,9 @@ def _moe(model: ModelSpec, d: _Dtypes, tp: int) -> dict[str, float]:
     terms = {"moe_router": float(e * (d.act + 4))}
     terms["moe_dispatch"] = float(k * 2 * h * d.act)
     width = max(1, model.moe_intermediate_size // tp)
-    terms["moe_experts"] = k * _ffn(model, d, width, "x")["x"]
+    terms["moe_experts"] = k * _ffn(model, settings, d, width, "x")["x"]
     if model.num_shared_experts:
-        terms["moe_shared"] = model.num_shared_experts * _ffn(model, d, width, "x")["x"]
+        terms["moe_shared"] = model.num_shared_experts * _ffn(model, settings, d, width, "x")["x"]
     return terms
 
 
@@ -402,9 +410,9 @@ def activation_terms(model: ModelSpec, settings: RunSettings, *, seq_len: int, m
         outside["mlp_dropout_mask"] = float(h)
     inside = _attention(model, settings, d, seq_len, t, dropout)
     if moe_layer:
-        inside.update(_moe(model, d, t))
+        inside.update(_moe(model, settings, d, t))
     else:
-        inside.update(_ffn(model, d, max(1, model.intermediate_size // t), "mlp"))
+        inside.update(_ffn(model, settings, d, max(1, model.intermediate_size // t), "mlp"))
     terms = {name: value / sp_div for name, value in outside.items()}
     terms.update(inside)
     return terms
@@ -573,6 +581,48 @@ def analytic_memory(model: ModelSpec, settings: RunSettings, *, micro_batch: int
     return max(results, key=lambda r: r.total_bytes)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Phase:
+    """What one GPU holds at one moment of the step (bytes per category)."""
+
+    weights: float
+    gradients: float
+    activations: float
+    extra: float
+    """Transient buffers counted as overhead (ZeRO-3 gathers, optimizer temporaries, embedding gradient)."""
+
+    def total(self, optimizer: float) -> float:
+        return self.weights + self.gradients + self.activations + self.extra + optimizer
+
+
+def _phases(model: ModelSpec, settings: RunSettings, lay: _Layout, overhead: OverheadModel,
+            params: _StageParams, states: ModelStates, activations: float) -> dict[str, _Phase]:
+    """The three candidate peaks of a step (see the module docstring).
+
+    ``backward_start``: activations and loss buffers, plus the gradients that exist already — persistent
+    buffers (DDP buckets, DeepSpeed/Megatron/FSDP reduce buffers) hold them all; a single-process torch
+    step with ``zero_grad(set_to_none=True)`` has none yet. ``backward_end``: every gradient, plus — with
+    tied embeddings on one stage — the input embedding's dense gradient before it is added into the
+    output head's (V·h). ``optimizer``: every gradient plus the optimizer step's temporaries.
+    """
+    grads_early = 0.0 if (settings.engine == "torch" and lay.dp == 1) else states.gradients_bytes
+    gather = 0.0
+    if settings.zero_stage >= 3 and settings.engine != "megatron":
+        gather = overhead.gather_layers * params.largest_layer * ACTIVATION_BYTES[settings.precision]
+    tied = 0.0
+    if model.tie_word_embeddings and lay.pp == 1 and grads_early == 0.0:
+        tied = model.vocab_size * model.hidden_size / lay.tp * bytes_per_param(settings).gradients
+    transient = 0.0 if settings.offload else _optimizer_transient(settings, params, lay)
+    weights = states.weights_bytes
+    return {
+        "backward_start": _Phase(weights=weights + states.compute_copies_bytes, gradients=grads_early,
+                                 activations=activations, extra=gather),
+        "backward_end": _Phase(weights=weights, gradients=states.gradients_bytes, activations=0.0, extra=tied),
+        "optimizer_step": _Phase(weights=weights, gradients=states.gradients_bytes, activations=0.0,
+                                 extra=transient),
+    }
+
+
 def _stage_memory(model: ModelSpec, settings: RunSettings, lay: _Layout, overhead: OverheadModel,
                   micro_batch: int, seq_len: int, first: bool, last: bool) -> MemoryBreakdown:
     params = _stage_params(model, lay, first, last)
@@ -581,35 +631,27 @@ def _stage_memory(model: ModelSpec, settings: RunSettings, lay: _Layout, overhea
     acts = _activation_bytes(model, settings, lay, micro_batch=micro_batch, seq_len=seq_len,
                              first=first, last=last)
     activations = sum(acts.values())
-    # Gradients alive at the fwd/bwd peak: persistent buffers (DDP buckets, DeepSpeed/Megatron/FSDP
-    # reduce buffers) hold them all; a single-process torch step with zero_grad(set_to_none=True) has
-    # none yet at the end of the forward pass.
-    grads_fwd = 0.0 if (settings.engine == "torch" and lay.dp == 1) else states.gradients_bytes
-    gather = 0.0
-    if settings.zero_stage >= 3 and settings.engine != "megatron":
-        gather = overhead.gather_layers * params.largest_layer * ACTIVATION_BYTES[settings.precision]
-    fwd_bwd = states.weights_bytes + states.compute_copies_bytes + states.optimizer_bytes + grads_fwd + activations + gather
-    transient = 0.0 if settings.offload else _optimizer_transient(settings, params, lay)
-    opt_step = states.weights_bytes + states.gradients_bytes + states.optimizer_bytes + transient
+    phases = _phases(model, settings, lay, overhead, params, states, activations)
+    optimizer = states.optimizer_bytes
+    name, peak_phase = max(phases.items(), key=lambda item: item[1].total(optimizer))
+    peak = peak_phase.total(optimizer)
     fixed = overhead.cuda_context_bytes + overhead.workspace_bytes
     if lay.dp * lay.tp * lay.pp > 1:
         fixed += overhead.comm_buffer_bytes
-    details = {f"activations_{k}": round(v) for k, v in acts.items()}
-    details.update(resident_states=round(states.weights_bytes + states.optimizer_bytes),
-                   fwd_bwd_peak=round(fwd_bwd), optimizer_step_peak=round(opt_step),
-                   activations_peak=round(activations), compute_weight_copies=round(states.compute_copies_bytes),
-                   zero3_gather_buffer=round(gather), optimizer_step_transient=round(transient),
-                   fixed_overhead=round(fixed))
-    if fwd_bwd >= opt_step:
-        weights, grads, acts_now, extra = states.weights_bytes + states.compute_copies_bytes, grads_fwd, activations, gather
-    else:
-        weights, grads, acts_now, extra = states.weights_bytes, states.gradients_bytes, 0.0, transient
-    peak = max(fwd_bwd, opt_step)
     frag = overhead.fragmentation_fraction * peak
-    details["fragmentation"] = round(frag)
+    details = {f"activations_{k}": round(v) for k, v in acts.items()}
+    details.update({f"{phase}_peak": round(p.total(optimizer)) for phase, p in phases.items()})
+    details.update(
+        resident_states=round(states.weights_bytes + optimizer), activations_peak=round(activations),
+        fwd_bwd_peak=round(max(phases["backward_start"].total(optimizer), phases["backward_end"].total(optimizer))),
+        compute_weight_copies=round(states.compute_copies_bytes), zero3_gather_buffer=round(phases["backward_start"].extra),
+        optimizer_step_transient=round(phases["optimizer_step"].extra), fixed_overhead=round(fixed),
+        fragmentation=round(frag), peak_phase=list(phases).index(name),
+    )
     return MemoryBreakdown(
-        weights_bytes=round(weights), gradients_bytes=round(grads), optimizer_bytes=round(states.optimizer_bytes),
-        activations_bytes=round(acts_now), overhead_bytes=round(extra + frag + fixed), details=details,
+        weights_bytes=round(peak_phase.weights), gradients_bytes=round(peak_phase.gradients),
+        optimizer_bytes=round(optimizer), activations_bytes=round(peak_phase.activations),
+        overhead_bytes=round(peak_phase.extra + frag + fixed), details=details,
     )
 
 
