@@ -5,7 +5,8 @@ Example (CPU, a few seconds)::
     .venv/bin/python -m benchmarks.cpu_step tiny-llama-1m 4 256
 
 A ``transformers`` causal LM is built from the preset's config in fp32 (``sdpa`` or ``eager``
-attention), trained with ``torch.optim.AdamW(foreach=True)`` (the CUDA default, forced on CPU) and
+attention), trained with ``torch.optim.AdamW(foreach=True)`` (the CUDA default, forced on CPU; ``foreach=False``
+is the CPU default's per-tensor loop) and
 ``zero_grad(set_to_none=True)``; ``precision="bf16"`` runs the forward under CPU autocast (fp32
 parameters, bf16 matmuls), as ``engine="torch"`` mixed precision does on a GPU. The second of two iterations is measured: the torch profiler with
 ``profile_memory=True`` reports every allocation and free of the CPU allocator with its running
@@ -59,7 +60,7 @@ def _flatten(roots: list[Any]) -> list[Any]:
 
 
 def measure_step(model: ModelSpec, *, micro_batch: int, seq_len: int, attention: str = "flash",
-                 precision: str = "fp32", seed: int = 0) -> StepMemory:
+                 precision: str = "fp32", foreach: bool = True, seed: int = 0) -> StepMemory:
     """Build, train two iterations, and return the second iteration's phase-wise allocator peaks."""
     import torch
     import transformers
@@ -84,7 +85,7 @@ def measure_step(model: ModelSpec, *, micro_batch: int, seq_len: int, attention:
         module = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn,
                                                                dtype=torch.float32)
         module.train()
-        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, foreach=True)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, foreach=foreach)
         ids = torch.randint(0, model.vocab_size, (micro_batch, seq_len), dtype=torch.long)
         iteration(module, optimizer, ids, mark=False)
         iteration(module, optimizer, ids, mark=True)

@@ -151,10 +151,22 @@ def test_overhead_terms() -> None:
 def test_optimizer_step_can_be_the_peak() -> None:
     """At a tiny micro-batch the AdamW step (weights + grads + states + one state-sized temporary) wins."""
     m = analytic_memory(TINY, RunSettings(precision="fp32"), micro_batch=1, seq_len=8,
-                        overhead=OverheadModel.cpu())
+                        overhead=OverheadModel.cpu(optimizer_foreach=True))
     n = TINY.params_total
     assert m.total_bytes == pytest.approx((4 + 4 + 8 + 4) * n, rel=1e-6)
     assert m.activations_bytes == 0 and m.details["activations_peak"] > 0
+    assert m.details["peak_phase"] == 2
+
+
+def test_per_tensor_loop_optimizer_transient() -> None:
+    """torch's CPU default (foreach=False): two fp32 temporaries of the largest tensor, here the 8192 × 384
+    output head of tiny-llama-15m — measured 25.17 MB above weights + gradients + states
+    (benchmarks/cpu_step.py, foreach=False)."""
+    small = load_model("tiny-llama-15m")
+    m = analytic_memory(small, RunSettings(precision="fp32"), micro_batch=1, seq_len=8,
+                        overhead=OverheadModel.cpu())
+    assert m.details["optimizer_step_transient"] == 2 * 4 * 8192 * 384
+    assert m.details["optimizer_step_transient"] == pytest.approx(25.17e6, rel=0.01)
 
 
 def test_max_micro_batch_is_the_largest_that_fits() -> None:

@@ -75,13 +75,20 @@ ACTIVATION_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 #: moments, O(rows + cols) per matrix: counted as 0 per parameter (< 1 % for matrices wider than 200).
 OPTIMIZER_STATE_BYTES: dict[str, int] = {"adamw": 8, "adamw-8bit": 2, "sgd-momentum": 4, "adafactor": 0}
 
-#: Transient bytes per parameter (per optimizer-state byte it scales with) at the peak of the optimizer
-#: step, as a multiple of the fp32 parameter size. ``torch.optim.AdamW(foreach=True)``
-#: (``_multi_tensor_adamw``) allocates ``torch._foreach_sqrt(exp_avg_sqs)`` (one fp32 state list) and,
-#: for the bias-corrected update, one more list of the same size: measured 2 × 4 bytes/param on torch
-#: 2.13 CPU (tests/estimate/test_memory_crosscheck.py). Fused GPU kernels (``fused=True``, DeepSpeed
-#: FusedAdam, Megatron's distributed optimizer) update in place: 0.
+#: Transient bytes per parameter at the peak of a ``foreach`` optimizer step (the CUDA default of
+#: ``torch.optim``): ``_multi_tensor_adamw`` allocates ``torch._foreach_sqrt(exp_avg_sqs)``, one fp32
+#: state-sized list, and updates everything else in place — measured 4 bytes/param on torch 2.13
+#: (benchmarks/cpu_step.py, tests/estimate/test_memory_crosscheck.py). SGD with momentum updates in
+#: place. Adafactor's factored update: one parameter-sized temporary (not measured). The per-tensor loop
+#: (``foreach=False``, torch's CPU default) instead holds two temporaries of the largest parameter tensor
+#: (``exp_avg_sq.sqrt() / bias_correction``): :data:`LOOP_STEP_TRANSIENT_TENSORS`. Fused kernels
+#: (``fused=True``, DeepSpeed FusedAdam, Megatron's optimizer) update in place: 0.
 OPTIMIZER_STEP_TRANSIENT_BYTES: dict[str, int] = {"adamw": 4, "adamw-8bit": 0, "sgd-momentum": 0, "adafactor": 4}
+
+#: fp32 temporaries of the largest parameter tensor alive in a per-tensor-loop optimizer step (AdamW:
+#: ``sqrt(v)`` and its bias-corrected quotient; measured: 25.2 MB = 2 × the 12.6 MB head of
+#: ``tiny-llama-15m``).
+LOOP_STEP_TRANSIENT_TENSORS: dict[str, int] = {"adamw": 2, "adamw-8bit": 0, "sgd-momentum": 0, "adafactor": 1}
 
 Engine = Literal["torch", "fsdp2", "deepspeed", "megatron"]
 
@@ -167,6 +174,10 @@ class OverheadModel:
     channel and peer) plus DDP/ZeRO gradient buckets (DDP ``bucket_cap_mb=25``, flattened copies)."""
     gather_layers: int = 2
     """ZeRO-3/FSDP full-shard: unsharded layers alive at once (the computing layer + one prefetched)."""
+    optimizer_foreach: bool = True
+    """``torch`` engine: the optimizer runs its ``foreach`` implementation (the default for CUDA tensors)
+    rather than the per-tensor loop (the default for CPU tensors); see
+    :data:`OPTIMIZER_STEP_TRANSIENT_BYTES`."""
 
     def __post_init__(self) -> None:
         for name in ("cuda_context_bytes", "workspace_bytes", "comm_buffer_bytes", "gather_layers"):
@@ -179,9 +190,11 @@ class OverheadModel:
             )
 
     @classmethod
-    def cpu(cls) -> OverheadModel:
-        """A CPU process: no CUDA context, workspace or fragmentation term; collectives (gloo) are small."""
-        return cls(cuda_context_bytes=0, workspace_bytes=0, fragmentation_fraction=0.0, comm_buffer_bytes=0)
+    def cpu(cls, *, optimizer_foreach: bool = False) -> OverheadModel:
+        """A CPU process: no CUDA context, workspace or fragmentation term, small (gloo) collectives, and
+        torch's CPU default optimizer loop unless ``optimizer_foreach``."""
+        return cls(cuda_context_bytes=0, workspace_bytes=0, fragmentation_fraction=0.0, comm_buffer_bytes=0,
+                   optimizer_foreach=optimizer_foreach)
 
     @classmethod
     def zero(cls) -> OverheadModel:
@@ -612,7 +625,7 @@ def _phases(model: ModelSpec, settings: RunSettings, lay: _Layout, overhead: Ove
     tied = 0.0
     if model.tie_word_embeddings and lay.pp == 1 and grads_early == 0.0:
         tied = model.vocab_size * model.hidden_size / lay.tp * bytes_per_param(settings).gradients
-    transient = 0.0 if settings.offload else _optimizer_transient(settings, params, lay)
+    transient = 0.0 if settings.offload else _optimizer_transient(model, settings, params, lay, overhead)
     weights = states.weights_bytes
     return {
         "backward_start": _Phase(weights=weights + states.compute_copies_bytes, gradients=grads_early,
@@ -655,14 +668,21 @@ def _stage_memory(model: ModelSpec, settings: RunSettings, lay: _Layout, overhea
     )
 
 
-def _optimizer_transient(settings: RunSettings, params: _StageParams, lay: _Layout) -> float:
-    """The optimizer step's temporary buffers (:data:`OPTIMIZER_STEP_TRANSIENT_BYTES`), for unfused
-    ``torch`` optimizers only, on the parameters whose states this GPU updates."""
+def _optimizer_transient(model: ModelSpec, settings: RunSettings, params: _StageParams, lay: _Layout,
+                         overhead: OverheadModel) -> float:
+    """The optimizer step's temporary buffers for unfused ``torch`` optimizers (other engines' fused
+    kernels update in place): :data:`OPTIMIZER_STEP_TRANSIENT_BYTES` per parameter this GPU updates for
+    ``foreach``, :data:`LOOP_STEP_TRANSIENT_TENSORS` × its largest fp32 parameter tensor for the loop."""
     if settings.engine != "torch":
         return 0.0
-    shard = lay.shard if settings.zero_stage >= 1 else 1
-    local = params.dense / shard + params.expert / (lay.expert_shard if settings.zero_stage >= 1 else 1)
-    return OPTIMIZER_STEP_TRANSIENT_BYTES[settings.optimizer] * local
+    sharded = settings.zero_stage >= 1
+    local = params.dense / (lay.shard if sharded else 1) + params.expert / (lay.expert_shard if sharded else 1)
+    if overhead.optimizer_foreach:
+        return OPTIMIZER_STEP_TRANSIENT_BYTES[settings.optimizer] * local
+    widths = (model.vocab_size, model.intermediate_size, model.moe_intermediate_size,
+              model.num_heads * model.head_dim_qk)
+    largest = model.hidden_size * max(widths) / lay.tp
+    return LOOP_STEP_TRANSIENT_TENSORS[settings.optimizer] * 4 * min(largest, local)
 
 
 # ---------------------------------------------------------------------------------------------- search
@@ -703,6 +723,6 @@ def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
 
 
 __all__ = [
-    "ACTIVATION_BYTES", "OPTIMIZER_STATE_BYTES", "PARAM_BYTES", "ModelStates", "OverheadModel",
+    "ACTIVATION_BYTES", "LOOP_STEP_TRANSIENT_TENSORS", "OPTIMIZER_STATE_BYTES", "OPTIMIZER_STEP_TRANSIENT_BYTES", "PARAM_BYTES", "ModelStates", "OverheadModel",
     "ParamBytes", "activation_terms", "analytic_memory", "bytes_per_param", "logits_terms", "max_micro_batch", "model_state_bytes",
 ]
