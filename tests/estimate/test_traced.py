@@ -26,10 +26,12 @@ from batchpilot.specs.settings import RunSettings
 TOLERANCE = 0.02  # the acceptance bound: traced peak within 2 % of the measured allocator peak
 
 
-def _assert_matches(preset: str, settings: RunSettings, micro_batch: int, seq_len: int) -> None:
+def _assert_matches(preset: str, settings: RunSettings, micro_batch: int, seq_len: int, *,
+                    foreach: bool = False) -> None:
     spec = load_model(preset)
-    traced = traced_memory(spec, settings, micro_batch=micro_batch, seq_len=seq_len)
-    measured = measure_cpu_step_peak(spec, settings, micro_batch=micro_batch, seq_len=seq_len)
+    traced = trace_step(spec, settings, micro_batch=micro_batch, seq_len=seq_len, foreach=foreach,
+                        count_flops=False).memory
+    measured = measure_cpu_step_peak(spec, settings, micro_batch=micro_batch, seq_len=seq_len, foreach=foreach)
     error = peak_error(traced.total_bytes, measured)
     assert abs(error) <= TOLERANCE, f"{preset} b={micro_batch} {settings}: traced {traced.total_bytes} vs {measured}"
 
@@ -62,6 +64,13 @@ def test_tiny_15m_peak_matches_real_cpu_step(precision: str, micro_batch: int) -
 )
 def test_settings_variants_match_real_cpu_step(settings: RunSettings) -> None:
     _assert_matches("tiny-llama-1m", settings, 1, 128)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_foreach_optimizer_peak_matches_real_cpu_step(precision: str) -> None:
+    """The multi-tensor AdamW (torch's CUDA default) forced on CPU: its whole-model step temporaries too."""
+    _assert_matches("tiny-llama-1m", RunSettings(precision=precision), 1, 128, foreach=True)
 
 
 def test_breakdown_categories_are_model_states_and_activations() -> None:

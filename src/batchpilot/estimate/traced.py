@@ -152,15 +152,21 @@ def traced_flops(
 def trace_step(
     model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, target: Target = "cpu",
     count_flops: bool = True, track_memory: bool = True, cuda_terms: CudaTerms | None = None,
+    foreach: bool | None = None,
 ) -> TraceResult:
-    """Trace two training iterations (memory) and one (FLOPs) of ``model`` with ``settings``."""
+    """Trace two training iterations (memory) and one (FLOPs) of ``model`` with ``settings``.
+
+    ``foreach`` overrides the optimizer's multi-tensor path, which otherwise follows torch's default for
+    ``target`` (off on CPU, on for CUDA); ``cuda_terms`` overrides :class:`CudaTerms` for ``target="cuda"``.
+    """
     check_traceable(model, settings, micro_batch=micro_batch, seq_len=seq_len, target=target)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     terms = cuda_terms or CudaTerms()
     start = time.perf_counter()
     with _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
-        step = build_step(model, settings, micro_batch=micro_batch, seq_len=seq_len, target=target)
+        step = build_step(model, settings, micro_batch=micro_batch, seq_len=seq_len,
+                          foreach=target == "cuda" if foreach is None else foreach)
         memory, maxima = (
             _track_memory(step, target, terms) if track_memory
             else (MemoryBreakdown(weights_bytes=0, gradients_bytes=0, optimizer_bytes=0,
@@ -217,10 +223,13 @@ class TrainingStep:
 
 
 def build_step(
-    model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, target: str = "cpu",
+    model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, foreach: bool = False,
     seed: int = 0,
 ) -> TrainingStep:
     """Build the module, optimizer and batch of ``settings`` on the current (fake or real) CPU device.
+
+    ``foreach`` selects the optimizer's multi-tensor implementation (torch's default on CUDA; on CPU
+    torch defaults to the per-parameter loop).
 
     Shared by the trace and by :func:`batchpilot.measure.cpu_peak.measure_cpu_step_peak`, so that both
     run exactly the same computation.
@@ -235,7 +244,7 @@ def build_step(
     module.train()
     if settings.recompute != "none":
         _enable_checkpointing(module, settings.recompute, seq_len)
-    optimizer = _make_optimizer(settings.optimizer, module.parameters(), foreach=target == "cuda")
+    optimizer = _make_optimizer(settings.optimizer, module.parameters(), foreach=foreach)
     input_ids = torch.randint(0, model.vocab_size, (micro_batch, seq_len), dtype=torch.long)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
     backward = _scaled_backward(module) if settings.precision == "fp16" else _plain_backward

@@ -30,9 +30,14 @@ _STEP_MARK = "batchpilot.train_iterations"
 
 
 def measure_cpu_step_peak(
-    model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, seed: int = 0,
+    model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, foreach: bool = False,
+    seed: int = 0,
 ) -> int:
-    """Peak bytes held by the CPU allocator during two real training iterations (profiler measurement)."""
+    """Peak bytes held by the CPU allocator during two real training iterations (profiler measurement).
+
+    ``foreach=True`` runs the optimizer's multi-tensor path (torch's CUDA default) instead of torch's CPU
+    default, to measure the step a GPU would run.
+    """
     import gc
 
     import torch
@@ -43,7 +48,8 @@ def measure_cpu_step_peak(
     check_traceable(model, settings, micro_batch=micro_batch, seq_len=seq_len)
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step = build_step(model, settings, micro_batch=micro_batch, seq_len=seq_len, seed=seed)
+        step = build_step(model, settings, micro_batch=micro_batch, seq_len=seq_len, foreach=foreach,
+                          seed=seed)
         with record_function(_STEP_MARK):
             step.run()
             step.run()
