@@ -56,6 +56,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--finders", default=",".join(FINDERS))
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per finder process")
     p.add_argument("--output-stem", default="probe_vs_finders", help="results/<stem>.json and .md")
+    p.add_argument("--render", metavar="JSON", help="only re-write the .md next to an existing results JSON")
     return p.parse_args(argv)
 
 
@@ -155,11 +156,24 @@ def markdown(record: dict[str, Any]) -> str:
         bp, ls = rows.get("batchpilot", {}).get("found"), rows.get("lightning-binsearch", {}).get("found")
         lines.append(f"- {b['budget']}: trials × {t:.2f}, wall time × {w:.2f}, size {bp} vs {ls}"
                      if t and w else f"- {b['budget']}: incomplete (see JSON)")
+    lines += [
+        "",
+        "Notes: trials = sizes the finder ran (Lightning: 3 steps each; Accelerate: 2; batchpilot: 2, the "
+        "second timed). Wall time = the finder call only (imports and model building excluded for all; "
+        "batchpilot's includes starting each trial process). batchpilot's throughput-knee ladder is not "
+        "run here (`knee=False`): it is extra trials below the maximum, reported by `batchpilot probe`. "
+        "\"truly fits\" and tokens/s come from a fresh process at that size under the same limit "
+        "(fastest of 2 timed steps). The cores are shared with other jobs: compare within a run.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:
     args = _args(argv)
+    if args.render:
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text(encoding="utf-8"))), encoding="utf-8")
+        return 0
     setup = dict(FULL if args.full else QUICK)
     if args.model:
         setup["model"] = args.model
