@@ -43,15 +43,20 @@ Settings are mapped onto the real module, never approximated:
 
 Category mapping of MemTracker's reference types (snapshot at the peak, so the categories sum to it):
 Parameter + Buffer → ``weights``; Gradient → ``gradients``; Optstate → ``optimizer``; Activation and
-Temp (backward temporaries: gradients of activations, recomputed activations' workspaces) →
-``activations``; Other (the input ids) and the CUDA-only terms → ``overhead``. ``details`` holds each
-of these terms separately (``weights.parameters``, ``activations.temporaries``, ...).
+Temp (tensors created during backward: gradients of activations, recomputed activations) →
+``activations`` (temporaries are activations here, not overhead); Other (the input ids) and the
+CUDA-only terms → ``overhead``. ``details`` holds each term separately: ``weights.parameters``,
+``weights.buffers``, ``gradients.parameters``, ``optimizer.states``, ``activations.saved_and_forward``,
+``activations.backward_temporaries``, ``overhead.inputs`` and the ``overhead.cuda_*`` terms.
 
 CUDA-only terms (``target="cuda"``), added explicitly because fake *CUDA* tensors cannot run autograd on
-a CPU-only torch build (the process aborts): see :class:`CudaTerms`. Known error of the CUDA estimate:
-CPU and CUDA autocast cast a few ops differently, and allocator fragmentation (``reserved`` −
-``allocated``) is not modelled; the traced total is the caching allocator's ``max_memory_allocated``
-plus the context and workspaces, not ``nvidia-smi``.
+a CPU-only torch build (the process aborts), see :class:`CudaTerms`: every storage rounded up to the
+caching allocator's 512-byte blocks; the multi-tensor (``foreach``) optimizer, torch's CUDA default;
+``overhead.cuda_context``, ``overhead.cublas_workspace``, ``overhead.nccl`` (0, one rank) and
+``overhead.cuda_fragmentation_allowance``. Known error of the CUDA estimate: CPU and CUDA autocast
+cast a few ops differently; AdamW's ``step`` counters (one fp32 scalar per parameter tensor) live on
+the CPU for CUDA parameters but are counted (< 0.001 % for a 7B model); fragmentation is an allowance,
+not a trace.
 """
 
 from __future__ import annotations
@@ -93,8 +98,8 @@ class CudaTerms:
     (CUDA ≥ 11.7 lazy module loading sits at the low end; 512 MiB is a mid-range H100/CUDA 12 figure).
     Not visible to ``max_memory_allocated``; visible to ``nvidia-smi`` and to OOM."""
     cublas_workspace_bytes: int = 32 * _MIB
-    """cuBLAS workspace per handle/stream: torch allocates 32 MiB on Hopper (sm90+) and 4096 KiB·2 +
-    16 KiB·8 ≈ 8.1 MiB before (``getChosenWorkspaceSize`` in aten/src/ATen/cuda/CublasHandlePool.cpp;
+    """cuBLAS workspace of the compute stream: 32 MiB on Hopper and Blackwell, 4096 KiB·2 + 16 KiB·8 ≈
+    8.1 MiB on older GPUs (``parseChosenWorkspaceSize`` in aten/src/ATen/cuda/CublasHandlePool.cpp;
     ``CUBLAS_WORKSPACE_CONFIG`` overrides it). It comes from the caching allocator."""
     nccl_bytes: int = 0
     """NCCL communicator buffers: 0 for one traced rank; multi-GPU runs are the analytic model's job."""
