@@ -140,3 +140,16 @@ def test_packed_model_output_equals_documents_run_alone() -> None:
         # without the mask the second document would see the first: the logits differ
         leaky = model(input_ids=mb.input_ids).logits[0]
         assert not torch.allclose(leaky[7:], packed[7:], atol=1e-3)
+
+
+def test_token_budget_gives_every_rank_the_same_number_of_micro_steps() -> None:
+    """One long row and many short ones on 2 ranks: the light rank splits, down to an empty micro-batch."""
+    corpus = _corpus([16, 16, 2])  # rank 0 gets 16 + 2 (two micro-batches), rank 1 a single row
+    rows = RowStream(corpus, mode="token-budget", seq_len=16, seed=0).rows(0, 3)
+    layout = layout_step(rows, mode="token-budget", dp=2, micro_batch_sequences=1, seq_len=16,
+                         max_tokens_per_micro_batch=16)
+    assert [len(r) for r in layout.per_rank] == [2, 2]
+    empty = [p for r in layout.per_rank for p in r if not p.rows]
+    assert empty, "the layout should need an empty micro-batch here"
+    mb = collate(empty[0], corpus.tokens, mode="token-budget")
+    assert mb.num_targets == 0 and mb.input_ids.shape == (1, 1)  # a forward with no loss keeps DDP in step

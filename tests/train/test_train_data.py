@@ -75,3 +75,10 @@ def test_bpe_is_trained_once_and_cached(tmp_path: Path, monkeypatch: pytest.Monk
     assert len(ids) < len(docs[0].text.encode())  # merges learned on this corpus compress it
     with pytest.raises(DataError, match="not 'bytes', 'bpe:VOCAB' or an existing directory"):
         load_tokenizer(str(tmp_path / "nope"))
+
+
+def test_unreachable_hf_dataset_is_a_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="dataset 'no-such-org/no-such-dataset' is not reachable"):
+        load_documents("hf:no-such-org/no-such-dataset")

@@ -27,20 +27,26 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["fixed", "token-budget"])
-def test_two_process_gradients_equal_full_batch(corpus_dir: Path, tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "hook"), [("fixed", ""), ("token-budget", ""), ("fixed", "local")])
+def test_two_process_gradients_equal_full_batch(corpus_dir: Path, tmp_path: Path, mode: str, hook: str) -> None:
     cfg = small_config(corpus_dir, tmp_path / "out", batch={"micro_batch_sequences": 2, "batching": mode,
                                                            "max_tokens_per_micro_batch": 64})
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                    str(HERE / "dist_grad_worker.py"), str(tmp_path / "cfg.json"), str(tmp_path / "g.pt")],
-                   check=True, env=_env(), timeout=300)
+                    str(HERE / "dist_grad_worker.py"), str(tmp_path / "cfg.json"), str(tmp_path / "g.pt"),
+                    *([hook] if hook else [])], check=True, env=_env(), timeout=300)
     ranks = [torch.load(tmp_path / f"g.pt.rank{r}") for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     reference = _full_batch_grads(Trainer(cfg, CPU_ENV_FOR_TESTS))
     for name, grad in ranks[0]["grads"].items():
         assert torch.allclose(grad, reference[name], rtol=1e-5, atol=1e-6), name
         assert torch.equal(grad, ranks[1]["grads"][name])  # DDP: every rank holds the same gradient
+    if hook:  # the two ranks' local loss-sum gradients add up to N × the global mean gradient
+        n = ranks[0]["global_targets"]
+        for name, grad in reference.items():
+            summed = (ranks[0]["local"][name] + ranks[1]["local"][name]) / n
+            assert torch.allclose(summed, grad, rtol=1e-5, atol=1e-6), name
+            assert not torch.allclose(ranks[0]["local"][name] / n, grad, rtol=1e-3, atol=1e-6) or grad.abs().max() == 0
 
 
 @pytest.mark.slow

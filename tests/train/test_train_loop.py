@@ -199,3 +199,20 @@ def test_empty_corpus_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no non-empty documents"):
         run(small_config(tmp_path / "c", tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_local_pretrained_checkpoint_directory(corpus_dir: Path, tmp_path: Path) -> None:
+    model = build_model(ModelConfig(), seed=123).module
+    model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
+    cfg = small_config(corpus_dir, tmp_path / "out", model={"model": str(tmp_path / "ckpt")}, run={"steps": 1})
+    trainer = Trainer(cfg, CPU)
+    assert trainer.built.source == "pretrained"
+    for (name, p), q in zip(trainer.model.named_parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q), name  # the saved weights, not a fresh init
+
+
+def test_tokenizer_larger_than_the_vocabulary_fails_up_front(corpus_dir: Path, tmp_path: Path) -> None:
+    from batchpilot.errors import SpecError
+
+    with pytest.raises(SpecError, match="--tokenizer bpe:8192 needs 8192 ids but the model's vocabulary is 512"):
+        run(small_config(corpus_dir, tmp_path / "out").replace(data={"tokenizer": "bpe:8192"}))

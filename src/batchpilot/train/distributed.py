@@ -123,7 +123,8 @@ def wrap_model(model: nn.Module, env: DistEnv, *, fsdp: bool) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    # Buffers (RoPE inv_freq) are identical on every rank: no per-forward broadcast needed.
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -53,15 +53,17 @@ def check_static(config: TrainConfig, world_size: int) -> StaticPlan:
     """Validate ``config`` for ``world_size`` ranks without reading data or building the model."""
     dc, bc = config.data, config.batch
     _check_data(dc.data)
-    kind, _, _ = resolve_tokenizer(dc.tokenizer)
+    kind, bpe_vocab, _ = resolve_tokenizer(dc.tokenizer)
     limits = _model_limits(config.model.model)
     if limits is not None:
         vocab, positions = limits
         if dc.seq_len > positions:
             raise SpecError(f"--seq-len {dc.seq_len} exceeds the model's {positions} positions "
                             f"(max_position_embeddings); use --seq-len {positions} or less")
-        if kind == "bytes" and vocab < 256:
-            raise SpecError(f"the byte tokenizer needs 256 ids but the model's vocabulary is {vocab}")
+        needed = 256 if kind == "bytes" else bpe_vocab or 0
+        if needed > vocab:
+            raise SpecError(f"--tokenizer {dc.tokenizer} needs {needed} ids but the model's vocabulary is {vocab}; "
+                            f"use bpe:{vocab} or a model with a larger vocab_size")
     budget = bc.max_tokens_per_micro_batch or bc.micro_batch_sequences * dc.seq_len
     if bc.batching == "token-budget" and budget < dc.seq_len:
         raise BatchpilotError(f"--max-tokens-per-micro-batch {budget} is below one {dc.seq_len}-token sequence; "
