@@ -1,0 +1,101 @@
+"""Faults during training, for real: signals, ``kill -9`` at random moments, a full disk while
+checkpointing, a corrupt checkpoint. Each test runs the installed ``batchpilot train`` in its own
+process (tiny-llama-1m, 32-token sequences, CPU) and checks what is left on disk.
+
+The file size limit (RLIMIT_FSIZE) stands in for a full disk: it needs no privileges and no mount, and a
+write past it fails with EFBIG exactly where ENOSPC would (Python ignores SIGXFSZ, so the process is not
+killed but sees the error).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ._checks import assert_one_line_error
+from ._train import latest_step, load_latest, metrics, run, start, stop, train_args, wait_for, write_corpus
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path / "corpus.txt")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_then_exits_cleanly(tmp_path: Path, corpus: Path, signum: int) -> None:
+    out = tmp_path / "run"
+    proc = start(train_args(corpus, out, steps=100_000))
+    wait_for(lambda: len(metrics(out)) >= 3, proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by_signal"] == signal.Signals(signum).name
+    steps = summary["steps"]
+    assert latest_step(out) == steps == metrics(out)[-1]["step"]  # the step in flight finished, then saved
+    assert load_latest(out)["state"]["train"]["step"] == steps
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_kill_9_at_random_moments_never_loses_the_last_checkpoint(tmp_path: Path, corpus: Path) -> None:
+    """Checkpoint every step (so a kill often lands mid-write), SIGKILL at a random moment, resume; 3 times."""
+    out, rng = tmp_path / "run", random.Random(1234)
+    seen: list[int] = []
+    for attempt in range(3):
+        before = latest_step(out) or 0
+        proc = start(train_args(corpus, out, steps=100_000, checkpoint_every=1, resume=attempt > 0))
+        wait_for(lambda before=before: (latest_step(out) or 0) >= before + 1, proc)
+        time.sleep(rng.uniform(0.0, 1.5))
+        stop(proc)  # kill -9 of the whole process group
+        step = latest_step(out)
+        assert step is not None and step >= before + 1  # resume continued from the last checkpoint
+        assert load_latest(out)["state"]["train"]["step"] == step  # complete, loads with weights_only=True
+        seen.append(step)
+    final = seen[-1] + 2
+    done = run(train_args(corpus, out, steps=final, resume=True))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == final
+    assert metrics(out)[-1]["step"] == final
+
+
+def _file_size_limit(limit_bytes: int):  # type: ignore[no-untyped-def]
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path: Path, corpus: Path) -> None:
+    out = tmp_path / "run"
+    first = run(train_args(corpus, out, steps=3))
+    assert first.returncode == 0, first.stderr
+    assert latest_step(out) == 3
+    size = (out / "checkpoints" / "step-00000003" / "train.pt").stat().st_size
+    # Resume with files capped at a quarter of a checkpoint: metrics lines fit, the next checkpoint does not.
+    full = run(train_args(corpus, out, steps=6, checkpoint_every=1, resume=True), preexec_fn=_file_size_limit(size // 4))
+    assert full.returncode != 0
+    # Known defect (docs/robustness.md): the error is torch.save's RuntimeError with a traceback, not one line.
+    assert latest_step(out) == 3  # the pointer still names the previous, complete checkpoint
+    assert load_latest(out)["state"]["train"]["step"] == 3
+    again = run(train_args(corpus, out, steps=5, resume=True))  # space is back: resume from step 3
+    assert again.returncode == 0, again.stderr
+    assert latest_step(out) == 5
+
+
+def test_truncated_checkpoint_is_detected_with_one_line(tmp_path: Path, corpus: Path) -> None:
+    out = tmp_path / "run"
+    assert run(train_args(corpus, out, steps=2)).returncode == 0
+    ckpt = out / "checkpoints" / "step-00000002" / "train.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    resumed = run(train_args(corpus, out, steps=4, resume=True))
+    assert resumed.returncode == 2
+    assert_one_line_error(resumed.stderr, "cannot be read")
