@@ -7,6 +7,8 @@ and autocast for two real iterations and reads the CPU allocator's peak from the
 from __future__ import annotations
 
 import dataclasses
+import json
+from typing import Any
 
 import pytest
 
@@ -187,3 +189,21 @@ def test_7b_shape_traces_without_real_memory() -> None:
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     assert memory.details["weights.parameters"] == 4 * two_layers.params_total
     assert grown < memory.total_bytes / 4
+
+
+def test_memory_cli_traced_method(cli_runner: Any) -> None:
+    """``batchpilot memory --method traced --json`` reports the CUDA-target trace in the memory contract."""
+    from batchpilot.cli import app
+
+    args = ["memory", "--model", "tiny-llama-1m", "--gpu", "h100-sxm", "--seq-len", "64", "--micro-batch", "1",
+            "--method", "traced", "--precision", "fp32", "--json"]
+    result = cli_runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    expected = traced_memory(load_model("tiny-llama-1m"), RunSettings(precision="fp32"), micro_batch=1,
+                             seq_len=64, target="cuda")
+    assert record["method"] == "traced"
+    assert record["memory"] == expected.to_dict()
+    refused = cli_runner.invoke(app, [*args[:-1], "--engine", "deepspeed"])
+    assert refused.exit_code == 2
+    assert "--method analytic" in refused.stderr and refused.stderr.count("\n") == 1
