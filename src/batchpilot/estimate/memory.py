@@ -48,6 +48,8 @@ within 10 %); kernels that fuse more (Megatron/TE fused norms, fused cross-entro
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -545,19 +547,25 @@ def model_state_bytes(settings: RunSettings, *, params: float, dp: int, expert_p
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _layer_bytes_per_token(model: ModelSpec, settings: RunSettings, seq_len: int, moe_layer: bool) -> float:
+    """Sum of :func:`activation_terms` (cached: the planner evaluates thousands of micro-batch sizes)."""
+    return sum(activation_terms(model, settings, seq_len=seq_len, moe_layer=moe_layer).values())
+
+
 def _activation_bytes(model: ModelSpec, settings: RunSettings, lay: _Layout, *, micro_batch: int,
                       seq_len: int, first: bool, last: bool) -> dict[str, float]:
     """Activation terms (bytes) of one GPU of a pipeline stage at the fwd/bwd peak."""
     tokens = float(micro_batch * seq_len)
     moe_share = model.num_moe_layers / model.num_layers
     in_flight = lay.in_flight if first else 1
-    dense = sum(activation_terms(model, settings, seq_len=seq_len).values())
-    moe = sum(activation_terms(model, settings, seq_len=seq_len, moe_layer=True).values()) if model.is_moe else 0.0
+    dense = _layer_bytes_per_token(model, settings, seq_len, False)
+    moe = _layer_bytes_per_token(model, settings, seq_len, True) if model.is_moe else 0.0
     per_layer = (1 - moe_share) * dense + moe_share * moe
     out: dict[str, float] = {"layers": per_layer * lay.layers_per_stage * tokens * in_flight}
     if settings.recompute == "full":
-        none = RunSettings(**{**settings.to_dict(), "recompute": "none"})
-        working = max(sum(activation_terms(model, none, seq_len=seq_len, moe_layer=m).values())
+        none = dataclasses.replace(settings, recompute="none")
+        working = max(_layer_bytes_per_token(model, none, seq_len, m)
                       for m in ((False, True) if model.is_moe else (False,)))
         out["recompute_working_layer"] = working * tokens
     if last:
