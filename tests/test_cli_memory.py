@@ -32,6 +32,7 @@ def test_json_contract(cli_runner: Any) -> None:
     assert record["gpu"] == {"name": "h100-sxm", "memory_bytes": gpu_bytes}
     assert record["headroom_bytes"] == gpu_bytes - record["memory"]["total"]
     assert record["fits"] is True
+    assert record["peak_phase"] in ("backward start", "backward end", "optimizer step")
     expected = analytic_memory(load_model("tiny-llama-1m"), RunSettings(), micro_batch=2, seq_len=128)
     assert record["memory"]["total"] == expected.total_bytes
 

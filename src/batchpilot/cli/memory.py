@@ -41,6 +41,7 @@ from batchpilot.specs.settings import RunSettings, validate_for_model
 from batchpilot.units import GIB
 
 METHODS = ("analytic", "traced")
+PEAK_PHASES = ("backward start", "backward end", "optimizer step")
 
 
 def data_parallel_ranks(gpus: int, settings: RunSettings) -> int:
@@ -83,9 +84,16 @@ def memory_record(model: ModelSpec, settings: RunSettings, memory: MemoryBreakdo
         "settings": settings.to_dict(),
         "gpu": {"name": gpu_name, "memory_bytes": gpu_memory_bytes},
         "memory": memory.to_dict(),
+        "peak_phase": _peak_phase(memory),
         "fits": memory.total_bytes <= gpu_memory_bytes,
         "headroom_bytes": gpu_memory_bytes - memory.total_bytes,
     }
+
+
+def _peak_phase(memory: MemoryBreakdown) -> str | None:
+    """When the analytic peak happens (``details["peak_phase"]``); None for estimators that do not say."""
+    index = memory.details.get("peak_phase")
+    return PEAK_PHASES[index] if index is not None and 0 <= index < len(PEAK_PHASES) else None
 
 
 def _render(record: dict[str, Any]) -> None:
@@ -97,6 +105,9 @@ def _render(record: dict[str, Any]) -> None:
         share = mem[key] / mem["total"] if mem["total"] else 0.0
         table.add_row(key, f"{mem[key] / GIB:,.3f}", f"{share:.0%}")
     console.print(table)
+    if record["peak_phase"]:
+        console.print(f"peak at the {record['peak_phase']}; activation peak "
+                      f"{mem['details']['activations_peak'] / GIB:,.3f} GiB")
     verdict = "fits" if record["fits"] else "does NOT fit"
     console.print(f"{verdict}: {mem['total'] / GIB:,.2f} GiB of {gpu_bytes / GIB:,.2f} GiB "
                   f"(headroom {record['headroom_bytes'] / GIB:,.2f} GiB)")
