@@ -200,8 +200,10 @@ def test_bad_settings_are_one_line_errors(settings: RunSettings, kw: dict[str, i
 
 def test_ep_larger_than_dp_is_rejected() -> None:
     mixtral = load_model("mixtral-8x7b")
-    with pytest.raises(SpecError, match="--ep 8 exceeds the 2 data-parallel ranks"):
+    with pytest.raises(SpecError, match="--ep 8 must divide the 2 data-parallel ranks"):
         analytic_memory(mixtral, RunSettings(ep=8), micro_batch=1, seq_len=128, dp=2)
+    with pytest.raises(SpecError, match="--ep 4 must divide the 6 data-parallel ranks"):
+        analytic_memory(mixtral, RunSettings(ep=4), micro_batch=1, seq_len=128, dp=6)
 
 
 def test_overhead_model_validation() -> None:

@@ -226,10 +226,10 @@ class _Layout:
 
 def _layout(model: ModelSpec, settings: RunSettings, dp: int, grad_accum: int, gpus_per_node: int) -> _Layout:
     shard = min(dp, gpus_per_node) if settings.hybrid_shard else dp
-    if settings.ep > dp:
+    if settings.ep > dp or dp % settings.ep:
         raise SpecError(
-            f"--ep {settings.ep} exceeds the {dp} data-parallel ranks experts are spread over; "
-            f"use --ep ≤ {dp} or more GPUs"
+            f"--ep {settings.ep} must divide the {dp} data-parallel ranks experts are spread over; "
+            f"use a divisor of {dp} or more GPUs"
         )
     return _Layout(
         tp=settings.tp, pp=settings.pp, ep=settings.ep, sp=settings.sp and settings.tp > 1, dp=dp,
