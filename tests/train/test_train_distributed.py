@@ -76,3 +76,21 @@ def test_world_size_is_asserted(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(LaunchError, match="SLURM started 4 tasks but WORLD_SIZE is unset"):
         check_world_size(4)
     assert check_world_size(None) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_external_torchrun_runs_the_same_command(corpus_dir: Path, tmp_path: Path) -> None:
+    common = ["-m", "batchpilot.cli", "train", "--data", str(corpus_dir), "--seq-len", "32", "--global-batch", "8",
+              "--micro-batch", "2", "--steps", "2", "--threads", "1", "--json"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    short = subprocess.run([*launcher, "--nproc-per-node=1", *common, "--out", str(tmp_path / "bad"),
+                            "--expect-world-size", "2"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert short.returncode != 0
+    assert "error: expected a world size of 2 but the launcher started 1 process(es)" in short.stderr
+    ok = subprocess.run([*launcher, "--nproc-per-node=2", *common, "--out", str(tmp_path / "ok"),
+                         "--expect-world-size", "2"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    summary = json.loads(ok.stdout[ok.stdout.index("{"):])  # only rank 0 prints
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert [r["grad_accum"] for r in read_metrics(tmp_path / "ok" / "metrics.jsonl")] == [2, 2]

@@ -107,10 +107,12 @@ def test_mixed_precision_runs_and_learns(corpus_dir: Path, tmp_path: Path, preci
     assert records[0]["loss_scale"] == expected_scale
 
 
-def test_staged_schedule_rederives_accumulation_and_scales_lr(corpus_dir: Path, tmp_path: Path) -> None:
-    # 4 sequences until 200 tokens are seen, then 8; the micro-batch (4) stays, accumulation 1 → 2
+@pytest.mark.parametrize("schedule", ["steps:0=4,200=8", "ramp:start=4,increment=4,over=200"])
+def test_schedule_rederives_accumulation_and_scales_lr(corpus_dir: Path, tmp_path: Path, schedule: str) -> None:
+    # 4 sequences until 200 tokens are seen, then 8 (staged: from 200; the one-increment Megatron ramp:
+    # floor(tokens / 200) increments, i.e. also from 200); the micro-batch (4) stays, accumulation 1 → 2
     cfg = small_config(corpus_dir, tmp_path / "out", run={"steps": 4},
-                       batch={"micro_batch_sequences": 4, "batch_schedule": "steps:0=4,200=8"},
+                       batch={"micro_batch_sequences": 4, "batch_schedule": schedule},
                        optim={"warmup_steps": 0, "decay": "constant", "lr_scaling": "sqrt"})
     run(cfg)
     records = read_metrics(tmp_path / "out" / "metrics.jsonl")
