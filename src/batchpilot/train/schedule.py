@@ -18,7 +18,10 @@ Adaptive schedules (the convergence issue) implement the same :class:`BatchSched
 read each step's metrics record in :meth:`BatchSchedule.observe` (gradient-noise fields added by a
 :class:`~batchpilot.train.hooks.TrainHook` land there), keep what they learn in ``state_dict`` for
 checkpoints, return ``None`` from ``planned_batches`` and should round to
-``Progress.batch_multiple_sequences``.
+``Progress.batch_multiple_sequences``. Every rank calls ``observe`` with its own copy of the record:
+decide only from fields that are equal on all ranks (``loss``, ``grad_norm``, ``tokens``, hook fields
+that were all-reduced), never from ``tokens_per_s``/``peak_memory_bytes``/``elapsed_s``, or ranks
+will disagree about the next global batch.
 """
 
 from __future__ import annotations
