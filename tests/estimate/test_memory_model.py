@@ -211,3 +211,26 @@ def test_overhead_model_validation() -> None:
         OverheadModel(fragmentation_fraction=1.5)
     with pytest.raises(SpecError, match="cuda_context_bytes"):
         OverheadModel(cuda_context_bytes=-1)
+
+
+def test_bad_dropout_field_is_a_one_line_error() -> None:
+    from batchpilot.specs.model import from_hf_config
+
+    spec = from_hf_config({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 128,
+                           "vocab_size": 100, "attn_pdrop": "high"}, name="bad-gpt")
+    with pytest.raises(SpecError, match="field 'attn_pdrop' must be a dropout probability"):
+        analytic_memory(spec, RunSettings(), micro_batch=1, seq_len=64)
+
+
+def test_config_fields_outside_the_spec_equality_are_not_cached_away() -> None:
+    """Two GPT configs that differ only in dropout compare equal as ModelSpecs; the cache must not mix them."""
+    from batchpilot.specs.model import from_hf_config
+
+    shape = {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 128, "vocab_size": 100}
+    with_dropout = from_hf_config(shape, name="gpt")
+    without = from_hf_config({**shape, "resid_pdrop": 0.0, "attn_pdrop": 0.0, "embd_pdrop": 0.0}, name="gpt")
+    assert with_dropout == without
+    settings = RunSettings(attention="eager")
+    a = analytic_memory(with_dropout, settings, micro_batch=1, seq_len=64).details["activations_peak"]
+    b = analytic_memory(without, settings, micro_batch=1, seq_len=64).details["activations_peak"]
+    assert a > b

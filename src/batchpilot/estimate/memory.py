@@ -242,11 +242,18 @@ def _layout(model: ModelSpec, settings: RunSettings, dp: int, grad_accum: int, g
 # ---------------------------------------------------------------------------------------------- activations
 def _dropout(model: ModelSpec) -> bool:
     """Whether the config trains with dropout (GPT-2: ``resid_pdrop``/``attn_pdrop`` default 0.1)."""
-    cfg = model.hf_config
     if model.family == "gpt2":
-        keys = ("resid_pdrop", "attn_pdrop", "embd_pdrop")
-        return any(float(cfg.get(k, 0.1) or 0.0) > 0.0 for k in keys)
-    return any(float(cfg.get(k, 0.0) or 0.0) > 0.0 for k in ("attention_dropout", "hidden_dropout"))
+        return max(_rate(model, k, 0.1) for k in ("resid_pdrop", "attn_pdrop", "embd_pdrop")) > 0.0
+    return max(_rate(model, k, 0.0) for k in ("attention_dropout", "hidden_dropout")) > 0.0
+
+
+def _rate(model: ModelSpec, key: str, default: float) -> float:
+    value = model.hf_config.get(key, default)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise SpecError(f"{model.name}: field {key!r} must be a dropout probability in [0, 1), got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -254,8 +261,9 @@ class _Dtypes:
     act: int
     """Bytes of activations inside attention/MLP (the matmul dtype)."""
     resid: int
-    """Bytes of the residual stream and norm internals: fp32 under torch/fsdp2 autocast with fp32
-    parameters (``x + attn(x)`` promotes to fp32), else the activation dtype."""
+    """Bytes of the residual stream and norm internals: fp32 under ``torch`` autocast with fp32
+    parameters (the embedding output is fp32 and ``x + attn(x)`` promotes to fp32), else the activation
+    dtype (FSDP2's MixedPrecisionPolicy, DeepSpeed and Megatron run the module in 16 bits)."""
 
     @property
     def cast_copy(self) -> int:
@@ -547,9 +555,19 @@ def model_state_bytes(settings: RunSettings, *, params: float, dp: int, expert_p
     )
 
 
-@functools.lru_cache(maxsize=4096)
 def _layer_bytes_per_token(model: ModelSpec, settings: RunSettings, seq_len: int, moe_layer: bool) -> float:
-    """Sum of :func:`activation_terms` (cached: the planner evaluates thousands of micro-batch sizes)."""
+    """Sum of :func:`activation_terms`, cached (the planner evaluates thousands of micro-batch sizes).
+
+    ``ModelSpec`` equality ignores ``hf_config``, so the config fields the terms read (dropout rates, the
+    GELU variant) are part of the cache key.
+    """
+    config_key = (_dropout(model), str(model.hf_config.get("activation_function")))
+    return _cached_layer_bytes(model, settings, seq_len, moe_layer, config_key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_layer_bytes(model: ModelSpec, settings: RunSettings, seq_len: int, moe_layer: bool,
+                        config_key: tuple[bool, str]) -> float:
     return sum(activation_terms(model, settings, seq_len=seq_len, moe_layer=moe_layer).values())
 
 
