@@ -1,0 +1,146 @@
+"""Faults inside probe trials, for real: an allocator OOM under RLIMIT_AS, a trial process killed with
+SIGKILL (what the kernel's OOM killer sends), a hung trial that started a grandchild. After each, no
+process of the trial's group may be left running.
+
+The trials are the real :class:`~batchpilot.measure.probe.CpuTrialRunner` processes. For the SIGKILL and
+hang cases the trial body is replaced (the runner forks, so the child runs the patched function) by one
+that does what those faults do: report its memory limit, then die by SIGKILL, or start ``sleep`` in its
+own process group and block.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from batchpilot.errors import BatchpilotError
+from batchpilot.measure import _trial
+from batchpilot.measure import probe as probe_mod
+from batchpilot.measure.probe import Prediction, ProbeRequest, run_probe
+from batchpilot.specs.model import load_model
+from batchpilot.specs.settings import RunSettings
+from batchpilot.units import MIB
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _request(budget_bytes: int, timeout_s: float = 120.0, seq_len: int = 64) -> ProbeRequest:
+    return ProbeRequest(model=load_model("tiny-llama-1m"), settings=RunSettings(precision="fp32"), seq_len=seq_len,
+                        device="cpu", budget_bytes=budget_bytes, knee=False, trial_timeout_s=timeout_s, cap=64)
+
+
+@pytest.fixture()
+def fork_trials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trial processes are forked from this one, so a patched trial body is what they run."""
+    monkeypatch.setattr(probe_mod, "_trial_context", lambda model_type: multiprocessing.get_context("fork"))
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper that never comes in some containers counts as dead)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _no_children_left() -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        live = [c for c in psutil.Process().children(recursive=True) if _alive(c.pid)]
+        if not live or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not live, [(c.pid, c.name()) for c in live]
+
+
+@pytest.mark.slow
+def test_real_allocator_oom_is_does_not_fit_and_the_search_goes_on(fork_trials: None) -> None:
+    """A budget the analytic model overshoots: the first trials fail for real (RLIMIT_AS), smaller ones fit."""
+    result = run_probe(_request(budget_bytes=24 * MIB), predictor=lambda req: Prediction(max_micro_batch=32))
+    failed = [t for t in result.trials if not t.fits]
+    assert failed, result.trials
+    assert all(t.error and "memory" in t.error.lower() for t in failed), failed
+    assert 1 <= result.max_micro_batch < min(t.micro_batch for t in failed)
+    assert all(t.fits == (t.micro_batch <= result.max_micro_batch) for t in result.trials)
+    _no_children_left()
+
+
+def _killed_by_oom_killer(real: Any, threshold: int) -> Any:
+    def trial(spec: Any, on_limit_set: Any = None) -> Any:
+        if spec.micro_batch < threshold:
+            return real(spec, on_limit_set)
+        if on_limit_set:
+            on_limit_set(123)  # the limit is set, the step starts ... and the kernel kills the process
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("unreachable")
+    return trial
+
+
+def test_trial_killed_by_sigkill_is_does_not_fit(monkeypatch: pytest.MonkeyPatch, fork_trials: None) -> None:
+    monkeypatch.setattr(_trial, "run_cpu_trial", _killed_by_oom_killer(_trial.run_cpu_trial, threshold=3))
+    result = run_probe(_request(budget_bytes=2048 * MIB), predictor=lambda req: Prediction(max_micro_batch=4))
+    killed = [t for t in result.trials if not t.fits]
+    assert killed and all(t.micro_batch >= 3 for t in killed)
+    assert all("exit code -9" in (t.error or "") for t in killed), killed
+    assert result.max_micro_batch == 2  # the search went on below the killed sizes
+    _no_children_left()
+
+
+def _hangs_with_a_grandchild(pid_file: Path) -> Any:
+    def trial(spec: Any, on_limit_set: Any = None) -> Any:
+        child = subprocess.Popen(["sleep", "1000"])  # in the trial's process group
+        pid_file.write_text(f"{os.getpid()} {child.pid}")
+        time.sleep(1000)
+        raise AssertionError("unreachable")
+    return trial
+
+
+def test_hung_trial_is_killed_with_its_process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     fork_trials: None) -> None:
+    pids = tmp_path / "pids"
+    monkeypatch.setattr(_trial, "run_cpu_trial", _hangs_with_a_grandchild(pids))
+    start = time.monotonic()
+    with pytest.raises(BatchpilotError) as caught:
+        run_probe(_request(budget_bytes=256 * MIB, timeout_s=3), predictor=lambda req: Prediction(max_micro_batch=2))
+    assert time.monotonic() - start < 60
+    message = str(caught.value)
+    assert "ran past --trial-timeout 3s and was killed" in message and "\n" not in message
+    trial_pid, sleeper_pid = map(int, pids.read_text().split())
+    deadline = time.monotonic() + 10
+    while (_alive(trial_pid) or _alive(sleeper_pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(trial_pid) and not _alive(sleeper_pid)  # the grandchild died with the group
+    _no_children_left()
+
+
+def test_interrupt_during_a_trial_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    fork_trials: None) -> None:
+    """Ctrl-C while a trial runs: the trial's group is killed on the way out."""
+    pids = tmp_path / "pids"
+    monkeypatch.setattr(_trial, "run_cpu_trial", _hangs_with_a_grandchild(pids))
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 2.0)
+        with pytest.raises(KeyboardInterrupt):
+            run_probe(_request(budget_bytes=256 * MIB, timeout_s=100), predictor=lambda req: Prediction(max_micro_batch=2))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    trial_pid, sleeper_pid = map(int, pids.read_text().split())
+    deadline = time.monotonic() + 10
+    while (_alive(trial_pid) or _alive(sleeper_pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(trial_pid) and not _alive(sleeper_pid)
+    _no_children_left()
