@@ -29,12 +29,9 @@ CUDA trials run in this process: OOM is caught and freed, and under torchrun the
 from __future__ import annotations
 
 import contextlib
-import importlib
 import multiprocessing
 import os
 import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -391,26 +388,19 @@ def _fork_server_context(model_type: str | None = None) -> Any:
     return ctx
 
 
-def _trial_context(model_type: str) -> Any:
-    """How trial processes start. A process that already imported torch and transformers and runs a
-    single thread is forked directly (its imports are reused; what a library user's training script
-    looks like); otherwise — the CLI, or with other threads alive, where fork is unsafe — the fork server."""
-    warm = "torch" in sys.modules and "transformers" in sys.modules
-    if warm and threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
-        if model_type.isidentifier():
-            with contextlib.suppress(ImportError):
-                importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-        importlib.import_module("batchpilot.measure._trial")
-        return multiprocessing.get_context("fork")
-    return _fork_server_context(model_type)
-
-
 class CpuTrialRunner:
-    """Each trial in its own process (see :func:`_trial_context`) under RLIMIT_AS = baseline + budget."""
+    """Each trial in its own process under RLIMIT_AS = baseline + budget, forked from a fork server.
+
+    Not forked from this process: once a process has run a parallel torch op, a forked child hangs in
+    its first parallel region (OpenMP's thread pool does not survive ``fork``; measured here with
+    torch 2.13: a 2-thread ``sum`` in the parent, then any op in the child, never returns). The fork
+    server never runs a torch op, so its children start clean — at the price of one interpreter start
+    with the imports per probe.
+    """
 
     def __init__(self, request: ProbeRequest) -> None:
         self.request = request
-        self._ctx = _trial_context(request.model.model_type)
+        self._ctx = _fork_server_context(request.model.model_type)
 
     def __call__(self, micro_batch: int) -> ProbeTrial:
         start = time.perf_counter()
