@@ -16,6 +16,7 @@ from batchpilot.cli import plan as plan_cli
 from batchpilot.cli import probe as probe_cli
 from batchpilot.cli import train as train_cli
 from batchpilot.cli import tune as tune_cli
+from batchpilot.cli._common import run_app
 
 app = typer.Typer(
     name="batchpilot",
@@ -50,5 +51,5 @@ def _root(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (usage errors as one line, exit 2: see ``_common.run_app``)."""
+    raise SystemExit(run_app(app))
