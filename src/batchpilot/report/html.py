@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchpilot.report.plots import PLOTS
+import matplotlib.pyplot as plt
+
+from batchpilot.report.plots import PLOTS, rows_of
 from batchpilot.report.records import RunRecords, load_run
 from batchpilot.units import format_bytes, format_count
 
@@ -74,7 +76,7 @@ def _plans_table(plans: list[dict[str, Any]]) -> str:
     head = "".join(f"<th>{_e(c)}</th>" for c in PLAN_COLUMNS) + "<th>memory/GPU</th>"
     rows = []
     for plan in plans:
-        memory = (plan.get("memory") or {}).get("total")
+        memory = plan["memory"].get("total") if isinstance(plan.get("memory"), dict) else None
         mem = format_bytes(memory) if isinstance(memory, (int, float)) else "?"
         rows.append("<tr>" + "".join(_cell(c, plan.get(c, "")) for c in PLAN_COLUMNS) + f"<td>{_e(mem)}</td></tr>")
     return f"<div style='overflow-x:auto'><table><tr>{head}</tr>{''.join(rows)}</table></div>"
@@ -87,9 +89,9 @@ def _plan_section(records: RunRecords) -> str:
     parts = ["<h2>Chosen plan</h2>"]
     if plan.get("rationale"):
         parts.append(f"<p class='rationale'>{_e(plan['rationale'])}</p>")
-    plans = [p for p in plan.get("plans") or [] if isinstance(p, dict)]
+    plans = rows_of(plan.get("plans"))
     parts.append(_plans_table(plans[:10]) if plans else "<p class='missing'>No feasible plan.</p>")
-    rejected = [r for r in plan.get("rejected") or [] if isinstance(r, dict)]
+    rejected = rows_of(plan.get("rejected"))
     if rejected:
         items = "".join(f"<li>{_e(_describe_rejected(r))}</li>" for r in rejected[:30])
         parts.append(f"<h2>Rejected alternatives</h2><ul>{items}</ul>")
@@ -124,7 +126,7 @@ def _summary_section(records: RunRecords) -> str:
 
 
 def _stages_section(records: RunRecords) -> str:
-    stages = [s for s in (records.tune or {}).get("stages") or [] if isinstance(s, dict)]
+    stages = rows_of((records.tune or {}).get("stages"))
     if not stages:
         return ""
     rows = "".join(
@@ -150,12 +152,23 @@ def _plot_block(name: str, path: Path | None) -> str:
             f"<img alt='{_e(title)}' src='data:image/png;base64,{data}'></div>")
 
 
+def _draw(draw: Any, records: RunRecords, path: Path) -> Path | None:
+    """One plot; values matplotlib cannot lay out (records are user files) leave it out, not the report."""
+    try:
+        result: Path | None = draw(records, path)
+        return result
+    except (ValueError, OverflowError, TypeError):
+        plt.close("all")
+        path.unlink(missing_ok=True)
+        return None
+
+
 def build_report(run_dir: str | Path) -> ReportFiles:
     """Render ``RUN_DIR/report.html`` and ``RUN_DIR/plots/*.png`` from the run's records."""
     records = load_run(run_dir)
     plot_dir = records.run_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    drawn = {name: draw(records, plot_dir / f"{name}.png") for name, draw in PLOTS.items()}
+    drawn = {name: _draw(draw, records, plot_dir / f"{name}.png") for name, draw in PLOTS.items()}
     body = "".join([
         f"<h1>batchpilot report — {_e(records.run_dir.name)}</h1>",
         _summary_section(records),

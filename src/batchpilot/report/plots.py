@@ -6,6 +6,7 @@ stage that feeds it has no data (the HTML then says so instead of showing an emp
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,29 +30,53 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+PLOTTABLE = 1e18
+"""Largest magnitude drawn: records are user files, and matplotlib cannot lay out ticks near 1e308."""
+
+
+def _plottable(value: Any) -> bool:
+    """A real, finite number of a size a plot can show (bools, strings, None and NaN are not)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= PLOTTABLE)
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def rows_of(value: Any) -> list[dict[str, Any]]:
+    """The objects of a JSON list; anything else (a string, a number, null) holds no rows."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _trials(probe: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The probe's trial rows that name a plottable micro-batch (malformed rows are skipped)."""
+    return [t for t in rows_of((probe or {}).get("trials")) if _plottable(t.get("micro_batch"))]
+
+
 def _fitting_trials(probe: dict[str, Any] | None) -> list[dict[str, Any]]:
-    trials = (probe or {}).get("trials") or []
-    return sorted((t for t in trials if isinstance(t, dict) and t.get("fits")), key=lambda t: t["micro_batch"])
+    return sorted((t for t in _trials(probe) if t.get("fits") is True), key=lambda t: t["micro_batch"])
 
 
 def plot_memory(records: RunRecords, path: Path) -> Path | None:
     """Peak memory (GiB) vs micro-batch: analytic, traced and measured, with the budget line."""
     curve = records.memory_curve or {}
-    measured = _fitting_trials(records.probe)
-    micro = curve.get("micro_batches") or []
+    measured = [t for t in _fitting_trials(records.probe) if _plottable(t.get("peak_bytes"))]
+    micro = _list(curve.get("micro_batches"))
     if not micro and not measured:
         return None
     fig, ax = plt.subplots(figsize=FIGSIZE_IN)
     for key, style, label in (("analytic", "-o", "analytic"), ("traced", "-s", "traced (fake tensors)")):
-        pairs = [(m, v) for m, v in zip(micro, curve.get(key) or [], strict=False) if isinstance(v, (int, float))]
+        values = _list(curve.get(key))
+        pairs = [(m, v) for m, v in zip(micro, values, strict=False) if _plottable(m) and _plottable(v)]
         if pairs:
             ax.plot([m for m, _ in pairs], [v / GIB for _, v in pairs], style, label=label, markersize=4)
     if measured:
         ax.plot([t["micro_batch"] for t in measured], [t["peak_bytes"] / GIB for t in measured], "D",
                 color="black", label="measured (probe)", markersize=6)
-    failed = [t["micro_batch"] for t in (records.probe or {}).get("trials") or [] if not t.get("fits")]
+    failed = [t["micro_batch"] for t in _trials(records.probe) if not t.get("fits")]
     budget = (records.probe or {}).get("budget_bytes")
-    if budget:
+    if _plottable(budget) and budget:
         ax.axhline(budget / GIB, color="red", linestyle="--", linewidth=1, label="budget")
         if failed:
             ax.plot(failed, [budget / GIB] * len(failed), "x", color="red", markersize=8, label="did not fit")
@@ -65,7 +90,7 @@ def plot_memory(records: RunRecords, path: Path) -> Path | None:
 
 def plot_throughput(records: RunRecords, path: Path) -> Path | None:
     """Measured tokens/s vs micro-batch with the throughput knee marked."""
-    trials = [t for t in _fitting_trials(records.probe) if isinstance(t.get("tokens_per_s"), (int, float))]
+    trials = [t for t in _fitting_trials(records.probe) if _plottable(t.get("tokens_per_s"))]
     if not trials:
         return None
     fig, ax = plt.subplots(figsize=FIGSIZE_IN)
@@ -86,13 +111,15 @@ def plot_throughput(records: RunRecords, path: Path) -> Path | None:
 def plot_noise(records: RunRecords, path: Path) -> Path | None:
     """B_simple (sequences) over optimizer steps, with the uncertainty band."""
     noise = records.noise or {}
-    history = [h for h in noise.get("trajectory") or noise.get("history") or [] if isinstance(h, dict)]
+    history = rows_of(noise.get("trajectory") or noise.get("history"))
     steps, values = numbers(history, "step"), numbers(history, "b_simple_sequences") or numbers(history, "b_simple")
     if not values:
         rows = [m for m in records.metrics if isinstance(m.get("b_simple"), (int, float))]
         steps, values = numbers(rows, "step"), numbers(rows, "b_simple")
     final = noise.get("b_simple_sequences")
-    if not values and not isinstance(final, (int, float)):
+    if not _plottable(final):
+        final = None
+    if not values and final is None:
         return None
     fig, ax = plt.subplots(figsize=FIGSIZE_IN)
     if values and len(steps) == len(values):
@@ -100,9 +127,9 @@ def plot_noise(records: RunRecords, path: Path) -> Path | None:
     band = noise.get("band")
     if isinstance(band, dict):  # ``batchpilot noise --json``: {"sequences": [lo, hi], "tokens": [lo, hi]}
         band = band.get("sequences")
-    if isinstance(band, (list, tuple)) and len(band) == 2 and all(isinstance(b, (int, float)) for b in band):
+    if isinstance(band, (list, tuple)) and len(band) == 2 and all(_plottable(b) for b in band):
         ax.axhspan(band[0], band[1], color="tab:blue", alpha=0.15, label="band")
-    if isinstance(final, (int, float)):
+    if final is not None:
         ax.axhline(final, color="tab:blue", linestyle="--", linewidth=1, label=f"B_simple = {final:.1f} seqs")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("critical batch ≈ B_simple (sequences)")
