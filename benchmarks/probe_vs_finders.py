@@ -116,7 +116,7 @@ def one_budget(setup: dict[str, Any], budget_text: str, finders: list[str], time
     for row in rows:
         size = row.get("found")
         check = fresh(size) if size else None
-        row["trials"] = len(row.get("tried", []))
+        row["num_trials"] = len(row.get("tried", []))
         row["truly_fits"] = bool(check and check.fits)
         row["tokens_per_s"] = check.tokens_per_s if check else None
     print(f"   true max L = {true_max}", flush=True)
@@ -147,20 +147,23 @@ def markdown(record: dict[str, Any]) -> str:
         for r in b["finders"]:
             tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "—"
             secs = f"{r['seconds']:.1f}" if r.get("seconds") else "—"
-            lines.append(f"| {b['budget']} ({b['true_max']}) | {r['finder']} | {r['trials']} | {secs} | "
+            n = r.get("num_trials", r.get("trials"))
+            lines.append(f"| {b['budget']} ({b['true_max']}) | {r['finder']} | {n} | {secs} | "
                          f"{r.get('found') or '—'} | {'yes' if r['truly_fits'] else 'no'} | {tps} |")
     lines += ["", "batchpilot vs Lightning binsearch (goal: ≤ 1/3 of the trials and of the wall time, size ≥):", ""]
     for b in record["budgets"]:
         rows = {r["finder"]: r for r in b["finders"]}
-        t, w = _ratio(rows, "trials"), _ratio(rows, "seconds")
+        t, w = _ratio(rows, "num_trials"), _ratio(rows, "seconds")
         bp, ls = rows.get("batchpilot", {}).get("found"), rows.get("lightning-binsearch", {}).get("found")
         lines.append(f"- {b['budget']}: trials × {t:.2f}, wall time × {w:.2f}, size {bp} vs {ls}"
                      if t and w else f"- {b['budget']}: incomplete (see JSON)")
     lines += [
         "",
         "Notes: trials = sizes the finder ran (Lightning: 3 steps each; Accelerate: 2; batchpilot: 2, the "
-        "second timed). Wall time = the finder call only (imports and model building excluded for all; "
-        "batchpilot's includes starting each trial process). batchpilot's throughput-knee ladder is not "
+        "second timed, with the optimizer state created before the first so a size that does not fit "
+        "fails in step 1). Wall time = the finder call only (imports and model building excluded for all; "
+        "batchpilot's includes starting its fork server — one interpreter with torch and transformers "
+        "imported — and each trial process). batchpilot's throughput-knee ladder is not "
         "run here (`knee=False`): it is extra trials below the maximum, reported by `batchpilot probe`. "
         "\"truly fits\" and tokens/s come from a fresh process at that size under the same limit "
         "(fastest of 2 timed steps). The cores are shared with other jobs: compare within a run.",

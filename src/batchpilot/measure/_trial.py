@@ -6,9 +6,10 @@ torch and transformers at module level on purpose: the probe's fork server prelo
 trial process starts with both already imported (≈ 4.5 s saved per trial on a 2-core machine).
 
 A trial: build the model from its Hugging Face config (seeded), the optimizer, random tokens of
-shape ``micro_batch × seq_len``; run ``warmup_steps`` full steps (forward, backward, optimizer step
-— the first one creates the optimizer state, so it is counted) and then ``timed_steps`` timed ones;
-at least 2 steps in all, so the peak step (optimizer state, gradients and activations together) ran.
+shape ``micro_batch × seq_len``; create the optimizer state (inside the budget, see
+:func:`materialise_optimizer_state`), run ``warmup_steps`` full steps (forward, backward, optimizer
+step) and then ``timed_steps`` timed ones; at least 2 steps in all. Every step, the first included,
+holds optimizer state, gradients and activations together: the training peak.
 
 CPU memory limit (FACTS.md, "CPU out-of-memory is real and catchable"): after the model and the
 optimizer are built and the thread pool has started, the process measures its address-space size
@@ -153,10 +154,12 @@ def _autocast(spec: TrialSpec, device: torch.device) -> contextlib.AbstractConte
 
 def train_steps(spec: TrialSpec, model: torch.nn.Module, opt: torch.optim.Optimizer,
                 device: torch.device) -> list[float]:
-    """Warm-up steps then timed steps; returns the timed steps' seconds."""
+    """Optimizer state first (:func:`materialise_optimizer_state`), then the warm-up steps and the timed
+    steps; returns the timed steps' seconds."""
     gen = torch.Generator().manual_seed(spec.seed + 1)
     vocab = int(spec.hf_config["vocab_size"])
     tokens = torch.randint(0, vocab, (spec.micro_batch, spec.seq_len), generator=gen).to(device)
+    materialise_optimizer_state(model, opt)
     times = []
     for i in range(spec.warmup_steps + spec.timed_steps):
         _sync(device)
@@ -171,6 +174,20 @@ def train_steps(spec: TrialSpec, model: torch.nn.Module, opt: torch.optim.Optimi
         if i >= spec.warmup_steps:
             times.append(time.perf_counter() - start)
     return times
+
+
+def materialise_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state before the first step, inside the budget: one optimizer step on
+    zero gradients (AdamW: ``step``, ``exp_avg``, ``exp_avg_sq``; SGD: the momentum buffer), then the
+    gradients are dropped. The first real step then already holds state, gradients and activations
+    together — the peak of every later step — so a size that does not fit fails in its first step
+    instead of its second (a failed trial near the limit costs one step, not two). The zero-gradient
+    step leaves the weights as they were apart from AdamW's decoupled weight decay (× (1 − lr·wd))."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def _sync(device: torch.device) -> None:

@@ -106,11 +106,10 @@ class ProbeRequest:
     """CPU: memory allowed above the trial process's baseline (imports, model, optimizer object).
     CUDA: the caching allocator's cap (everything the step allocates, model included)."""
     warmup_steps: int = 1
-    """Untimed full steps first; the first step creates the optimizer state (inside the budget)."""
+    """Untimed full steps first. The optimizer state is created before them, inside the budget
+    (``_trial.materialise_optimizer_state``), so every step holds state, gradients and activations."""
     timed_steps: int = 1
-    """Timed full steps after the warm-up. A size fits when all ``warmup + timed`` (≥ 2) steps ran, so the
-    last one — the step that holds optimizer state, gradients and activations at once — is included;
-    with the defaults that is the 2nd step, and it is the one timed."""
+    """Timed full steps after the warm-up. A size fits when all ``warmup + timed`` (≥ 2) steps ran."""
     knee: bool = True
     """Add the halving ladder below the maximum to locate the throughput knee."""
     trial_timeout_s: float = DEFAULT_TRIAL_TIMEOUT_S
