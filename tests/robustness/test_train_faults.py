@@ -9,6 +9,7 @@ killed but sees the error).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import resource
@@ -16,6 +17,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from ._checks import assert_one_line_error
@@ -99,3 +101,48 @@ def test_truncated_checkpoint_is_detected_with_one_line(tmp_path: Path, corpus: 
     resumed = run(train_args(corpus, out, steps=4, resume=True))
     assert resumed.returncode == 2
     assert_one_line_error(resumed.stderr, "cannot be read")
+
+
+def _workers(proc_pid: int) -> list[psutil.Process]:
+    """The rank processes (torchrun's children with a LOCAL_RANK; torchrun itself has none)."""
+    found = []
+    for p in psutil.Process(proc_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "LOCAL_RANK" in p.environ():
+                found.append(p)
+    return found
+
+
+def _kill_all(processes: list[psutil.Process]) -> None:
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+@pytest.mark.distributed
+def test_a_rank_dying_under_torchrun_stops_the_job_and_resume_continues(tmp_path: Path, corpus: Path) -> None:
+    """Two CPU ranks (gloo); rank 1 is SIGKILLed mid-run: the job ends, no worker is left, --resume goes on."""
+    out = tmp_path / "run"
+    proc = start(train_args(corpus, out, steps=100_000, checkpoint_every=2, extra=["--nproc", "2"]))
+    family = [psutil.Process(proc.pid)]
+    try:
+        wait_for(lambda: (latest_step(out) or 0) >= 2, proc, timeout_s=300)
+        family += psutil.Process(proc.pid).children(recursive=True)
+        workers = _workers(proc.pid)
+        assert sorted(w.environ()["LOCAL_RANK"] for w in workers) == ["0", "1"]
+        next(w for w in workers if w.environ()["LOCAL_RANK"] == "1").send_signal(signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 2
+        assert_one_line_error(stderr.strip().splitlines()[-1], "torchrun with 2 processes exited with code")
+        deadline = time.monotonic() + 30  # torchrun stops the surviving rank
+        while any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
+            assert time.monotonic() < deadline, "a rank outlived the job"
+            time.sleep(0.2)
+    finally:
+        _kill_all(family)
+    step = latest_step(out)
+    assert step is not None and step >= 2
+    assert load_latest(out)["state"]["train"]["step"] == step
+    done = run(train_args(corpus, out, steps=step + 2, resume=True, extra=["--nproc", "2"]), timeout_s=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
