@@ -387,6 +387,13 @@ def _fork_server_context(model_type: str | None = None) -> Any:
     return ctx
 
 
+def _trial_context(model_type: str) -> Any:
+    """The multiprocessing context trial processes start from: the fork server (see
+    :class:`CpuTrialRunner` for why not this process). A seam: tests substitute a plain ``fork``
+    context to run patched trial bodies."""
+    return _fork_server_context(model_type)
+
+
 class CpuTrialRunner:
     """Each trial in its own process under RLIMIT_AS = baseline + budget, forked from a fork server.
 
@@ -399,7 +406,7 @@ class CpuTrialRunner:
 
     def __init__(self, request: ProbeRequest) -> None:
         self.request = request
-        self._ctx = _fork_server_context(request.model.model_type)
+        self._ctx = _trial_context(request.model.model_type)
 
     def __call__(self, micro_batch: int) -> ProbeTrial:
         start = time.perf_counter()
