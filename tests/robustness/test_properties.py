@@ -221,9 +221,7 @@ def plan_requests(draw: st.DrawFn) -> dict[str, Any]:
         "seq_len": draw(st.sampled_from([1, 7, 128, 512, 2048, 8192, 32768])),
         "global": draw(st.integers(min_value=1, max_value=4096)),
         "in_tokens": draw(st.booleans()),
-        # Not 0.99: when nothing can ever fit, plan() recurses through its suggestions for minutes
-        # (a known planner defect, see docs/robustness.md); that case is kept out of this property.
-        "headroom": draw(st.sampled_from([0.0, 0.1, 0.3])),
+        "headroom": draw(st.sampled_from([0.0, 0.1, 0.3, 0.99])),  # 0.99: nothing fits, explain quickly
         "max_deviation": draw(st.sampled_from([0.0, 0.0, 0.05, 0.25])),
         "top": draw(st.integers(min_value=1, max_value=6)),
         "pins": {} if draw(st.integers(0, 3)) else draw(st.fixed_dictionaries({}, optional={
@@ -246,7 +244,7 @@ def _build_request(r: dict[str, Any]) -> Any:
 
 
 @pytest.mark.timeout(240)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan_requests())
 def test_every_plan_satisfies_its_invariants(r: dict[str, Any]) -> None:
     pytest.importorskip("batchpilot.plan.planner")
