@@ -101,7 +101,7 @@ def validate_for_model(settings: RunSettings, model: ModelSpec) -> None:
     if model.family != "mla" and settings.tp > model.num_kv_heads and settings.tp % model.num_kv_heads:
         raise SpecError(
             f"--tp {settings.tp} must divide or be a multiple of the {model.num_kv_heads} key/value heads "
-            f"of {model.name}"
+            f"of {model.name}; use a divisor of {model.num_kv_heads}"
         )
     if settings.pp > model.num_layers:
         raise SpecError(
