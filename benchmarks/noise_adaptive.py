@@ -197,7 +197,25 @@ def race_table(results: dict[str, Any]) -> str:
         else:
             lines.append(f"| {name} | {hit['wall_s']:.1f} | {hit.get('cpu_s', float('nan')):.1f} | {hit['steps']:.1f} | "
                          f"{hit['tokens']:,.0f} | {r['final_val_loss']:.3f} |")
+    lines += ["", _identical_note(results)]
     return "\n".join(lines) + "\n"
+
+
+def _identical_note(results: dict[str, Any]) -> str:
+    """Say when two runs did the same computation up to the target (then wall-clock differences are noise)."""
+    notes = []
+    adaptive = next((r for n, r in results.items() if n.startswith("adaptive")), None)
+    small = results.get(f"fixed-{SMALL}")
+    if adaptive is not None:
+        grows = [t for t in adaptive["trajectory"] if str(t.get("batch_decision", "")).startswith("grow")]
+        first = f"step {grows[0]['step']}" if grows else "never"
+        notes.append(f"The adaptive run first grew its batch at {first}.")
+        if small and adaptive["reached"] and small["reached"] and \
+                adaptive["reached"]["tokens"] == small["reached"]["tokens"]:
+            notes.append(f"Up to the target it trained exactly like fixed-{SMALL} (same batches, data and losses), "
+                         "so the wall-clock and CPU-time differences between those two rows are machine noise "
+                         "(other jobs shared the 2 cores), not an effect of the schedule.")
+    return " ".join(notes)
 
 
 def race_plot(results: dict[str, Any], path: Path) -> None:
@@ -206,19 +224,28 @@ def race_plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    (ax1, ax2), (ax3, ax4) = axes
     for name, r in results.items():
-        evals = [t for t in r["trajectory"] if t["val_loss"] is not None]
+        traj = r["trajectory"]
+        evals = [t for t in traj if t["val_loss"] is not None]
         ax1.plot([t["elapsed_s"] for t in evals], [t["val_loss"] for t in evals], label=name)
-        ax2.plot([t["tokens"] for t in r["trajectory"]], [t["global_batch_sequences"] for t in r["trajectory"]],
-                 label=name)
-    ax1.axhline(TARGET_LOSS, color="grey", linestyle="--", linewidth=1)
-    ax1.set(xlabel="training wall-clock (s)", ylabel="validation loss (nats/byte)", ylim=(TARGET_LOSS - 0.3, 4.0))
-    ax2.set(xlabel="tokens", ylabel="global batch (sequences)", yscale="log")
-    ax1.legend()
-    ax2.legend()
+        ax2.plot([t["tokens"] for t in evals], [t["val_loss"] for t in evals], label=name)
+        ax3.plot([t["tokens"] for t in traj], [t["global_batch_sequences"] for t in traj], label=name)
+        noise = [t for t in traj if t.get("b_simple") is not None and math.isfinite(t["b_simple"])]
+        ax4.plot([t["loss"] for t in noise], [t["b_simple"] for t in noise], ".", markersize=3, label=name)
+    for ax in (ax1, ax2):
+        ax.axhline(TARGET_LOSS, color="grey", linestyle="--", linewidth=1)
+        ax.set(ylabel="validation loss (nats/byte)", ylim=(TARGET_LOSS - 0.3, 4.0))
+    ax1.set(xlabel="training wall-clock (s) — shared machine, contention-dominated")
+    ax2.set(xlabel="tokens")
+    ax3.set(xlabel="tokens", ylabel="global batch (sequences)", yscale="log")
+    ax4.set(xlabel="training loss (nats/byte)", ylabel="B_simple (sequences, EMA β=0.95)", yscale="log")
+    ax4.invert_xaxis()
+    for ax in axes.flat:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main(argv: list[str]) -> int:

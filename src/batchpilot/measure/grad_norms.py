@@ -47,7 +47,7 @@ class MicroGradNorms:
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter]) -> None:
-        self._sum: torch.Tensor | None = None
+        self._norms: list[torch.Tensor] = []
         self._handles = [p.register_hook(self._hook) for p in params if p.requires_grad]
         if not self._handles:
             raise BatchpilotError("MicroGradNorms: the model has no trainable parameters")
@@ -55,18 +55,17 @@ class MicroGradNorms:
         """When False the hooks do nothing (e.g. on steps the schedule does not measure)."""
 
     def _hook(self, grad: torch.Tensor) -> None:
-        if not self.enabled:
-            return
-        value = _sq_norm(grad)
-        self._sum = value if self._sum is None else self._sum + value.to(self._sum.device)
+        if self.enabled:  # one kernel per parameter; the squares are summed once, in pop()
+            self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float64))
 
     def pop(self, scale: float = 1.0) -> float:
         """|g|² of the backward(s) since the last pop, times ``scale²``; resets the sum."""
-        if self._sum is None:
+        if not self._norms:
             raise BatchpilotError("MicroGradNorms.pop(): no gradient seen since the last pop; call after backward()")
-        value = float(self._sum.item()) * scale * scale
-        self._sum = None
-        return value
+        device = self._norms[0].device
+        total = torch.stack([n.to(device) for n in self._norms]).square().sum()
+        self._norms = []
+        return float(total.item()) * scale * scale
 
     def remove(self) -> None:
         """Unregister the hooks."""
