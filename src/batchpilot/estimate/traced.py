@@ -488,15 +488,3 @@ def _quiet() -> Iterator[None]:
 def peak_error(traced: int, measured: int) -> float:
     """Relative error of a traced peak against a measured one: (traced − measured) / measured."""
     return (traced - measured) / measured if measured else math.inf
-
-
-def to_record(result: TraceResult, *, micro_batch: int, seq_len: int) -> dict[str, Any]:
-    """JSON-able record of a trace (memory in the :class:`MemoryBreakdown` contract, FLOPs, timing)."""
-    return {
-        "micro_batch": micro_batch,
-        "seq_len": seq_len,
-        "memory": result.memory.to_dict(),
-        "category_max_bytes": dict(result.category_max_bytes),
-        "flops": result.flops,
-        "wall_s": result.wall_s,
-    }
