@@ -234,3 +234,12 @@ def test_config_fields_outside_the_spec_equality_are_not_cached_away() -> None:
     a = analytic_memory(with_dropout, settings, micro_batch=1, seq_len=64).details["activations_peak"]
     b = analytic_memory(without, settings, micro_batch=1, seq_len=64).details["activations_peak"]
     assert a > b
+
+
+def test_fsdp2_shard_grad_op_keeps_unsharded_compute_copies() -> None:
+    """FSDP2 with reshard_after_forward=False (--zero 2): fp32 params sharded, bf16 unsharded copies kept."""
+    states = model_state_bytes(RunSettings(engine="fsdp2", precision="bf16", zero_stage=2), params=8e9, dp=8)
+    assert states.weights_bytes == pytest.approx(4 * 8e9 / 8)
+    assert states.compute_copies_bytes == pytest.approx(2 * 8e9)
+    full = model_state_bytes(RunSettings(engine="fsdp2", precision="bf16", zero_stage=3), params=8e9, dp=8)
+    assert full.compute_copies_bytes == 0  # ZeRO-3 gathers one layer at a time (overhead: zero3_gather_buffer)

@@ -530,7 +530,9 @@ def model_state_bytes(settings: RunSettings, *, params: float, dp: int, expert_p
     stage 2 also gradients, stage 3 also weights: 16-bit DeepSpeed AdamW gives (2 + 2 + 12)·Ψ,
     4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N and 16Ψ/N (the paper's Figure 1 and Table 1). Routed experts are sharded over
     the expert data-parallel group ``shard / ep``. Megatron's distributed optimizer (``--zero`` ≥ 1)
-    shards only optimizer states (6 + 12/DP bytes/param).
+    shards only optimizer states (6 + 12/DP bytes/param). FSDP2 (``engine="fsdp2"``) always shards its
+    fp32 parameters; at ``--zero`` 1/2 (``reshard_after_forward=False``) it keeps the unsharded
+    compute-dtype copies between forward and backward (``compute_copies_bytes``).
     """
     pb = bytes_per_param(settings)
     group = max(1, dp if shard is None else shard)
@@ -543,12 +545,18 @@ def model_state_bytes(settings: RunSettings, *, params: float, dp: int, expert_p
             return bytes_each * (params + expert_params)
         return bytes_each * (params / group + expert_params / expert_group)
 
+    fsdp_unsharded = settings.engine == "fsdp2" and zero in (1, 2)
     copies = 0.0
-    if settings.engine in ("torch", "fsdp2") and settings.precision != "fp32" and zero < 3:
+    if fsdp_unsharded:
+        # fully_shard(reshard_after_forward=False): parameters stay sharded in fp32, and the unsharded
+        # compute-dtype copies all-gathered in forward are kept until backward has used them.
+        copies = ACTIVATION_BYTES[settings.precision] * (params + expert_params)
+    elif settings.engine in ("torch", "fsdp2") and settings.precision != "fp32" and zero < 3:
+        # autocast's cast cache: 16-bit copies of the matmul weights, saved for backward.
         matmul = params + expert_params if matmul_params is None else matmul_params
         copies = ACTIVATION_BYTES[settings.precision] * matmul
     return ModelStates(
-        weights_bytes=per_gpu(pb.weights, zero >= 3 and not megatron),
+        weights_bytes=per_gpu(pb.weights, (zero >= 3 or fsdp_unsharded) and not megatron),
         gradients_bytes=per_gpu(pb.gradients, zero >= 2 and not megatron),
         optimizer_bytes=0.0 if settings.offload else per_gpu(pb.optimizer, zero >= 1),
         compute_copies_bytes=copies,
