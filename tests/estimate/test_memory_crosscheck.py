@@ -23,12 +23,11 @@ the backward pass (< 1.5 % together). At b = 1 on tiny-llama-15m the optimizer s
 from __future__ import annotations
 
 import pytest
+from benchmarks import cpu_step
 
 from batchpilot.estimate.memory import OverheadModel, analytic_memory
 from batchpilot.specs.model import load_model
 from batchpilot.specs.settings import RunSettings
-
-cpu_step = pytest.importorskip("benchmarks.cpu_step")
 
 TOLERANCE = 0.10
 
