@@ -94,3 +94,18 @@ def test_external_torchrun_runs_the_same_command(corpus_dir: Path, tmp_path: Pat
     summary = json.loads(ok.stdout[ok.stdout.index("{"):])  # only rank 0 prints
     assert summary["world_size"] == 2 and summary["steps"] == 2
     assert [r["grad_accum"] for r in read_metrics(tmp_path / "ok" / "metrics.jsonl")] == [2, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_process_resume_continues_exactly(corpus_dir: Path, tmp_path: Path, fsdp: bool) -> None:
+    cfg = small_config(corpus_dir, tmp_path / "out", batch={"micro_batch_sequences": 2},
+                       run={"steps": 4, "checkpoint_every": 2, "nproc": 2, "fsdp": fsdp})
+    run(cfg)
+    full = [r["loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl")]
+    (tmp_path / "out" / "checkpoints" / "latest").write_text("step-00000002")  # as if it died after step 3
+    run(cfg.replace(run={"resume": True}))
+    records = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records] == full
