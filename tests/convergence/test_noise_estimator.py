@@ -141,6 +141,7 @@ def test_single_process_recovers_closed_form_b_simple(problem: LinReg) -> None:
     assert lo <= problem.b_simple <= hi
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_torchrun_processes_recover_closed_form_b_simple(tmp_path: Path) -> None:
     out = tmp_path / "ddp.json"
