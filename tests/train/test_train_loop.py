@@ -218,3 +218,14 @@ def test_tokenizer_larger_than_the_vocabulary_fails_up_front(corpus_dir: Path, t
 
     with pytest.raises(SpecError, match="--tokenizer bpe:8192 needs 8192 ids but the model's vocabulary is 512"):
         run(small_config(corpus_dir, tmp_path / "out").replace(data={"tokenizer": "bpe:8192"}))
+
+
+def test_tokens_budget_ends_the_run_and_drives_the_lr(corpus_dir: Path, tmp_path: Path) -> None:
+    cfg = small_config(corpus_dir, tmp_path / "out", run={"steps": None, "tokens": 600},
+                       optim={"warmup_steps": 0, "decay": "linear", "min_lr_ratio": 0.0})
+    summary = run(cfg)
+    records = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert records[-1]["tokens"] >= 600 > records[-2]["tokens"] and summary["steps"] == len(records)
+    before = [0] + [r["tokens"] for r in records[:-1]]
+    for r, seen in zip(records, before, strict=True):  # linear decay over tokens: lr = peak × (1 − seen/600)
+        assert r["lr"] == pytest.approx(3e-3 * (1 - seen / 600))
