@@ -141,6 +141,13 @@ def test_hook_recovers_closed_form_through_the_loop_contract_with_a_loss_scale()
     assert hook.estimator.steps == 399  # the overflowed step was skipped, not averaged in
 
 
+def test_hook_measures_every_kth_step_only() -> None:
+    hook = NoiseScaleHook(ema_decay=1.0, every=4)
+    got = _drive_hook(hook, 1200, loss_scale=1.0)
+    assert hook.estimator.steps == 300
+    assert got == pytest.approx(LinReg(dim=16, noise_var=4.0, delta_sq=1.0).b_simple, rel=0.10)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_adaptive_under_two_torchrun_processes(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from batchpilot.errors import BatchpilotError
 from batchpilot.measure.grad_norms import MicroGradNorms, grads_sq_norm
 from batchpilot.measure.noise import (
     DEFAULT_EMA_DECAY,
@@ -55,7 +56,12 @@ class NoiseScaleHook(BaseHook):
 
     requires_local_gradients = False
 
-    def __init__(self, *, ema_decay: float = DEFAULT_EMA_DECAY, max_band_ratio: float = DEFAULT_MAX_BAND_RATIO) -> None:
+    def __init__(self, *, ema_decay: float = DEFAULT_EMA_DECAY, max_band_ratio: float = DEFAULT_MAX_BAND_RATIO,
+                 every: int = 1) -> None:
+        if every < 1:
+            raise BatchpilotError(f"noise measurement interval must be >= 1 step, got {every}")
+        self.every = every
+        """Measure on steps whose index is a multiple of this (the hooks are switched off in between)."""
         self.estimator = NoiseScaleEstimator(ema_decay=ema_decay, max_band_ratio=max_band_ratio)
         self.last: NoiseEstimate | None = None
         """The estimate after the latest measured step."""
@@ -71,13 +77,14 @@ class NoiseScaleHook(BaseHook):
         scale = info.grad_to_sum_factor / max(1, info.micro_target_tokens)
         if self._meter is None:  # attach on first use (also after a resume): this backward ran unseen, but on
             self._meter = MicroGradNorms(model.parameters())  # micro-step 0 p.grad is its gradient alone
-            self._valid = info.micro_index == 0 and not info.grads_synced
+            self._meter.enabled = info.step % self.every == 0
+            self._valid = info.micro_index == 0 and not info.grads_synced and self._meter.enabled
             self._stats = [0.0, 0.0, 0.0]
             value = grads_sq_norm(model.parameters()) * scale * scale if self._valid else 0.0
         else:
             if info.micro_index == 0:
-                self._valid, self._stats = True, [0.0, 0.0, 0.0]
-            value = self._meter.pop(scale)
+                self._valid, self._stats = info.step % self.every == 0, [0.0, 0.0, 0.0]
+            value = self._meter.pop(scale) if self._meter.enabled else 0.0
         if self._valid and info.micro_target_tokens > 0:
             self._stats[0] += value
             self._stats[1] += 1.0 / info.micro_target_tokens
@@ -85,6 +92,8 @@ class NoiseScaleHook(BaseHook):
         self.overhead_s += time.perf_counter() - start
 
     def on_gradients(self, model: nn.Module, info: StepInfo) -> Mapping[str, float]:
+        if self._meter is not None:  # on_gradients runs before the next step's first backward
+            self._meter.enabled = (info.step + 1) % self.every == 0
         if not self._valid:  # the same on every rank, so all ranks reach the all-reduce below or none
             fields = self._fields()
             self.overhead_s = 0.0
