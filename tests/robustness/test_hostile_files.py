@@ -196,14 +196,11 @@ def test_valid_base_files_load(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------- real processes
 @pytest.mark.parametrize(("args", "fragment"), [
-    (["model", "show", "{tmp}/config.json"], "is not valid JSON"),
     (["hardware", "show", "{tmp}/config.json"], "is not valid JSON"),
     (["model", "show", "/dev/zero"], "is not a regular file"),
-    (["model", "show", "x/" * 3000], "cannot be opened"),
     (["memory", "--model", "{tmp}/config.json", "--gpu", "h100-sxm", "--seq-len", "8", "--micro-batch", "1"],
      "is not valid JSON"),
-    (["report", "{tmp}/no-such-run"], "does not exist"),
-], ids=["model", "hardware", "dev-zero", "long-path", "memory", "report"])
+], ids=["hardware", "dev-zero", "memory"])  # the rest run in-process above; a process costs ~1-3 s here
 def test_installed_cli_prints_one_line_and_exits_2(tmp_path: Path, args: list[str], fragment: str) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 6')
     proc = run_cli([a.format(tmp=tmp_path) for a in args])
