@@ -207,3 +207,19 @@ def test_memory_cli_traced_method(cli_runner: Any) -> None:
     refused = cli_runner.invoke(app, [*args[:-1], "--engine", "deepspeed"])
     assert refused.exit_code == 2
     assert "--method analytic" in refused.stderr and refused.stderr.count("\n") == 1
+
+
+def test_cuda_target_keeps_attention_dropout_inside_the_flash_kernel() -> None:
+    """GPT-2 has attn_pdrop 0.1: CPU SDPA then runs the math kernel (s×s tensors saved, FLOPs = plain
+    matmuls); the CUDA target traces FlashAttention's in-kernel dropout as the CPU flash kernel."""
+    spec = load_model("gpt2")
+    small = dataclasses.replace(spec, num_layers=1, hf_config={**spec.hf_config, "n_layer": 1})
+    s, heads = 256, small.num_heads
+    cpu = trace_step(small, RunSettings(precision="fp32"), micro_batch=1, seq_len=s)
+    cuda = trace_step(small, RunSettings(precision="fp32"), micro_batch=1, seq_len=s, target="cuda",
+                      cuda_terms=CudaTerms(block_bytes=1, context_bytes=0, cublas_workspace_bytes=0,
+                                           fragmentation_fraction=0.0))
+    assert cpu.flops == small.flops_per_token(s) * s  # math kernel: 4 score-sized matmuls in backward
+    assert cuda.flops == cpu.flops + 2 * heads * s * s * small.head_dim_qk  # flash: 5, the scores recomputed
+    saved = "activations.saved_and_forward"  # (this one-layer model peaks at its 50k-vocab logits instead)
+    assert cpu.category_max_bytes[saved] - cuda.category_max_bytes[saved] > heads * s * s * 4  # fp32 scores

@@ -53,7 +53,9 @@ CUDA-only terms (``target="cuda"``), added explicitly because fake *CUDA* tensor
 a CPU-only torch build (the process aborts), see :class:`CudaTerms`: every storage rounded up to the
 caching allocator's 512-byte blocks; the multi-tensor (``foreach``) optimizer, torch's CUDA default;
 ``overhead.cuda_context``, ``overhead.cublas_workspace``, ``overhead.nccl`` (0, one rank) and
-``overhead.cuda_fragmentation_allowance``. Known error of the CUDA estimate: CPU and CUDA autocast
+``overhead.cuda_fragmentation_allowance``; with SDPA, attention dropout (GPT-2's ``attn_pdrop``) is
+traced as 0 because FlashAttention applies it inside the kernel while CPU SDPA would fall back to the
+math path and save the s×s scores (1.8 GB more for GPT-2 at sequence 1024). Known error of the CUDA estimate: CPU and CUDA autocast
 cast a few ops differently; AdamW's ``step`` counters (one fp32 scalar per parameter tensor) live on
 the CPU for CUDA parameters but are counted (< 0.001 % for a 7B model); fragmentation is an allowance,
 not a trace.
@@ -80,6 +82,8 @@ if TYPE_CHECKING:
 Target = Literal["cpu", "cuda"]
 
 _MIB = 2**20
+#: Config keys of the attention-probability dropout (GPT-2; Llama/Mistral/Qwen2/DeepSeek).
+_ATTENTION_DROPOUT_KEYS = ("attn_pdrop", "attention_dropout")
 _SGD_MOMENTUM = 0.9
 _LEARNING_RATE = 1e-4
 
@@ -171,7 +175,8 @@ def trace_step(
     start = time.perf_counter()
     with _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
         step = build_step(model, settings, micro_batch=micro_batch, seq_len=seq_len,
-                          foreach=target == "cuda" if foreach is None else foreach)
+                          foreach=target == "cuda" if foreach is None else foreach,
+                          dropout_in_attention_kernel=target == "cuda")
         memory, maxima = (
             _track_memory(step, target, terms) if track_memory
             else (MemoryBreakdown(weights_bytes=0, gradients_bytes=0, optimizer_bytes=0,
@@ -229,12 +234,15 @@ class TrainingStep:
 
 def build_step(
     model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, foreach: bool = False,
-    seed: int = 0,
+    dropout_in_attention_kernel: bool = False, seed: int = 0,
 ) -> TrainingStep:
     """Build the module, optimizer and batch of ``settings`` on the current (fake or real) CPU device.
 
     ``foreach`` selects the optimizer's multi-tensor implementation (torch's default on CUDA; on CPU
     torch defaults to the per-parameter loop).
+    ``dropout_in_attention_kernel`` models CUDA FlashAttention, which applies attention dropout inside
+    the kernel and keeps only the RNG state: the CPU SDPA kernels have no dropout and fall back to the
+    math path (s×s scores, probabilities and mask saved), so the attention dropout is set to 0 instead.
 
     Shared by the trace and by :func:`batchpilot.measure.cpu_peak.measure_cpu_step_peak`, so that both
     run exactly the same computation.
@@ -243,7 +251,10 @@ def build_step(
     import transformers
 
     attn = "eager" if settings.attention == "eager" else "sdpa"
-    config = transformers.AutoConfig.for_model(**dict(model.hf_config))
+    fields = dict(model.hf_config)
+    if dropout_in_attention_kernel and attn == "sdpa":
+        fields.update({key: 0.0 for key in _ATTENTION_DROPOUT_KEYS if fields.get(key)})
+    config = transformers.AutoConfig.for_model(**fields)
     torch.manual_seed(seed)
     module = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
     module.train()
