@@ -24,6 +24,10 @@ forked from a fork server that has torch and transformers imported already; it s
 ``RLIMIT_AS`` to baseline + budget (details in :mod:`batchpilot.measure._trial`), runs in its own
 process group, and is killed with that group on timeout or interrupt, so nothing is left behind. On
 CUDA trials run in this process: OOM is caught and freed, and under torchrun the ranks agree.
+
+Calling :func:`run_probe` from a script: as with any ``multiprocessing`` start method other than
+``fork``, each trial process imports the script's main module, so guard the call with
+``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
