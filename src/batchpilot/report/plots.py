@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from batchpilot.report.records import RunRecords, numbers
+from batchpilot.report.records import RunRecords
 from batchpilot.units import GIB
 
 DPI = 110
@@ -42,6 +42,11 @@ def _plottable(value: Any) -> bool:
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
+
+
+def _pairs(rows: list[dict[str, Any]], x: str, y: str) -> list[tuple[float, float]]:
+    """(x, y) of the rows where both are plottable: kept together, so a row missing one drops both."""
+    return [(r[x], r[y]) for r in rows if _plottable(r.get(x)) and _plottable(r.get(y))]
 
 
 def rows_of(value: Any) -> list[dict[str, Any]]:
@@ -112,18 +117,16 @@ def plot_noise(records: RunRecords, path: Path) -> Path | None:
     """B_simple (sequences) over optimizer steps, with the uncertainty band."""
     noise = records.noise or {}
     history = rows_of(noise.get("trajectory") or noise.get("history"))
-    steps, values = numbers(history, "step"), numbers(history, "b_simple_sequences") or numbers(history, "b_simple")
-    if not values:
-        rows = [m for m in records.metrics if isinstance(m.get("b_simple"), (int, float))]
-        steps, values = numbers(rows, "step"), numbers(rows, "b_simple")
+    points = (_pairs(history, "step", "b_simple_sequences") or _pairs(history, "step", "b_simple")
+              or _pairs(records.metrics, "step", "b_simple"))
     final = noise.get("b_simple_sequences")
     if not _plottable(final):
         final = None
-    if not values and final is None:
+    if not points and final is None:
         return None
     fig, ax = plt.subplots(figsize=FIGSIZE_IN)
-    if values and len(steps) == len(values):
-        ax.plot(steps, values, "-", label="B_simple estimate (EMA)")
+    if points:
+        ax.plot([x for x, _ in points], [y for _, y in points], "-", label="B_simple estimate (EMA)")
     band = noise.get("band")
     if isinstance(band, dict):  # ``batchpilot noise --json``: {"sequences": [lo, hi], "tokens": [lo, hi]}
         band = band.get("sequences")
@@ -141,15 +144,14 @@ def plot_noise(records: RunRecords, path: Path) -> Path | None:
 
 def plot_loss(records: RunRecords, path: Path) -> Path | None:
     """Training loss vs tokens and vs wall-clock time (validation loss where logged)."""
-    rows = [m for m in records.metrics if isinstance(m.get("loss"), (int, float))]
+    rows = [m for m in records.metrics if _plottable(m.get("loss"))]
     if not rows:
         return None
     fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(FIGSIZE_IN[0] * 1.6, FIGSIZE_IN[1]))
     for ax, key, label in ((by_tokens, "tokens", "tokens seen"), (by_time, "elapsed_s", "wall time (s)")):
-        pairs = [(r[key], r["loss"]) for r in rows if isinstance(r.get(key), (int, float))]
+        pairs = _pairs(rows, key, "loss")
         ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "-", label="train loss")
-        val = [(r[key], r["val_loss"]) for r in records.metrics
-               if isinstance(r.get("val_loss"), (int, float)) and isinstance(r.get(key), (int, float))]
+        val = _pairs(records.metrics, key, "val_loss")
         if val:
             ax.plot([p[0] for p in val], [p[1] for p in val], "o", label="validation loss")
         ax.set_xlabel(label)
