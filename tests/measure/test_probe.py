@@ -82,10 +82,12 @@ def test_exact_prediction_two_search_trials_then_the_knee_ladder() -> None:
 def test_prediction_twice_too_high_and_an_int_predictor() -> None:
     runner = FakeRunner()
     result = run_probe(_request(knee=False), runner=runner, predictor=lambda r: 40)
-    # 40 fails; halve → 20 fits at 1020 MiB; origin line 20·1024/1020 = 20.08 → 20 ≤ lo → confirm 21 fails.
-    assert runner.calls == [40, 20, 21]
+    # 40 ✗, step down 39 ✗, halve → 19 fits at 970 MiB; origin line 19·1024/970 = 20.06 → 20 fits;
+    # two-point line says 20 ≤ lo → confirm 21 fails.
+    assert runner.calls == [40, 39, 19, 20, 21]
     assert result.max_micro_batch == 20 and result.predicted_max_micro_batch == 40
-    assert result.knee_micro_batch == 20  # only one measured size
+    # measured sizes 19 and 20: 19·64/(0.1 + 0.38 + 0.722) = 1011.6 tokens/s beats 20's 984.6 → knee 19
+    assert result.knee_micro_batch == 19
 
 
 def test_json_contract() -> None:

@@ -44,12 +44,13 @@ def linear_oracle(fixed_bytes: int, per_sample_bytes: int, budget_bytes: int):
     [
         # exact: 20 fits, gallop +1 → 21 fails.
         (20, [20, 21]),
-        # 2× too high: 40 fails, halve → 20 fits, bracket (20, 40): bisect 30, 25, 22, 21 (all fail).
-        (40, [40, 20, 30, 25, 22, 21]),
+        # 2× too high: 40 fails, step down → 39 fails, halve → 19 fits; bracket (19, 39): bisect
+        # 29 ✗, 24 ✗, 21 ✗, 20 ✓.
+        (40, [40, 39, 19, 29, 24, 21, 20]),
         # 2× too low: 10 fits, gallop +1, +2, +4, +8 → 11, 13, 17 fit, 25 fails; bisect 21 ✗, 19 ✓, 20 ✓.
         (10, [10, 11, 13, 17, 25, 21, 19, 20]),
-        # one too high: 21 fails, halve → 10 fits, bisect (10, 21): 15, 18, 19, 20 all fit.
-        (21, [21, 10, 15, 18, 19, 20]),
+        # one too high: 21 fails, step down → 20 fits; bracket (20, 21) closed.
+        (21, [21, 20]),
     ],
     ids=["exact", "2x-high", "2x-low", "plus-one"],
 )
@@ -68,13 +69,16 @@ def test_boolean_oracle_exact_sequences(prediction: int, expected: list[int]) ->
     [
         # 19 fits at 980 MiB; origin line: 19·1024/980 = 19.9 → ⌊⌋ 19 ≤ lo → gallop 20 fails.
         (19, [19, 20], ["prediction", "confirm"]),
-        # 38 fails; halve → 19 fits; as above, confirm 20 fails.
-        (38, [38, 19, 20], ["prediction", "halve", "confirm"]),
+        # 38 ✗, step down 37 ✗, halve → 18 fits at 930; origin line 18·1024/930 = 19.8 → 19 fits;
+        # two-point line (slope 50): 19 + ⌊44/50⌋ = 19 ≤ lo → confirm 20 fails.
+        (38, [38, 37, 18, 19, 20], ["prediction", "step-down", "halve", "guided", "confirm"]),
+        # one too high: 20 ✗, step down → 19 fits; bracket closed.
+        (20, [20, 19], ["prediction", "step-down"]),
         # 9 fits at 480 MiB; origin line: 9·1024/480 = 19.2 → 19 fits at 980; two-point line
         # slope 50 MiB: 19 + ⌊44/50⌋ = 19 ≤ lo → confirm 20 fails.
         (9, [9, 19, 20], ["prediction", "guided", "confirm"]),
     ],
-    ids=["exact", "2x-high", "2x-low"],
+    ids=["exact", "2x-high", "plus-one", "2x-low"],
 )
 def test_linear_memory_oracle_exact_sequences(prediction: int, expected: list[int], rules: list[str]) -> None:
     fits, calls = linear_oracle(30 * MIB, 50 * MIB, 1024 * MIB)
@@ -99,12 +103,13 @@ def test_large_fixed_part_takes_one_more_guided_step() -> None:
         # 20 fits at 1020 MiB (fixed 20 + 50/seq, budget 1024: L = 20); line through it with slope 50:
         # 20 + ⌊4/50⌋ = 20 ≤ lo → confirm 21 fails.
         (20, [20, 21]),
-        # one too high: 21 fails, halve → 10 fits at 520; 10 + ⌊504/50⌋ = 20 fits; bracket (20, 21) closed.
-        (21, [21, 10, 20]),
+        # one too high: 21 fails, step down → 20 fits; bracket (20, 21) closed.
+        (21, [21, 20]),
         # 2× too low: 10 fits → 20 fits → two-point line says 20 → confirm 21 fails.
         (10, [10, 20, 21]),
-        # 2× too high: 40 fails → 20 fits → confirm 21 fails.
-        (40, [40, 20, 21]),
+        # 2× too high: 40 ✗, 39 ✗, halve → 19 fits at 970; 19 + ⌊54/50⌋ = 20 fits; line says 20 →
+        # confirm 21 fails.
+        (40, [40, 39, 19, 20, 21]),
     ],
     ids=["exact", "plus-one", "2x-low", "2x-high"],
 )
@@ -118,7 +123,7 @@ def test_slope_hint_makes_one_point_lines_exact(prediction: int, expected: list[
 def test_nothing_fits_halves_down_to_one() -> None:
     fits, _ = bool_oracle(0)
     result = search_max_micro_batch(8, fits)
-    assert result.sizes == [8, 4, 2, 1]
+    assert result.sizes == [8, 7, 3, 1]  # step down, then halve: 7 // 2, 3 // 2
     assert result.max_micro_batch == 0
 
 

@@ -14,8 +14,10 @@ The policy, exactly (``lo`` = largest size seen to fit, 0 at first; ``hi`` = sma
 fail, ``cap + 1`` at first; the search ends when ``hi == lo + 1``):
 
 1. Try the prediction, clamped to ``[1, cap]``.
-2. Nothing has fitted yet (only failures): try ``hi // 2`` — halving hedges a prediction up to 2×
-   too high in one step. When ``hi == 1`` nothing fits: the result is 0.
+2. Nothing has fitted yet (only failures). After the first failure try ``prediction − 1`` (*step
+   down*: a prediction one too large is the commonest miss of a good memory model, and a trial far
+   above the limit fails early in its first step, so it is cheap); after two or more, ``hi // 2``
+   (*halve*: hedges a prediction up to 2× too high). When ``hi == 1`` nothing fits: the result is 0.
 3. Something fitted and the memory line is known (a budget was given and a fitted trial reported its
    peak): *guided* step. The line is drawn through the two largest fitted trials with peaks
    (``peak(b) = peak_1 + (b − b_1)·slope``); with one such trial, through it with the memory model's
@@ -33,9 +35,9 @@ fail, ``cap + 1`` at first; the search ends when ``hi == lo + 1``):
 5. Otherwise (bracketed, no usable line): bisect, ``(lo + hi) // 2``.
 
 Trial counts with a boolean oracle (limit L, prediction p): p = L → 2 trials (L, L + 1);
-p = L + 1 → halving then bisection; p = L/2 → gallop then bisection (≈ 2·log2(L/2)).
-With a linear memory oracle: p = L → 2; p = 2L → 3 (2L, L, L + 1); p = L/2 → 3 or 4; with a
-correct ``slope_bytes`` also p = L + 1 → 3 (L + 1, ⌊(L + 1)/2⌋, L) and p = L/2 → 3 (L/2, L, L + 1).
+p = L + 1 → 2 (L + 1, L); p = 2L → step down, halve, then bisection; p = L/2 → gallop then
+bisection (≈ 2·log2(L/2)). With a linear memory oracle: p = L → 2; p = L + 1 → 2; p = 2L → 5
+(2L, 2L − 1, L − 1, L, L + 1); p = L/2 → 3 or 4 (with a correct ``slope_bytes``: L/2, L, L + 1).
 
 Invariant (tested): the reported maximum is a size whose trial fitted, or 0.
 """
@@ -65,7 +67,7 @@ class Outcome:
 Oracle = Callable[[int], "bool | Outcome"]
 """``fits(micro_batch)``: run (or simulate) a trial of that size."""
 
-Rule = Literal["prediction", "halve", "guided", "confirm", "gallop", "bisect"]
+Rule = Literal["prediction", "step-down", "halve", "guided", "confirm", "gallop", "bisect"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -146,7 +148,7 @@ class _State:
 def _next_size(state: _State, budget_bytes: int | None, slope_bytes: float | None) -> tuple[int, Rule]:
     lo, hi = state.lo, state.hi
     if lo == 0:
-        return max(1, hi // 2), "halve"
+        return (hi - 1, "step-down") if len(state.steps) == 1 else (max(1, hi // 2), "halve")
     peaks = [(s.micro_batch, s.peak_bytes) for s in state.steps if s.fits and s.peak_bytes is not None]
     estimate = None
     if budget_bytes is not None and peaks and state.guided_trusted:
