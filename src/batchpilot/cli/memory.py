@@ -35,7 +35,7 @@ from batchpilot.cli._settings import (
 from batchpilot.errors import SpecError
 from batchpilot.estimate.breakdown import MemoryBreakdown
 from batchpilot.estimate.memory import analytic_memory
-from batchpilot.specs.hardware import load_accelerator
+from batchpilot.specs.hardware import check_device_count, load_accelerator
 from batchpilot.specs.model import ModelSpec, load_model
 from batchpilot.specs.settings import RunSettings, validate_for_model
 from batchpilot.units import GIB
@@ -46,8 +46,7 @@ PEAK_PHASES = ("backward start", "backward end", "optimizer step")
 
 def data_parallel_ranks(gpus: int, settings: RunSettings) -> int:
     """Data-parallel ranks of ``gpus`` GPUs under ``tp × pp`` model parallelism (one-line error if not whole)."""
-    if isinstance(gpus, bool) or gpus < 1:
-        raise SpecError(f"--gpus {gpus!r} must be a positive integer")
+    check_device_count(gpus)
     if gpus % settings.model_parallel_size:
         raise SpecError(
             f"--gpus {gpus} is not a multiple of tp {settings.tp} × pp {settings.pp} = "

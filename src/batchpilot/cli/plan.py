@@ -39,7 +39,7 @@ from batchpilot.plan.export import FORMATS, export_text
 from batchpilot.plan.planner import DEFAULT_HEADROOM, Pins, PlanRequest, PlanResult, plan
 from batchpilot.plan.priors import global_batch_from_noise, global_batch_from_prior
 from batchpilot.plan.registry import target_global_batch
-from batchpilot.specs.hardware import ClusterSpec, load_accelerator
+from batchpilot.specs.hardware import ClusterSpec, check_device_count, load_accelerator
 from batchpilot.specs.model import ModelSpec, load_model
 from batchpilot.specs.settings import RunSettings
 from batchpilot.units import GIB, format_count, parse_bytes, parse_count
@@ -66,8 +66,7 @@ def parse_fraction(text: str, flag: str) -> float:
 
 def build_cluster(gpu: str, gpus: int, gpus_per_node: int | None, inter_node_bandwidth: str) -> ClusterSpec:
     """The cluster the flags describe: ``gpus`` GPUs in nodes of ``gpus_per_node`` (default min(gpus, 8))."""
-    if isinstance(gpus, bool) or gpus < 1:
-        raise SpecError(f"--gpus {gpus!r} must be a positive integer")
+    check_device_count(gpus)
     per_node = 8 if gpus_per_node is None else gpus_per_node
     if per_node < 1:
         raise SpecError(f"--gpus-per-node {per_node!r} must be a positive integer")

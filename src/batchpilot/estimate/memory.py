@@ -57,6 +57,8 @@ from typing import Literal
 
 from batchpilot.errors import SpecError
 from batchpilot.estimate.breakdown import MemoryBreakdown
+from batchpilot.specs.batch import MAX_BATCH_SEQUENCES, check_seq_len
+from batchpilot.specs.hardware import MAX_DEVICES
 from batchpilot.specs.model import ModelSpec
 from batchpilot.specs.settings import RunSettings, validate_for_model
 from batchpilot.units import MIB
@@ -602,10 +604,15 @@ def _activation_bytes(model: ModelSpec, settings: RunSettings, lay: _Layout, *, 
 
 
 def _check_sizes(micro_batch: int, seq_len: int, dp: int, grad_accum: int) -> None:
-    for name, value in (("micro-batch", micro_batch), ("seq-len", seq_len), ("dp", dp),
-                        ("grad-accum", grad_accum)):
+    """Positive whole numbers within the plausibility limits (:mod:`batchpilot.specs.batch`, ``hardware``)."""
+    check_seq_len(seq_len)
+    for name, value, limit in (("micro-batch", micro_batch, MAX_BATCH_SEQUENCES), ("dp", dp, MAX_DEVICES),
+                               ("grad-accum", grad_accum, MAX_BATCH_SEQUENCES)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SpecError(f"--{name} {value!r} must be a positive integer")
+        if value > limit:
+            raise SpecError(f"--{name} {value} is above the limit of 2^{limit.bit_length() - 1} = {limit}; "
+                            f"use a realistic value")
 
 
 def analytic_memory(model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, dp: int = 1,

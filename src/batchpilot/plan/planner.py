@@ -46,7 +46,13 @@ from batchpilot.estimate.breakdown import MemoryBreakdown
 from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration
 from batchpilot.estimate.memory import OverheadModel, analytic_memory
 from batchpilot.estimate.steptime import StepTime, StepTimeModel
-from batchpilot.specs.batch import BatchError, BatchTriad, sequences_from_tokens
+from batchpilot.specs.batch import (
+    MAX_BATCH_SEQUENCES,
+    BatchError,
+    BatchTriad,
+    check_seq_len,
+    sequences_from_tokens,
+)
 from batchpilot.specs.hardware import ClusterSpec
 from batchpilot.specs.model import ModelSpec
 from batchpilot.specs.settings import RECOMPUTES, RunSettings, validate_for_model
@@ -130,8 +136,7 @@ class PlanRequest:
     """Evaluate every layout (no throughput-bound pruning); same ranking, slower."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1:
-            raise SpecError(f"--seq-len {self.seq_len!r} must be a positive integer")
+        check_seq_len(self.seq_len)
         if (self.global_batch_sequences is None) == (self.global_batch_tokens is None):
             raise SpecError("give exactly one target: --global-batch-tokens, --global-batch or --like")
         if not 0.0 <= self.headroom < 1.0:
@@ -234,8 +239,18 @@ def _whole(x: float) -> float | int:
 
 # ---------------------------------------------------------------------- the search space
 def _divisors(n: int) -> list[int]:
+    """All divisors of ``n`` ascending; O(√n), so only for small ``n`` (heads, GPUs, experts)."""
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))
+
+
+def _micro_divisors(n: int, pinned: int | None) -> list[int]:
+    """The divisors of ``n`` that are micro-batch candidates (≤ :data:`MAX_MICRO_BATCH`, or the pinned one),
+    ascending; O(MAX_MICRO_BATCH) whatever ``n`` (the per-rank batch can be ~2^31)."""
+    out = [m for m in range(1, min(n, MAX_MICRO_BATCH) + 1) if n % m == 0]
+    if pinned is not None and pinned > MAX_MICRO_BATCH and n % pinned == 0:
+        out.append(pinned)
+    return out
 
 
 def _tp_options(req: PlanRequest) -> list[int]:
@@ -281,7 +296,19 @@ def _recompute_options(req: PlanRequest) -> list[str]:
 
 
 def target_sequences(req: PlanRequest) -> float:
-    """The target in sequences; tokens that are not whole sequences need ``max_deviation`` > 0."""
+    """The target in sequences; tokens that are not whole sequences need ``max_deviation`` > 0; at most
+    :data:`MAX_BATCH_SEQUENCES`."""
+    target = _target_sequences(req)
+    if target > MAX_BATCH_SEQUENCES:
+        given = (f"target global batch {req.global_batch_sequences} sequences" if req.global_batch_tokens is None
+                 else f"--global-batch-tokens {req.global_batch_tokens} at --seq-len {req.seq_len} is {target:.4g} "
+                      f"sequences, which")
+        raise SpecError(f"{given} is above the limit of 2^31 = {MAX_BATCH_SEQUENCES} sequences per step; "
+                        f"use a smaller target")
+    return target
+
+
+def _target_sequences(req: PlanRequest) -> float:
     if req.global_batch_sequences is not None:
         if isinstance(req.global_batch_sequences, bool) or req.global_batch_sequences < 1:
             raise SpecError(f"--global-batch {req.global_batch_sequences!r} must be a positive integer")
@@ -307,7 +334,7 @@ def _micro_candidates(req: PlanRequest, target: float, dp: int) -> list[tuple[in
         if g % dp:
             return []
         local = g // dp
-        pairs = [(m, local // m) for m in _divisors(local) if m <= MAX_MICRO_BATCH or m == pins.micro_batch]
+        pairs = [(m, local // m) for m in _micro_divisors(local, pins.micro_batch)]
     else:
         limit = max(1, math.floor(target * (1 + req.max_deviation) / dp))
         pairs = []

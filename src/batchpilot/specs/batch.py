@@ -23,7 +23,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from batchpilot.errors import BatchpilotError
+from batchpilot.errors import BatchpilotError, SpecError
+
+MAX_SEQ_LEN_TOKENS = 2**24
+"""Longest sequence accepted (16Mi tokens): above the longest context of a released model (Llama 4 Scout,
+10M tokens, Meta 2025), so no real length is refused, while ``--seq-len 10^20`` is refused in one line instead of an estimate of
+10^18 GiB."""
+
+MAX_BATCH_SEQUENCES = 2**31
+"""Most sequences in a global batch, micro-batch or accumulation: ~10^5 × the largest published global
+batches (DeepSeek-V3: 15 360 sequences), so no real batch is refused, while absurd targets
+(``--seq-len 1 --global-batch-tokens 2^62``) are refused in one line instead of producing plans with
+10^18 accumulation steps."""
 
 
 class BatchError(BatchpilotError):
@@ -34,6 +45,16 @@ def _positive(value: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BatchError(f"{what} must be a positive whole number, got {value!r}")
     return value
+
+
+def check_seq_len(seq_len: int, flag: str = "--seq-len") -> int:
+    """``seq_len`` if it is a whole number in [1, :data:`MAX_SEQ_LEN_TOKENS`]; one-line error otherwise."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise SpecError(f"{flag} {seq_len!r} must be a positive integer")
+    if seq_len > MAX_SEQ_LEN_TOKENS:
+        raise SpecError(f"{flag} {seq_len} is above the limit of 2^24 = {MAX_SEQ_LEN_TOKENS} tokens per sequence; "
+                        f"use a real context length")
+    return seq_len
 
 
 def _nearest_multiples(value: int, unit: int) -> list[int]:

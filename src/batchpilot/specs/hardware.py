@@ -66,7 +66,9 @@ DTYPE_ALIASES: Mapping[str, Dtype] = MappingProxyType({
 _MEMORY_RANGE = (2**20, 2**44)           # 1 MiB .. 16 TiB
 _FLOPS_RANGE = (1e9, 1e18)               # 1 GFLOP/s .. 1 EFLOP/s
 _BANDWIDTH_RANGE = (1e6, 1e14)           # 1 MB/s .. 100 TB/s
-_MAX_DEVICES = 2**20
+MAX_DEVICES = 2**20
+"""Most GPUs in a job (and per cluster dimension): several times the largest clusters announced (~2·10^5 GPUs)."""
+_MAX_DEVICES = MAX_DEVICES
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -147,6 +149,15 @@ class AcceleratorSpec:
             "sources": {k: self.sources[k].to_dict() for k in self.figure_names() if k in self.sources},
             "notes": self.notes,
         }
+
+
+def check_device_count(gpus: int, flag: str = "--gpus") -> int:
+    """``gpus`` if it is a whole number in [1, :data:`MAX_DEVICES`]; one-line error otherwise."""
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise SpecError(f"{flag} {gpus!r} must be a positive integer")
+    if gpus > MAX_DEVICES:
+        raise SpecError(f"{flag} {gpus} is above the limit of 2^20 = {MAX_DEVICES} GPUs; use a real cluster size")
+    return gpus
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
