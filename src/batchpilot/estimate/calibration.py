@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.errors import SpecError
+from batchpilot.specs.model import path_is, read_json_object
 
 CALIBRATION_FORMAT = "batchpilot-calibration"
 CALIBRATION_FORMAT_VERSION = 1
@@ -184,18 +185,19 @@ def calibration_from_dict(data: Any, where: str = "calibration") -> Calibration:
 
 
 def load_calibration(path: str | Path) -> Calibration:
-    """Read a calibration file written by :func:`save_calibration` (or by hand, same format)."""
+    """Read a calibration file written by :func:`save_calibration` (or by hand, same format).
+
+    Read through :func:`batchpilot.specs.model.read_json_object`: regular files of at most
+    ``MAX_JSON_BYTES`` only (``/dev/zero`` or a FIFO is refused unread instead of hanging), UTF-8, one
+    JSON object without NaN/Infinity; every failure is one line.
+    """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"calibration file {str(p)!r} does not exist; run `batchpilot probe` to make one") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"calibration file {str(p)!r} cannot be read: {exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"calibration file {str(p)!r} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        data = read_json_object(p, "calibration file")
+    except SpecError:
+        if not path_is(p, "exists") and not path_is(p, "is_symlink"):
+            raise SpecError(f"calibration file {str(p)!r} does not exist; run `batchpilot probe` to make one") from None
+        raise
     return calibration_from_dict(data, where=f"calibration file {str(p)!r}")
 
 

@@ -536,12 +536,17 @@ def _read_small_file(path: Path, what: str) -> bytes:
         raise SpecError(f"{what} {str(path)!r} does not exist") from None
     except (OSError, ValueError) as exc:
         raise SpecError(f"{what} {str(path)!r} cannot be opened: {getattr(exc, 'strerror', None) or exc}") from None
-    with os.fdopen(fd, "rb") as handle:
+    try:  # checked before os.fdopen, which raises IsADirectoryError for a directory
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise SpecError(f"{what} {str(path)!r} is not a regular file")
         if info.st_size > MAX_JSON_BYTES:
             raise SpecError(f"{what} {str(path)!r} is {info.st_size:,} bytes; the limit is {MAX_JSON_BYTES:,}")
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
         try:
             return handle.read(MAX_JSON_BYTES + 1)
         except OSError as exc:
