@@ -51,18 +51,65 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _no_children_left() -> None:
-    deadline = time.monotonic() + 10
+def _live_descendants() -> set[tuple[int, float]]:
+    """(pid, start time) of every live descendant of this process (a reused pid is a different process)."""
+    out = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                out.add((child.pid, child.create_time()))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture()
+def children_before() -> set[tuple[int, float]]:
+    """The descendants alive before the test: long-lived helpers an earlier test in the same session left
+    (a multiprocessing fork server and its resource tracker) are not this test's orphans."""
+    return _live_descendants()
+
+
+def _no_children_left(before: set[tuple[int, float]], wait_s: float = 10.0) -> None:
+    """No descendant this test created is still alive (after up to ``wait_s`` for the dying to go)."""
+    deadline = time.monotonic() + wait_s
     while True:
-        live = [c for c in psutil.Process().children(recursive=True) if _alive(c.pid)]
-        if not live or time.monotonic() > deadline:
+        new = _live_descendants() - before
+        if not new or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    assert not live, [(c.pid, c.name()) for c in live]
+    assert not new, [(pid, _name(pid)) for pid, _ in new]
+
+
+def _name(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline()) or psutil.Process(pid).name()
+    except psutil.Error:
+        return "?"
+
+
+def test_the_orphan_check_counts_only_processes_started_during_the_test() -> None:
+    """The check itself: a helper alive before the snapshot is ignored; one started after it is an orphan."""
+    older = subprocess.Popen(["sleep", "60"])
+    try:
+        before = _live_descendants()
+        _no_children_left(before, wait_s=0.5)  # passes although `older` is alive
+        orphan = subprocess.Popen(["sleep", "60"])
+        try:
+            with pytest.raises(AssertionError, match=str(orphan.pid)):
+                _no_children_left(before, wait_s=0.5)
+        finally:
+            orphan.kill()
+            orphan.wait()
+        _no_children_left(before, wait_s=0.5)  # reaped: nothing left again
+    finally:
+        older.kill()
+        older.wait()
 
 
 @pytest.mark.slow
-def test_real_allocator_oom_is_does_not_fit_and_the_search_goes_on(fork_trials: None) -> None:
+def test_real_allocator_oom_is_does_not_fit_and_the_search_goes_on(fork_trials: None,
+                                                                   children_before: set[tuple[int, float]]) -> None:
     """A budget the analytic model overshoots: the first trials fail for real (RLIMIT_AS), smaller ones fit."""
     result = run_probe(_request(budget_bytes=24 * MIB), predictor=lambda req: Prediction(max_micro_batch=32))
     failed = [t for t in result.trials if not t.fits]
@@ -70,7 +117,7 @@ def test_real_allocator_oom_is_does_not_fit_and_the_search_goes_on(fork_trials: 
     assert all(t.error and "memory" in t.error.lower() for t in failed), failed
     assert 1 <= result.max_micro_batch < min(t.micro_batch for t in failed)
     assert all(t.fits == (t.micro_batch <= result.max_micro_batch) for t in result.trials)
-    _no_children_left()
+    _no_children_left(children_before)
 
 
 def _killed_by_oom_killer(real: Any, threshold: int) -> Any:
@@ -84,14 +131,15 @@ def _killed_by_oom_killer(real: Any, threshold: int) -> Any:
     return trial
 
 
-def test_trial_killed_by_sigkill_is_does_not_fit(monkeypatch: pytest.MonkeyPatch, fork_trials: None) -> None:
+def test_trial_killed_by_sigkill_is_does_not_fit(monkeypatch: pytest.MonkeyPatch, fork_trials: None,
+                                                 children_before: set[tuple[int, float]]) -> None:
     monkeypatch.setattr(_trial, "run_cpu_trial", _killed_by_oom_killer(_trial.run_cpu_trial, threshold=3))
     result = run_probe(_request(budget_bytes=2048 * MIB), predictor=lambda req: Prediction(max_micro_batch=4))
     killed = [t for t in result.trials if not t.fits]
     assert killed and all(t.micro_batch >= 3 for t in killed)
     assert all("exit code -9" in (t.error or "") for t in killed), killed
     assert result.max_micro_batch == 2  # the search went on below the killed sizes
-    _no_children_left()
+    _no_children_left(children_before)
 
 
 def _hangs_with_a_grandchild(pid_file: Path) -> Any:
@@ -104,7 +152,7 @@ def _hangs_with_a_grandchild(pid_file: Path) -> Any:
 
 
 def test_hung_trial_is_killed_with_its_process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     fork_trials: None) -> None:
+                                                     fork_trials: None, children_before: set[tuple[int, float]]) -> None:
     pids = tmp_path / "pids"
     monkeypatch.setattr(_trial, "run_cpu_trial", _hangs_with_a_grandchild(pids))
     start = time.monotonic()
@@ -118,11 +166,11 @@ def test_hung_trial_is_killed_with_its_process_group(tmp_path: Path, monkeypatch
     while (_alive(trial_pid) or _alive(sleeper_pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(trial_pid) and not _alive(sleeper_pid)  # the grandchild died with the group
-    _no_children_left()
+    _no_children_left(children_before)
 
 
 def test_interrupt_during_a_trial_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    fork_trials: None) -> None:
+                                                    fork_trials: None, children_before: set[tuple[int, float]]) -> None:
     """Ctrl-C while a trial runs: the trial's group is killed on the way out."""
     pids = tmp_path / "pids"
     monkeypatch.setattr(_trial, "run_cpu_trial", _hangs_with_a_grandchild(pids))
@@ -143,4 +191,4 @@ def test_interrupt_during_a_trial_leaves_no_process(tmp_path: Path, monkeypatch:
     while (_alive(trial_pid) or _alive(sleeper_pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(trial_pid) and not _alive(sleeper_pid)
-    _no_children_left()
+    _no_children_left(children_before)
