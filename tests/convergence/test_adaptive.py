@@ -102,8 +102,11 @@ def test_runs_in_the_loop_logs_decisions_and_resumes_exactly(tmp_path: Path) -> 
     (out / "checkpoints" / "latest").write_text("step-00000003")
     run(_config(out).replace(run={"resume": True}))
     resumed = read_metrics(out / "metrics.jsonl")
-    keys = ("loss", "global_batch_sequences", "b_simple", "batch_decision", "lr")
+    keys = ("loss", "global_batch_sequences", "batch_decision", "lr")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
+    # The estimate may differ in its last bit after a resume (float sums in another order); the decisions
+    # it drives, the batches and the losses above are exact.
+    assert [r["b_simple"] for r in resumed] == pytest.approx([r["b_simple"] for r in full], rel=1e-12)
 
 
 def _drive_hook(hook: NoiseScaleHook, steps: int, *, loss_scale: float, poison_step: int | None = None) -> float:

@@ -36,7 +36,6 @@ test (tests/convergence) the 95% band covers the true value.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,11 +277,7 @@ def noise_record_from_dict(data: dict[str, Any], path: str = "<dict>") -> NoiseR
 
 def load_noise_record(path: str | Path) -> NoiseRecord:
     """Read a noise file written by ``batchpilot noise --json > FILE`` (for ``plan --noise FILE``)."""
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BatchpilotError(f"noise file {path} is not JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise BatchpilotError(f"noise file {path} must hold one JSON object, got {type(data).__name__}")
+    from batchpilot.specs.model import read_json_object  # bounded: regular files only, size-capped
+
+    data = read_json_object(Path(path), "noise file")
     return noise_record_from_dict(data, str(path))

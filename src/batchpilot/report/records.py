@@ -46,15 +46,12 @@ def _finite_or_none(value: str) -> None:
 
 
 def _read_object(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
+    """A record file, or None when absent; read with the bounded reader (regular files, size cap)."""
+    from batchpilot.specs.model import read_json_object
+
+    if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_finite_or_none)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise BatchpilotError(f"record {str(path)!r} is unreadable or not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BatchpilotError(f"record {str(path)!r} must hold a JSON object")
-    return data
+    return read_json_object(path, "record")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
