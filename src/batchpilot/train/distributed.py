@@ -101,7 +101,11 @@ def init_distributed(*, expected_world_size: int | None, device: str) -> DistEnv
 
 
 def shutdown() -> None:
+    """Tear the process group down after every rank got here (gloo aborted sometimes when one rank
+    destroyed its group while the other still had FSDP2 collectives in flight)."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
