@@ -46,12 +46,20 @@ def _finite_or_none(value: str) -> None:
 
 
 def _read_object(path: Path) -> dict[str, Any] | None:
-    """A record file, or None when absent; read with the bounded reader (regular files, size cap)."""
-    from batchpilot.specs.model import read_json_object
+    """A record file, or None when absent; read with the bounded reader (regular files, size cap). Lenient:
+    NaN/Infinity literals (Python's json default) become None rather than failing the whole report."""
+    from batchpilot.specs.model import read_small_file
 
     if not path.exists():
         return None
-    return read_json_object(path, "record")
+    try:
+        data = json.loads(read_small_file(path, "record").decode("utf-8", errors="replace"),
+                          parse_constant=_finite_or_none)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise BatchpilotError(f"record {str(path)!r} is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BatchpilotError(f"record {str(path)!r} must hold a JSON object")
+    return data
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -528,7 +528,7 @@ def preset_path(name: str) -> Path:
 MAX_JSON_BYTES = 16 * 2**20
 
 
-def _read_small_file(path: Path, what: str) -> bytes:
+def read_small_file(path: Path, what: str) -> bytes:
     """The bytes of a regular file of at most :data:`MAX_JSON_BYTES`; FIFOs and devices are refused unread."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
@@ -555,7 +555,7 @@ def _read_small_file(path: Path, what: str) -> bytes:
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
     """Read a JSON object from ``path``; every failure is a one-line :class:`SpecError`."""
-    return parse_json_object(_read_small_file(path, what), f"{what} {str(path)!r}")
+    return parse_json_object(read_small_file(path, what), f"{what} {str(path)!r}")
 
 
 def parse_json_object(raw: bytes, where: str) -> dict[str, Any]:
