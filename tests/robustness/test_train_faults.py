@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from ._checks import assert_one_line_error
 from ._train import latest_step, load_latest, metrics, run, start, stop, train_args, wait_for, write_corpus
@@ -101,6 +102,27 @@ def test_truncated_checkpoint_is_detected_with_one_line(tmp_path: Path, corpus: 
     resumed = run(train_args(corpus, out, steps=4, resume=True))
     assert resumed.returncode == 2
     assert_one_line_error(resumed.stderr, "cannot be read")
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_keeping_a_finite_checkpoint(tmp_path: Path,
+                                                                                     corpus: Path) -> None:
+    """``--lr 1e30 --grad-clip 0``: step 1 is finite (initial weights) but its update is ~1e29 per weight, so
+    every later gradient norm overflows; those steps are skipped (logged), and after --max-bad-steps 3 in a
+    row the run stops in one line with exit 2, leaving the step-1 checkpoint (finite weights) as latest."""
+    out = tmp_path / "run"
+    done = run(train_args(corpus, out, steps=50, checkpoint_every=1,
+                          extra=["--lr", "1e30", "--grad-clip", "0", "--max-bad-steps", "3"]))
+    assert done.returncode == 2, done.stderr
+    assert_one_line_error(done.stderr, "non-finite", "--max-bad-steps 3", "step-00000001")
+    rows = metrics(out)
+    assert "skipped" not in rows[0] and all(r["skipped"] == "non-finite" for r in rows[1:])
+    assert len(rows) == 1 + 3
+    assert latest_step(out) == 1 and sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000001"]
+    blob = load_latest(out)
+    assert blob["state"]["train"]["step"] == 1
+    assert all(bool(torch.isfinite(t).all()) for t in blob["model"].values())
+    resumed = run(train_args(corpus, out, steps=3, resume=True, extra=["--lr", "1e-3"]))  # a sane LR resumes
+    assert resumed.returncode == 0, resumed.stderr
 
 
 def _workers(proc_pid: int) -> list[psutil.Process]:

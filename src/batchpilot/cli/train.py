@@ -103,6 +103,7 @@ def train(
     lr_decay: str = typer.Option("cosine", "--lr-decay", help="cosine | linear | constant."),
     lr_scaling: str = typer.Option("none", "--lr-scaling", help="none | linear | sqrt, applied when the global batch changes."),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Max gradient norm (0: no clipping)."),
+    max_bad_steps: int = typer.Option(5, "--max-bad-steps", help="Stop after this many consecutive steps skipped for a non-finite loss/gradient."),
     weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (matrices only)."),
     batch_schedule: str = typer.Option("constant", "--batch-schedule", help="constant | ramp:start=S,increment=I,over=TOKENS | steps:0=B0,TOKENS=B1 (…-tokens: batches in tokens)."),
     steps: int | None = typer.Option(None, "--steps", help=f"Optimizer steps [default {DEMO_STEPS}]."),
@@ -132,7 +133,8 @@ def train(
                           batching=batching, max_tokens_per_micro_batch=budget,  # type: ignore[arg-type]
                           batch_schedule=batch_schedule),
         optim=OptimConfig(lr=lr, warmup_steps=warmup_steps, decay=lr_decay, lr_scaling=lr_scaling,  # type: ignore[arg-type]
-                          grad_clip=grad_clip, weight_decay=weight_decay, precision=precision),  # type: ignore[arg-type]
+                          grad_clip=grad_clip, weight_decay=weight_decay, precision=precision,  # type: ignore[arg-type]
+                          max_bad_steps=max_bad_steps),  # type: ignore[arg-type]
         run=RunConfig(steps=steps_n, tokens=tokens_n, out=out, checkpoint_every=checkpoint_every, resume=resume,
                       seed=seed, val_every=val_every, nproc=nproc, fsdp=fsdp, expected_world_size=expect_world_size,
                       device=device, threads=threads),  # type: ignore[arg-type]

@@ -105,12 +105,16 @@ class OptimConfig:
     """Max global gradient norm; 0 disables clipping (the norm is still logged)."""
     precision: Precision = "fp32"
     """fp32, bf16 autocast, or fp16 autocast with a gradient scaler."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive optimizer steps skipped for a non-finite loss or gradient norm (the
+    weights are not updated on such a step; fp16 gradient overflows are the scaler's and do not count)."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"--lr {self.lr} must be positive")
         _require(self.warmup_steps >= 0, "--warmup-steps must be ≥ 0")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "min LR ratio must be in [0, 1]")
         _require(self.grad_clip >= 0, "--grad-clip must be ≥ 0")
+        _require(self.max_bad_steps >= 1, f"--max-bad-steps {self.max_bad_steps} must be positive")
         _require(self.precision in ("fp32", "bf16", "fp16"), f"--precision {self.precision!r}: use fp32, bf16 or fp16")
         _require(self.lr_scaling in ("none", "linear", "sqrt"), f"--lr-scaling {self.lr_scaling!r}: use none, linear or sqrt")
         _require(self.decay in ("cosine", "linear", "constant"), f"--lr-decay {self.decay!r}: use cosine, linear or constant")

@@ -120,6 +120,7 @@ class Trainer:
                         if env.is_main else None)
         self._step_times: list[tuple[int, float]] = []
         self._slots = [0, 0]  # real input tokens, padded tensor slots (this process's steps)
+        self._bad_steps = 0  # consecutive optimizer steps skipped for a non-finite loss or gradient norm
 
     # ------------------------------------------------------------------ setup
     def _set_threads(self) -> None:
@@ -273,17 +274,26 @@ class Trainer:
         self._extras = extras
         return local_sum, loss_scale
 
-    def _optimizer_step(self, lr: float) -> float:
+    def _optimizer_step(self, lr: float, loss_finite: bool) -> tuple[float, bool]:
+        """Clip and step; returns (grad norm, skipped). The norm is global (DDP/manual sync all-reduced the
+        gradients, FSDP2's is a full tensor) and the loss is all-reduced, so every rank decides alike.
+        A non-finite loss or norm skips the update (gradients zeroed, weights and AdamW moments unchanged);
+        with fp16 the scaler skips an overflowing step itself and lowers its scale, as before."""
         clip = self.config.optim.grad_clip or math.inf
         norm: Any = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        grad_norm = float(norm)
+        skip = not loss_finite or (not self.scaler.is_enabled() and not math.isfinite(grad_norm))
+        if not skip:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self.scaler.is_enabled():
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return grad_norm, skip
 
     def train_step(self) -> dict[str, Any]:
         """Run one optimizer step; returns its metrics record (before validation is added)."""
@@ -292,8 +302,9 @@ class Trainer:
         layout = self._layout(global_batch)
         lr = self.lr.lr(step=st.step, tokens_seen=st.tokens_seen, global_batch_sequences=global_batch)
         local_sum, loss_scale = self._accumulate(layout, lr)
-        grad_norm = self._optimizer_step(lr)
         loss_total, stop = all_reduce_sum([float(local_sum), 1.0 if self._stop_signal else 0.0], self.env)
+        grad_norm, skipped = self._optimizer_step(lr, math.isfinite(loss_total))
+        self._bad_steps = self._bad_steps + 1 if skipped else 0
         self._stop_requested = stop > 0
         seconds = time.perf_counter() - start
         st.step += 1
@@ -304,7 +315,10 @@ class Trainer:
         self._step_times.append((layout.global_input_tokens, seconds))
         self._slots[0] += layout.global_input_tokens
         self._slots[1] += layout.global_padded_tokens
-        return self._record(layout, loss_total, lr, grad_norm, seconds, loss_scale)
+        record = self._record(layout, loss_total, lr, grad_norm, seconds, loss_scale)
+        if skipped:
+            record["skipped"] = "non-finite"
+        return record
 
     def _record(self, layout: StepLayout, loss_total: float, lr: float, grad_norm: float, seconds: float,
                 loss_scale: float) -> dict[str, Any]:
@@ -352,10 +366,34 @@ class Trainer:
         return self.state.step >= rc.steps if rc.steps is not None else self.state.tokens_seen >= (rc.tokens or 0)
 
     def _checkpoint(self) -> None:
+        if not self._weights_finite():  # an update overflowed: never replace a good checkpoint with inf/NaN
+            if self.metrics is not None:
+                self.metrics.close()
+            kept = ckpt.latest_checkpoint(self.out)
+            raise BatchpilotError(
+                f"the weights are not finite after step {self.state.step} (an update overflowed), so no checkpoint "
+                f"was written; " + (f"the last good one {str(kept)!r} is kept" if kept else "none was written before")
+                + f"; lower --lr (now {self.config.optim.lr:g}) or set --grad-clip")
         state = {"train": dataclasses.asdict(self.state), "schedule": self.schedule.state_dict(),
                  "hooks": [h.state_dict() for h in self.hooks], "config": self.config.to_dict()}
         ckpt.save_checkpoint(self.out, self.state.step, model=self.model, optimizer=self.optimizer,
                              scaler=self.scaler, state=state, env=self.env, keep=self.config.run.keep_checkpoints)
+
+    def _stop_bad_steps(self) -> None:
+        """Stop after ``max_bad_steps`` skipped steps in a row, leaving the last checkpoint as it is."""
+        if self.metrics is not None:
+            self.metrics.close()
+        kept = ckpt.latest_checkpoint(self.out)
+        raise BatchpilotError(
+            f"{self._bad_steps} optimizer steps in a row (up to step {self.state.step}) had a non-finite loss or "
+            f"gradient norm and were skipped (--max-bad-steps {self.config.optim.max_bad_steps}); "
+            + (f"the last good checkpoint {str(kept)!r} is kept" if kept else "no checkpoint was written")
+            + f"; lower --lr (now {self.config.optim.lr:g}) or set --grad-clip, then --resume or start again")
+
+    def _weights_finite(self) -> bool:
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]  # FSDP2 shards
+        bad = sum(0.0 if bool(torch.isfinite(t.detach()).all()) else 1.0 for t in local)
+        return all_reduce_sum([bad], self.env)[0] == 0
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
@@ -396,7 +434,9 @@ class Trainer:
                 if self._stop_requested:
                     stopped = signal.Signals(self._stop_signal).name if self._stop_signal else "peer rank signal"
                     break
-                if rc.checkpoint_every and self.state.step % rc.checkpoint_every == 0:
+                if self._bad_steps >= self.config.optim.max_bad_steps:
+                    self._stop_bad_steps()
+                if rc.checkpoint_every and self.state.step % rc.checkpoint_every == 0 and not record.get("skipped"):
                     self._checkpoint()
             self._checkpoint()
             val_loss = None if stopped else self.evaluate()
