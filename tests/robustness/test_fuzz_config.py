@@ -91,7 +91,7 @@ def test_atheris_fuzzing_run_finds_no_crash(tmp_path: Path) -> None:
     harness = Path(__file__).with_name("fuzz_config.py")
     proc = subprocess.run(
         [sys.executable, str(harness), str(corpus), f"-max_total_time={FUZZ_SECONDS}", "-timeout=10",
-         "-rss_limit_mb=2048", f"-dict={words}", f"-artifact_prefix={tmp_path}/"],
+         "-rss_limit_mb=4096", f"-dict={words}", f"-artifact_prefix={tmp_path}/"],
         capture_output=True, text=True, timeout=FUZZ_SECONDS * 2, check=False)
     crashes = sorted(tmp_path.glob("crash-*")) + sorted(tmp_path.glob("timeout-*")) + sorted(tmp_path.glob("oom-*"))
     assert proc.returncode == 0 and not crashes, proc.stderr[-3000:]
