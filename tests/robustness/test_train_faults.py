@@ -99,9 +99,43 @@ def test_truncated_checkpoint_is_detected_with_one_line(tmp_path: Path, corpus: 
     ckpt = out / "checkpoints" / "step-00000002" / "train.pt"
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
-    resumed = run(train_args(corpus, out, steps=4, resume=True))
+    resumed = run(train_args(corpus, out, steps=4, resume=True))  # the only checkpoint: nothing to fall back on
     assert resumed.returncode == 2
-    assert_one_line_error(resumed.stderr, "cannot be read")
+    assert_one_line_error(resumed.stderr, "none of the 1 checkpoints", "step-00000002", "train.pt has")
+
+
+def _flip_bytes(path: Path, count: int, seed: int) -> None:
+    """XOR ``count`` bytes in the middle half of the file (the tensor data, not the zip directory)."""
+    data, rng = bytearray(path.read_bytes()), random.Random(seed)
+    for i in rng.sample(range(len(data) // 4, 3 * len(data) // 4), count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, corpus: Path) -> None:
+    """64 bytes flipped inside the newest ``train.pt`` (it would still unpickle: checked by hand before the
+    manifest existed): the SHA-256 catches it, resume says so on one warning line and continues from the
+    previous checkpoint, reproducing the uninterrupted run's losses from there."""
+    out = tmp_path / "run"
+    assert run(train_args(corpus, out, steps=6, checkpoint_every=2)).returncode == 0  # keeps steps 4 and 6
+    before = metrics(out)
+    _flip_bytes(out / "checkpoints" / "step-00000006" / "train.pt", 64, seed=7)
+    resumed = run(train_args(corpus, out, steps=6, resume=True))
+    assert resumed.returncode == 0, resumed.stderr
+    warnings = [line for line in resumed.stderr.splitlines() if line.strip()]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: "), resumed.stderr
+    assert "step-00000006" in warnings[0] and "SHA-256" in warnings[0] and "step-00000004" in warnings[0]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # steps 5-6 were retrained from step 4
+    assert [r["loss"] for r in rows] == [r["loss"] for r in before]  # exactly as before the corruption
+    # Every kept checkpoint is corrupt: one line, exit 2.
+    for step in (4, 6):
+        path = out / "checkpoints" / f"step-{step:08d}" / "train.pt"
+        if path.exists():
+            _flip_bytes(path, 64, seed=step)
+    again = run(train_args(corpus, out, steps=8, resume=True))
+    assert again.returncode == 2
+    assert_one_line_error(again.stderr, "none of the 2 checkpoints", "SHA-256")
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops_keeping_a_finite_checkpoint(tmp_path: Path,

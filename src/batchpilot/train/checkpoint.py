@@ -5,6 +5,7 @@ Layout under ``OUT/checkpoints/``::
     step-00000040/train.pt        model + optimizer (full state dicts), GradScaler, trainer state
                                   (counters, data position, batch-schedule and hook states)
     step-00000040/rng-rank0.pt    each rank's torch (and CUDA) and Python RNG states
+    step-00000040/manifest.json   SHA-256 and size of every other file, written last, before the rename
     latest                        the name of the newest complete checkpoint
 
 Atomicity: files are written into ``.tmp-step-…`` and the directory is renamed (``os.replace``) only
@@ -12,13 +13,22 @@ once every rank has written; ``latest`` is replaced the same way. A crash (even 
 either the previous checkpoint or the new one, never a half-written one. Multi-node runs need
 ``OUT`` on a shared filesystem.
 
+Integrity: on resume the manifest is checked (a flipped bit or a cut file changes the SHA-256); a
+checkpoint that fails it, or cannot be unpickled, is skipped with a warning (logger ``batchpilot.train``)
+and the next older ``step-*`` is tried; none good is a one-line error. Checkpoints written before
+manifests existed are loaded unchecked.
+
 Model and optimizer go through ``torch.distributed.checkpoint.state_dict`` (``full_state_dict``), so
 the same file restores a single process, DDP or FSDP2 run. Files are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -33,6 +43,44 @@ from batchpilot.errors import BatchpilotError
 from batchpilot.train.distributed import DistEnv
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+_log = logging.getLogger("batchpilot.train")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {p.name: {"sha256": _sha256(p), "size_bytes": p.stat().st_size}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1), encoding="utf-8")
+    os.replace(tmp, directory / MANIFEST)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file matches the manifest (or there is no manifest: an older checkpoint), else why not."""
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return None if (path / "train.pt").is_file() else "train.pt is missing"
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        for name, entry in files.items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != entry["size_bytes"]:
+                return f"{name} has {file.stat().st_size} bytes, the manifest says {entry['size_bytes']}"
+            if _sha256(file) != entry["sha256"]:
+                return f"{name} does not match its SHA-256 in the manifest (corrupted)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"the manifest cannot be read: {' '.join(str(exc).split())[:120]}"
+    return None
 
 
 def _barrier(env: DistEnv) -> None:
@@ -72,6 +120,7 @@ def save_checkpoint(out: Path, step: int, *, model: nn.Module, optimizer: torch.
     torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")
     _barrier(env)
     if env.is_main:
+        _write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -89,7 +138,7 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint under ``out``, or None."""
+    """The checkpoint ``latest`` names when it exists (not verified; see :func:`load_latest`), or None."""
     pointer = out / CHECKPOINTS / "latest"
     if not pointer.is_file():
         return None
@@ -97,16 +146,64 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path if (path / "train.pt").is_file() else None
 
 
-def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, env: DistEnv) -> dict[str, Any]:
-    """Restore model, optimizer, scaler and this rank's RNG; returns the trainer state."""
+def _candidates(out: Path) -> list[Path]:
+    """``latest`` first, then every other ``step-*`` newest first."""
+    named = latest_checkpoint(out)
+    older = sorted((p for p in (out / CHECKPOINTS).glob("step-*") if p.is_dir()), reverse=True)
+    return ([named] if named else []) + [p for p in older if p != named]
+
+
+def _read(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    problem = verify_checkpoint(path)
+    if problem:
+        raise BatchpilotError(f"checkpoint {str(path)!r} is damaged: {problem}")
     try:
         blob = torch.load(path / "train.pt", map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
+        rng = path / f"rng-rank{rank}.pt"
+        rng_state = torch.load(rng if rng.exists() else path / "rng-rank0.pt", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise BatchpilotError(f"checkpoint {str(path)!r} cannot be read: {' '.join(str(exc).split())[:160]}") from None
+    if not isinstance(blob, dict) or not {"model", "optimizer", "scaler", "state"} <= blob.keys():
+        raise BatchpilotError(f"checkpoint {str(path)!r} cannot be read: train.pt is not a batchpilot checkpoint")
+    return blob, rng_state
+
+
+def load_latest(out: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                env: DistEnv) -> tuple[Path, dict[str, Any]]:
+    """Restore the newest checkpoint that passes its checksums and loads; older ones are tried in turn
+    (one warning line names what was skipped and why). Returns (the checkpoint used, the trainer state)."""
+    candidates = _candidates(out)
+    if not candidates:
+        raise BatchpilotError(f"--resume: no complete checkpoint in {str(out / CHECKPOINTS)!r}; "
+                              f"run without --resume to start fresh")
+    problems = []
+    for path in candidates:
+        try:
+            blob, rng_state = _read(path, env.rank)
+        except BatchpilotError as exc:
+            problems.append(str(exc))
+            continue
+        if problems and env.is_main:
+            _log.warning("warning: %s; resuming from the older checkpoint %r instead",
+                         "; ".join(problems), str(path))
+        _apply(blob, rng_state, model=model, optimizer=optimizer, scaler=scaler)
+        return path, dict(blob["state"])
+    raise BatchpilotError(f"--resume: none of the {len(candidates)} checkpoints in {str(out / CHECKPOINTS)!r} "
+                          f"is usable (newest: {problems[0]}); run without --resume to start fresh")
+
+
+def _apply(blob: dict[str, Any], rng_state: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,
+           scaler: torch.amp.GradScaler) -> None:
     set_state_dict(model, optimizer, model_state_dict=blob["model"], optim_state_dict=blob["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
     scaler.load_state_dict(blob["scaler"]) if blob["scaler"] else None
-    rng = path / f"rng-rank{env.rank}.pt"
-    _set_rng_state(torch.load(rng if rng.exists() else path / "rng-rank0.pt", weights_only=True))
+    _set_rng_state(rng_state)
+
+
+def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, env: DistEnv) -> dict[str, Any]:
+    """Restore model, optimizer, scaler and this rank's RNG from ``path`` (checked against its manifest);
+    returns the trainer state."""
+    blob, rng_state = _read(path, env.rank)
+    _apply(blob, rng_state, model=model, optimizer=optimizer, scaler=scaler)
     return dict(blob["state"])

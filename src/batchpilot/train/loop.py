@@ -110,9 +110,7 @@ class Trainer:
         self._build()
         self.state = TrainState()
         self._stop_signal: int | None = None
-        resume = self._resume_path()
-        if resume is not None:
-            self._restore(resume)
+        resume = self._restore()
         self.lr = self._lr_schedule()
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -187,22 +185,17 @@ class Trainer:
                           scaling=oc.lr_scaling, reference_batch_sequences=self.schedule.global_batch(first),
                           total_steps=rc.steps, total_tokens=rc.tokens)
 
-    def _resume_path(self) -> Path | None:
+    def _restore(self) -> Path | None:
+        """With ``--resume``: restore the newest checkpoint that passes its checksums (older ones are tried)."""
         if not self.config.run.resume:
             return None
-        path = ckpt.latest_checkpoint(self.out)
-        if path is None:
-            raise BatchpilotError(f"--resume: no complete checkpoint in {str(self.out / ckpt.CHECKPOINTS)!r}; "
-                                  f"run without --resume to start fresh")
-        return path
-
-    def _restore(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
-                                     env=self.env)
+        path, state = ckpt.load_latest(self.out, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+                                       env=self.env)
         self.state = TrainState(**state["train"])
         self.schedule.load_state_dict(state["schedule"])
         for hook, hook_state in zip(self.hooks, state.get("hooks", []), strict=False):
             hook.load_state_dict(hook_state)
+        return path
 
     # ------------------------------------------------------------------ one step
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
