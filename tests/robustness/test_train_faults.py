@@ -84,8 +84,10 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path: P
     size = (out / "checkpoints" / "step-00000003" / "train.pt").stat().st_size
     # Resume with files capped at a quarter of a checkpoint: metrics lines fit, the next checkpoint does not.
     full = run(train_args(corpus, out, steps=6, checkpoint_every=1, resume=True), preexec_fn=_file_size_limit(size // 4))
-    assert full.returncode != 0
-    # Known defect (docs/robustness.md): the error is torch.save's RuntimeError with a traceback, not one line.
+    assert full.returncode == 2, full.stderr
+    assert_one_line_error(full.stderr, "cannot write checkpoint", ".tmp-step-00000004",
+                          "no space left on the device or file too large", "step-00000003' is kept")
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the partial checkpoint was removed
     assert latest_step(out) == 3  # the pointer still names the previous, complete checkpoint
     assert load_latest(out)["state"]["train"]["step"] == 3
     again = run(train_args(corpus, out, steps=5, resume=True))  # space is back: resume from step 3

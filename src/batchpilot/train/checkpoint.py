@@ -24,6 +24,7 @@ the same file restores a single process, DDP or FSDP2 run. Files are read with `
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -111,16 +112,21 @@ def save_checkpoint(out: Path, step: int, *, model: nn.Module, optimizer: torch.
     root = out / CHECKPOINTS
     name = f"step-{step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
+    try:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save({"model": model_sd, "optimizer": optim_sd, "scaler": scaler.state_dict(), "state": state},
+                       tmp / "train.pt")
+        _agree(env, None, tmp, out)
+        torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")
+        _agree(env, None, tmp, out)
+        if env.is_main:
+            _write_manifest(tmp)
+    except (OSError, RuntimeError) as exc:
+        _agree(env, exc, tmp, out)
+    _agree(env, None, tmp, out)
     if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save({"model": model_sd, "optimizer": optim_sd, "scaler": scaler.state_dict(), "state": state},
-                   tmp / "train.pt")
-    _barrier(env)
-    torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")
-    _barrier(env)
-    if env.is_main:
-        _write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -129,6 +135,34 @@ def save_checkpoint(out: Path, step: int, *, model: nn.Module, optimizer: torch.
         _prune(root, keep)
     _barrier(env)
     return final
+
+
+def _out_of_space(error: BaseException | None) -> bool:
+    """ENOSPC/EFBIG/EDQUOT, or torch's zip writer's wording for a short write (``unexpected pos``)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return True
+    text = str(error).lower()
+    return any(s in text for s in ("unexpected pos", "file too large", "no space", "error writing"))
+
+
+def _agree(env: DistEnv, error: BaseException | None, tmp: Path, out: Path) -> None:
+    """A barrier that also agrees on failure: when any rank could not write, every rank removes the
+    partial ``tmp`` (the previous checkpoint and ``latest`` are untouched) and raises one line."""
+    failed = 1.0 if error is not None else 0.0
+    if env.distributed:
+        flag = torch.tensor([failed], dtype=torch.float64, device=env.device)
+        dist.all_reduce(flag)
+        failed = float(flag.item())
+    if not failed:
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    text = " ".join(str(error).split())[:160] if error is not None else "another rank could not write its file"
+    why = "no space left on the device or file too large" if _out_of_space(error) else "write failed"
+    kept = latest_checkpoint(out)
+    raise BatchpilotError(
+        f"cannot write checkpoint {str(tmp)!r} ({why}: {text}); the partial files were removed and "
+        + (f"the previous checkpoint {str(kept)!r} is kept" if kept else "no earlier checkpoint exists")
+        + "; free space (or raise the file-size limit) and run again with --resume")
 
 
 def _prune(root: Path, keep: int) -> None:
