@@ -129,7 +129,7 @@ def train(
     config = TrainConfig(
         model=ModelConfig(model=model, trust_remote_code=trust_remote_code),
         data=DataConfig(data=data, tokenizer=tokenizer, text_field=text_field, seq_len=seq_len),
-        batch=BatchConfig(global_batch_sequences=g, micro_batch_sequences=micro_batch or max(1, g // world),
+        batch=BatchConfig(global_batch_sequences=g, micro_batch_sequences=max(1, g // world) if micro_batch is None else micro_batch,
                           batching=batching, max_tokens_per_micro_batch=budget,  # type: ignore[arg-type]
                           batch_schedule=batch_schedule),
         optim=OptimConfig(lr=lr, warmup_steps=warmup_steps, decay=lr_decay, lr_scaling=lr_scaling,  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ so the same config travels to torchrun workers and into ``summary.json``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -110,7 +111,9 @@ class OptimConfig:
     weights are not updated on such a step; fp16 gradient overflows are the scaler's and do not count)."""
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, f"--lr {self.lr} must be positive")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"--lr {self.lr} must be positive and finite")
+        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                 f"--weight-decay {self.weight_decay} must be a finite number ≥ 0")
         _require(self.warmup_steps >= 0, "--warmup-steps must be ≥ 0")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "min LR ratio must be in [0, 1]")
         _require(self.grad_clip >= 0, "--grad-clip must be ≥ 0")
@@ -160,6 +163,7 @@ class RunConfig:
         _require(self.checkpoint_every >= 0 and self.val_every >= 0, "--checkpoint-every/--val-every must be ≥ 0")
         _require(self.nproc >= 1, "--nproc must be positive")
         _require(self.keep_checkpoints >= 1, "--keep-checkpoints must be positive")
+        _require(self.threads is None or self.threads >= 1, f"--threads {self.threads} must be positive (omit it for the default)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -132,6 +132,9 @@ def load_documents(source: str, *, text_field: str = "text") -> list[Document]:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + TABLE_SUFFIXES)
             docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix(), text_field)]
+        elif not path.is_file():  # /dev/zero, /dev/urandom, a FIFO: would read (or block) forever
+            raise DataError(f"data path {source!r} is not a regular file or a folder; pass text, JSONL or Parquet "
+                            f"files, a folder of them, 'stdlib' or hf:NAME")
         else:
             docs = list(_file_documents(path, path.name, text_field))
     docs = [d for d in docs if d.text]
