@@ -75,6 +75,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train --grad-clip nan", [*TRAIN, "--grad-clip", "nan"], "--grad-clip"),
     ("train --batch-schedule garbage", [*TRAIN, "--batch-schedule", "steps:0=abc"], "'abc' is not a number"),
     ("train --model /dev/zero", [*TRAIN, "--model", "/dev/zero"], "is not a regular file"),
+    ("train --fsdp with adaptive", [*TRAIN, "--fsdp", "--batch-schedule", "adaptive"], "which FSDP2 shards; drop --fsdp"),
     ("train --data /dev/zero", [*TRAIN, "--data", "/dev/zero"], "is not a regular file or a folder"),
     ("train --data missing", [*TRAIN, "--data", "{tmp}/missing.txt"], "does not exist"),
     ("train --data binary", [*TRAIN, "--data", "{tmp}/binary.txt"], "is not UTF-8 text"),

@@ -60,3 +60,16 @@ def test_bad_input_is_one_line_and_exit_2(corpus_dir: Path, tmp_path: Path, args
     stderr = result.stderr.strip()  # type: ignore[attr-defined]
     assert stderr.startswith("error: ") and "\n" not in stderr and message in stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("schedule", "given", "expected"), [
+    ("adaptive", None, "sqrt"), ("adaptive:max=16", "none", "none"), ("constant", None, "none")],
+    ids=["adaptive-default", "adaptive-explicit", "constant-default"])
+def test_lr_scaling_defaults_to_sqrt_with_the_adaptive_schedule(corpus_dir: Path, tmp_path: Path, schedule: str,
+                                                                 given: str | None, expected: str) -> None:
+    out = tmp_path / "out"
+    extra = ["--lr-scaling", given] if given else []
+    result = _train("--data", str(corpus_dir), "--seq-len", "32", "--global-batch", "4", "--micro-batch", "2",
+                    "--steps", "1", "--batch-schedule", schedule, "--out", str(out), "--json", *extra)
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    assert json.loads(result.stdout)["config"]["optim"]["lr_scaling"] == expected  # type: ignore[attr-defined]

@@ -101,7 +101,7 @@ def train(
     lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate (at the first global batch)."),
     warmup_steps: int = typer.Option(10, "--warmup-steps", help="Linear warmup steps."),
     lr_decay: str = typer.Option("cosine", "--lr-decay", help="cosine | linear | constant."),
-    lr_scaling: str = typer.Option("none", "--lr-scaling", help="none | linear | sqrt, applied when the global batch changes."),
+    lr_scaling: str | None = typer.Option(None, "--lr-scaling", help="none | linear | sqrt, applied when the global batch changes [default: sqrt with an adaptive --batch-schedule, else none]."),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Max gradient norm (0: no clipping)."),
     max_bad_steps: int = typer.Option(5, "--max-bad-steps", help="Stop after this many consecutive steps skipped for a non-finite loss/gradient."),
     weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (matrices only)."),
@@ -132,7 +132,7 @@ def train(
         batch=BatchConfig(global_batch_sequences=g, micro_batch_sequences=max(1, g // world) if micro_batch is None else micro_batch,
                           batching=batching, max_tokens_per_micro_batch=budget,  # type: ignore[arg-type]
                           batch_schedule=batch_schedule),
-        optim=OptimConfig(lr=lr, warmup_steps=warmup_steps, decay=lr_decay, lr_scaling=lr_scaling,  # type: ignore[arg-type]
+        optim=OptimConfig(lr=lr, warmup_steps=warmup_steps, decay=lr_decay, lr_scaling=_default_lr_scaling(lr_scaling, batch_schedule),  # type: ignore[arg-type]
                           grad_clip=grad_clip, weight_decay=weight_decay, precision=precision,  # type: ignore[arg-type]
                           max_bad_steps=max_bad_steps),  # type: ignore[arg-type]
         run=RunConfig(steps=steps_n, tokens=tokens_n, out=out, checkpoint_every=checkpoint_every, resume=resume,
@@ -140,6 +140,14 @@ def train(
                       device=device, threads=threads),  # type: ignore[arg-type]
     )
     _run_and_report(config, json_output)
+
+
+def _default_lr_scaling(lr_scaling: str | None, batch_schedule: str) -> str:
+    """An explicit --lr-scaling wins; an adaptive schedule otherwise gets sqrt (Adam's rule, Malladi et al.
+    2022), as the adaptive-batch issue asks; every other schedule keeps none."""
+    if lr_scaling is not None:
+        return lr_scaling
+    return "sqrt" if batch_schedule.strip().lower().startswith("adaptive") else "none"
 
 
 def _run_and_report(config: TrainConfig, json_output: bool) -> None:

@@ -68,6 +68,10 @@ def check_static(config: TrainConfig, world_size: int) -> StaticPlan:
     if bc.batching == "token-budget" and budget < dc.seq_len:
         raise BatchpilotError(f"--max-tokens-per-micro-batch {budget} is below one {dc.seq_len}-token sequence; "
                               f"use at least {dc.seq_len}")
+    if config.run.fsdp and bc.batch_schedule.strip().lower().startswith("adaptive"):
+        raise BatchpilotError(f"--batch-schedule {bc.batch_schedule} measures the gradient noise scale from "
+                              f"whole per-rank gradients, which FSDP2 shards; drop --fsdp (use DDP) or use a "
+                              f"fixed schedule (constant, ramp:…, steps:…)")
     schedule = parse_batch_schedule(bc.batch_schedule, global_batch_sequences=bc.global_batch_sequences,
                                     seq_len_tokens=dc.seq_len)
     multiple = world_size if bc.batching == "token-budget" else bc.micro_batch_sequences * world_size
