@@ -120,7 +120,8 @@ def _summary_section(records: RunRecords) -> str:
     if summary:
         keys = ("steps", "tokens", "final_loss", "val_loss", "tokens_per_s", "padding_fraction", "peak_memory_bytes",
                 "elapsed_s")
-        facts += [(f"verification run: {k}", _number(summary[k])) for k in keys if summary.get(k) is not None]
+        facts += [(f"verification run: {k}", format_bytes(summary[k]) if k.endswith("_bytes") and not isinstance(summary[k], str) else _number(summary[k]))
+                  for k in keys if isinstance(summary.get(k), (int, float, str))]
     rows = "".join(f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_e(v)}</td></tr>" for k, v in facts)
     return f"<h2>Summary</h2><table>{rows}</table>" if rows else ""
 

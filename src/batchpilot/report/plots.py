@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 
 from batchpilot.report.records import RunRecords
 from batchpilot.units import GIB
@@ -155,6 +156,7 @@ def plot_loss(records: RunRecords, path: Path) -> Path | None:
         if val:
             ax.plot([p[0] for p in val], [p[1] for p in val], "o", label="validation loss")
         ax.set_xlabel(label)
+        ax.xaxis.set_major_formatter(EngFormatter())  # 200k, 1.5M: tick labels that do not collide
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
