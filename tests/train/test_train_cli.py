@@ -73,3 +73,24 @@ def test_lr_scaling_defaults_to_sqrt_with_the_adaptive_schedule(corpus_dir: Path
                     "--steps", "1", "--batch-schedule", schedule, "--out", str(out), "--json", *extra)
     assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
     assert json.loads(result.stdout)["config"]["optim"]["lr_scaling"] == expected  # type: ignore[attr-defined]
+
+
+def test_a_step_saved_twice_is_not_rewritten(corpus_dir: Path, tmp_path: Path) -> None:
+    """The periodic and the final save of step 2, then a resume that has nothing left to do: the complete
+    ``step-00000002`` is kept as written (same inode and mtime), so no rmtree-then-rename window opens."""
+    out = tmp_path / "out"
+    args = ["--data", str(corpus_dir), "--seq-len", "32", "--global-batch", "4", "--micro-batch", "2", "--steps", "2",
+            "--checkpoint-every", "2", "--out", str(out), "--json"]
+    assert _train(*args).exit_code == 0  # type: ignore[attr-defined]
+    train_pt = out / "checkpoints" / "step-00000002" / "train.pt"
+    before = train_pt.stat()
+    assert (out / "checkpoints" / "step-00000002" / "manifest.json").is_file()
+    again = _train(*args, "--resume")
+    assert again.exit_code == 0, again.output  # type: ignore[attr-defined]
+    after = train_pt.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000002"
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    fresh = _train(*args)  # a fresh run (no --resume) into the same --out rewrites it
+    assert fresh.exit_code == 0, fresh.output  # type: ignore[attr-defined]
+    assert train_pt.stat().st_mtime_ns != before.st_mtime_ns

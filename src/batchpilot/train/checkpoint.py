@@ -105,13 +105,23 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out: Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, state: dict[str, Any], env: DistEnv, keep: int) -> Path:
-    """Write checkpoint ``step`` atomically (a collective: every rank must call it)."""
+                    scaler: torch.amp.GradScaler, state: dict[str, Any], env: DistEnv, keep: int,
+                    unchanged: bool = False) -> Path:
+    """Write checkpoint ``step`` atomically (a collective: every rank must call it). ``unchanged``: this
+    run already saved or resumed from exactly this state; an existing complete ``step`` is then kept."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     root = out / CHECKPOINTS
     name = f"step-{step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
+    if unchanged and (final / MANIFEST).is_file():
+        # This run already saved (or resumed from) this very state, and it is complete on disk (the manifest
+        # is written last): resume then a signal, or the periodic and the final save of one step. Rewriting
+        # it would open a window (rmtree, then rename) where a crash leaves ``latest`` naming no directory.
+        if env.is_main:
+            _point_latest(root, name)
+        _barrier(env)
+        return final
     try:
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -130,11 +140,15 @@ def save_checkpoint(out: Path, step: int, *, model: nn.Module, optimizer: torch.
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        (root / "latest.tmp").write_text(name, encoding="utf-8")
-        os.replace(root / "latest.tmp", root / "latest")
+        _point_latest(root, name)
         _prune(root, keep)
     _barrier(env)
     return final
+
+
+def _point_latest(root: Path, name: str) -> None:
+    (root / "latest.tmp").write_text(name, encoding="utf-8")
+    os.replace(root / "latest.tmp", root / "latest")
 
 
 def _out_of_space(error: BaseException | None) -> bool:

@@ -111,6 +111,7 @@ class Trainer:
         self.state = TrainState()
         self._stop_signal: int | None = None
         resume = self._restore()
+        self._on_disk_step = self.state.step if resume else -1  # the step whose checkpoint this run wrote or read
         self.lr = self._lr_schedule()
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -370,7 +371,9 @@ class Trainer:
         state = {"train": dataclasses.asdict(self.state), "schedule": self.schedule.state_dict(),
                  "hooks": [h.state_dict() for h in self.hooks], "config": self.config.to_dict()}
         ckpt.save_checkpoint(self.out, self.state.step, model=self.model, optimizer=self.optimizer,
-                             scaler=self.scaler, state=state, env=self.env, keep=self.config.run.keep_checkpoints)
+                             scaler=self.scaler, state=state, env=self.env, keep=self.config.run.keep_checkpoints,
+                             unchanged=self._on_disk_step == self.state.step)
+        self._on_disk_step = self.state.step
 
     def _stop_bad_steps(self) -> None:
         """Stop after ``max_bad_steps`` skipped steps in a row, leaving the last checkpoint as it is."""
