@@ -115,6 +115,20 @@ def test_hostile_value_is_one_line_and_exit_2_with_nothing_written(
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [
+    ([*TRAIN, "--batch-schedule", "steps:0=abc"], "'abc' is not a number"),
+    ([*TRAIN, "--batch-schedule", "steps:0=3"], "not a multiple of micro × dp"),
+], ids=["schedule-syntax", "schedule-multiple"])
+def test_train_with_the_progress_bar_fails_before_it_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            argv: list[str], fragment: str) -> None:
+    """Without --json the rich progress bar runs; a bad schedule is refused before it prints anything."""
+    out = tmp_path / "out"
+    code, stdout, stderr = run_in_process([*argv, "--out", str(out)], capsys)
+    assert (code, stdout) == (2, "")
+    assert_one_line_error(stderr, fragment)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
     ([*MEMORY, "--seq-len", "abc", "--micro-batch", "1"], "Invalid value for '--seq-len'"),
     (["plan", "--model", "tiny-llama-1m", "--gpu", "h100-sxm", "--gpus", "8", "--seq-len", "512",
       "--global-batch-tokens", "1e400"], "is not finite"),

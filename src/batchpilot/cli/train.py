@@ -139,7 +139,7 @@ def train(
                       seed=seed, val_every=val_every, nproc=nproc, fsdp=fsdp, expected_world_size=expect_world_size,
                       device=device, threads=threads),  # type: ignore[arg-type]
     )
-    _run_and_report(config, json_output)
+    _run_and_report(config, json_output, world)
 
 
 def _default_lr_scaling(lr_scaling: str | None, batch_schedule: str) -> str:
@@ -150,10 +150,13 @@ def _default_lr_scaling(lr_scaling: str | None, batch_schedule: str) -> str:
     return "sqrt" if batch_schedule.strip().lower().startswith("adaptive") else "none"
 
 
-def _run_and_report(config: TrainConfig, json_output: bool) -> None:
+def _run_and_report(config: TrainConfig, json_output: bool, world: int) -> None:
     from batchpilot.train import run
+    from batchpilot.train.validate import check_static
 
     is_main = os.environ.get("RANK", "0") == "0"
+    if not json_output and is_main:
+        check_static(config, world)  # bad input (e.g. --batch-schedule) fails before the progress bar starts
     view = None if json_output or not is_main else _ProgressView(
         config.run.tokens or config.run.steps or 0, by_tokens=config.run.tokens is not None)
     if view is None:
