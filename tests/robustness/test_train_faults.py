@@ -204,3 +204,24 @@ def test_a_rank_dying_under_torchrun_stops_the_job_and_resume_continues(tmp_path
     done = run(train_args(corpus, out, steps=step + 2, resume=True, extra=["--nproc", "2"]), timeout_s=400)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
+
+
+@pytest.mark.distributed
+def test_kill_9_of_the_launcher_takes_the_ranks_with_it(tmp_path: Path, corpus: Path) -> None:
+    """SIGKILL to the ``batchpilot train --nproc 2`` process group (torchrun is in it; the ranks are in
+    their own sessions): PR_SET_PDEATHSIG in torchrun and in each rank ends the whole tree."""
+    out = tmp_path / "run"
+    proc = start(train_args(corpus, out, steps=100_000, checkpoint_every=2, extra=["--nproc", "2"]))
+    family = [psutil.Process(proc.pid)]
+    try:
+        wait_for(lambda: (latest_step(out) or 0) >= 2, proc, timeout_s=300)
+        family += psutil.Process(proc.pid).children(recursive=True)
+        workers = _workers(proc.pid)
+        assert sorted(w.environ()["LOCAL_RANK"] for w in workers) == ["0", "1"]
+        stop(proc)  # kill -9 of the launcher's process group
+        deadline = time.monotonic() + 30
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family):
+            assert time.monotonic() < deadline, "a process of the job outlived the launcher"
+            time.sleep(0.2)
+    finally:
+        _kill_all(family)

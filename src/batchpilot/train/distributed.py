@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -169,6 +170,29 @@ def all_reduce_gradients(model: nn.Module, env: DistEnv) -> None:
             p.grad.div_(env.world_size)
 
 
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+
+
+def die_with_parent(prctl: Callable[..., int] | None = None) -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG`` = 1).
+
+    torchrun starts each rank in its own session, so a ``kill -9`` of the launcher's process group would
+    leave torchrun's ranks training on as orphans; with this set in torchrun (by the launcher) and in each
+    rank (by the worker) the whole tree goes. A parent already gone before the call (re-parented to 1)
+    exits at once. Elsewhere a no-op. ``prctl`` resolved before a fork keeps the child free of dlopen."""
+    prctl = prctl or _prctl()
+    if prctl is None:
+        return
+    prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:
+        os._exit(1)
+
+
 def launch_torchrun(config_dict: dict[str, Any], nproc: int, out_dir: Path,
                     on_record: Callable[[dict[str, Any]], None] | None = None) -> int:
     """Run :mod:`batchpilot.train.worker` under ``torchrun --standalone --nproc-per-node nproc``.
@@ -183,7 +207,8 @@ def launch_torchrun(config_dict: dict[str, Any], nproc: int, out_dir: Path,
                "-m", "batchpilot.train.worker", str(config_path)]
     metrics = out_dir / "metrics.jsonl"
     start = 0
-    with subprocess.Popen(command) as proc:
+    prctl = _prctl()  # resolved here: the forked child only calls it
+    with subprocess.Popen(command, preexec_fn=lambda: die_with_parent(prctl)) as proc:
         while True:
             code = proc.poll()
             start = _follow(metrics, start, on_record)

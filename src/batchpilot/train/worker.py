@@ -13,10 +13,12 @@ from pathlib import Path
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.train.config import TrainConfig
+from batchpilot.train.distributed import die_with_parent
 from batchpilot.train.runner import ERROR_FILE, run
 
 
 def main(argv: list[str]) -> int:
+    die_with_parent()  # torchrun put this rank in its own session: go when torchrun goes
     config = TrainConfig.from_dict(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
     try:
         run(config)
