@@ -34,4 +34,10 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's C++ teardown: gloo's background threads can abort an ordinary exit
+    # ("terminate called without an active exception", SIGABRT) after a run that finished cleanly.
+    # Everything the run writes is closed (or atomically renamed) before main returns.
+    os._exit(code)
