@@ -67,3 +67,14 @@ def test_a_missing_file_still_names_the_fix(tmp_path: Path) -> None:
         load_calibration(tmp_path / "none.json")
     with pytest.raises(SpecError, match="is not a regular file"):
         load_calibration(tmp_path)  # a directory
+
+
+def test_probe_lengths_file_is_read_bounded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``probe --lengths /dev/zero`` is refused unread (it used to read forever)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "batchpilot.cli", "probe", "--model", "tiny-llama-1m",
+                           "--lengths", "/dev/zero"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "not a regular file" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

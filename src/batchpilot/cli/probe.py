@@ -57,10 +57,9 @@ from batchpilot.units import format_bytes, parse_bytes, parse_seconds
 
 def _read_lengths(path: Path) -> list[int]:
     """Sequence lengths from a file: whitespace/comma-separated integers or a JSON list."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BatchpilotError(f"--lengths {str(path)!r} cannot be read: {exc}") from None
+    from batchpilot.specs.model import read_small_file  # regular files only, size-capped (never /dev/zero)
+
+    text = read_small_file(path, "--lengths").decode("utf-8", errors="replace")
     try:
         return [int(tok) for tok in text.replace("[", " ").replace("]", " ").replace(",", " ").split()]
     except ValueError:
