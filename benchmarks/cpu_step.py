@@ -22,6 +22,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from batchpilot.measure.cpu_peak import flatten_events
 from batchpilot.specs.model import ModelSpec, load_model
 
 
@@ -48,15 +49,6 @@ class StepMemory:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "peak_bytes": self.peak_bytes, "activations_bytes": self.activations_bytes}
-
-
-def _flatten(roots: list[Any]) -> list[Any]:
-    events, stack = [], list(roots)
-    while stack:
-        event = stack.pop()
-        events.append(event)
-        stack.extend(event.children)
-    return events
 
 
 def measure_step(model: ModelSpec, *, micro_batch: int, seq_len: int, attention: str = "flash",
@@ -95,7 +87,7 @@ def measure_step(model: ModelSpec, *, micro_batch: int, seq_len: int, attention:
 def _phases(prof: Any) -> StepMemory:
     import torch
 
-    events = _flatten(prof.profiler.kineto_results.experimental_event_tree())
+    events = flatten_events(prof.profiler.kineto_results.experimental_event_tree())
     spans = {e.name: (e.start_time_ns, e.end_time_ns) for e in events if e.name.startswith("bp.")}
     allocation = torch._C._profiler._EventType.Allocation
     allocs = sorted((e.start_time_ns, e.extra_fields.total_allocated, e.extra_fields.alloc_size)

@@ -54,7 +54,7 @@ def measure_cpu_step_peak(
             step.run()
             step.run()
     del step
-    events = _flatten(prof.profiler.kineto_results.experimental_event_tree())  # type: ignore[union-attr]
+    events = flatten_events(prof.profiler.kineto_results.experimental_event_tree())  # type: ignore[union-attr]
     starts = [e.start_time_ns for e in events if e.name == _STEP_MARK]
     if not starts:
         raise SpecError("the profiler recorded no training iterations; cannot measure the CPU peak")
@@ -88,7 +88,8 @@ def _peak_of_session(records: list[tuple[int, int, int]], *, since_ns: int) -> i
     return peak
 
 
-def _flatten(roots: list) -> list:  # type: ignore[type-arg]
+def flatten_events(roots: list) -> list:  # type: ignore[type-arg]
+    """Every node of the profiler's event tree (``experimental_event_tree()``), depth first."""
     events, stack = [], list(roots)
     while stack:
         event = stack.pop()
