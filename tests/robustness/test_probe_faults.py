@@ -147,8 +147,12 @@ def test_trial_killed_by_sigkill_is_does_not_fit(monkeypatch: pytest.MonkeyPatch
     _no_children_left(children_before)
 
 
-def _hangs_with_a_grandchild(pid_file: Path) -> Any:
+def _hangs_with_a_grandchild(pid_file: Path, real: Any = None, threshold: int = 1) -> Any:
+    """A trial body that, from micro-batch ``threshold`` up, starts ``sleep`` in its process group and
+    blocks (smaller sizes run ``real``); the pids of the last hung trial and its grandchild go to ``pid_file``."""
     def trial(spec: Any, on_limit_set: Any = None) -> Any:
+        if spec.micro_batch < threshold:
+            return real(spec, on_limit_set)
         child = subprocess.Popen(["sleep", "1000"])  # in the trial's process group
         pid_file.write_text(f"{os.getpid()} {child.pid}")
         time.sleep(1000)
@@ -156,21 +160,47 @@ def _hangs_with_a_grandchild(pid_file: Path) -> Any:
     return trial
 
 
-def test_hung_trial_is_killed_with_its_process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     fork_trials: None, children_before: set[tuple[int, float]]) -> None:
-    pids = tmp_path / "pids"
-    monkeypatch.setattr(_trial, "run_cpu_trial", _hangs_with_a_grandchild(pids))
-    start = time.monotonic()
-    with pytest.raises(BatchpilotError) as caught:
-        run_probe(_request(budget_bytes=256 * MIB, timeout_s=3), predictor=lambda req: Prediction(max_micro_batch=2))
-    assert time.monotonic() - start < 60
-    message = str(caught.value)
-    assert "ran past --trial-timeout 3s and was killed" in message and "\n" not in message
-    trial_pid, sleeper_pid = map(int, pids.read_text().split())
+def _group_is_gone(pid_file: Path) -> None:
+    trial_pid, sleeper_pid = map(int, pid_file.read_text().split())
     deadline = time.monotonic() + 10
     while (_alive(trial_pid) or _alive(sleeper_pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(trial_pid) and not _alive(sleeper_pid)  # the grandchild died with the group
+
+
+def test_hung_trial_is_does_not_fit_and_the_search_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          fork_trials: None,
+                                                          children_before: set[tuple[int, float]]) -> None:
+    """Sizes ≥ 2 hang (with a grandchild): each is killed with its group after the timeout, recorded as not
+    fitting with the reason, and the search goes down to micro-batch 1, which runs for real and fits."""
+    pids = tmp_path / "pids"
+    monkeypatch.setattr(_trial, "run_cpu_trial", _hangs_with_a_grandchild(pids, _trial.run_cpu_trial, threshold=2))
+    start = time.monotonic()
+    result = run_probe(_request(budget_bytes=256 * MIB, timeout_s=3), predictor=lambda req: Prediction(max_micro_batch=4))
+    assert time.monotonic() - start < 120
+    hung = [t for t in result.trials if t.micro_batch >= 2]
+    assert hung and all(not t.fits and t.peak_bytes is None for t in hung), result.trials
+    assert all(t.error == f"trial ran past --trial-timeout 3 s at micro-batch {t.micro_batch} and was killed"
+               for t in hung), hung
+    assert all(t.seconds >= 3 for t in hung)
+    assert result.max_micro_batch == 1
+    assert [t.fits for t in result.trials if t.micro_batch == 1] == [True]
+    _group_is_gone(pids)
+    _no_children_left(children_before)
+
+
+def test_every_size_hanging_is_one_line_naming_the_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           fork_trials: None,
+                                                           children_before: set[tuple[int, float]]) -> None:
+    pids = tmp_path / "pids"
+    monkeypatch.setattr(_trial, "run_cpu_trial", _hangs_with_a_grandchild(pids))
+    with pytest.raises(BatchpilotError) as caught:
+        run_probe(_request(budget_bytes=256 * MIB, timeout_s=2), predictor=lambda req: Prediction(max_micro_batch=2))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("not even micro-batch 1 of tiny-llama-1m at --seq-len 64 finished on cpu")
+    assert "ran past --trial-timeout 2 s at micro-batch 1" in message and "raise --trial-timeout" in message
+    _group_is_gone(pids)
     _no_children_left(children_before)
 
 
@@ -191,9 +221,5 @@ def test_interrupt_during_a_trial_leaves_no_process(tmp_path: Path, monkeypatch:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-    trial_pid, sleeper_pid = map(int, pids.read_text().split())
-    deadline = time.monotonic() + 10
-    while (_alive(trial_pid) or _alive(sleeper_pid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(trial_pid) and not _alive(sleeper_pid)
+    _group_is_gone(pids)
     _no_children_left(children_before)

@@ -58,6 +58,8 @@ Phase = Literal["search", "knee"]
 KNEE_TOLERANCE = 0.03
 """A size is "as fast" as the best when its tokens/s is within 3 % of the best measured (the issue's rule)."""
 DEFAULT_TRIAL_TIMEOUT_S = 1800.0
+TIMEOUT_ERROR_PREFIX = "trial ran past --trial-timeout"
+"""How a timed-out trial's ``error`` starts (the report and the nothing-fits message recognise it)."""
 CPU_TRIAL_OVERHEAD_BYTES = 6 * 2**20
 """Address-space growth of a CPU trial that the analytic model does not count (autograd graph, Python
 heap, page rounding of each mmapped buffer): measured 3.1–6.0 MiB over tiny-llama-1m trials at
@@ -335,6 +337,9 @@ def run_probe(request: ProbeRequest, *, runner: TrialRunner | None = None,
 
 def _nothing_fits_message(request: ProbeRequest, trials: list[ProbeTrial]) -> str:
     last = trials[-1].error if trials else None
+    if last and last.startswith(TIMEOUT_ERROR_PREFIX):
+        return (f"not even micro-batch 1 of {request.model.name} at --seq-len {request.seq_len} finished "
+                f"on {request.device} ({last}); raise --trial-timeout or lower --seq-len")
     return (f"not even micro-batch 1 of {request.model.name} at --seq-len {request.seq_len} fits in "
             f"{request.budget_bytes} bytes on {request.device} ({last}); raise --memory-budget, lower "
             "--seq-len or use --recompute full")
@@ -421,21 +426,30 @@ class CpuTrialRunner:
         send.close()
         try:
             messages = _collect(recv, proc, self.request.trial_timeout_s, micro_batch)
+        except TrialTimeoutError as timeout:
+            # A size that does not finish in time is not usable: record it as not fitting (with the
+            # reason) and let the search go below it; larger sizes would take longer still.
+            return ProbeTrial(micro_batch=micro_batch, fits=False, peak_bytes=None, tokens_per_s=None,
+                              seconds=time.perf_counter() - start, error=str(timeout))
         finally:
             _kill_group(proc)
             recv.close()
         return _to_trial(micro_batch, messages, proc.exitcode, time.perf_counter() - start)
 
 
+class TrialTimeoutError(ProbeError):
+    """A trial process ran past its timeout (it has been killed with its process group by the caller)."""
+
+
 def _collect(recv: Connection, proc: Any, timeout_s: float, micro_batch: int) -> list[tuple[str, Any]]:
-    """Messages from the trial until it reports or dies; a timeout kills it and is a ProbeError."""
+    """Messages from the trial until it reports or dies; past ``timeout_s`` a :class:`TrialTimeoutError`."""
     deadline = time.monotonic() + timeout_s
     messages: list[tuple[str, Any]] = []
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise ProbeError(f"trial at micro-batch {micro_batch} ran past --trial-timeout {timeout_s:.0f}s "
-                             "and was killed; raise --trial-timeout or lower --seq-len")
+            raise TrialTimeoutError(f"{TIMEOUT_ERROR_PREFIX} {timeout_s:g} s at micro-batch {micro_batch} "
+                                    "and was killed")
         if recv.poll(min(left, 0.5)):
             try:
                 messages.append(recv.recv())
@@ -532,6 +546,8 @@ def measure_cpu_matmul_flops(precision: str, timeout_s: float = 120.0) -> float:
     send.close()
     try:
         messages = _collect(recv, proc, timeout_s, 0)
+    except TrialTimeoutError:
+        raise ProbeError(f"measuring this CPU's matmul rate took over {timeout_s:g} s and was stopped") from None
     finally:
         _kill_group(proc)
         recv.close()
