@@ -68,6 +68,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train --micro-batch 0", [*TRAIN, "--micro-batch", "0"], "--micro-batch must be positive"),
     ("train --threads 0", [*TRAIN, "--threads", "0"], "--threads 0 must be positive"),
     ("train --max-bad-steps 0", [*TRAIN, "--max-bad-steps", "0"], "--max-bad-steps 0 must be positive"),
+    ("train --max-restarts -1", [*TRAIN, "--max-restarts", "-1"], "--max-restarts -1 must be in 0..100"),
+    ("train --max-restarts 10^6", [*TRAIN, "--max-restarts", "1000000"], "--max-restarts 1000000 must be in 0..100"),
     ("train --seq-len 0", [*TRAIN, "--seq-len", "0"], "--seq-len 0"),
     ("train --steps -1", [*TRAIN, "--steps", "-1"], "--steps must be positive"),
     ("train --global-batch 0", [*TRAIN, "--global-batch", "0"], "--global-batch must be positive"),

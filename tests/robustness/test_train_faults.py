@@ -207,6 +207,38 @@ def test_a_rank_dying_under_torchrun_stops_the_job_and_resume_continues(tmp_path
 
 
 @pytest.mark.distributed
+def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(tmp_path: Path, corpus: Path) -> None:
+    """``--nproc 2 --max-restarts 1``: rank 1 is SIGKILLed after a checkpoint; torchrun restarts both ranks,
+    which resume from the last checkpoint (no --resume given) and finish; every step is in ``metrics.jsonl``
+    once, with the losses of an uninterrupted two-rank run."""
+    steps, every = 40, 2
+    common = ["--nproc", "2", "--lr-decay", "constant"]
+    reference = run(train_args(corpus, tmp_path / "reference", steps=steps, checkpoint_every=every, extra=common),
+                    timeout_s=400)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "run"
+    proc = start(train_args(corpus, out, steps=steps, checkpoint_every=every, extra=[*common, "--max-restarts", "1"]))
+    family = [psutil.Process(proc.pid)]
+    try:
+        wait_for(lambda: (latest_step(out) or 0) >= every, proc, timeout_s=300)
+        family += psutil.Process(proc.pid).children(recursive=True)
+        killed_after = latest_step(out)
+        next(w for w in _workers(proc.pid) if w.environ()["LOCAL_RANK"] == "1").send_signal(signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        _kill_all(family)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert killed_after is not None and killed_after < steps
+    summary = json.loads(stdout)
+    assert summary["steps"] == steps and summary["elastic_restarts"] == 1
+    assert "elastic restart 1 (torchrun --max-restarts): resuming from" in stderr
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in metrics(tmp_path / "reference")]
+    assert not (out / "error.txt").exists()
+
+
+@pytest.mark.distributed
 def test_kill_9_of_the_launcher_takes_the_ranks_with_it(tmp_path: Path, corpus: Path) -> None:
     """SIGKILL to the ``batchpilot train --nproc 2`` process group (torchrun is in it; the ranks are in
     their own sessions): PR_SET_PDEATHSIG in torchrun and in each rank ends the whole tree."""

@@ -91,6 +91,51 @@ def test_a_step_saved_twice_is_not_rewritten(corpus_dir: Path, tmp_path: Path) -
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert (out / "checkpoints" / "latest").read_text() == "step-00000002"
     assert not list((out / "checkpoints").glob(".tmp-*"))
-    fresh = _train(*args)  # a fresh run (no --resume) into the same --out rewrites it
-    assert fresh.exit_code == 0, fresh.output  # type: ignore[attr-defined]
-    assert train_pt.stat().st_mtime_ns != before.st_mtime_ns
+    fresh = _train(*args)  # a fresh run (no --resume) into the same --out is refused, nothing touched
+    assert fresh.exit_code == 2, fresh.output  # type: ignore[attr-defined]
+    assert "already holds checkpoints of a run (newest 'step-00000002'); continue it with --resume" in fresh.output
+    assert train_pt.stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_a_fresh_run_launching_torchrun_is_refused_before_any_process_starts(corpus_dir: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--nproc 2 --max-restarts 1`` into an --out holding another run's checkpoints: refused by the
+    launching process itself (a worker's refusal would only trigger an elastic restart that resumes that
+    run). torchrun must never start: the launcher is replaced by one that fails the test if called."""
+    from batchpilot.train import runner as runner_mod
+
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step-00000100").mkdir(parents=True)
+    (out / "checkpoints" / "step-00000100" / "train.pt").write_bytes(b"an earlier run")
+    monkeypatch.setattr(runner_mod, "launch_torchrun", lambda *a, **k: pytest.fail("torchrun was started"))
+    result = _train("--data", str(corpus_dir), "--seq-len", "32", "--global-batch", "4", "--steps", "2",
+                    "--nproc", "2", "--max-restarts", "1", "--out", str(out))
+    assert result.exit_code == 2, result.output  # type: ignore[attr-defined]
+    assert result.output.count("\n") == 1 and "newest 'step-00000100'" in result.output  # type: ignore[attr-defined]
+
+
+def test_an_elastic_restart_resumes_when_a_checkpoint_exists_else_starts_over(
+        corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """What a worker does when torchrun restarted its group (``TORCHELASTIC_RESTART_COUNT`` = 1) and
+    --resume was not given: with no checkpoint yet it trains from step 0; with one it continues from it,
+    reproducing the uninterrupted run's losses. (The note goes to stderr through logging's last-resort
+    handler in a real run; under pytest the root logger has pytest's handler, so it is read from caplog.)"""
+    args = ["--data", str(corpus_dir), "--seq-len", "32", "--global-batch", "4", "--micro-batch", "2",
+            "--checkpoint-every", "2", "--lr-decay", "constant", "--json"]  # constant: the LR does not depend on --steps
+    reference = tmp_path / "reference"
+    assert _train(*args, "--steps", "4", "--out", str(reference)).exit_code == 0  # type: ignore[attr-defined]
+    expected = [r["loss"] for r in read_metrics(reference / "metrics.jsonl")]
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    out = tmp_path / "out"
+    first = _train(*args, "--steps", "2", "--out", str(out))  # a restart before any checkpoint was written
+    assert first.exit_code == 0, first.output  # type: ignore[attr-defined]
+    assert "no checkpoint was written yet: starting again from step 0" in caplog.text
+    assert json.loads(first.stdout)["elastic_restarts"] == 1  # type: ignore[attr-defined]
+    caplog.clear()
+    second = _train(*args, "--steps", "4", "--out", str(out))  # a restart after the step-2 checkpoint
+    assert second.exit_code == 0, second.output  # type: ignore[attr-defined]
+    assert "elastic restart 1 (torchrun --max-restarts): resuming from" in caplog.text
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records] == expected

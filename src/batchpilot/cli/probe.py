@@ -122,7 +122,7 @@ def probe(
     timed_steps: Annotated[int, typer.Option(
         "--timed-steps", help="Timed full steps after them (warm-up + timed ≥ 2).")] = 1,
     knee: Annotated[bool, typer.Option("--knee/--no-knee", help="Measure the halving ladder for the knee.")] = True,
-    trial_timeout: Annotated[str, typer.Option("--trial-timeout", help="Per-trial limit, e.g. 10m.")] = "30m",
+    trial_timeout: Annotated[str, typer.Option("--trial-timeout", help="Per-trial wall-time limit (CPU trials): a trial past it is killed and counts as not fitting, e.g. 10m.")] = "30m",
     calibration_out: Annotated[Path | None, typer.Option(
         "--calibration-out", help="Write a calibration file for `plan --calibration`.")] = None,
     accelerator: Annotated[str | None, typer.Option(

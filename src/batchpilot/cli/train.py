@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -109,6 +110,7 @@ def train(
     steps: int | None = typer.Option(None, "--steps", help=f"Optimizer steps [default {DEMO_STEPS}]."),
     tokens: str | None = typer.Option(None, "--tokens", help="Train on this many tokens instead of --steps (e.g. 10M)."),
     nproc: int = typer.Option(1, "--nproc", help="Local processes (launches torchrun when > 1)."),
+    max_restarts: int = typer.Option(0, "--max-restarts", help="torchrun elastic restarts of a failed run (launches torchrun); each restart resumes from the last checkpoint."),
     fsdp: bool = typer.Option(False, "--fsdp", help="FSDP2 fully_shard instead of DDP."),
     expect_world_size: int | None = typer.Option(None, "--expect-world-size", help="Fail unless the launcher started this many processes."),
     out: str = typer.Option("runs/train", "--out", help="Output directory."),
@@ -136,7 +138,7 @@ def train(
                           grad_clip=grad_clip, weight_decay=weight_decay, precision=precision,  # type: ignore[arg-type]
                           max_bad_steps=max_bad_steps),  # type: ignore[arg-type]
         run=RunConfig(steps=steps_n, tokens=tokens_n, out=out, checkpoint_every=checkpoint_every, resume=resume,
-                      seed=seed, val_every=val_every, nproc=nproc, fsdp=fsdp, expected_world_size=expect_world_size,
+                      seed=seed, val_every=val_every, nproc=nproc, max_restarts=max_restarts, fsdp=fsdp, expected_world_size=expect_world_size,
                       device=device, threads=threads),  # type: ignore[arg-type]
     )
     _run_and_report(config, json_output, world)
@@ -152,11 +154,13 @@ def _default_lr_scaling(lr_scaling: str | None, batch_schedule: str) -> str:
 
 def _run_and_report(config: TrainConfig, json_output: bool, world: int) -> None:
     from batchpilot.train import run
+    from batchpilot.train.checkpoint import check_fresh_start
     from batchpilot.train.validate import check_static
 
     is_main = os.environ.get("RANK", "0") == "0"
     if not json_output and is_main:
         check_static(config, world)  # bad input (e.g. --batch-schedule) fails before the progress bar starts
+        check_fresh_start(Path(config.run.out), resume=config.run.resume)
     view = None if json_output or not is_main else _ProgressView(
         config.run.tokens or config.run.steps or 0, by_tokens=config.run.tokens is not None)
     if view is None:

@@ -41,7 +41,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.train.distributed import DistEnv
+from batchpilot.train.distributed import DistEnv, elastic_restart_count
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -214,6 +214,25 @@ def _read(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(blob, dict) or not {"model", "optimizer", "scaler", "state"} <= blob.keys():
         raise BatchpilotError(f"checkpoint {str(path)!r} cannot be read: train.pt is not a batchpilot checkpoint")
     return blob, rng_state
+
+
+def has_checkpoints(out: Path) -> bool:
+    """Whether ``out`` holds any checkpoint (complete or not) that a resume would consider."""
+    return bool(_candidates(out))
+
+
+def check_fresh_start(out: Path, *, resume: bool) -> None:
+    """Refuse to start a run from step 0 (no ``resume``, not an elastic restart) in a directory that holds
+    another run's checkpoints: its own would be pruned against them by step number (a new
+    ``step-00000002`` goes before an old ``step-00000100``) and a later resume, or an elastic restart,
+    would continue the other run."""
+    if resume or elastic_restart_count():
+        return
+    found = _candidates(out)
+    if found:
+        raise BatchpilotError(f"--out {str(out)!r} already holds checkpoints of a run (newest {found[0].name!r}); "
+                              f"continue it with --resume, or choose another --out (or remove "
+                              f"{str(out / CHECKPOINTS)!r} to start again)")
 
 
 def load_latest(out: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

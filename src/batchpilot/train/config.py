@@ -20,6 +20,8 @@ Precision = Literal["fp32", "bf16", "fp16"]
 LRDecay = Literal["cosine", "linear", "constant"]
 LRScaling = Literal["none", "linear", "sqrt"]
 Device = Literal["auto", "cpu", "cuda"]
+MAX_RESTARTS = 100
+"""Upper bound of ``--max-restarts`` (a worker group failing more often than this is not a transient fault)."""
 
 
 class ConfigError(BatchpilotError):
@@ -147,6 +149,9 @@ class RunConfig:
     """Validation rows evaluated each time."""
     nproc: int = 1
     """Local processes; > 1 launches torchrun."""
+    max_restarts: int = 0
+    """torchrun's elastic restarts when this process launches it (``--nproc`` > 1, or > 0 here with one
+    process): a failed worker group starts again and resumes from the last checkpoint."""
     fsdp: bool = False
     """FSDP2 ``fully_shard`` instead of DDP."""
     expected_world_size: int | None = None
@@ -162,6 +167,7 @@ class RunConfig:
         _require(self.tokens is None or self.tokens >= 1, "--tokens must be positive")
         _require(self.checkpoint_every >= 0 and self.val_every >= 0, "--checkpoint-every/--val-every must be ≥ 0")
         _require(self.nproc >= 1, "--nproc must be positive")
+        _require(0 <= self.max_restarts <= MAX_RESTARTS, f"--max-restarts {self.max_restarts} must be in 0..{MAX_RESTARTS}")
         _require(self.keep_checkpoints >= 1, "--keep-checkpoints must be positive")
         _require(self.threads is None or self.threads >= 1, f"--threads {self.threads} must be positive (omit it for the default)")
 

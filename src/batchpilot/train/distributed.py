@@ -64,6 +64,12 @@ def _env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
+def elastic_restart_count() -> int:
+    """How many times torchrun has restarted this worker group (``TORCHELASTIC_RESTART_COUNT``; 0 when
+    not under torchrun or on the first attempt)."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
 def pick_device(preference: str, local_rank: int) -> torch.device:
     """``cuda:<local_rank>`` when asked for (or available under ``auto``), else ``cpu``."""
     if preference == "cuda" and not torch.cuda.is_available():
@@ -194,8 +200,10 @@ def die_with_parent(prctl: Callable[..., int] | None = None) -> None:
 
 
 def launch_torchrun(config_dict: dict[str, Any], nproc: int, out_dir: Path,
-                    on_record: Callable[[dict[str, Any]], None] | None = None) -> int:
-    """Run :mod:`batchpilot.train.worker` under ``torchrun --standalone --nproc-per-node nproc``.
+                    on_record: Callable[[dict[str, Any]], None] | None = None, *, max_restarts: int = 0) -> int:
+    """Run :mod:`batchpilot.train.worker` under ``torchrun --standalone --nproc-per-node nproc
+    --max-restarts max_restarts`` (a failed worker group is started again up to ``max_restarts`` times;
+    each restart resumes from the last checkpoint, see :func:`elastic_restart_count`).
 
     The config goes to ``out_dir/launch-config.json``; new lines of ``metrics.jsonl`` are passed to
     ``on_record`` while the workers run. Returns torchrun's exit code.
@@ -204,7 +212,7 @@ def launch_torchrun(config_dict: dict[str, Any], nproc: int, out_dir: Path,
     config_path = out_dir / "launch-config.json"
     config_path.write_text(json.dumps(config_dict), encoding="utf-8")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "batchpilot.train.worker", str(config_path)]
+               f"--max-restarts={max_restarts}", "-m", "batchpilot.train.worker", str(config_path)]
     metrics = out_dir / "metrics.jsonl"
     start = 0
     prctl = _prctl()  # resolved here: the forked child only calls it

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -55,6 +56,7 @@ from batchpilot.train.distributed import (
     DistEnv,
     all_reduce_gradients,
     all_reduce_sum,
+    elastic_restart_count,
     gradient_sync,
     unwrap,
     wrap_model,
@@ -105,6 +107,8 @@ class Trainer:
         self.schedule: BatchSchedule = self.plan.schedule
         self.hooks += getattr(self.schedule, "required_hooks", list)()  # e.g. the adaptive schedule's noise hook
         self.out = Path(config.run.out)
+        self.restarts = elastic_restart_count()
+        ckpt.check_fresh_start(self.out, resume=config.run.resume)  # before anything is loaded or written
         self._set_threads()
         self._load_data()
         self._build()
@@ -187,16 +191,29 @@ class Trainer:
                           total_steps=rc.steps, total_tokens=rc.tokens)
 
     def _restore(self) -> Path | None:
-        """With ``--resume``: restore the newest checkpoint that passes its checksums (older ones are tried)."""
+        """With ``--resume``, or after torchrun restarted the worker group (elastic restart) once a checkpoint
+        exists: restore the newest checkpoint that passes its checksums (older ones are tried)."""
         if not self.config.run.resume:
-            return None
+            if not self.restarts:
+                return None
+            if not ckpt.has_checkpoints(self.out):
+                self._log_restart("no checkpoint was written yet: starting again from step 0")
+                return None
         path, state = ckpt.load_latest(self.out, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
                                        env=self.env)
+        if self.restarts:
+            self._log_restart(f"resuming from {str(path)!r}")
         self.state = TrainState(**state["train"])
         self.schedule.load_state_dict(state["schedule"])
         for hook, hook_state in zip(self.hooks, state.get("hooks", []), strict=False):
             hook.load_state_dict(hook_state)
         return path
+
+    def _log_restart(self, what: str) -> None:
+        if self.env.is_main:
+            # stderr without configuration (logging's last-resort handler shows WARNING and above)
+            logging.getLogger("batchpilot.train").warning("note: elastic restart %d (torchrun --max-restarts): %s",
+                                                          self.restarts, what)
 
     # ------------------------------------------------------------------ one step
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -453,7 +470,7 @@ class Trainer:
             "model_source": self.built.source, "tokenizer": self.tokenizer.name,
             "train_documents": self.num_documents[0], "val_documents": self.num_documents[1],
             "corpus_tokens": self.corpus.num_tokens, "batch_schedule": self.schedule.describe(),
-            "stopped_by_signal": stopped, "out": str(self.out), "config": self.config.to_dict(),
+            "stopped_by_signal": stopped, "elastic_restarts": self.restarts, "out": str(self.out), "config": self.config.to_dict(),
         }
         if self.env.is_main:
             write_json_atomic(self.out / "summary.json", summary)
