@@ -36,3 +36,16 @@ def test_noise_rejects_one_batch_size() -> None:
     result = RUNNER.invoke(app, ["noise", "--micro-batch", "4", "--global-batch", "4"])
     assert result.exit_code == 2
     assert "at least 2 × micro" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_noise_can_measure_twice_into_one_out_and_keeps_no_weights(tmp_path) -> None:
+    """A measurement run writes no final checkpoint (its weights are not kept), so measuring again into
+    the same --out works; the runner's refusal to start fresh over checkpoints is for training runs."""
+    out = tmp_path / "noise"
+    args = ["noise", "--data", str(stdlib_root() / "json"), "--seq-len", "32", "--micro-batch", "2",
+            "--global-batch", "4", "--steps", "2", "--threads", "1", "--out", str(out), "--json"]
+    for _ in range(2):
+        result = RUNNER.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    assert not (out / "checkpoints").exists()
+    assert (out / "metrics.jsonl").read_text().count("\n") == 2  # the second run's two steps

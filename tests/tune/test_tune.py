@@ -79,3 +79,20 @@ def test_reuse_skips_measuring_again(tune_run: tuple[Path, dict], cli_runner) ->
     stages = {s["name"]: s["status"] for s in json.loads(result.stdout)["stages"]}
     assert stages == {"probe": "reused", "memory": "reused", "noise": "reused", "plan": "reused",
                       "verify": "skipped", "report": "ok"}
+
+
+def test_running_again_into_the_same_out_replaces_the_stage_runs(tune_run: tuple[Path, dict]) -> None:
+    """A second ``tune`` without --reuse re-runs every stage: its own training folders (``noise-run``,
+    ``train``) are emptied first, so the runner's refusal to start fresh over checkpoints does not fire.
+    Probe, memory and plan are reused here to keep the test short; noise and verify run again."""
+    out, _ = tune_run
+    before = (out / "train" / "metrics.jsonl").stat().st_mtime_ns
+    cmd = [sys.executable, "-m", "batchpilot.cli", "tune", "--model", "tiny-llama-1m", "--seq-len", "64",
+           "--memory-budget", "96MiB", "--time-budget", "30s", "--device", "cpu", "--out", str(out), "--json"]
+    for stage in ("noise", "verify"):
+        (out / f"{stage}.json").unlink()  # no record: --reuse runs the stage again
+    done = subprocess.run([*cmd, "--reuse"], capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = {s["name"]: s["status"] for s in json.loads(done.stdout)["stages"]}
+    assert stages["noise"] == "ok" and stages["verify"] == "ok", stages
+    assert (out / "train" / "metrics.jsonl").stat().st_mtime_ns != before

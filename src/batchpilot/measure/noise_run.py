@@ -84,7 +84,7 @@ def _train_config(settings: NoiseRunSettings, out: str) -> Any:
                "micro_batch_sequences": settings.micro_batch_sequences, "batch_schedule": "constant"},
         optim={"lr": settings.lr, "warmup_steps": 2, "decay": "constant"},
         run={"steps": settings.steps, "out": out, "seed": settings.seed, "threads": settings.threads,
-             "val_every": 0, "val_rows": 8})
+             "val_every": 0, "val_rows": 8, "final_checkpoint": False})  # a measurement: the weights are not kept
 
 
 def measure_noise(settings: NoiseRunSettings) -> dict[str, Any]:

@@ -137,6 +137,9 @@ class RunConfig:
     """Output directory: metrics.jsonl, summary.json, checkpoints/."""
     checkpoint_every: int = 0
     """Checkpoint every N steps (0: only at the end and on SIGTERM/SIGINT)."""
+    final_checkpoint: bool = True
+    """Checkpoint when the run ends (off for measurement runs such as ``batchpilot noise``, whose weights
+    are not kept; a signal still checkpoints)."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk."""
     resume: bool = False

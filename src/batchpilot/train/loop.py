@@ -451,7 +451,8 @@ class Trainer:
                     self._stop_bad_steps()
                 if rc.checkpoint_every and self.state.step % rc.checkpoint_every == 0 and not record.get("skipped"):
                     self._checkpoint()
-            self._checkpoint()
+            if stopped or rc.final_checkpoint:
+                self._checkpoint()
             val_loss = None if stopped else self.evaluate()
         if self.metrics is not None:
             self.metrics.close()

@@ -10,6 +10,7 @@ verify → a short training run with the chosen plan: measured tokens/s and memo
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,10 +262,17 @@ def noise_stage(cfg: TuneConfig, state: TuneState, out: Path) -> dict[str, Any]:
     settings = NoiseRunSettings(model=cfg.model, data=cfg.data, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len,
                                 micro_batch_sequences=knee, global_batch_sequences=global_batch, steps=steps,
                                 seed=cfg.seed, train_tokens=float(cfg.train_tokens) if cfg.train_tokens else None,
-                                out=str(out / "noise-run"))
+                                out=str(_fresh_stage_dir(out / "noise-run")))
     record = measure_noise(settings)
     state.noise = record
     return record
+
+
+def _fresh_stage_dir(path: Path) -> Path:
+    """A stage's own training folder, emptied: tune re-runs a stage (unless ``--reuse``) and its earlier
+    checkpoints would make the runner refuse a fresh start there."""
+    shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 # ------------------------------------------------------------------------------------------- verify
@@ -286,7 +294,7 @@ def verify_stage(cfg: TuneConfig, state: TuneState, out: Path, on_record: Any = 
                "micro_batch_sequences": int(best["micro_batch"])},
         optim={"precision": cfg.settings.precision if cfg.settings.precision != "fp8" else "bf16",
                "warmup_steps": max(1, steps // 10)},
-        run={"steps": steps, "out": str(out / "train"), "seed": cfg.seed, "val_every": max(1, steps // 4),
+        run={"steps": steps, "out": str(_fresh_stage_dir(out / "train")), "seed": cfg.seed, "val_every": max(1, steps // 4),
              "val_rows": 16, "device": state.device},
     )
     summary = run(config, on_record=on_record)
