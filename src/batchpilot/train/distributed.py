@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -197,6 +197,15 @@ def die_with_parent(prctl: Callable[..., int] | None = None) -> None:
     prctl(1, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         os._exit(1)
+
+
+def exit_skipping_teardown(code: int) -> NoReturn:
+    """Exit a torchrun rank with ``code`` without the interpreter's C++ teardown: gloo's background
+    threads can abort an ordinary exit ("terminate called without an active exception", SIGABRT) after
+    a run that finished cleanly. The caller has closed (or atomically renamed) everything it wrote."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def launch_torchrun(config_dict: dict[str, Any], nproc: int, out_dir: Path,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.train.config import TrainConfig
-from batchpilot.train.distributed import die_with_parent
+from batchpilot.train.distributed import die_with_parent, exit_skipping_teardown
 from batchpilot.train.runner import ERROR_FILE, run
 
 
@@ -34,10 +34,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip the interpreter's C++ teardown: gloo's background threads can abort an ordinary exit
-    # ("terminate called without an active exception", SIGABRT) after a run that finished cleanly.
-    # Everything the run writes is closed (or atomically renamed) before main returns.
-    os._exit(code)
+    exit_skipping_teardown(main(sys.argv[1:]))
