@@ -161,6 +161,30 @@ def test_calibration_efficiency_is_tokens_times_flops_over_peak(tmp_path) -> Non
     assert cal.memory_overhead_bytes == 20 * MIB
 
 
+def test_full_recompute_calibration_counts_one_more_layer_forward_and_round_trips() -> None:
+    """With full recompute the efficiency counts the layers' forward again but not the head's:
+    tiny-llama-1m at s = 64 executes 7,995,392 FLOPs per token (6,094,848 model FLOPs + 1,769,472 layer
+    matmuls + 131,072 attention core; hand-derived in tests/plan/test_steptime.py), not 4/3 × 6,094,848.
+    The step-time model, given that calibration, turns it back into the measured tokens/s."""
+    from batchpilot.estimate.steptime import StepTimeModel
+    from batchpilot.specs.batch import BatchTriad
+    from batchpilot.specs.hardware import ClusterSpec, load_accelerator
+
+    settings = RunSettings(precision="fp32", recompute="full")
+    request = _request(knee=False, settings=settings)
+    result = run_probe(request, runner=FakeRunner(), predictor=lambda r: 20)
+    gpu = load_accelerator("h100-sxm")
+    peak = gpu.peak_flops_per_s("fp32")
+    cal = calibration_from_probe(result, request, peak_flops_per_s=peak, accelerator=gpu.name)
+    (point,) = cal.points
+    tokens_per_s = 1280 / 1.3  # FakeRunner at b = 20
+    assert math.isclose(point.efficiency, tokens_per_s * 7_995_392 / peak)
+    model = StepTimeModel(request.model, ClusterSpec(accelerator=gpu, devices_per_node=1), seq_len=SEQ,
+                          calibration=cal)
+    triad = BatchTriad(micro_batch_sequences=20, grad_accum_steps=1, data_parallel_ranks=1, seq_len_tokens=SEQ)
+    assert math.isclose(model.estimate(settings, triad).compute_s, 20 * SEQ / tokens_per_s)
+
+
 # ------------------------------------------------------------------------------------------ real CPU
 def test_real_cpu_probe_of_the_tiny_preset(cli_runner, tmp_path) -> None:
     """Real trials: tiny-llama-1m, seq 64, 48 MiB above the baseline (≈ 10 s on 2 cores)."""

@@ -15,8 +15,10 @@ from batchpilot.estimate.steptime import (
     recompute_flops_per_token,
     ring_all_reduce_bytes,
     ring_gather_bytes,
+    training_flops_per_token,
 )
 from batchpilot.specs.batch import BatchTriad
+from batchpilot.specs.model import load_model
 from batchpilot.specs.settings import RunSettings
 
 # Narayanan et al. 2021, Table 1: (parameters in billions, heads, hidden, layers).
@@ -68,6 +70,40 @@ def test_selective_recompute_repeats_only_the_attention_core_forward():
     # attention core forward per token per layer: 2·s·h (scores) + 2·s·h (values) = 4·s·h
     assert recompute_flops_per_token(model, S, "selective") == 24 * 4 * S * 2304
     assert recompute_flops_per_token(model, S, "none") == 0
+
+
+@pytest.mark.parametrize(("billions", "heads", "hidden", "layers"), TABLE_1)
+def test_training_flops_per_token_is_eq3_per_token(billions, heads, hidden, layers):
+    """Per token, Eq. 3 is 96·l·h² + 16·l·h·s + 6·V·h with full recompute and 72·l·h² + 12·l·h·s + 6·V·h
+    without: exact up to float rounding (the GPT spec counts no bias FLOPs)."""
+    model = gpt(layers=layers, hidden=hidden, heads=heads)
+    for recompute, full in (("none", False), ("full", True)):
+        eq3_per_token = eq3_flops(1, layers, hidden, recompute=full) / S
+        assert training_flops_per_token(model, S, recompute) == pytest.approx(eq3_per_token, rel=1e-12)
+
+
+@pytest.mark.parametrize(("name", "seq", "none", "full"), [
+    # tiny-llama-1m (h 128, 4 heads of 32, 2 KV heads, I 448, V 512, 4 layers, untied head):
+    # per layer q + k + v + o + SwiGLU = 128·128 + 2·128·64 + 128·128 + 3·128·448 = 221,184 weights;
+    # head 512·128 = 65,536; attention 6·L·s·n·(d_qk + d_v) = 6·4·64·4·64 = 393,216 at s = 64.
+    # none = 6·(4·221,184 + 65,536) + 393,216 = 6,094,848;
+    # full = none + one layer forward 2·4·221,184 + 393,216/3 = 6,094,848 + 1,769,472 + 131,072.
+    ("tiny-llama-1m", 64, 6_094_848, 7_995_392),
+    # llama-3-8b (h 4096, 32 heads of 128, 8 KV heads, I 14336, V 128,256, 32 layers, untied head):
+    # per layer 2·4096² + 2·4096·1024 + 3·4096·14336 = 218,103,808; head 525,336,576;
+    # attention at s = 8192: 6·32·8192·32·256 = 12,884,901,888.
+    # none = 6·(32·218,103,808 + 525,336,576) + 12,884,901,888 = 57,912,852,480;
+    # full = none + 2·32·218,103,808 + 12,884,901,888/3 = none + 13,958,643,712 + 4,294,967,296.
+    ("llama-3-8b", 8192, 57_912_852_480, 76_166_463_488),
+])
+def test_full_recompute_repeats_the_layers_forward_not_the_head(name, seq, none, full):
+    model = load_model(name)
+    assert training_flops_per_token(model, seq, "none") == none
+    assert training_flops_per_token(model, seq, "full") == full
+    # the ratio is below 4/3 by the head's share: (4/3 − ratio)·none = head forward 2·V·h
+    head_forward = 2 * model.vocab_size * model.hidden_size
+    assert 4 / 3 * none - full == pytest.approx(head_forward, rel=1e-12)
+    assert training_flops_per_token(model, seq, "selective") == none + model.attention_flops_per_token(seq) // 3
 
 
 def test_ring_collective_volumes():

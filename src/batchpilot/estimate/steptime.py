@@ -22,7 +22,8 @@ t/p/e tensor/pipeline/expert-parallel sizes, d data-parallel ranks, world = d·t
   sequence-token — note the head term is V/(12lh) with the factor 72, so the head stays 6·V·h). Full
   recomputation repeats the forward of every transformer layer (not the head): + (6·N_layers + attn)/3,
   which gives exactly Eq. 3's 96·l·h²·(1 + s/(6h) + V/(16·l·h)). Selective recomputation repeats the
-  attention core's forward: + attn/3 (Korthikanti et al. 2022 §5).
+  attention core's forward: + attn/3 (Korthikanti et al. 2022 §5). Both sums are
+  :func:`training_flops_per_token`, which the probe's calibration also divides by (one count).
 - Compute time. Hardware FLOPs per GPU ÷ (dense peak at the run's precision × efficiency), efficiency
   from :mod:`batchpilot.estimate.calibration` at b·s/t tokens per micro-batch: tensor parallelism
   splits every GEMM's width by t, so each GPU runs GEMMs with the FLOPs of a b·s/t-token GEMM of the
@@ -68,13 +69,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration
 from batchpilot.specs.batch import BatchTriad
 from batchpilot.specs.hardware import ClusterSpec
 from batchpilot.specs.model import ModelSpec
-from batchpilot.specs.settings import RunSettings
+from batchpilot.specs.settings import Recompute, RunSettings
 
 ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 """Bytes per activation element sent by TP/EP/PP collectives (fp8 runs keep bf16 activations)."""
@@ -178,8 +179,25 @@ def pipeline_bubble_fraction(pp: int, micro_batches: int) -> float:
     return (pp - 1) / (micro_batches + pp - 1)
 
 
-def recompute_flops_per_token(model: ModelSpec, seq_len: int, recompute: str) -> int:
-    """Extra training FLOPs per token from activation recomputation (see the module docstring)."""
+def recompute_flops_per_token(model: ModelSpec, seq_len: int, recompute: Recompute) -> int:
+    """Extra training FLOPs per token from activation recomputation: one more forward of what is recomputed.
+
+    ``full`` repeats the forward of every transformer layer — its matmuls (2·N_layers, N_layers = the
+    matmul weights a token passes through minus the output head's V·h) and its attention core
+    (attention ÷ 3) — but not the output head or the embedding, which sit outside the checkpointed
+    layers: (6·N_layers + attention) / 3. For a GPT block this turns Narayanan et al. 2021 Eq. 3 without
+    recomputation, 72·l·h²·(1 + s/(6h) + V/(12·l·h)) per token, into Eq. 3 with it,
+    96·l·h²·(1 + s/(6h) + V/(16·l·h)): the head term stays 6·V·h (96/16 = 72/12 = 6). ``selective``
+    repeats only the attention core's forward, attention / 3 (Korthikanti et al. 2022 §5).
+    Both are exact integers (every term is a multiple of 3).
+
+    Known error: this is the convention of Narayanan et al. (the whole layer forward). PyTorch's
+    non-reentrant checkpointing stops recomputing once every tensor backward needs exists, so it skips
+    each layer's last matmul (``down_proj``/``c_proj``, 2·h·I per token and layer; measured in
+    tests/estimate/test_traced.py) — 5.7 % of the full-recompute count for tiny-llama-1m at s = 64,
+    4.9 % for llama-3-8b at s = 8192. The probe and the step-time model share this function, so a
+    calibration's efficiency converts back into the same seconds whatever the convention.
+    """
     if recompute == "none":
         return 0
     attention = model.attention_flops_per_token(seq_len)
@@ -187,6 +205,13 @@ def recompute_flops_per_token(model: ModelSpec, seq_len: int, recompute: str) ->
         return attention // 3
     layers = model.matmul_params_per_token - model.vocab_size * model.hidden_size
     return (6 * layers + attention) // 3
+
+
+def training_flops_per_token(model: ModelSpec, seq_len: int, recompute: Recompute) -> int:
+    """FLOPs a device executes per trained token: model FLOPs (:meth:`ModelSpec.flops_per_token`) plus
+    :func:`recompute_flops_per_token`. The one count that both the step-time model's compute time and the
+    probe's measured efficiency (:func:`batchpilot.measure.probe.calibration_from_probe`) use."""
+    return model.flops_per_token(seq_len) + recompute_flops_per_token(model, seq_len, recompute)
 
 
 class StepTimeModel:
@@ -200,7 +225,7 @@ class StepTimeModel:
                  calibration: Calibration = DEFAULT_CALIBRATION) -> None:
         self.model, self.cluster, self.seq_len, self.calibration = model, cluster, seq_len, calibration
         self.flops_per_token = model.flops_per_token(seq_len)
-        self._recompute = {r: recompute_flops_per_token(model, seq_len, r) for r in ("none", "selective", "full")}
+        self._hw_flops_per_token = {r: training_flops_per_token(model, seq_len, r) for r in get_args(Recompute)}
         routed = model.num_moe_layers * model.num_experts * model.params_expert
         self.expert_params = routed
         routed_per_token = 6 * model.num_moe_layers * model.num_experts_per_token * model.params_expert
@@ -232,7 +257,7 @@ class StepTimeModel:
         t = self._terms(settings, b, m, dp)
         world = dp * settings.tp * settings.pp
         tokens = triad.global_batch_tokens
-        flops = float(tokens * (self.flops_per_token + self._recompute[settings.recompute]))
+        flops = float(tokens * self._hw_flops_per_token[settings.recompute])
         model_flops = float(tokens * self.flops_per_token)
         return StepTime(
             flops_per_step=flops, model_flops_per_step=model_flops, compute_s=m * t.micro_compute_s,
@@ -253,7 +278,7 @@ class StepTimeModel:
         # the slowest stage holds ceil(L/p) layers; the head and embedding sit on the end stages
         stage_share = math.ceil(self.model.num_layers / settings.pp) / self.model.num_layers if settings.pp > 1 else 1.0
         routed = self._routed_flops_per_token[settings.recompute]
-        hw_flops_per_token = self.flops_per_token + self._recompute[settings.recompute]
+        hw_flops_per_token = self._hw_flops_per_token[settings.recompute]
         dense_s = b * s * (hw_flops_per_token - routed) / (peak * efficiency)
         routed_s = b * s * routed / (peak * self._expert_efficiency(settings, b)) if routed else 0.0
         micro_compute_s = (dense_s + routed_s) / settings.tp * stage_share

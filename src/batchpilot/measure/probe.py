@@ -592,14 +592,17 @@ def calibration_from_probe(result: ProbeResult, request: ProbeRequest, *, peak_f
                            accelerator: str, analytic_bytes: Callable[[int], int] | None = None) -> Calibration:
     """Efficiency per tokens-per-micro-batch from the measured tokens/s, and the memory overhead.
 
-    efficiency = tokens/s × training FLOPs per token (``ModelSpec.flops_per_token``; × 4/3 with full
-    recomputation, which repeats the forward) ÷ ``peak_flops_per_s``. The memory overhead is the largest
+    efficiency = tokens/s × FLOPs executed per token ÷ ``peak_flops_per_s``, the FLOPs being
+    :func:`batchpilot.estimate.steptime.training_flops_per_token` (model FLOPs plus one more forward of the
+    transformer layers with full recomputation, not of the output head), the count the step-time model
+    turns back into seconds. The memory overhead is the largest
     (measured peak − analytic estimate) over the fitted trials, floored at 0; it needs
     ``analytic_bytes(micro_batch)`` and is None (keep the model's default) without it.
     """
     from batchpilot.estimate.calibration import Calibration, EfficiencyPoint
+    from batchpilot.estimate.steptime import training_flops_per_token
 
-    flops = request.model.flops_per_token(request.seq_len) * (4 / 3 if request.settings.recompute == "full" else 1)
+    flops = training_flops_per_token(request.model, request.seq_len, request.settings.recompute)
     best: dict[int, float] = {}
     for t in result.trials:
         if t.fits and t.tokens_per_s:
