@@ -206,6 +206,12 @@ def test_real_cpu_probe_of_the_tiny_preset(cli_runner, tmp_path) -> None:
     assert record["search_trials"] == len(record["trials"]) <= 4
     cal = load_calibration(cal_path)
     assert cal.accelerator == "cpu" and cal.points and cal.memory_overhead_bytes is not None
+    # a CPU calibration never calibrates a GPU plan: one line, exit 2
+    plan = cli_runner.invoke(app, ["plan", "--model", "tiny-llama-1m", "--gpu", "rtx-4090", "--gpus", "1",
+                                   "--seq-len", "64", "--global-batch", "8", "--calibration", str(cal_path)])
+    assert plan.exit_code == 2 and plan.stdout == ""
+    (line,) = plan.stderr.strip().splitlines()
+    assert "this machine's CPU" in line and "--gpu rtx-4090" in line
 
 
 def test_bad_budget_is_a_one_line_error(cli_runner) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,6 +13,7 @@ from batchpilot.estimate.calibration import (
     DEFAULT_CALIBRATION,
     Calibration,
     EfficiencyPoint,
+    check_calibration_accelerator,
     default_efficiency,
     load_calibration,
     save_calibration,
@@ -69,3 +71,27 @@ def test_missing_file_names_the_fix(tmp_path):
     with pytest.raises(SpecError, match="batchpilot probe"):
         load_calibration(tmp_path / "none.json")
     assert math.isfinite(default_efficiency(1))
+
+
+def test_accelerator_check_accepts_the_same_accelerator_only(tmp_path):
+    cal = _cal()  # measured on h100-sxm
+    assert check_calibration_accelerator(cal, "h100-sxm") is None
+    assert check_calibration_accelerator(cal, "H100-SXM") is None
+    with pytest.raises(SpecError) as info:
+        check_calibration_accelerator(cal, "a100-80gb", where="calibration file 'cal.json'")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("calibration file 'cal.json' was measured on h100-sxm")
+    assert "not on --gpu a100-80gb" in message and "--accelerator a100-80gb" in message
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text("{}")
+    on_file = dataclasses.replace(cal, accelerator=str(gpu))
+    assert check_calibration_accelerator(on_file, str(tmp_path / "." / "gpu.json")) is None
+    with pytest.raises(SpecError, match="not on --gpu h100-sxm"):
+        check_calibration_accelerator(on_file, "h100-sxm")
+
+
+def test_a_cpu_calibration_never_calibrates_a_gpu_and_an_unnamed_one_is_a_warning():
+    with pytest.raises(SpecError, match=r"CPU \(accelerator 'cpu'.*--gpu h100-sxm"):
+        check_calibration_accelerator(dataclasses.replace(_cal(), accelerator="cpu"), "h100-sxm")
+    warning = check_calibration_accelerator(dataclasses.replace(_cal(), accelerator=" "), "h100-sxm")
+    assert warning is not None and "records no accelerator" in warning and "\n" not in warning

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 
 import pytest
 
@@ -84,11 +85,11 @@ def test_noise_file_sets_the_target_and_warns_on_other_seq_len(cli_runner, tmp_p
 
 def test_pins_and_calibration(cli_runner, tmp_path):
     cal = Calibration(points=(EfficiencyPoint(tokens_per_micro_batch=1024, efficiency=0.2),),
-                      memory_overhead_bytes=2**30, source="test probe")
+                      memory_overhead_bytes=2**30, accelerator="h100-sxm", source="test probe")
     path = save_calibration(cal, tmp_path / "cal.json")
     record = _json(cli_runner, "--global-batch", "64", "--tp", "2", "--micro-batch", "2", "--zero", "1",
                    "--recompute", "full", "--calibration", str(path))
-    assert record["calibration"] == "test probe"
+    assert record["calibration"] == "test probe" and record["warnings"] == []
     for plan in record["plans"]:
         assert (plan["tp"], plan["micro_batch"], plan["zero_stage"], plan["recompute"]) == (2, 2, 1, "full")
         assert plan["step"]["efficiency"] == 0.2
@@ -138,6 +139,55 @@ def test_bad_input_is_one_line_exit_2(cli_runner, args, fragments):
     assert len(lines) == 1 and lines[0].startswith("error: ")
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+def _calibration_file(tmp_path, accelerator: str) -> str:
+    cal = Calibration(points=(EfficiencyPoint(tokens_per_micro_batch=1024, efficiency=0.2),),
+                      accelerator=accelerator, source="test probe")
+    return str(save_calibration(cal, tmp_path / "cal.json"))
+
+
+@pytest.mark.parametrize(("recorded", "fragments"), [
+    ("a100-80gb", ["measured on a100-80gb, not on --gpu h100-sxm", "plan with --gpu a100-80gb",
+                   "batchpilot probe --device cuda --accelerator h100-sxm"]),
+    ("cpu", ["this machine's CPU", "--gpu h100-sxm", "batchpilot probe --device cuda --accelerator h100-sxm",
+             "drop --calibration"]),
+])
+def test_calibration_from_another_accelerator_is_refused(cli_runner, tmp_path, recorded, fragments):
+    path = _calibration_file(tmp_path, recorded)
+    result = cli_runner.invoke(app, [*BASE, "--global-batch", "64", "--calibration", path, "--json"])
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: calibration file {path!r}")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_calibration_names_match_case_insensitively_or_as_the_same_file(cli_runner, tmp_path):
+    assert _json(cli_runner, "--global-batch", "64", "--calibration",
+                 _calibration_file(tmp_path, "H100-SXM"))["warnings"] == []
+    gpu = tmp_path / "my-gpu.json"
+    gpu.write_bytes((resources.files("batchpilot") / "data" / "accelerators" / "h100-sxm.json").read_bytes())
+    path = _calibration_file(tmp_path, str(gpu))
+    args = ["plan", "--model", "tiny-llama-15m", "--gpus", "16", "--seq-len", "1024", "--global-batch", "64",
+            "--calibration", path, "--json"]
+    same = cli_runner.invoke(app, [*args, "--gpu", str(tmp_path / "." / "my-gpu.json")])
+    assert same.exit_code == 0, same.output
+    other = cli_runner.invoke(app, [*args, "--gpu", "h100-sxm"])
+    assert other.exit_code == 2 and f"measured on {gpu}, not on --gpu h100-sxm" in other.stderr
+
+
+def test_calibration_without_an_accelerator_is_used_with_one_warning_line(cli_runner, tmp_path):
+    path = _calibration_file(tmp_path, "")
+    result = cli_runner.invoke(app, [*BASE, "--global-batch", "64", "--calibration", path, "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["calibration"] == "test probe"
+    assert all(p["step"]["efficiency"] == 0.2 for p in record["plans"])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: calibration file {path!r} records no accelerator")
+    assert '"accelerator": "h100-sxm"' in lines[0] and record["warnings"] == [lines[0].removeprefix("warning: ")]
 
 
 def test_nothing_fits_exit_2(cli_runner):

@@ -33,7 +33,12 @@ from batchpilot.cli._settings import (
     SpOpt,
 )
 from batchpilot.errors import SpecError
-from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, load_calibration
+from batchpilot.estimate.calibration import (
+    DEFAULT_CALIBRATION,
+    Calibration,
+    check_calibration_accelerator,
+    load_calibration,
+)
 from batchpilot.measure.noise import load_noise_record
 from batchpilot.plan.export import FORMATS, export_text
 from batchpilot.plan.planner import DEFAULT_HEADROOM, Pins, PlanRequest, PlanResult, plan
@@ -134,6 +139,16 @@ def _target(*, global_batch_tokens: str | None, global_batch: str | None, like: 
                                              f"({record.steps_measured} steps, {noise})")
 
 
+def _calibration(path: Path | None, cluster: ClusterSpec) -> tuple[Calibration, tuple[str, ...]]:
+    """The --calibration file, refused unless it was measured on --gpu (warned when it records none)."""
+    if path is None:
+        return DEFAULT_CALIBRATION, ()
+    calibration = load_calibration(path)
+    warning = check_calibration_accelerator(calibration, cluster.accelerator.name,
+                                            where=f"calibration file {str(path)!r}")
+    return calibration, (warning,) if warning else ()
+
+
 def _rate(per_s: float) -> str:
     return f"{per_s / 1e6:.2f}M" if per_s >= 1e6 else f"{per_s / 1e3:.0f}K" if per_s >= 1e4 else f"{per_s:.0f}"
 
@@ -205,7 +220,9 @@ def plan_command(
         "--max-deviation", help="Allow the nearest global batch within this fraction of the target "
                                 "(default: 0; 10% for --train-tokens/--noise).")] = None,
     calibration: Annotated[Path | None, typer.Option(
-        "--calibration", help="Efficiency/overhead file written by `batchpilot probe`.")] = None,
+        "--calibration", help="Efficiency/overhead file written by `batchpilot probe --calibration-out` on a "
+        "--gpu: a file measured on another accelerator (or on CPU) is refused; one recording no accelerator "
+        "is used with a warning.")] = None,
     top: Annotated[int, typer.Option("--top", help="Plans to show.")] = 5,
     export: Annotated[str | None, typer.Option("--export", help=f"Export the winner: {'|'.join(FORMATS)}.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="File for --export (default: stdout).")] = None,
@@ -221,17 +238,20 @@ def plan_command(
                            engine=engine.lower(), hybrid_shard=hybrid_shard, sp=sp,  # type: ignore[arg-type]
                            attention=attention.lower(), offload=offload,  # type: ignore[arg-type]
                            zero_stage=1 if offload else 0)
+    cluster = build_cluster(gpu, gpus, gpus_per_node, inter_node_bandwidth)
+    measured, calibration_warnings = _calibration(calibration, cluster)
+    warnings = (*target.warnings, *calibration_warnings)
     request = PlanRequest(
-        model=spec, cluster=build_cluster(gpu, gpus, gpus_per_node, inter_node_bandwidth),
+        model=spec, cluster=cluster,
         seq_len=seq_len, global_batch_sequences=target.sequences, global_batch_tokens=target.tokens, settings=settings,
         pins=Pins(micro_batch=micro_batch, grad_accum=grad_accum, tp=tp, pp=pp, ep=ep, zero_stage=zero,
                   recompute=recompute.lower() if recompute else None),
         headroom=parse_fraction(headroom, "--headroom"), max_deviation=deviation,
-        calibration=load_calibration(calibration) if calibration else DEFAULT_CALIBRATION, top=top,
+        calibration=measured, top=top,
     )
     result = plan(request)
-    for warning in target.warnings:
-        err_console.print(f"warning: {warning}", soft_wrap=True)
+    for warning in warnings:
+        err_console.print(f"warning: {warning}", soft_wrap=True, markup=False, highlight=False)
     exported = export_text(result.plans[0], request, export) if export else None
     if exported is not None and out is None:
         typer.echo(exported, nl=False)
@@ -241,7 +261,7 @@ def plan_command(
     if json_output:
         record: dict[str, Any] = result.to_dict()
         record["target"].update(source=target.source, **target.record)
-        record["warnings"] = list(target.warnings)
+        record["warnings"] = list(warnings)
         if export:
             record["export"] = {"format": export, "path": str(out)}
         print_json(record)

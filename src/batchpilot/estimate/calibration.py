@@ -23,7 +23,7 @@ File format (JSON, ``format_version`` 1)::
     {
       "format": "batchpilot-calibration",
       "format_version": 1,
-      "accelerator": "h100-sxm",            # catalog name the measurement ran on
+      "accelerator": "h100-sxm",            # catalog name (or JSON file) the peak is from; "cpu" on CPU
       "model": "llama-3-8b",                # model name or config path (informational)
       "seq_len": 8192,                      # sequence length of the probe (informational)
       "memory_overhead_bytes": 2147483648,  # measured peak − analytic estimate (≥ 0), per GPU
@@ -35,8 +35,11 @@ File format (JSON, ``format_version`` 1)::
     }
 
 ``efficiency`` is achieved training FLOP/s (model FLOPs plus recomputation, i.e. the FLOPs the device
-actually executed) ÷ the accelerator's dense peak at the run's precision, for one micro-batch's
-forward and backward without communication.
+actually executed, :func:`batchpilot.estimate.steptime.training_flops_per_token`) ÷ the accelerator's
+dense peak at the run's precision, for one micro-batch's forward and backward without communication.
+A calibration only calibrates the accelerator it was measured on: ``batchpilot plan`` refuses one whose
+``accelerator`` is not its ``--gpu`` (:func:`check_calibration_accelerator`; a CPU probe records ``cpu``,
+which no GPU plan accepts) and warns when the field is missing or empty.
 """
 
 from __future__ import annotations
@@ -199,6 +202,49 @@ def load_calibration(path: str | Path) -> Calibration:
             raise SpecError(f"calibration file {str(p)!r} does not exist; run `batchpilot probe` to make one") from None
         raise
     return calibration_from_dict(data, where=f"calibration file {str(p)!r}")
+
+
+CPU_ACCELERATOR = "cpu"
+"""What a CPU probe without ``--accelerator`` records: its efficiencies are fractions of this machine's
+measured matmul rate (:func:`batchpilot.measure.probe.measure_cpu_matmul_flops`), no catalog figure."""
+
+
+def check_calibration_accelerator(calibration: Calibration, accelerator: str, where: str = "calibration") -> str | None:
+    """Refuse a calibration measured on another accelerator than ``accelerator`` (the plan's ``--gpu``).
+
+    Efficiencies are fractions of the measuring device's dense peak and the memory overhead is that
+    device's (CUDA context, allocator), so applying them to another accelerator is a wrong answer, not an
+    approximation: a mismatch is a one-line :class:`SpecError` naming both and the fix. Names match
+    case-insensitively, or when both name the same accelerator JSON file. A calibration recording no
+    accelerator (hand-written; the probe always records one) cannot be checked: the returned one-line
+    warning says so and the calibration is used. None when the names match.
+    """
+    recorded = calibration.accelerator.strip()
+    if not recorded:
+        return (f"{where} records no accelerator, so it is applied to {accelerator} unchecked; add "
+                f'"accelerator": "{accelerator}" to it if it was measured on a {accelerator}')
+    if _same_accelerator(recorded, accelerator):
+        return None
+    if recorded.lower() == CPU_ACCELERATOR:
+        raise SpecError(
+            f"{where} was measured on this machine's CPU (accelerator 'cpu': efficiencies relative to the CPU's "
+            f"matmul rate) and cannot calibrate a plan for --gpu {accelerator}; probe on a {accelerator} with "
+            f"`batchpilot probe --device cuda --accelerator {accelerator} --calibration-out FILE`, or drop "
+            f"--calibration for the default efficiency curve")
+    raise SpecError(
+        f"{where} was measured on {recorded}, not on --gpu {accelerator} (efficiencies are fractions of the "
+        f"measuring device's peak); plan with --gpu {recorded}, or probe on a {accelerator} with "
+        f"`batchpilot probe --device cuda --accelerator {accelerator} --calibration-out FILE`")
+
+
+def _same_accelerator(a: str, b: str) -> bool:
+    """Same catalog name (case-insensitive) or the same accelerator JSON file."""
+    if a.lower() == b.strip().lower():
+        return True
+    try:
+        return Path(a).samefile(b.strip())
+    except (OSError, ValueError):
+        return False
 
 
 def save_calibration(calibration: Calibration, path: str | Path) -> Path:
