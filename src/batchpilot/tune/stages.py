@@ -195,13 +195,13 @@ def _cluster_plan(cfg: TuneConfig, state: TuneState, out: Path) -> dict[str, Any
     nodes = cfg.gpus // per_node
     cluster = ClusterSpec(accelerator=load_accelerator(cfg.gpu), devices_per_node=per_node, num_nodes=nodes,
                           inter_node_bandwidth_bytes_per_s=50e9 if nodes > 1 else None)
-    tokens = _cluster_target_tokens(cfg, state)
+    tokens, source = _cluster_target_tokens(cfg, state)
     settings = cfg.settings if cfg.settings.precision != "fp32" else _bf16(cfg)
     request = PlanRequest(model=state.model, cluster=cluster, seq_len=cfg.seq_len, global_batch_tokens=tokens,
                           settings=settings, max_deviation=0.25, top=5)
     result = plan(request)
     _write_exports(result, out / "exports", "cluster", CLUSTER_EXPORTS)
-    return result.to_dict()
+    return {**result.to_dict(), "target_source": source}
 
 
 def _bf16(cfg: TuneConfig) -> Any:
@@ -210,15 +210,25 @@ def _bf16(cfg: TuneConfig) -> Any:
     return replace(cfg.settings, precision="bf16")
 
 
-def _cluster_target_tokens(cfg: TuneConfig, state: TuneState) -> int:
-    """Scaling-law prior when --train-tokens is given, else the measured B_simple (in tokens)."""
+def _cluster_target_tokens(cfg: TuneConfig, state: TuneState) -> tuple[int, str]:
+    """The cluster plan's global batch in tokens, and where it came from: the DeepSeek LLM prior when
+    --train-tokens is given, else the measured B_simple — but at least one sequence per GPU. B_simple
+    measured over a few steps from random weights is a lower bound (the noise scale grows as the loss
+    falls, McCandlish et al. 2018 §4), so below one sequence per GPU it would leave data-parallel ranks
+    idle or push a model that fits on one GPU into model parallelism."""
     if cfg.train_tokens:
         from batchpilot.plan.priors import global_batch_from_prior
 
         suggestion = global_batch_from_prior(num_layers=state.model.num_layers, hidden_size=state.model.hidden_size,
                                              seq_len=cfg.seq_len, train_tokens=cfg.train_tokens)
-        return int(suggestion.batch_tokens)
-    return critical_batch_sequences(state, cfg) * cfg.seq_len
+        return int(suggestion.batch_tokens), "DeepSeek LLM prior (--train-tokens)"
+    measured = critical_batch_sequences(state, cfg)
+    floor = cfg.gpus or 1
+    if measured >= floor:
+        return measured * cfg.seq_len, "noise (B_simple)" if state.noise else "probe knee (no noise measurement)"
+    return floor * cfg.seq_len, (f"one sequence per GPU ({floor}): the measured batch ({measured} sequences, from the "
+                                 "first steps of a fresh model) is below it; give --train-tokens for the "
+                                 "scaling-law prior")
 
 
 def _write_exports(result: Any, folder: Path, prefix: str, formats: tuple[str, ...]) -> None:
@@ -227,7 +237,8 @@ def _write_exports(result: Any, folder: Path, prefix: str, formats: tuple[str, .
     if not result.plans:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    suffix = {"deepspeed": "json", "hf": "json", "lightning": "json", "megatron": "sh", "torchrun": "sh"}
+    suffix = {"deepspeed": "json", "hf": "json", "lightning": "json", "megatron": "sh", "torchrun": "sh",
+              "torchtitan": "toml"}
     for fmt in formats:
         try:
             text = export_text(result.plans[0], result.request, fmt)
