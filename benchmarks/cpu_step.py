@@ -9,11 +9,13 @@ attention), trained with ``torch.optim.AdamW(foreach=True)`` (the CUDA default, 
 is the CPU default's per-tensor loop) and
 ``zero_grad(set_to_none=True)``; ``precision="bf16"`` runs the forward under CPU autocast (fp32
 parameters, bf16 matmuls), as ``engine="torch"`` mixed precision does on a GPU. The second of two iterations is measured: the torch profiler with
-``profile_memory=True`` reports every allocation and free of the CPU allocator with its running
-``total_allocated``, the allocator's own view (``numel × element size``), not the process RSS. Phases are
-marked with ``record_function``: ``baseline`` is the running total just before the second forward
-(parameters + optimizer states + batch), then the peak during forward+backward and during the
-optimizer step.
+``profile_memory=True`` reports every allocation and free of the CPU allocator (pointer and size), the
+allocator's own view (``numel × element size``), not the process RSS; the bytes live at each moment are
+summed by :func:`batchpilot.measure.cpu_peak.live_bytes` (the profiler starts before the model is built,
+so they are absolute; the allocator's process-cumulative ``total_allocated`` would go stale on a second
+measurement in one process). Phases are marked with ``record_function``: ``baseline`` is what is live just
+before the second forward (parameters + optimizer states + batch), then the peak during forward+backward
+and during the optimizer step.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from batchpilot.measure.cpu_peak import flatten_events
+from batchpilot.measure.cpu_peak import allocation_records, flatten_events, live_bytes
 from batchpilot.specs.model import ModelSpec, load_model
 
 
@@ -85,22 +87,18 @@ def measure_step(model: ModelSpec, *, micro_batch: int, seq_len: int, attention:
 
 
 def _phases(prof: Any) -> StepMemory:
-    import torch
-
+    """Phase-wise live bytes of this profile (:func:`batchpilot.measure.cpu_peak.live_bytes`, the one
+    implementation: a live-pointer sum, not the allocator's process-cumulative ``total_allocated``)."""
     events = flatten_events(prof.profiler.kineto_results.experimental_event_tree())
     spans = {e.name: (e.start_time_ns, e.end_time_ns) for e in events if e.name.startswith("bp.")}
-    allocation = torch._C._profiler._EventType.Allocation
-    allocs = sorted((e.start_time_ns, e.extra_fields.total_allocated, e.extra_fields.alloc_size)
-                     for e in events if e.tag == allocation and e.extra_fields.device.type == "cpu")
+    series = live_bytes(allocation_records(events))
     fwd, opt = spans["bp.fwd_bwd"], spans["bp.optimizer"]
-    # The allocator's running total also counts what an earlier profile saw allocated but not freed:
-    # measure from the total before the first allocation of this profile (the model is built inside it).
-    offset = allocs[0][1] - allocs[0][2]
-    first = next(a for a in allocs if a[0] >= fwd[0])
-    baseline = first[1] - first[2] - offset  # running total before the forward pass's first allocation
+    # live bytes after the last allocation or free before the forward pass: weights, optimizer states, batch
+    before = [live for t, live in series if t < fwd[0]]
+    baseline = before[-1] if before else 0
 
     def peak(span: tuple[int, int]) -> int:
-        return max(total for t, total, _ in allocs if span[0] <= t <= span[1]) - offset
+        return max(live for t, live in series if span[0] <= t <= span[1])
 
     return StepMemory(baseline_bytes=baseline, fwd_bwd_peak_bytes=peak(fwd), optimizer_peak_bytes=peak(opt))
 

@@ -40,7 +40,6 @@ def measure_cpu_step_peak(
     """
     import gc
 
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from batchpilot.estimate.traced import build_step, check_traceable
@@ -58,31 +57,45 @@ def measure_cpu_step_peak(
     starts = [e.start_time_ns for e in events if e.name == _STEP_MARK]
     if not starts:
         raise SpecError("the profiler recorded no training iterations; cannot measure the CPU peak")
+    return _peak_of_session(allocation_records(events), since_ns=starts[0])
+
+
+def allocation_records(events: list) -> list[tuple[int, int, int]]:  # type: ignore[type-arg]
+    """``(time ns, pointer, ±bytes)`` of every CPU allocation and free among the profiler's ``events``
+    (:func:`flatten_events`), in time order."""
+    import torch
+
     allocation = torch._C._profiler._EventType.Allocation
-    records = sorted(
+    return sorted(
         (e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size) for e in events
         if e.tag == allocation and e.extra_fields.device.type == "cpu"
     )
-    return _peak_of_session(records, since_ns=starts[0])
 
 
-def _peak_of_session(records: list[tuple[int, int, int]], *, since_ns: int) -> int:
-    """Largest sum of live bytes allocated in this session, over records ``(time, ptr, ±bytes)`` from ``since_ns``.
+def live_bytes(records: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """``(time ns, bytes live)`` after each record of :func:`allocation_records`: the sum of what this
+    session allocated and has not freed.
 
     The allocator's own ``total_allocated`` is not used: it is cumulative over the process and misses frees
     made while no profiler ran, so a second measurement in one process would start from a stale total.
     Frees of pointers allocated before this session are ignored for the same reason.
     """
     live: dict[int, int] = {}
-    current = peak = 0
+    current = 0
+    series = []
     for time_ns, ptr, nbytes in records:
         if nbytes > 0:
             live[ptr] = live.get(ptr, 0) + nbytes
             current += nbytes
         elif ptr in live:
             current -= live.pop(ptr)
-        if time_ns >= since_ns:
-            peak = max(peak, current)
+        series.append((time_ns, current))
+    return series
+
+
+def _peak_of_session(records: list[tuple[int, int, int]], *, since_ns: int) -> int:
+    """Largest :func:`live_bytes` over records ``(time, ptr, ±bytes)`` from ``since_ns`` on."""
+    peak = max((current for time_ns, current in live_bytes(records) if time_ns >= since_ns), default=0)
     if peak == 0:
         raise SpecError("the profiler recorded no CPU allocations; cannot measure the CPU peak")
     return peak
