@@ -1,0 +1,199 @@
+"""Megatron-LM model arguments per preset and the torchtitan TOML export, checked against torchtitan's own
+config parser and parallel-dims validation (torchtitan 0.2.2, the last release that reads TOML) where installed.
+
+Megatron-LM's training argument parser is not on PyPI (``megatron-core`` ships only ``megatron.core``), so the
+Megatron tests rebuild the network from our argv with the parameter formula of Megatron's GPT model and compare
+it with the exact (transformers-verified) ``ModelSpec.params_total``."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import pytest
+import tomllib
+
+from batchpilot.plan.export import ExportError, export_text, megatron_model_args, torchtitan_config
+from batchpilot.plan.planner import Pins, PlanRequest, plan
+from batchpilot.specs.hardware import ClusterSpec, load_accelerator
+from batchpilot.specs.model import load_model
+from batchpilot.specs.settings import RunSettings
+
+CLUSTER = ClusterSpec(accelerator=load_accelerator("h100-sxm"), devices_per_node=8, num_nodes=2,
+                      inter_node_bandwidth_bytes_per_s=50e9)
+
+
+def _values(argv: list[str]) -> dict[str, str | bool]:
+    out: dict[str, str | bool] = {}
+    for i, a in enumerate(argv):
+        if a.startswith("--"):
+            nxt = argv[i + 1] if i + 1 < len(argv) else "--"
+            out[a] = True if nxt.startswith("--") else nxt
+    return out
+
+
+def megatron_gpt_params(argv: list[str]) -> int:
+    """Parameters of Megatron-LM's GPTModel for ``argv`` (layer structure of ``megatron/core/models/gpt`` and
+    ``megatron/core/transformer``: fused QKV, linear_proj, fc1 (2× for SwiGLU), fc2, router, shared experts,
+    MLA down/up projections with their layernorms); written from the module layout, not from ModelSpec."""
+    v = _values(argv)
+    get = lambda k, d=0: int(v[k]) if k in v else d  # noqa: E731
+    h, heads, layers, ffn = get("--hidden-size"), get("--num-attention-heads"), get("--num-layers"), get("--ffn-hidden-size")
+    vocab = get("--padded-vocab-size") or get("--vocab-size")
+    bias, qkv_bias = "--disable-bias-linear" not in v, "--add-qkv-bias" in v or "--disable-bias-linear" not in v
+    gated = 2 if "--swiglu" in v else 1
+    norm = h if v.get("--normalization") == "RMSNorm" else 2 * h
+    if "--multi-latent-attention" in v:
+        qk, rope, vd, kvr, qr = (get("--qk-head-dim"), get("--qk-pos-emb-head-dim"), get("--v-head-dim"),
+                                 get("--kv-lora-rank"), get("--q-lora-rank"))
+        q = (h * qr + qr + qr * heads * (qk + rope)) if qr else h * heads * (qk + rope)
+        attn = q + h * (kvr + rope) + kvr + kvr * heads * (qk + vd) + heads * vd * h
+    else:
+        d = get("--kv-channels", h // heads)
+        groups = get("--num-query-groups", heads) if "--group-query-attention" in v else heads
+        qkv_out = d * (heads + 2 * groups)
+        attn = h * qkv_out + (qkv_out if qkv_bias else 0) + heads * d * h + (h if bias else 0)
+
+    def mlp(width: int) -> int:
+        return h * gated * width + width * h + ((gated * width + h) if bias else 0)
+
+    dense_layer = attn + mlp(ffn) + 2 * norm
+    total = vocab * h * (1 if "--untie-embeddings-and-output-weights" not in v else 2) + norm
+    if v.get("--position-embedding-type") == "learned_absolute":
+        total += get("--max-position-embeddings") * h
+    if "--num-experts" not in v:
+        return total + layers * dense_layer
+    experts, moe_ffn = get("--num-experts"), get("--moe-ffn-hidden-size")
+    moe_layer = attn + 2 * norm + experts * h + experts * mlp(moe_ffn) + (
+        mlp(get("--moe-shared-expert-intermediate-size")) if "--moe-shared-expert-intermediate-size" in v else 0)
+    pattern = v.get("--moe-layer-freq")
+    dense = int(str(pattern).split("]*")[1].split("+")[0]) if isinstance(pattern, str) else 0
+    return total + dense * dense_layer + (layers - dense) * moe_layer
+
+
+@pytest.mark.parametrize("name", ["llama-3-8b", "mixtral-8x7b", "qwen2.5-7b", "deepseek-v3", "deepseek-v2", "gpt2",
+                                  "mistral-7b", "llama-3.1-405b"])
+def test_megatron_arguments_build_the_presets_parameter_count(name):
+    spec = load_model(name)
+    assert megatron_gpt_params(megatron_model_args(spec, tp=1)) == spec.params_total
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("llama-3-8b", {"--group-query-attention": True, "--num-query-groups": "8", "--ffn-hidden-size": "14336",
+                    "--normalization": "RMSNorm", "--norm-epsilon": "1e-05", "--rotary-base": "500000",
+                    "--padded-vocab-size": "128256", "--disable-bias-linear": True, "--swiglu": True,
+                    "--untie-embeddings-and-output-weights": True, "--position-embedding-type": "rope"}),
+    ("llama-3.1-405b", {"--use-rope-scaling": True, "--rope-scaling-factor": "8"}),
+    ("qwen2.5-7b", {"--add-qkv-bias": True, "--disable-bias-linear": True, "--num-query-groups": "4",
+                    "--norm-epsilon": "1e-06", "--rotary-base": "1000000"}),
+    ("mixtral-8x7b", {"--num-experts": "8", "--moe-router-topk": "2", "--moe-ffn-hidden-size": "14336"}),
+    ("deepseek-v3", {"--multi-latent-attention": True, "--q-lora-rank": "1536", "--kv-lora-rank": "512",
+                     "--qk-head-dim": "128", "--qk-pos-emb-head-dim": "64", "--v-head-dim": "128",
+                     "--moe-layer-freq": "[0]*3+[1]*58", "--moe-shared-expert-intermediate-size": "2048",
+                     "--moe-router-score-function": "sigmoid", "--moe-router-enable-expert-bias": True,
+                     "--moe-router-num-groups": "8", "--moe-router-group-topk": "4",
+                     "--moe-router-topk-scaling-factor": "2.5", "--rotary-scaling-factor": "40"}),
+    ("gpt2", {"--position-embedding-type": "learned_absolute", "--norm-epsilon": "1e-05"}),
+])
+def test_megatron_model_flags_follow_the_config(name, expected):
+    # values from each preset's config.json; flag spellings as in NVIDIA's DeepSeek-R1 recipe (module docstring)
+    v = _values(megatron_model_args(load_model(name), tp=1))
+    assert {k: v.get(k) for k in expected} == expected
+    if name == "gpt2":
+        assert "--swiglu" not in v and "--disable-bias-linear" not in v and "--untie-embeddings-and-output-weights" not in v
+
+
+def test_megatron_keeps_the_exact_vocabulary_only_where_tp_divides_it():
+    gpt2 = load_model("gpt2")  # 50257 is odd: Megatron pads --vocab-size to a multiple of 128 × tp
+    assert _values(megatron_model_args(gpt2, tp=2))["--vocab-size"] == "50257"
+    assert _values(megatron_model_args(gpt2, tp=1))["--padded-vocab-size"] == "50257"
+
+
+def chosen(model="tiny-llama-15m", *, precision="bf16", hybrid=False, offload=False, **pins):
+    request = PlanRequest(model=load_model(model), cluster=CLUSTER, seq_len=1024, global_batch_sequences=96,
+                          settings=RunSettings(engine="fsdp2", precision=precision, hybrid_shard=hybrid,
+                                               offload=offload, zero_stage=1 if offload else 0),
+                          pins=Pins(**pins))
+    return plan(request).plans[0], request
+
+
+def _torchtitan_config_modules():
+    """torchtitan's config package and ParallelDims, imported without ``torchtitan/__init__.py`` (which
+    imports its MoE Triton kernels; this CPU machine has no Triton)."""
+    found = importlib.util.find_spec("torchtitan")
+    if found is None or found.submodule_search_locations is None:
+        pytest.skip("torchtitan is not installed (pip install 'torchtitan<0.3')")
+    return found
+
+
+@pytest.mark.parametrize("case", [
+    dict(zero_stage=0, tp=1, pp=1, micro_batch=2),
+    dict(zero_stage=3, tp=2, pp=1, micro_batch=3, recompute="full"),
+    dict(zero_stage=0, tp=1, pp=2, micro_batch=1, recompute="selective"),
+    dict(zero_stage=2, tp=1, pp=1, hybrid=True),
+])
+def test_torchtitan_toml_loads_in_torchtitans_config_manager(monkeypatch, tmp_path, case):
+    case = dict(case)
+    hybrid = case.pop("hybrid", False)
+    best, request = chosen(hybrid=hybrid, **case)
+    text = export_text(best, request, "torchtitan")
+    parsed = tomllib.loads(text)
+    t, s = best.triad, best.settings
+    par, train = parsed["parallelism"], parsed["training"]
+    dp = par["data_parallel_replicate_degree"] * par["data_parallel_shard_degree"]
+    assert dp == t.data_parallel_ranks and dp * par["tensor_parallel_degree"] * par["pipeline_parallel_degree"] == 16
+    accumulation = train["global_batch_size"] // (train["local_batch_size"] * dp)  # torchtitan train.py
+    assert train["global_batch_size"] == 96 == train["local_batch_size"] * accumulation * dp
+    pipeline_microbatches = train["local_batch_size"] // par.get("pipeline_parallel_microbatch_size", train["local_batch_size"])
+    assert accumulation * pipeline_microbatches == t.grad_accum_steps
+    assert parsed["activation_checkpoint"]["mode"] == s.recompute
+    assert (par["data_parallel_shard_degree"] > 1) == (s.zero_stage > 0)
+
+    found = _torchtitan_config_modules()
+    bare = types.ModuleType("torchtitan")
+    bare.__path__ = list(found.submodule_search_locations or [])
+    monkeypatch.setitem(sys.modules, "torchtitan", bare)
+    for mod in [m for m in sys.modules if m.startswith("torchtitan.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    from torchtitan.config import ConfigManager
+    from torchtitan.distributed.parallel_dims import ParallelDims
+
+    path = tmp_path / "job.toml"
+    path.write_text(text, encoding="utf-8")
+    job = ConfigManager().parse_args(["--job.config_file", str(path)])
+    assert (job.training.local_batch_size, job.training.global_batch_size, job.training.seq_len) == (
+        train["local_batch_size"], 96, 1024)
+    p = job.parallelism
+    dims = ParallelDims(dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
+                        cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=p.pipeline_parallel_degree,
+                        ep=p.expert_parallel_degree, etp=p.expert_tensor_parallel_degree, world_size=16)
+    assert dims.dp_replicate * dims.dp_shard == t.data_parallel_ranks
+    assert job.activation_checkpoint.mode == s.recompute
+
+
+def test_torchtitan_names_its_own_flavor_when_the_shape_matches_and_refuses_fp16():
+    best, request = chosen()
+    assert torchtitan_config(best, request)["model"]["flavor"] == "batchpilot:tiny-llama-15m"
+    assert "register 'batchpilot:tiny-llama-15m'" in export_text(best, request, "torchtitan")
+    big = PlanRequest(model=load_model("llama-3-8b"), cluster=CLUSTER, seq_len=1024, global_batch_sequences=96)
+    assert torchtitan_config(plan(big).plans[0], big)["model"] == {"name": "llama3", "flavor": "8B"}
+    fp16, request = chosen(precision="fp16")
+    with pytest.raises(ExportError, match="not fp16"):
+        export_text(fp16, request, "torchtitan")
+
+
+def test_torchtitan_toml_escapes_strings():
+    from batchpilot.plan.export import _toml_value
+
+    tricky = 'a"b\\c\nd\x7fé😀'
+    assert tomllib.loads(f"k = {_toml_value(tricky)}")["k"] == tricky
+
+
+def test_megatron_layout_for_a_pipeline_that_does_not_divide_the_layers():
+    from batchpilot.plan.export import _megatron_uneven_stages
+
+    layout = _megatron_uneven_stages(61, 32)[1].split("|")  # DeepSeek-V3's planned pp 32: ⌈61/32⌉ = 2
+    assert len(layout) == 32 and sum(stage.count("t") for stage in layout) == 61
+    assert max(stage.count("t") for stage in layout) == 2 and layout[0].startswith("E") and layout[-1].endswith("L")
+    assert _megatron_uneven_stages(32, 4) == []
