@@ -53,6 +53,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("probe --memory-budget -1", [*PROBE, "--seq-len", "64", "--memory-budget", "-1"], "--memory-budget '-1'"),
     ("probe --memory-budget 1e400", [*PROBE, "--seq-len", "64", "--memory-budget", "1e400"], "is not finite"),
     ("probe --trial-timeout 0", [*PROBE, "--seq-len", "64", "--trial-timeout", "0"], "positive finite duration"),
+    ("probe --accelerator on cpu", [*PROBE, "--seq-len", "64", "--accelerator", "h100-sxm", "--calibration-out", "c.json"],
+     "a CPU probe cannot calibrate a GPU"),
     ("probe --seq-len 0", [*PROBE, "--seq-len", "0"], "seq_len must be a positive integer"),
     ("probe --seq-len > positions", [*PROBE, "--seq-len", "1000000"], "exceeds tiny-llama-1m's max_position_embeddings"),
     ("memory --seq-len 0", [*MEMORY, "--seq-len", "0", "--micro-batch", "1"], "--seq-len 0"),

@@ -45,6 +45,7 @@ from batchpilot.measure.probe import (
     ProbeRequest,
     ProbeResult,
     ProbeTrial,
+    check_calibration_accelerator_for,
     device_memory_bytes,
     resolve_device,
     run_probe,
@@ -127,7 +128,8 @@ def probe(
         "--calibration-out", help="Write a calibration file for `plan --calibration`.")] = None,
     accelerator: Annotated[str | None, typer.Option(
         "--accelerator", help="Catalog name or JSON file whose peak FLOP/s the calibration divides by "
-        "(CUDA: required for --calibration-out; CPU: default is the measured matmul rate).")] = None,
+        "(CUDA: required for --calibration-out; refused on CPU, where the calibration divides by this CPU's "
+        "measured matmul rate).")] = None,
     precision: PrecisionOpt = DEFAULTS.precision, optimizer: OptimizerOpt = DEFAULTS.optimizer,
     engine: EngineOpt = DEFAULTS.engine, zero: ZeroOpt = DEFAULTS.zero_stage,
     hybrid_shard: HybridShardOpt = DEFAULTS.hybrid_shard, tp: TpOpt = DEFAULTS.tp, pp: PpOpt = DEFAULTS.pp,
@@ -144,6 +146,7 @@ def probe(
         seq_len = worst_case_seq_len(_read_lengths(lengths), cap=seq_len)
     dev = resolve_device(device)
     budget = parse_bytes(memory_budget, "--memory-budget") if memory_budget else device_memory_bytes(dev)
+    check_calibration_accelerator_for(dev, accelerator)  # before any trial runs
     request = ProbeRequest(model=spec, settings=settings, seq_len=seq_len, device=dev, budget_bytes=budget,
                            warmup_steps=warmup_steps, timed_steps=timed_steps, knee=knee,
                            trial_timeout_s=parse_seconds(trial_timeout, "--trial-timeout"))

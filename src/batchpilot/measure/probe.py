@@ -621,6 +621,15 @@ def calibration_from_probe(result: ProbeResult, request: ProbeRequest, *, peak_f
                        source=f"batchpilot probe on {result.device}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
 
 
+def check_calibration_accelerator_for(device: Device, accelerator: str | None) -> None:
+    """Refuse ``--accelerator`` on a CPU probe: its efficiencies would be CPU throughput divided by a GPU's
+    peak, recorded under the GPU's name, which ``plan --calibration`` would then accept for that GPU."""
+    if accelerator and device == "cpu":
+        raise ProbeError(f"--accelerator {accelerator} with --device cpu: a CPU probe cannot calibrate a GPU; "
+                         "drop --accelerator (the calibration then divides by this CPU's measured matmul rate "
+                         "and is named 'cpu') or probe on the GPU with --device cuda")
+
+
 def write_calibration(result: ProbeResult, request: ProbeRequest, path: str | Path,
                       accelerator: str | None = None) -> Path:
     """Save the probe's calibration (format of :mod:`batchpilot.estimate.calibration`) and return the path.
@@ -632,6 +641,7 @@ def write_calibration(result: ProbeResult, request: ProbeRequest, path: str | Pa
     """
     from batchpilot.estimate.calibration import save_calibration
 
+    check_calibration_accelerator_for(request.device, accelerator)
     if accelerator:
         from batchpilot.specs.hardware import load_accelerator
 
