@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "probe_vs_finders": "max micro-batch search vs Lightning (power, binsearch) and Accelerate",
     "train_throughput": "batchpilot train tokens/s vs a minimal PyTorch loop and HF Trainer; batching modes",
     "noise_adaptive": "time to target loss: adaptive batch vs fixed small/large and a linear ramp",
+    "steptime_vs_published": "step-time model vs published TFLOP/s per GPU (Megatron, MT-NLG, BLOOM, Llama 3)",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 
@@ -13,6 +14,7 @@ from batchpilot.estimate.calibration import (
     DEFAULT_CALIBRATION,
     Calibration,
     EfficiencyPoint,
+    MatmulShape,
     check_calibration_accelerator,
     default_efficiency,
     load_calibration,
@@ -42,11 +44,20 @@ def test_interpolation_is_linear_in_log_tokens_and_clamped():
 
 
 def test_default_curve_values():
-    # e_max · t / (t + t_half) with 0.55 and 2048 (module docstring)
-    assert default_efficiency(2048) == pytest.approx(0.275)
-    assert default_efficiency(8192) == pytest.approx(0.55 * 4 / 5)
-    assert DEFAULT_CALIBRATION.efficiency(8192) == default_efficiency(8192)
-    assert all(default_efficiency(2**k) < default_efficiency(2**(k + 1)) < 0.55 for k in range(20))
+    # e_max · M/(M + 2·e_max·r) · w/(w + ω·r) with e_max 0.68, ω 1 (module docstring). At r = 100 FLOP/byte:
+    # M_half = 136 tokens and w_half = 100, so M = 272 and w = 100 give 0.68 · 2/3 · 1/2.
+    shape = MatmulShape(tokens=272, width=100, flops_per_byte=100)
+    assert default_efficiency(shape) == pytest.approx(0.68 * 2 / 3 / 2)
+    assert DEFAULT_CALIBRATION.efficiency_at(shape) == default_efficiency(shape)
+    grow = [MatmulShape(tokens=2**k, width=2**k, flops_per_byte=153) for k in range(20)]
+    assert all(default_efficiency(a) < default_efficiency(b) < 0.68 for a, b in itertools.pairwise(grow))
+    with pytest.raises(ValueError, match="efficiency_at"):
+        DEFAULT_CALIBRATION.efficiency(2048)
+
+
+def test_measured_points_override_the_default_and_read_the_gemm_rows():
+    shape = MatmulShape(tokens=2048, width=64, flops_per_byte=295)
+    assert _cal().efficiency_at(shape) == pytest.approx(0.3)  # same as efficiency(2048): width not seen
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -70,7 +81,7 @@ def test_bad_files_are_one_line_errors(tmp_path, edit, message):
 def test_missing_file_names_the_fix(tmp_path):
     with pytest.raises(SpecError, match="batchpilot probe"):
         load_calibration(tmp_path / "none.json")
-    assert math.isfinite(default_efficiency(1))
+    assert math.isfinite(default_efficiency(MatmulShape(tokens=1, width=1, flops_per_byte=1)))
 
 
 def test_accelerator_check_accepts_the_same_accelerator_only(tmp_path):

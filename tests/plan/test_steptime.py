@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 from plan_fixtures import a100_cluster, gpt
 
+from batchpilot.errors import SpecError
 from batchpilot.estimate.calibration import Calibration, EfficiencyPoint
 from batchpilot.estimate.steptime import (
     StepTimeModel,
@@ -19,7 +20,7 @@ from batchpilot.estimate.steptime import (
 )
 from batchpilot.specs.batch import BatchTriad
 from batchpilot.specs.model import load_model
-from batchpilot.specs.settings import RunSettings
+from batchpilot.specs.settings import Recompute, RunSettings
 
 # Narayanan et al. 2021, Table 1: (parameters in billions, heads, hidden, layers).
 TABLE_1 = [
@@ -77,7 +78,8 @@ def test_training_flops_per_token_is_eq3_per_token(billions, heads, hidden, laye
     """Per token, Eq. 3 is 96·l·h² + 16·l·h·s + 6·V·h with full recompute and 72·l·h² + 12·l·h·s + 6·V·h
     without: exact up to float rounding (the GPT spec counts no bias FLOPs)."""
     model = gpt(layers=layers, hidden=hidden, heads=heads)
-    for recompute, full in (("none", False), ("full", True)):
+    cases: tuple[tuple[Recompute, bool], ...] = (("none", False), ("full", True))
+    for recompute, full in cases:
         eq3_per_token = eq3_flops(1, layers, hidden, recompute=full) / S
         assert training_flops_per_token(model, S, recompute) == pytest.approx(eq3_per_token, rel=1e-12)
 
@@ -225,11 +227,33 @@ def test_hybrid_shard_gathers_inside_the_node():
     assert flat.dp_comm_s > hybrid.dp_comm_s
 
 
-def test_tensor_parallel_gemms_run_at_the_efficiency_of_their_size():
-    """t-way TP splits each GEMM's width: the efficiency is read at b·s/t tokens (module docstring)."""
-    from batchpilot.estimate.calibration import default_efficiency
+def test_tensor_parallel_splits_the_gemm_width_not_its_rows():
+    """t-way TP: the GEMMs keep M = b·s rows and run at the per-GPU width h/t (calibration module)."""
+    from batchpilot.estimate.calibration import MatmulShape, default_efficiency
 
     model = StepTimeModel(gpt(layers=24, hidden=2304, heads=24), a100_cluster(1), seq_len=S)
     triad = BatchTriad(micro_batch_sequences=2, grad_accum_steps=1, data_parallel_ranks=2, seq_len_tokens=S)
-    step = model.estimate(RunSettings(tp=4), triad)
-    assert step.efficiency == pytest.approx(default_efficiency(2 * S / 4))
+    balance = 312e12 / 2.039e12  # plan_fixtures' A100: bf16 dense peak ÷ HBM bandwidth
+    for tp in (1, 4):
+        step = model.estimate(RunSettings(tp=tp), dataclasses.replace(triad, data_parallel_ranks=8 // tp))
+        expected = default_efficiency(MatmulShape(tokens=2 * S, width=2304 / tp, flops_per_byte=balance))
+        assert step.efficiency == pytest.approx(expected)
+    # by hand: e_max·M/(M + 2·e_max·r)·w/(w + r) with e_max 0.68, M 4096, w 576, r 153.0
+    r = balance
+    assert expected == pytest.approx(0.68 * 4096 / (4096 + 1.36 * r) * 576 / (576 + r))
+
+
+def test_interleaved_schedule_divides_the_bubble_by_v():
+    """Narayanan et al. 2021 §2.2.2: v model chunks per rank cut the bubble to (p − 1)/v stage-times and
+    multiply the pipeline sends by v; v = 1 (the default) is plain 1F1B."""
+    layout = (gpt(layers=48, hidden=8192, heads=64), a100_cluster(4))
+    settings = RunSettings(tp=8, pp=4)
+    triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=8, data_parallel_ranks=1, seq_len_tokens=S)
+    plain = StepTimeModel(*layout, seq_len=S).estimate(settings, triad)
+    assert StepTimeModel(*layout, seq_len=S, virtual_stages=1).estimate(settings, triad) == plain
+    inter = StepTimeModel(*layout, seq_len=S, virtual_stages=4).estimate(settings, triad)
+    assert inter.bubble_s == pytest.approx(plain.bubble_s / 4)
+    assert inter.pp_comm_s == pytest.approx(plain.pp_comm_s * 4)
+    assert inter.step_time_s < plain.step_time_s
+    with pytest.raises(SpecError, match="virtual pipeline stages"):
+        StepTimeModel(*layout, seq_len=S, virtual_stages=0)

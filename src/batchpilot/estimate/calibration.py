@@ -5,15 +5,37 @@ The step-time model (:mod:`batchpilot.estimate.steptime`) turns FLOPs into secon
 the training step's matmuls reach; it rises with the tokens one forward/backward processes (bigger
 GEMMs, fewer kernel launches per FLOP) and saturates. Two sources:
 
-- :func:`default_efficiency` (:data:`DEFAULT_CALIBRATION`) — a documented default, ``e(t) = e_max · t / (t + t_half)`` with
-  ``e_max = 0.55`` and ``t_half = 2048`` tokens. It gives 0.28 at 2,048 tokens per micro-batch, 0.44 at
-  8,192 and 0.52 at 32,768. Basis: well-tuned dense training reaches 0.4–0.55 of peak end to end
-  (Narayanan et al. 2021, Table 1: 44–52 % on A100 including communication and bubble; Llama 3 405B:
-  38–43 % BF16 MFU on H100, Llama 3 Herd of Models, Table 4), so the matmul-only ceiling sits at or a
-  little above that, and small micro-batches (short GEMMs) fall well below it. Known error: ±30 % for
-  an LLM-sized model (hidden ≥ 2048) and a tuned kernel stack; far worse for small models, whose
-  narrow GEMMs and launch overheads the curve does not see (a 15M-parameter model is launch-bound, not
-  at 50 % of an H100's peak). Calibrate with the probe.
+- :func:`default_efficiency` (:data:`DEFAULT_CALIBRATION`, :class:`DefaultCurve`) — a documented default
+  that depends on the shape of one GPU's GEMMs, not only on their FLOPs (:class:`MatmulShape`):
+
+      e = e_max · M/(M + M_half) · w/(w + w_half),   M_half = 2·e_max·r,   w_half = ω·r
+
+  with M = b·s the GEMM rows (tokens per micro-batch; tensor parallelism does **not** shrink them),
+  w = h/t the per-GPU share of the hidden width (tensor parallelism splits a GEMM's N or K, not M), and
+  r = dense peak ÷ DRAM bandwidth the accelerator's machine balance (FLOP/byte at the run's precision:
+  153 for an A100 at bf16, 295 for an H100). Basis of each factor:
+
+  * M: every weight element is read in bf16 forward and backward and its fp32 gradient read and
+    written (≈ 12 bytes) against 6·M FLOPs, so weight traffic equals matmul time at
+    M = 2·e_max·r tokens (roofline; short GEMMs — small micro-batches, MoE experts receiving few
+    tokens — are weight-bandwidth bound). Derived, not fitted.
+  * w: a layer's memory-bound work (norms, residual adds, dropout, bias and activation kernels,
+    softmax) moves c bytes per token per unit of the hidden width h, and Megatron-style tensor
+    parallelism replicates most of it on every rank, while the layer's matmul FLOPs per token on one
+    GPU are 72·h·w for a GPT block (Narayanan et al. 2021 Eq. 3). The memory-bound time is then the
+    matmul time at w = (c·e_max/72)·r = ω·r, i.e. narrow per-GPU widths (small models, large t) lose
+    efficiency. ω is fitted.
+  * e_max: the fraction of dense peak the large GEMMs, attention and fused kernels reach. Fitted.
+
+  e_max = :data:`DEFAULT_MAX_EFFICIENCY` and ω = :data:`DEFAULT_WIDTH_HALF_PER_FLOPS_PER_BYTE` were
+  fitted (least squares in log throughput) through the whole step-time model on ONE source, Narayanan
+  et al. 2021 Table 1 (GPT 1.7B–1T on 32–3072 A100s, 137–163 TFLOP/s per GPU), and checked on held-out
+  runs: MT-NLG 530B (Smith et al. 2022 §2.4), BLOOM-176B (BigScience tr11) and Llama 3 405B (Llama 3
+  Herd of Models, Table 4) — the fit, the data and the errors are ``benchmarks/steptime_vs_published.py``
+  and ``benchmarks/results/steptime_vs_published.md``. The implied memory-bound traffic c = 72·ω/e_max
+  bytes per token per layer per hidden unit is printed there as a plausibility check. Known error: the
+  held-out errors in that file (large LLM runs, tuned Megatron/DeepSpeed stacks); small models pay
+  launch overheads the curve does not see. Calibrate with the probe.
 - A :class:`Calibration` measured by ``batchpilot probe`` on the real device: efficiency at several
   tokens-per-micro-batch points (piecewise-linear in log tokens between them, clamped at both ends)
   and the memory overhead the analytic model missed.
@@ -58,10 +80,50 @@ from batchpilot.specs.model import path_is, read_json_object
 CALIBRATION_FORMAT = "batchpilot-calibration"
 CALIBRATION_FORMAT_VERSION = 1
 
-DEFAULT_MAX_EFFICIENCY = 0.55
-"""Saturated fraction of dense peak reached by training matmuls (see the module docstring)."""
-DEFAULT_HALF_SATURATION_TOKENS = 2048
-"""Tokens per micro-batch at which the default curve reaches half of :data:`DEFAULT_MAX_EFFICIENCY`."""
+DEFAULT_MAX_EFFICIENCY = 0.68
+"""e_max: fraction of dense peak reached by large training GEMMs (fitted; see the module docstring)."""
+DEFAULT_WIDTH_HALF_PER_FLOPS_PER_BYTE = 1.0
+"""ω: the per-GPU width at which memory-bound work halves the efficiency, in units of the machine
+balance r = peak ÷ DRAM bandwidth (fitted; see the module docstring)."""
+WEIGHT_BYTES_PER_MATMUL_FLOP_TOKEN = 2.0
+"""12 bytes of weight traffic per weight (bf16 read forward and backward, fp32 gradient read and
+written) ÷ 6 FLOPs per weight and token: the M half-saturation is this × e_max × r tokens."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MatmulShape:
+    """What the default efficiency depends on: the GEMM shape one GPU runs and the machine balance."""
+
+    tokens: float
+    """M: GEMM rows per micro-batch on one GPU, b·s (tensor parallelism does not shrink it)."""
+    width: float
+    """w: per-GPU share of the hidden width, h/t (tensor parallelism splits N or K by t)."""
+    flops_per_byte: float
+    """r: dense peak FLOP/s at the run's precision ÷ DRAM bytes/s (153 for A100 bf16, 295 for H100)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "width", "flops_per_byte"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise SpecError(f"matmul shape: {name} must be a positive finite number, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DefaultCurve:
+    """Constants of the default efficiency model (module docstring); the defaults are the fitted ones."""
+
+    max_efficiency: float = DEFAULT_MAX_EFFICIENCY
+    """e_max."""
+    width_half_per_flops_per_byte: float = DEFAULT_WIDTH_HALF_PER_FLOPS_PER_BYTE
+    """ω: w_half = ω·r."""
+
+    def efficiency(self, shape: MatmulShape) -> float:
+        """e_max · M/(M + 2·e_max·r) · w/(w + ω·r)."""
+        r = shape.flops_per_byte
+        tokens_half = WEIGHT_BYTES_PER_MATMUL_FLOP_TOKEN * self.max_efficiency * r
+        width_half = self.width_half_per_flops_per_byte * r
+        return (self.max_efficiency * shape.tokens / (shape.tokens + tokens_half)
+                * shape.width / (shape.width + width_half))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -98,6 +160,8 @@ class Calibration:
     """Sequence length of the probe (informational)."""
     source: str = "default curve"
     """Where the numbers come from (probe version and time, or "default curve")."""
+    default_curve: DefaultCurve = DefaultCurve()
+    """The model used when ``points`` is empty (not part of the file; fitted constants by default)."""
 
     def __post_init__(self) -> None:
         tokens = [p.tokens_per_micro_batch for p in self.points]
@@ -111,13 +175,23 @@ class Calibration:
     def is_default(self) -> bool:
         return not self.points
 
+    def efficiency_at(self, shape: MatmulShape) -> float:
+        """Efficiency of one GPU's GEMMs of ``shape``: the measured points read at M = ``shape.tokens``
+        (the probe measures one GPU at t = 1, so its curve is a function of the GEMM rows), else the
+        default model. Known error of a measured curve under tensor parallelism: it does not see the
+        narrower per-GPU width (optimistic by the default model's width factor, a few % for h/t ≥ 2048)."""
+        if self.points:
+            return self.efficiency(shape.tokens)
+        return self.default_curve.efficiency(shape)
+
     def efficiency(self, tokens_per_micro_batch: float) -> float:
-        """Efficiency at this many tokens per micro-batch: measured points interpolated linearly in
-        log(tokens) and clamped outside the measured range, or the default curve."""
+        """Measured efficiency at this many tokens per micro-batch: points interpolated linearly in
+        log(tokens) and clamped outside the measured range. The default model needs the whole GEMM shape:
+        use :meth:`efficiency_at`."""
         if tokens_per_micro_batch <= 0:
             raise SpecError(f"tokens per micro-batch must be positive, got {tokens_per_micro_batch}")
         if not self.points:
-            return default_efficiency(tokens_per_micro_batch)
+            raise ValueError("the default efficiency depends on the GEMM shape; call efficiency_at(MatmulShape)")
         xs = [p.tokens_per_micro_batch for p in self.points]
         i = bisect.bisect_left(xs, tokens_per_micro_batch)
         if i == 0:
@@ -151,10 +225,9 @@ DEFAULT_CALIBRATION = Calibration()
 """No measurement: the default efficiency curve and the analytic model's own overhead."""
 
 
-def default_efficiency(tokens_per_micro_batch: float) -> float:
-    """``e_max · t / (t + t_half)`` (module docstring: constants, basis and known error)."""
-    t = float(tokens_per_micro_batch)
-    return DEFAULT_MAX_EFFICIENCY * t / (t + DEFAULT_HALF_SATURATION_TOKENS)
+def default_efficiency(shape: MatmulShape) -> float:
+    """The default model with the fitted constants (module docstring: basis, fit and known error)."""
+    return DefaultCurve().efficiency(shape)
 
 
 def calibration_from_dict(data: Any, where: str = "calibration") -> Calibration:

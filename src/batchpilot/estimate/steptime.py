@@ -12,7 +12,7 @@ Example (CPU, instant)::
     >>> triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=8, data_parallel_ranks=64, seq_len_tokens=8192)
     >>> step = model.estimate(RunSettings(zero_stage=1), triad)
     >>> round(step.mfu, 2), round(step.tokens_per_s / 1e6, 2)
-    (0.41, 0.45)
+    (0.54, 0.59)
 
 Formulas (per optimizer step; b micro-batch sequences, s sequence length, m accumulation steps,
 t/p/e tensor/pipeline/expert-parallel sizes, d data-parallel ranks, world = d·t·p GPUs):
@@ -25,12 +25,12 @@ t/p/e tensor/pipeline/expert-parallel sizes, d data-parallel ranks, world = d·t
   attention core's forward: + attn/3 (Korthikanti et al. 2022 §5). Both sums are
   :func:`training_flops_per_token`, which the probe's calibration also divides by (one count).
 - Compute time. Hardware FLOPs per GPU ÷ (dense peak at the run's precision × efficiency), efficiency
-  from :mod:`batchpilot.estimate.calibration` at b·s/t tokens per micro-batch: tensor parallelism
-  splits every GEMM's width by t, so each GPU runs GEMMs with the FLOPs of a b·s/t-token GEMM of the
-  full width (the calibration is measured on one GPU, t = 1). Routed-expert GEMMs (MoE) run at the
-  efficiency of the tokens one expert receives, e·b·s·k/(E·t) (k of E experts per token, e-way expert
-  parallelism gathers the tokens of e ranks): this is what expert parallelism buys. The slowest
-  pipeline stage holds ⌈L/p⌉ of the L layers (uneven splits cost time).
+  from :mod:`batchpilot.estimate.calibration` for the GEMM shape one GPU runs: M = b·s rows (tensor
+  parallelism does not shrink the rows, it splits every GEMM's N or K by t) at the per-GPU width h/t,
+  on this accelerator's machine balance (peak ÷ DRAM bandwidth). A measured calibration is read at
+  M = b·s. Routed-expert GEMMs (MoE) have the rows one expert receives, e·b·s·k/E (k of E experts per
+  token, e-way expert parallelism gathers the tokens of e ranks): this is what expert parallelism buys.
+  The slowest pipeline stage holds ⌈L/p⌉ of the L layers (uneven splits cost time).
 - Tensor parallelism (Megatron, Narayanan et al. 2021 §3.3): per layer and micro-batch 2 all-reduces of
   b·s·h activations forward and 2 backward (+2 with full recompute); with sequence parallelism the
   all-reduce becomes reduce-scatter + all-gather, same bytes. Not overlapped.
@@ -50,7 +50,9 @@ t/p/e tensor/pipeline/expert-parallel sizes, d data-parallel ranks, world = d·t
   a node and all-reduces each shard's gradient slice across nodes once per step.
 - Pipeline bubble (1F1B): the step takes (m + p − 1) stage-times instead of m, i.e. a fraction
   (p − 1)/(m + p − 1) is idle (Narayanan et al. 2021 §2.2.1); plus point-to-point sends of b·s·h
-  activations between stages.
+  activations between stages. With the interleaved schedule (``virtual_stages`` v > 1, §2.2.2: each rank
+  holds v model chunks) the bubble shrinks to (p − 1)/v stage-times and the sends grow v-fold. v is a
+  parameter of :class:`StepTimeModel` (default 1, plain 1F1B), not yet a :class:`RunSettings` field.
 - Optimizer step: memory-bound, bytes touched per parameter (:data:`OPTIMIZER_BYTES_PER_PARAM`) ÷ DRAM
   bandwidth over the parameters this rank updates (÷ d with ZeRO ≥ 1). With ``offload`` the update runs
   on the CPU (:data:`HOST_BANDWIDTH_BYTES_PER_S`, an assumption) after moving gradients down and
@@ -59,8 +61,11 @@ t/p/e tensor/pipeline/expert-parallel sizes, d data-parallel ranks, world = d·t
   recomputation, as Narayanan et al. report); MFU (PaLM, Chowdhery et al. 2022 App. B) = tokens/s ×
   (6N + 12·L·H·Q·T) ÷ (world × peak), i.e. model FLOPs without recomputation.
 
-Known error: the efficiency curve dominates (±30 % uncalibrated); communication assumes bus bandwidth
-equals the per-GPU link bandwidth (real NCCL reaches ~70–90 %) and no compute slowdown from
+Known error: the efficiency model dominates. Against published runs
+(``benchmarks/results/steptime_vs_published.md``; constants fitted on Narayanan et al. 2021 Table 1 only)
+it is within 4.6 % mean absolute error on that table, 6 % on Llama 3 405B (H100) if its interleaving is
+v = 8 but 29 % low at v = 1, and 9–20 % high on MT-NLG 530B and BLOOM-176B (A100). Communication assumes
+bus bandwidth equals the per-GPU link bandwidth (real NCCL reaches ~70–90 %) and no compute slowdown from
 overlapped communication. Rank placement is Megatron's: tensor-parallel ranks adjacent, then data, then
 pipeline.
 """
@@ -71,7 +76,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, get_args
 
-from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration
+from batchpilot.errors import SpecError
+from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration, MatmulShape
 from batchpilot.specs.batch import BatchTriad
 from batchpilot.specs.hardware import ClusterSpec
 from batchpilot.specs.model import ModelSpec
@@ -218,12 +224,16 @@ class StepTimeModel:
     """Step-time estimates for one model on one cluster at one sequence length.
 
     Model-dependent quantities are computed once here, so :meth:`estimate` is cheap enough for the
-    planner to call thousands of times.
+    planner to call thousands of times. ``virtual_stages`` is the interleaved schedule's v (model chunks
+    per pipeline rank, Narayanan et al. 2021 §2.2.2); the default 1 is plain 1F1B.
     """
 
     def __init__(self, model: ModelSpec, cluster: ClusterSpec, *, seq_len: int,
-                 calibration: Calibration = DEFAULT_CALIBRATION) -> None:
+                 calibration: Calibration = DEFAULT_CALIBRATION, virtual_stages: int = 1) -> None:
+        if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 1:
+            raise SpecError(f"virtual pipeline stages must be a positive integer (1: plain 1F1B), got {virtual_stages!r}")
         self.model, self.cluster, self.seq_len, self.calibration = model, cluster, seq_len, calibration
+        self.virtual_stages = virtual_stages  # model chunks per pipeline rank (interleaved 1F1B); 1 = plain
         self.flops_per_token = model.flops_per_token(seq_len)
         self._hw_flops_per_token = {r: training_flops_per_token(model, seq_len, r) for r in get_args(Recompute)}
         routed = model.num_moe_layers * model.num_experts * model.params_expert
@@ -274,7 +284,7 @@ class StepTimeModel:
     def _terms(self, settings: RunSettings, b: int, m: int, dp: int) -> _Terms:
         s = self.seq_len
         peak = self.peak_flops_per_s(settings)
-        efficiency = self.calibration.efficiency(b * s / settings.tp)
+        efficiency = self._efficiency(settings, b * s)
         # the slowest stage holds ceil(L/p) layers; the head and embedding sit on the end stages
         stage_share = math.ceil(self.model.num_layers / settings.pp) / self.model.num_layers if settings.pp > 1 else 1.0
         routed = self._routed_flops_per_token[settings.recompute]
@@ -286,17 +296,23 @@ class StepTimeModel:
         micro_stage_s = micro_compute_s + tp_s + ep_s
         dp_comm = self._dp_comm(settings, m, dp, micro_compute_s)
         optimizer_s = self._optimizer_s(settings, dp)
-        bubble_s = (settings.pp - 1) * micro_stage_s
+        bubble_s = (settings.pp - 1) * micro_stage_s / self.virtual_stages
         step = m * micro_stage_s + bubble_s + m * pp_s + dp_comm.exposed_s + optimizer_s
         return _Terms(micro_compute_s=micro_compute_s, tp_micro_s=tp_s, ep_micro_s=ep_s, pp_micro_s=pp_s,
                       bubble_s=bubble_s, dp=dp_comm, optimizer_s=optimizer_s, step_s=step, peak=peak,
                       efficiency=efficiency)
 
+    def _efficiency(self, settings: RunSettings, tokens: float) -> float:
+        """Efficiency of GEMMs with ``tokens`` rows at this layout's per-GPU width h/t (calibration module)."""
+        peak = self.peak_flops_per_s(settings)
+        shape = MatmulShape(tokens=max(tokens, 1.0), width=self.model.hidden_size / settings.tp,
+                            flops_per_byte=peak / self.cluster.accelerator.memory_bandwidth_bytes_per_s)
+        return self.calibration.efficiency_at(shape)
+
     def _expert_efficiency(self, settings: RunSettings, b: int) -> float:
         """Efficiency of the routed-expert GEMMs: each local expert sees ep·b·s·k/E tokens on average."""
         m = self.model
-        tokens = settings.ep * b * self.seq_len * m.num_experts_per_token / m.num_experts / settings.tp
-        return self.calibration.efficiency(max(tokens, 1.0))
+        return self._efficiency(settings, settings.ep * b * self.seq_len * m.num_experts_per_token / m.num_experts)
 
     def _activation_bytes(self, settings: RunSettings, b: int) -> float:
         return b * self.seq_len * self.model.hidden_size * ACTIVATION_BYTES[settings.precision]
@@ -322,7 +338,8 @@ class StepTimeModel:
         if settings.pp == 1:
             return 0.0
         stride = settings.tp * (self.cluster.total_devices // (settings.tp * settings.pp))
-        return 2 * self._activation_bytes(settings, b) / settings.tp / self._bandwidth(2, stride)
+        sends = 2 * self.virtual_stages  # interleaving multiplies the stage boundaries by v (§2.2.2)
+        return sends * self._activation_bytes(settings, b) / settings.tp / self._bandwidth(2, stride)
 
     def _dp_comm(self, settings: RunSettings, m: int, dp: int, micro_compute_s: float) -> _Comm:
         """Gradient reduction and ZeRO gathers of dense and expert parameters (module docstring)."""
