@@ -95,7 +95,6 @@ class Run:
     settings: RunSettings
     triad: BatchTriad
     published_tflops: float
-    virtual_stages: int = 1
 
 
 def _gpt(layers: int, hidden: int, heads: int, vocab: int) -> ModelSpec:
@@ -150,8 +149,8 @@ def held_out_runs() -> list[Run]:
             runs.append(Run(
                 source="Llama 3 405B (held out)", label=f"TP8 PP16 DP{dp}, {gpus} H100, v={v}", model=llama,
                 cluster=_cluster("h100-sxm", gpus, 50e9),
-                settings=RunSettings(engine="megatron", precision="bf16", tp=8, pp=16, zero_stage=1),
-                triad=_triad(2048, 1, dp, 8192), published_tflops=tflops, virtual_stages=v))
+                settings=RunSettings(engine="megatron", precision="bf16", tp=8, pp=16, vpp=v, zero_stage=1),
+                triad=_triad(2048, 1, dp, 8192), published_tflops=tflops))
     return runs
 
 
@@ -167,8 +166,7 @@ def predict(run: Run, curve: DefaultCurve | None) -> dict[str, float]:
     """TFLOP/s per GPU, MFU, bubble share and efficiency of ``run`` (curve None: the legacy default)."""
     cls = _LegacyStepTimeModel if curve is None else StepTimeModel
     calibration = Calibration() if curve is None else Calibration(default_curve=curve)
-    model = cls(run.model, run.cluster, seq_len=run.triad.seq_len_tokens, calibration=calibration,
-                virtual_stages=run.virtual_stages)
+    model = cls(run.model, run.cluster, seq_len=run.triad.seq_len_tokens, calibration=calibration)
     step = model.estimate(run.settings, run.triad)
     return {"tflops_per_gpu": step.tflops_per_gpu, "mfu": step.mfu, "efficiency": step.efficiency,
             "bubble_share": step.bubble_s / step.step_time_s}

@@ -132,6 +132,7 @@ def _torchtitan_config_modules():
     dict(zero_stage=3, tp=2, pp=1, micro_batch=3, recompute="full"),
     dict(zero_stage=0, tp=1, pp=2, micro_batch=1, recompute="selective"),
     dict(zero_stage=2, tp=1, pp=1, hybrid=True),
+    dict(zero_stage=0, tp=1, pp=2, vpp=3, micro_batch=1),
 ])
 def test_torchtitan_toml_loads_in_torchtitans_config_manager(monkeypatch, tmp_path, case):
     case = dict(case)
@@ -170,6 +171,13 @@ def test_torchtitan_toml_loads_in_torchtitans_config_manager(monkeypatch, tmp_pa
                         ep=p.expert_parallel_degree, etp=p.expert_tensor_parallel_degree, world_size=16)
     assert dims.dp_replicate * dims.dp_shard == t.data_parallel_ranks
     assert job.activation_checkpoint.mode == s.recompute
+    if s.vpp > 1:  # torchtitan makes ⌈(L + 2)/layers_per_stage⌉ stages (pipeline_parallel.py), pp × vpp here
+        from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
+
+        assert issubclass(get_schedule_class(p.pipeline_parallel_schedule), PipelineScheduleMulti)
+        layers = request.model.num_layers
+        weights = p.pipeline_parallel_first_stage_less_layers + p.pipeline_parallel_last_stage_less_layers
+        assert -(-(layers + weights) // p.pipeline_parallel_layers_per_stage) == s.pp * s.vpp
 
 
 def test_torchtitan_names_its_own_flavor_when_the_shape_matches_and_refuses_fp16():
@@ -191,9 +199,23 @@ def test_torchtitan_toml_escapes_strings():
 
 
 def test_megatron_layout_for_a_pipeline_that_does_not_divide_the_layers():
-    from batchpilot.plan.export import _megatron_uneven_stages
+    from batchpilot.plan.export import _megatron_pipeline_split
 
-    layout = _megatron_uneven_stages(61, 32)[1].split("|")  # DeepSeek-V3's planned pp 32: ⌈61/32⌉ = 2
+    layout = _megatron_pipeline_split(61, 32, 1)[1].split("|")  # DeepSeek-V3's planned pp 32: ⌈61/32⌉ = 2
     assert len(layout) == 32 and sum(stage.count("t") for stage in layout) == 61
     assert max(stage.count("t") for stage in layout) == 2 and layout[0].startswith("E") and layout[-1].endswith("L")
-    assert _megatron_uneven_stages(32, 4) == []
+    assert _megatron_pipeline_split(32, 4, 1) == []
+
+
+def test_megatron_interleaved_split():
+    """vpp > 1: an even split names the virtual stages (Megatron derives the chunk size); an uneven one lists
+    pp × vpp stages in the layout (Megatron derives vpp = stages / pp, arguments.py)."""
+    from batchpilot.plan.export import _megatron_pipeline_split
+
+    assert _megatron_pipeline_split(128, 16, 8) == ["--num-virtual-stages-per-pipeline-rank", "8"]
+    flag, layout = _megatron_pipeline_split(126, 16, 4)  # Llama 3 405B: 126 layers over 64 virtual stages
+    stages = layout.split("|")
+    assert flag == "--pipeline-model-parallel-layout" and len(stages) == 64
+    assert sum(stage.count("t") for stage in stages) == 126 and {stage.count("t") for stage in stages} == {1, 2}
+    with pytest.raises(ExportError, match="cannot fill 16 pipeline stages × 8 virtual stages"):
+        _megatron_pipeline_split(126, 16, 8)

@@ -244,16 +244,18 @@ def test_tensor_parallel_splits_the_gemm_width_not_its_rows():
 
 
 def test_interleaved_schedule_divides_the_bubble_by_v():
-    """Narayanan et al. 2021 §2.2.2: v model chunks per rank cut the bubble to (p − 1)/v stage-times and
-    multiply the pipeline sends by v; v = 1 (the default) is plain 1F1B."""
-    layout = (gpt(layers=48, hidden=8192, heads=64), a100_cluster(4))
-    settings = RunSettings(tp=8, pp=4)
+    """Narayanan et al. 2021 §2.2.2: v model chunks per rank (settings ``vpp``) cut the bubble to (p − 1)/v
+    stage-times and multiply the pipeline sends by v; vpp = 1 (the default) is plain 1F1B."""
+    model = StepTimeModel(gpt(layers=48, hidden=8192, heads=64), a100_cluster(4), seq_len=S)
     triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=8, data_parallel_ranks=1, seq_len_tokens=S)
-    plain = StepTimeModel(*layout, seq_len=S).estimate(settings, triad)
-    assert StepTimeModel(*layout, seq_len=S, virtual_stages=1).estimate(settings, triad) == plain
-    inter = StepTimeModel(*layout, seq_len=S, virtual_stages=4).estimate(settings, triad)
+    plain = model.estimate(RunSettings(tp=8, pp=4), triad)
+    assert model.estimate(RunSettings(tp=8, pp=4, vpp=1), triad) == plain
+    inter = model.estimate(RunSettings(tp=8, pp=4, vpp=4), triad)
     assert inter.bubble_s == pytest.approx(plain.bubble_s / 4)
     assert inter.pp_comm_s == pytest.approx(plain.pp_comm_s * 4)
+    assert inter.compute_s == pytest.approx(plain.compute_s)
     assert inter.step_time_s < plain.step_time_s
-    with pytest.raises(SpecError, match="virtual pipeline stages"):
-        StepTimeModel(*layout, seq_len=S, virtual_stages=0)
+    with pytest.raises(SpecError, match="--vpp 0 must be a positive integer"):
+        RunSettings(tp=8, pp=4, vpp=0)
+    with pytest.raises(SpecError, match="needs --pp > 1"):
+        RunSettings(vpp=2)

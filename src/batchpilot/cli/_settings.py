@@ -61,6 +61,8 @@ HybridShardOpt = Annotated[bool, typer.Option(
     rich_help_panel=_PANEL)]
 TpOpt = Annotated[int, typer.Option("--tp", help="Tensor-parallel size.", rich_help_panel=_PANEL)]
 PpOpt = Annotated[int, typer.Option("--pp", help="Pipeline-parallel stages.", rich_help_panel=_PANEL)]
+VppOpt = Annotated[int, typer.Option(
+    "--vpp", help="Virtual stages per pipeline rank (interleaved 1F1B; 1 = plain).", rich_help_panel=_PANEL)]
 EpOpt = Annotated[int, typer.Option("--ep", help="Expert-parallel size (MoE).", rich_help_panel=_PANEL)]
 SpOpt = Annotated[bool, typer.Option(
     "--sp", help="Sequence parallelism over the tensor-parallel group.", rich_help_panel=_PANEL)]
@@ -78,14 +80,14 @@ def settings_from_options(
     *, precision: str = DEFAULTS.precision, optimizer: str = DEFAULTS.optimizer, engine: str = DEFAULTS.engine,
     zero: int = DEFAULTS.zero_stage, hybrid_shard: bool = DEFAULTS.hybrid_shard, tp: int = DEFAULTS.tp,
     pp: int = DEFAULTS.pp, ep: int = DEFAULTS.ep, sp: bool = DEFAULTS.sp, recompute: str = DEFAULTS.recompute,
-    attention: str = DEFAULTS.attention, offload: bool = DEFAULTS.offload,
+    attention: str = DEFAULTS.attention, offload: bool = DEFAULTS.offload, vpp: int = DEFAULTS.vpp,
 ) -> RunSettings:
     """The :class:`RunSettings` the shared flags describe (raises ``SpecError`` on a bad value)."""
     return RunSettings(
         precision=precision.lower(),  # type: ignore[arg-type]  # checked by RunSettings
         optimizer=optimizer.lower(),  # type: ignore[arg-type]
         engine=engine.lower(),  # type: ignore[arg-type]
-        zero_stage=zero, hybrid_shard=hybrid_shard, tp=tp, pp=pp, ep=ep, sp=sp,
+        zero_stage=zero, hybrid_shard=hybrid_shard, tp=tp, pp=pp, vpp=vpp, ep=ep, sp=sp,
         recompute=recompute.lower(),  # type: ignore[arg-type]
         attention=attention.lower(),  # type: ignore[arg-type]
         offload=offload,

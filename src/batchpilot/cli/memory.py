@@ -29,6 +29,7 @@ from batchpilot.cli._settings import (
     RecomputeOpt,
     SpOpt,
     TpOpt,
+    VppOpt,
     ZeroOpt,
     settings_from_options,
 )
@@ -124,13 +125,14 @@ def memory(
     precision: PrecisionOpt = DEFAULTS.precision, optimizer: OptimizerOpt = DEFAULTS.optimizer,
     engine: EngineOpt = DEFAULTS.engine, zero: ZeroOpt = DEFAULTS.zero_stage,
     hybrid_shard: HybridShardOpt = DEFAULTS.hybrid_shard, tp: TpOpt = DEFAULTS.tp, pp: PpOpt = DEFAULTS.pp,
+    vpp: VppOpt = DEFAULTS.vpp,
     ep: EpOpt = DEFAULTS.ep, sp: SpOpt = DEFAULTS.sp, recompute: RecomputeOpt = DEFAULTS.recompute,
     attention: AttentionOpt = DEFAULTS.attention, offload: OffloadOpt = DEFAULTS.offload,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Per-GPU memory of one training step: weights, gradients, optimizer, activations, overhead."""
     settings = settings_from_options(precision=precision, optimizer=optimizer, engine=engine, zero=zero,
-                                     hybrid_shard=hybrid_shard, tp=tp, pp=pp, ep=ep, sp=sp,
+                                     hybrid_shard=hybrid_shard, tp=tp, pp=pp, vpp=vpp, ep=ep, sp=sp,
                                      recompute=recompute, attention=attention, offload=offload)
     spec, accelerator = load_model(model), load_accelerator(gpu)
     validate_for_model(settings, spec)

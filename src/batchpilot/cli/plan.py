@@ -164,14 +164,14 @@ def _render(result: PlanResult, source: str) -> None:
     )
     deviates = any(p.deviation for p in result.plans)
     last = ("Δ batch", "MFU") if deviates else ("TFLOP/s", "MFU")  # keep the table within 80 columns
-    table = Table("m×acc×dp", "tp·pp·ep", "ZeRO", "recompute", "GiB", "step s", "tokens/s", *last,
+    table = Table("m×acc×dp", "tp·pp(v)·ep", "ZeRO", "recompute", "GiB", "step s", "tokens/s", *last,
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0),
                   caption="ranked by tokens/s (whole job); GiB and TFLOP/s per GPU")
     for p in result.plans:
         t, s, st = p.triad, p.settings, p.step
         extra = f"{p.deviation:+.2%}" if deviates else f"{st.tflops_per_gpu:.0f}"
         table.add_row(f"{t.micro_batch_sequences}×{t.grad_accum_steps}×{t.data_parallel_ranks}",
-                      f"{s.tp}·{s.pp}·{s.ep}", str(s.zero_stage), s.recompute, f"{p.memory.total_bytes / GIB:.1f}",
+                      f"{s.tp}·{s.pp}{f'v{s.vpp}' if s.vpp > 1 else ''}·{s.ep}", str(s.zero_stage), s.recompute, f"{p.memory.total_bytes / GIB:.1f}",
                       f"{st.step_time_s:.3g}", _rate(st.tokens_per_s), extra, f"{st.mfu:.1%}")
     console.print(table)
     console.print(f"[bold]winner[/]: {result.rationale}")
@@ -208,6 +208,8 @@ def plan_command(
         "--grad-accum", help="Micro-batches accumulated per optimizer step.", rich_help_panel=_PINS)] = None,
     tp: Annotated[int | None, typer.Option("--tp", help="Tensor-parallel size.", rich_help_panel=_PINS)] = None,
     pp: Annotated[int | None, typer.Option("--pp", help="Pipeline stages.", rich_help_panel=_PINS)] = None,
+    vpp: Annotated[int | None, typer.Option(
+        "--vpp", help="Virtual stages per pipeline rank (interleaved 1F1B; 1 = plain).", rich_help_panel=_PINS)] = None,
     ep: Annotated[int | None, typer.Option("--ep", help="Expert-parallel size.", rich_help_panel=_PINS)] = None,
     zero: Annotated[int | None, typer.Option("--zero", help="ZeRO stage 0-3.", rich_help_panel=_PINS)] = None,
     recompute: Annotated[str | None, typer.Option(
@@ -244,7 +246,7 @@ def plan_command(
     request = PlanRequest(
         model=spec, cluster=cluster,
         seq_len=seq_len, global_batch_sequences=target.sequences, global_batch_tokens=target.tokens, settings=settings,
-        pins=Pins(micro_batch=micro_batch, grad_accum=grad_accum, tp=tp, pp=pp, ep=ep, zero_stage=zero,
+        pins=Pins(micro_batch=micro_batch, grad_accum=grad_accum, tp=tp, pp=pp, vpp=vpp, ep=ep, zero_stage=zero,
                   recompute=recompute.lower() if recompute else None),
         headroom=parse_fraction(headroom, "--headroom"), max_deviation=deviation,
         calibration=measured, top=top,

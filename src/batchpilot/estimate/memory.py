@@ -60,7 +60,7 @@ from batchpilot.estimate.breakdown import MemoryBreakdown
 from batchpilot.specs.batch import MAX_BATCH_SEQUENCES, check_seq_len
 from batchpilot.specs.hardware import MAX_DEVICES
 from batchpilot.specs.model import ModelSpec
-from batchpilot.specs.settings import RunSettings, validate_for_model
+from batchpilot.specs.settings import RunSettings, check_interleaving, validate_for_model
 from batchpilot.units import MIB
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -222,8 +222,9 @@ class _Layout:
     expert_shard: int
     """Ranks one routed expert's states are sharded over (the expert data-parallel group)."""
     layers_per_stage: int
-    in_flight: int
-    """Micro-batches whose activations the first pipeline stage holds (1F1B: min(pp, grad_accum))."""
+    in_flight: float
+    """Micro-batches' worth of a whole stage's activations the first pipeline stage holds at its peak
+    (:func:`first_stage_in_flight`)."""
 
 
 def _layout(model: ModelSpec, settings: RunSettings, dp: int, grad_accum: int, gpus_per_node: int) -> _Layout:
@@ -237,8 +238,25 @@ def _layout(model: ModelSpec, settings: RunSettings, dp: int, grad_accum: int, g
         tp=settings.tp, pp=settings.pp, ep=settings.ep, sp=settings.sp and settings.tp > 1, dp=dp,
         shard=max(1, shard), expert_shard=max(1, shard // settings.ep),
         layers_per_stage=math.ceil(model.num_layers / settings.pp),
-        in_flight=min(settings.pp, grad_accum),
+        in_flight=first_stage_in_flight(settings.pp, settings.vpp, grad_accum),
     )
+
+
+def first_stage_in_flight(pp: int, vpp: int, grad_accum: int) -> float:
+    """Micro-batches of activations (in units of one micro-batch through all of a stage's layers) that the
+    first pipeline stage holds at its peak.
+
+    Plain 1F1B (Narayanan et al. 2021 §2.2.1): the first stage runs ``pp − 1`` warm-up forwards, then one
+    more before its first backward: min(pp, m) micro-batches of m per step. Interleaved (``vpp`` = v > 1,
+    §2.2.2): Megatron's warm-up on the first rank is 2·(p − 1) + (v − 1)·p chunk forwards, +1 in the steady
+    state (``megatron/core/pipeline_parallel/schedules.py``), of v·m in all, each chunk L/(p·v) layers:
+    min(v·m, v·p + p − 1) / v = min(m, p + (p − 1)/v) — at m ≥ p + 1 the 1F1B memory times
+    1 + (p − 1)/(p·v) (Korthikanti et al. 2022 §4.2.3)."""
+    if pp == 1:
+        return 1.0
+    if vpp == 1:
+        return float(min(pp, grad_accum))
+    return min(float(grad_accum), pp + (pp - 1) / vpp)
 
 
 # ---------------------------------------------------------------------------------------------- activations
@@ -622,11 +640,12 @@ def analytic_memory(model: ModelSpec, settings: RunSettings, *, micro_batch: int
 
     ``dp`` data-parallel ranks (ZeRO/FSDP shard over them; with ``hybrid_shard`` over
     ``min(dp, gpus_per_node)``), ``grad_accum`` micro-batches per step (the first pipeline stage holds
-    ``min(pp, grad_accum)`` in flight under 1F1B). With pipeline parallelism the first and the last stage
+    :func:`first_stage_in_flight` of them). With pipeline parallelism the first and the last stage
     are both evaluated and the larger is returned.
     """
     _check_sizes(micro_batch, seq_len, dp, grad_accum)
     validate_for_model(settings, model)
+    check_interleaving(settings, grad_accum)
     overhead = OverheadModel() if overhead is None else overhead
     lay = _layout(model, settings, dp, grad_accum, gpus_per_node)
     stages = [(True, True)] if settings.pp == 1 else [(True, False), (False, True)]

@@ -50,9 +50,8 @@ t/p/e tensor/pipeline/expert-parallel sizes, d data-parallel ranks, world = d·t
   a node and all-reduces each shard's gradient slice across nodes once per step.
 - Pipeline bubble (1F1B): the step takes (m + p − 1) stage-times instead of m, i.e. a fraction
   (p − 1)/(m + p − 1) is idle (Narayanan et al. 2021 §2.2.1); plus point-to-point sends of b·s·h
-  activations between stages. With the interleaved schedule (``virtual_stages`` v > 1, §2.2.2: each rank
-  holds v model chunks) the bubble shrinks to (p − 1)/v stage-times and the sends grow v-fold. v is a
-  parameter of :class:`StepTimeModel` (default 1, plain 1F1B), not yet a :class:`RunSettings` field.
+  activations between stages. With the interleaved schedule (settings ``vpp`` = v > 1, §2.2.2: each rank
+  holds v model chunks) the bubble shrinks to (p − 1)/v stage-times and the sends grow v-fold.
 - Optimizer step: memory-bound, bytes touched per parameter (:data:`OPTIMIZER_BYTES_PER_PARAM`) ÷ DRAM
   bandwidth over the parameters this rank updates (÷ d with ZeRO ≥ 1). With ``offload`` the update runs
   on the CPU (:data:`HOST_BANDWIDTH_BYTES_PER_S`, an assumption) after moving gradients down and
@@ -76,7 +75,6 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, get_args
 
-from batchpilot.errors import SpecError
 from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration, MatmulShape
 from batchpilot.specs.batch import BatchTriad
 from batchpilot.specs.hardware import ClusterSpec
@@ -224,16 +222,13 @@ class StepTimeModel:
     """Step-time estimates for one model on one cluster at one sequence length.
 
     Model-dependent quantities are computed once here, so :meth:`estimate` is cheap enough for the
-    planner to call thousands of times. ``virtual_stages`` is the interleaved schedule's v (model chunks
-    per pipeline rank, Narayanan et al. 2021 §2.2.2); the default 1 is plain 1F1B.
+    planner to call thousands of times. The interleaved schedule's v (model chunks per pipeline rank,
+    Narayanan et al. 2021 §2.2.2) is the settings' ``vpp``; 1 is plain 1F1B.
     """
 
     def __init__(self, model: ModelSpec, cluster: ClusterSpec, *, seq_len: int,
-                 calibration: Calibration = DEFAULT_CALIBRATION, virtual_stages: int = 1) -> None:
-        if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 1:
-            raise SpecError(f"virtual pipeline stages must be a positive integer (1: plain 1F1B), got {virtual_stages!r}")
+                 calibration: Calibration = DEFAULT_CALIBRATION) -> None:
         self.model, self.cluster, self.seq_len, self.calibration = model, cluster, seq_len, calibration
-        self.virtual_stages = virtual_stages  # model chunks per pipeline rank (interleaved 1F1B); 1 = plain
         self.flops_per_token = model.flops_per_token(seq_len)
         self._hw_flops_per_token = {r: training_flops_per_token(model, seq_len, r) for r in get_args(Recompute)}
         routed = model.num_moe_layers * model.num_experts * model.params_expert
@@ -296,7 +291,7 @@ class StepTimeModel:
         micro_stage_s = micro_compute_s + tp_s + ep_s
         dp_comm = self._dp_comm(settings, m, dp, micro_compute_s)
         optimizer_s = self._optimizer_s(settings, dp)
-        bubble_s = (settings.pp - 1) * micro_stage_s / self.virtual_stages
+        bubble_s = (settings.pp - 1) * micro_stage_s / settings.vpp
         step = m * micro_stage_s + bubble_s + m * pp_s + dp_comm.exposed_s + optimizer_s
         return _Terms(micro_compute_s=micro_compute_s, tp_micro_s=tp_s, ep_micro_s=ep_s, pp_micro_s=pp_s,
                       bubble_s=bubble_s, dp=dp_comm, optimizer_s=optimizer_s, step_s=step, peak=peak,
@@ -338,7 +333,7 @@ class StepTimeModel:
         if settings.pp == 1:
             return 0.0
         stride = settings.tp * (self.cluster.total_devices // (settings.tp * settings.pp))
-        sends = 2 * self.virtual_stages  # interleaving multiplies the stage boundaries by v (§2.2.2)
+        sends = 2 * settings.vpp  # interleaving multiplies the stage boundaries by v (§2.2.2)
         return sends * self._activation_bytes(settings, b) / settings.tp / self._bandwidth(2, stride)
 
     def _dp_comm(self, settings: RunSettings, m: int, dp: int, micro_compute_s: float) -> _Comm:

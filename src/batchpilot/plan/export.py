@@ -85,7 +85,7 @@ def megatron_args(plan: Plan, request: PlanRequest) -> list[str]:
         "--tensor-model-parallel-size", str(s.tp), "--pipeline-model-parallel-size", str(s.pp),
         "--micro-batch-size", str(t.micro_batch_sequences), "--global-batch-size", str(t.global_batch_sequences),
         "--seq-length", str(t.seq_len_tokens), *megatron_model_args(model, tp=s.tp),
-        *_megatron_uneven_stages(model.num_layers, s.pp),
+        *_megatron_pipeline_split(model.num_layers, s.pp, s.vpp),
     ]
     if model.is_moe:
         args += ["--expert-model-parallel-size", str(s.ep)]
@@ -102,15 +102,23 @@ def megatron_args(plan: Plan, request: PlanRequest) -> list[str]:
     return args
 
 
-def _megatron_uneven_stages(layers: int, pp: int) -> list[str]:
-    """Megatron requires pp | layers unless a layout is given; the plan assumes at most ⌈L/pp⌉ layers per
-    stage, so stages get ⌊L/pp⌋ or ⌈L/pp⌉ layers (the longer ones last: the first stage holds the embedding)
-    in ``--pipeline-model-parallel-layout`` ("E" embedding, "t" a layer, "L" the loss, stages split by "|")."""
-    if pp == 1 or layers % pp == 0:
+def _megatron_pipeline_split(layers: int, pp: int, vpp: int) -> list[str]:
+    """How Megatron splits the layers over ``pp`` ranks × ``vpp`` virtual stages (``vpp`` > 1: the
+    interleaved schedule). An even split is Megatron's default (``--num-virtual-stages-per-pipeline-rank``
+    for ``vpp`` > 1); otherwise the ``pp·vpp`` stages get ⌊L/(pp·vpp)⌋ or ⌈L/(pp·vpp)⌉ layers (the longer
+    ones last: the first stage holds the embedding) in ``--pipeline-model-parallel-layout`` ("E" embedding,
+    "t" a layer, "L" the loss, stages split by "|", in virtual order: stage i runs on rank i mod pp;
+    Megatron derives vpp = stages / pp). ``megatron/training/arguments.py`` allows one of the two."""
+    stages_total = pp * vpp
+    if stages_total == 1:
         return []
-    if layers < pp:
-        raise ExportError(f"--export megatron: {layers} layers cannot fill {pp} pipeline stages; pin --pp ≤ {layers}")
-    counts = [layers // pp + (1 if i >= pp - layers % pp else 0) for i in range(pp)]
+    if layers % stages_total == 0:
+        return ["--num-virtual-stages-per-pipeline-rank", str(vpp)] if vpp > 1 else []
+    if layers < stages_total:
+        raise ExportError(f"--export megatron: {layers} layers cannot fill {pp} pipeline stages × {vpp} virtual "
+                          f"stages; pin --pp/--vpp with pp × vpp ≤ {layers}")
+    counts = [layers // stages_total + (1 if i >= stages_total - layers % stages_total else 0)
+              for i in range(stages_total)]
     stages = ["t" * n for n in counts]
     stages[0], stages[-1] = "E" + stages[0], stages[-1] + "L"
     return ["--pipeline-model-parallel-layout", "|".join(stages)]
@@ -355,6 +363,8 @@ def torchtitan_config(plan: Plan, request: PlanRequest) -> dict[str, dict[str, A
     - Experts: ``expert_parallel_degree`` = ep, ``expert_tensor_parallel_degree`` = tp (Megatron's
       default); torchtitan carves ep out of the FSDP dimension, so DDP plans with ep > 1 are refused.
     - Precision: bf16 (fp8 adds the ``quantize.linear.float8`` converter) or fp32; fp16 is refused.
+    - Pipeline: 1F1B (torchtitan's default) for ``vpp`` 1; ``Interleaved1F1B`` with
+      :func:`_torchtitan_interleaved_split` for ``vpp`` > 1.
     """
     t, s = plan.triad, plan.settings
     if s.precision == "fp16":
@@ -377,11 +387,31 @@ def torchtitan_config(plan: Plan, request: PlanRequest) -> dict[str, dict[str, A
         parallelism["fsdp_reshard_after_forward"] = "always" if s.zero_stage == 3 else "never"
     if pipelined:
         parallelism["pipeline_parallel_microbatch_size"] = t.micro_batch_sequences
+    if s.vpp > 1:
+        parallelism["pipeline_parallel_schedule"] = "Interleaved1F1B"
+        parallelism.update(_torchtitan_interleaved_split(request.model.num_layers, s.pp, s.vpp))
     checkpointing: dict[str, Any] = {"mode": s.recompute}
     if s.recompute == "selective":
         checkpointing["selective_ac_option"] = "op"
     return {"model": _torchtitan_model(request.model, s.precision), "training": training,
             "parallelism": parallelism, "activation_checkpoint": checkpointing}
+
+
+def _torchtitan_interleaved_split(layers: int, pp: int, vpp: int) -> dict[str, int]:
+    """Settings that make torchtitan cut ``pp × vpp`` virtual stages: it makes ⌈(L + w_in + w_out) /
+    layers_per_stage⌉ of them, counting the embedding and the output as ``w_in``/``w_out`` layers
+    (``pipeline_parallel_first/last_stage_less_layers``, default 1; v0.2.2
+    ``distributed/pipeline_parallel.py``). Weights 0 first — the plan's split: ⌈L/pp⌉ layers on every
+    stage, embedding and head on top — then torchtitan's default 1."""
+    stages = pp * vpp
+    for weight in (0, 1):
+        for per_stage in range(1, layers + 2 * weight + 1):
+            if -(-(layers + 2 * weight) // per_stage) == stages:
+                return {"pipeline_parallel_layers_per_stage": per_stage,
+                        "pipeline_parallel_first_stage_less_layers": weight,
+                        "pipeline_parallel_last_stage_less_layers": weight}
+    raise ExportError(f"--export torchtitan: no layers-per-stage splits {layers} layers into {pp} ranks × {vpp} "
+                      f"virtual stages; pin another --vpp or --pp")
 
 
 def _torchtitan_dp(plan: Plan, request: PlanRequest) -> tuple[int, int]:

@@ -88,12 +88,13 @@ class Pins:
     grad_accum: int | None = None
     tp: int | None = None
     pp: int | None = None
+    vpp: int | None = None
     ep: int | None = None
     zero_stage: int | None = None
     recompute: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("micro_batch", "grad_accum", "tp", "pp", "ep"):
+        for name in ("micro_batch", "grad_accum", "tp", "pp", "vpp", "ep"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 flag = name.replace("_", "-")
@@ -105,7 +106,7 @@ class Pins:
 
     def pinned(self) -> dict[str, Any]:
         """The pinned choices only (for messages)."""
-        return {k: getattr(self, k) for k in ("micro_batch", "grad_accum", "tp", "pp", "ep", "zero_stage",
+        return {k: getattr(self, k) for k in ("micro_batch", "grad_accum", "tp", "pp", "vpp", "ep", "zero_stage",
                                                "recompute") if getattr(self, k) is not None}
 
 
@@ -121,7 +122,7 @@ class PlanRequest:
     global_batch_tokens: int | None = None
     settings: RunSettings = DEFAULT_SETTINGS
     """Precision, optimizer, engine, attention, sequence parallelism, hybrid sharding, offload; its
-    tp/pp/ep/zero/recompute are ignored (use :class:`Pins`)."""
+    tp/pp/vpp/ep/zero/recompute are ignored (use :class:`Pins`)."""
     pins: Pins = Pins()
     headroom: float = DEFAULT_HEADROOM
     """Fraction of device memory left free."""
@@ -169,7 +170,7 @@ class Plan:
         t, s, st = self.triad, self.settings, self.step
         return {
             "micro_batch": t.micro_batch_sequences, "grad_accum": t.grad_accum_steps, "dp": t.data_parallel_ranks,
-            "tp": s.tp, "pp": s.pp, "ep": s.ep, "zero_stage": s.zero_stage, "recompute": s.recompute,
+            "tp": s.tp, "pp": s.pp, "vpp": s.vpp, "ep": s.ep, "zero_stage": s.zero_stage, "recompute": s.recompute,
             "global_batch_sequences": t.global_batch_sequences, "global_batch_tokens": t.global_batch_tokens,
             "deviation": self.deviation,
             "memory": {k: v for k, v in self.memory.to_dict().items() if k != "details"},
@@ -193,7 +194,7 @@ class Rejection:
 
     def to_dict(self) -> dict[str, Any]:
         s = self.settings
-        return {"tp": s.tp, "pp": s.pp, "ep": s.ep, "dp": self.dp, "zero_stage": s.zero_stage,
+        return {"tp": s.tp, "pp": s.pp, "vpp": s.vpp, "ep": s.ep, "dp": self.dp, "zero_stage": s.zero_stage,
                 "recompute": s.recompute, "kind": self.kind, "reason": self.reason}
 
 
@@ -273,6 +274,22 @@ def _pp_options(req: PlanRequest, tp: int) -> list[int]:
         return [req.pins.pp]
     rest = req.cluster.total_devices // tp
     return [p for p in _divisors(rest) if p <= req.model.num_layers]
+
+
+def _vpp_options(req: PlanRequest, pp: int) -> list[int]:
+    """Virtual stages per pipeline rank: 1 (plain 1F1B) and, with a pipeline, the divisors of the layers
+    per stage (each virtual stage an equal share of the rank's layers), or the pin when it fits."""
+    layers_per_stage = -(-req.model.num_layers // pp)
+    if req.pins.vpp is not None:
+        fits = req.pins.vpp == 1 or (pp > 1 and req.pins.vpp <= layers_per_stage)
+        return [req.pins.vpp] if fits else []
+    return [1] if pp == 1 else _divisors(layers_per_stage)
+
+
+def _interleavable(pairs: list[tuple[int, int]], pp: int, vpp: int) -> list[tuple[int, int]]:
+    """The (micro, accum) pairs the interleaved schedule can run (accumulation a multiple of ``pp``,
+    :func:`~batchpilot.specs.settings.check_interleaving`)."""
+    return pairs if vpp == 1 else [(m, a) for m, a in pairs if a % pp == 0]
 
 
 def _ep_options(req: PlanRequest, dp: int) -> list[int]:
@@ -366,12 +383,16 @@ def _layouts(req: PlanRequest, target: float) -> Iterator[_Layout]:
                 continue
             dp = gpus // (tp * pp)
             pairs = _micro_candidates(req, target, dp)
-            for ep in _ep_options(req, dp):
-                for zero in _zero_options(req, pp):
-                    for recompute in _recompute_options(req):
-                        settings = dataclasses.replace(base, tp=tp, pp=pp, ep=ep, zero_stage=zero,
-                                                       recompute=recompute)  # type: ignore[arg-type]
-                        yield _Layout(settings=settings, dp=dp, pairs=pairs)
+            for vpp in _vpp_options(req, pp):
+                interleaved = _interleavable(pairs, pp, vpp)
+                if vpp > 1 and not interleaved and req.pins.vpp is None:
+                    continue  # no accumulation that is a multiple of pp: plain 1F1B covers this layout
+                for ep in _ep_options(req, dp):
+                    for zero in _zero_options(req, pp):
+                        for recompute in _recompute_options(req):
+                            settings = dataclasses.replace(base, tp=tp, pp=pp, vpp=vpp, ep=ep, zero_stage=zero,
+                                                           recompute=recompute)  # type: ignore[arg-type]
+                            yield _Layout(settings=settings, dp=dp, pairs=interleaved)
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -451,7 +472,7 @@ def _plan(req: PlanRequest, *, explain: bool) -> PlanResult:
     layouts = list(_layouts(req, target))
     reachable = [lay for lay in layouts if lay.pairs]
     rejected = [Rejection(settings=lay.settings, dp=lay.dp, kind="batch",
-                          reason=_unreachable_reason(req, target, lay.dp)) for lay in layouts if not lay.pairs]
+                          reason=_unreachable_reason(req, target, lay.dp, lay.settings)) for lay in layouts if not lay.pairs]
     for lay in reachable:
         lay.bound = search.bound(lay)
     reachable.sort(key=lambda lay: -lay.bound)
@@ -492,6 +513,8 @@ def _check_pins(req: PlanRequest) -> None:
     pins, model, gpus = req.pins, req.model, req.cluster.total_devices
     probe = RunSettings(tp=pins.tp or 1, pp=pins.pp or 1, ep=pins.ep or 1)
     validate_for_model(probe, model)
+    if pins.vpp is not None and pins.vpp > 1 and pins.pp is not None:
+        validate_for_model(RunSettings(pp=pins.pp, vpp=pins.vpp), model)  # needs a pipeline, ≤ layers per stage
     mp = probe.tp * probe.pp
     if gpus % mp:
         raise SpecError(f"--gpus {gpus} is not a multiple of tp {probe.tp} × pp {probe.pp} = {mp}; "
@@ -509,7 +532,10 @@ def _check_pins(req: PlanRequest) -> None:
 
 
 # ---------------------------------------------------------------------- explanations
-def _unreachable_reason(req: PlanRequest, target: float, dp: int) -> str:
+def _unreachable_reason(req: PlanRequest, target: float, dp: int, settings: RunSettings) -> str:
+    if settings.vpp > 1:
+        return (f"no micro × accum × dp {dp} reaches {target:g} sequences with the accumulation a multiple of "
+                f"pp {settings.pp} (interleaved schedule, vpp {settings.vpp})")
     if req.max_deviation == 0.0:
         return f"global batch {target:g} sequences is not divisible by dp {dp} (with the pinned micro/accum)"
     return f"no micro × accum × dp {dp} within {req.max_deviation:.1%} of {target:g} sequences"
@@ -616,7 +642,8 @@ def rationale(result: PlanResult) -> str:
                  "expert all-to-all": st.ep_comm_s, "exposed data-parallel communication": st.dp_exposed_s,
                  "optimizer step": st.optimizer_s}
     name, seconds = max(overheads.items(), key=lambda kv: kv[1])
-    text = (f"tp {s.tp} × pp {s.pp} × dp {t.data_parallel_ranks}, ZeRO-{s.zero_stage}, recompute {s.recompute}, "
+    interleaved = f" (interleaved, {s.vpp} virtual stages per rank)" if s.vpp > 1 else ""
+    text = (f"tp {s.tp} × pp {s.pp}{interleaved} × dp {t.data_parallel_ranks}, ZeRO-{s.zero_stage}, recompute {s.recompute}, "
             f"micro-batch {t.micro_batch_sequences} × accum {t.grad_accum_steps}: uses "
             f"{mem.total_bytes / GIB:.1f} of {result.request.budget_bytes / GIB:.1f} GiB usable, MFU {st.mfu:.0%}; "
             f"largest overhead {name} {seconds / st.step_time_s:.0%} of the {st.step_time_s:.3g} s step")

@@ -25,7 +25,7 @@ PLOT_TITLES = {
     "noise": "Gradient noise scale / critical batch over steps",
     "loss": "Loss vs tokens and vs wall time",
 }
-PLAN_COLUMNS = ("micro_batch", "grad_accum", "dp", "tp", "pp", "ep", "zero_stage", "recompute",
+PLAN_COLUMNS = ("micro_batch", "grad_accum", "dp", "tp", "pp", "vpp", "ep", "zero_stage", "recompute",
                 "global_batch_sequences", "global_batch_tokens", "tokens_per_s", "mfu")
 
 _CSS = """

@@ -50,6 +50,12 @@ class RunSettings:
     """Tensor-parallel size."""
     pp: int = 1
     """Pipeline-parallel size (stages)."""
+    vpp: int = 1
+    """Virtual pipeline stages per pipeline rank: the interleaved 1F1B schedule (Narayanan et al. 2021
+    §2.2.2; Megatron ``--num-virtual-stages-per-pipeline-rank``) splits each rank's layers into ``vpp``
+    chunks, dividing the pipeline bubble by ``vpp`` at the price of ``vpp``× the stage-to-stage sends and
+    a little more first-stage activation memory. 1 is plain 1F1B; > 1 needs ``pp`` > 1 and an
+    accumulation that is a multiple of ``pp`` (:func:`check_interleaving`)."""
     ep: int = 1
     """Expert-parallel size (MoE only): routed experts are split over ``ep`` data-parallel ranks."""
     sp: bool = False
@@ -70,10 +76,12 @@ class RunSettings:
         _check_choice("attention", self.attention, ATTENTIONS)
         if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
             raise SpecError(f"--zero {self.zero_stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
-        for name in ("tp", "pp", "ep"):
+        for name in ("tp", "pp", "vpp", "ep"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SpecError(f"--{name} {value!r} must be a positive integer (1 disables it)")
+        if self.vpp > 1 and self.pp == 1:
+            raise SpecError(f"--vpp {self.vpp} interleaves pipeline stages and needs --pp > 1; use --vpp 1 without a pipeline")
         if self.offload and self.zero_stage == 0 and self.engine in ("deepspeed", "fsdp2"):
             raise SpecError("--offload needs --zero 1, 2 or 3 with the deepspeed/fsdp2 engines (ZeRO-Offload)")
 
@@ -107,10 +115,27 @@ def validate_for_model(settings: RunSettings, model: ModelSpec) -> None:
         raise SpecError(
             f"--pp {settings.pp} exceeds the {model.num_layers} layers of {model.name}; use --pp ≤ {model.num_layers}"
         )
+    layers_per_stage = -(-model.num_layers // settings.pp)
+    if settings.vpp > layers_per_stage:
+        raise SpecError(
+            f"--vpp {settings.vpp} exceeds the {layers_per_stage} layers per pipeline stage of {model.name} at --pp "
+            f"{settings.pp} (each virtual stage needs a layer); use --vpp ≤ {layers_per_stage}"
+        )
     if settings.ep > 1 and not model.is_moe:
         raise SpecError(f"--ep {settings.ep} needs a mixture-of-experts model; {model.name} is dense (use --ep 1)")
     if model.is_moe and model.num_experts % settings.ep:
         raise SpecError(
             f"--ep {settings.ep} does not divide the {model.num_experts} experts of {model.name}; "
             f"use a divisor of {model.num_experts}"
+        )
+
+
+def check_interleaving(settings: RunSettings, grad_accum: int) -> None:
+    """The interleaved schedule needs the micro-batches per step to be a multiple of the pipeline stages
+    (Megatron ``schedules.py``: micro-batches run in groups of ``pp`` per virtual stage, and a partial last
+    group is refused as a dependency bubble)."""
+    if settings.vpp > 1 and grad_accum % settings.pp:
+        raise SpecError(
+            f"--vpp {settings.vpp} (interleaved pipeline) needs an accumulation that is a multiple of --pp "
+            f"{settings.pp}, got {grad_accum}; use --grad-accum {(grad_accum // settings.pp + 1) * settings.pp} or --vpp 1"
         )
