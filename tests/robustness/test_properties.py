@@ -226,7 +226,8 @@ def plan_requests(draw: st.DrawFn) -> dict[str, Any]:
         "top": draw(st.integers(min_value=1, max_value=6)),
         "pins": {} if draw(st.integers(0, 3)) else draw(st.fixed_dictionaries({}, optional={
             "micro_batch": st.integers(min_value=1, max_value=64), "tp": st.sampled_from([1, 2, 3, 8]),
-            "pp": st.sampled_from([1, 2, 5]), "zero_stage": st.integers(min_value=0, max_value=3),
+            "pp": st.sampled_from([1, 2, 5]), "vpp": st.sampled_from([1, 2, 3]),
+            "zero_stage": st.integers(min_value=0, max_value=3),
             "recompute": st.sampled_from(["none", "selective", "full"])})),
     }
 
@@ -268,6 +269,7 @@ def test_every_plan_satisfies_its_invariants(r: dict[str, Any]) -> None:
         assert t.micro_batch_sequences * t.grad_accum_steps * t.data_parallel_ranks == t.global_batch_sequences
         assert t.global_batch_tokens == t.global_batch_sequences * req.seq_len
         assert t.data_parallel_ranks * s.tp * s.pp == gpus
+        assert s.vpp == 1 or (s.pp > 1 and t.grad_accum_steps % s.pp == 0 and s.vpp <= -(-req.model.num_layers // s.pp))
         assert p.memory.total_bytes <= req.budget_bytes
         assert abs(p.deviation - (t.global_batch_sequences - target) / target) < 1e-9
         assert abs(p.deviation) <= req.max_deviation + 1e-12

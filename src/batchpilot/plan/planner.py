@@ -553,7 +553,7 @@ def _infeasible(req: PlanRequest, target: float, layouts: list[_Layout], rejecte
     gpus = req.cluster.total_devices
     if not layouts:
         return InfeasibleError(f"no parallel layout of {req.model.name} fits {gpus} GPUs with the pins "
-                               f"{req.pins.pinned()}; unpin --tp/--pp/--ep")
+                               f"{req.pins.pinned()}; unpin --tp/--pp/--vpp/--ep")
     memory = [r for r in rejected if r.kind == "memory"]
     if not memory:
         return BatchError(_batch_message(req, target, sorted({lay.dp for lay in layouts})))
