@@ -43,3 +43,25 @@ def test_known_no_match_is_one_line_exit_2(cli_runner) -> None:
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no registry entry matches 'gpt-5'")
+
+
+def test_one_name_shows_the_whole_entry(cli_runner) -> None:
+    """An exact name (even when the words match others too) shows the entry's source section and quote."""
+    from batchpilot.plan.registry import search
+
+    (v3,) = [e for e in search("deepseek-v3") if e.name == "deepseek-v3"]
+    result = cli_runner.invoke(app, ["known", "deepseek-v3"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "15,360 seqs × 4096 = 62.91M tok" in result.stdout
+    assert v3.source.quote in result.stdout and v3.source.url in result.stdout
+    assert "deepseek-r1" not in result.stdout
+
+
+def test_the_list_shows_every_match_in_80_columns(cli_runner) -> None:
+    result = cli_runner.invoke(app, ["known", "llama"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    from batchpilot.plan.registry import search
+
+    assert all(e.name in result.stdout for e in search("llama"))
