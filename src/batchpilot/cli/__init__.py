@@ -6,17 +6,23 @@ its own module under ``batchpilot.cli``.
 
 from __future__ import annotations
 
-import typer
+import sys
 
-from batchpilot import __version__
-from batchpilot.cli import hardware, known, model, report
-from batchpilot.cli import memory as memory_cli
-from batchpilot.cli import noise as noise_cli
-from batchpilot.cli import plan as plan_cli
-from batchpilot.cli import probe as probe_cli
-from batchpilot.cli import train as train_cli
-from batchpilot.cli import tune as tune_cli
-from batchpilot.cli._common import run_app
+try:  # Ctrl-C while the commands import (torch, transformers: ~0.2 s): one line and 130, not a traceback
+    import typer
+
+    from batchpilot import __version__
+    from batchpilot.cli import hardware, known, model, report
+    from batchpilot.cli import memory as memory_cli
+    from batchpilot.cli import noise as noise_cli
+    from batchpilot.cli import plan as plan_cli
+    from batchpilot.cli import probe as probe_cli
+    from batchpilot.cli import train as train_cli
+    from batchpilot.cli import tune as tune_cli
+    from batchpilot.cli._common import run_app
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130) from None
 
 app = typer.Typer(
     name="batchpilot",

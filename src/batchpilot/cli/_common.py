@@ -23,8 +23,18 @@ try:  # typer >= 0.22 vendors click as typer._click; older releases use click it
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
-console = Console()
-err_console = Console(stderr=True)
+MIN_CONSOLE_WIDTH = 80
+"""Narrower than this (``COLUMNS=20``, ``COLUMNS=0``), rich cuts table cells to "…" (a plan's ``1×256×4`` became
+``1×25…``) or prints nothing at all; below it the console renders at this width and the terminal wraps."""
+
+
+def _console(*, stderr: bool = False) -> Console:
+    made = Console(stderr=stderr)
+    return made if made.width >= MIN_CONSOLE_WIDTH else Console(stderr=stderr, width=MIN_CONSOLE_WIDTH)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,6 +76,9 @@ def run_app(app: typer.Typer, args: list[str] | None = None) -> int:
     ``error: Invalid value for '--seq-len': ...`` on stderr and exit code 2, like library errors.
     """
     command = typer.main.get_command(app)
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:  # PYTHONIOENCODING=ascii: "×" or "ü" shown as \xd7 instead of a traceback
+        reconfigure(errors="backslashreplace")
     try:
         result = command.main(args=args, prog_name="batchpilot", standalone_mode=False)
     except click_exceptions.NoArgsIsHelpError as exc:  # the help text is already printed

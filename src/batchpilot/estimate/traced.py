@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import time
 import warnings
@@ -177,12 +178,18 @@ def trace_step(
         step = build_step(model, settings, micro_batch=micro_batch, seq_len=seq_len,
                           foreach=target == "cuda" if foreach is None else foreach,
                           dropout_in_attention_kernel=target == "cuda")
-        memory, maxima = (
-            _track_memory(step, target, terms) if track_memory
-            else (MemoryBreakdown(weights_bytes=0, gradients_bytes=0, optimizer_bytes=0,
-                                  activations_bytes=0, overhead_bytes=0), {})
-        )
-        flops = _count_flops(step) if count_flops else 0
+        try:
+            memory, maxima = (
+                _track_memory(step, target, terms) if track_memory
+                else (MemoryBreakdown(weights_bytes=0, gradients_bytes=0, optimizer_bytes=0,
+                                      activations_bytes=0, overhead_bytes=0), {})
+            )
+            flops = _count_flops(step) if count_flops else 0
+        except (RuntimeError, NotImplementedError) as exc:  # an op with no fake-tensor kernel for this model
+            # (transformers 5's MoE grouped_mm meta kernel wants bf16 inputs; the trace runs fp32 weights)
+            detail = " ".join(str(exc).split())[:200]
+            raise SpecError(f"{model.name} cannot be traced ({type(exc).__name__}: {detail}); "
+                            f"use --method analytic") from None
     return TraceResult(memory=memory, flops=flops, category_max_bytes=maxima,
                        wall_s=time.perf_counter() - start)
 
@@ -254,9 +261,14 @@ def build_step(
     fields = dict(model.hf_config)
     if dropout_in_attention_kernel and attn == "sdpa":
         fields.update({key: 0.0 for key in _ATTENTION_DROPOUT_KEYS if fields.get(key)})
-    config = transformers.AutoConfig.for_model(**fields)
     torch.manual_seed(seed)
-    module = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    try:  # what transformers refuses that the shape check lets through (odd head_dim under RoPE, ...)
+        config = transformers.AutoConfig.for_model(**fields)
+        module = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    except Exception as exc:  # KeyError, huggingface_hub's StrictDataclass…ValidationError, ...
+        detail = " ".join(str(exc).split())[:240]
+        raise SpecError(f"model {model.name!r}: transformers cannot build this config ({type(exc).__name__}: "
+                        f"{detail}); fix the field holding that value in the config.json") from None
     module.train()
     if settings.recompute != "none":
         _enable_checkpointing(module, settings.recompute, seq_len)
@@ -491,9 +503,21 @@ def _cpu_attention_formulas() -> dict[Any, Callable[..., int]]:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the deprecation and fake-tensor warnings ``transformers`` and torch raise while tracing."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    from transformers.utils import logging as hf_logging
+
+    # transformers' config checks ("bos_token_id must be … within the vocabulary") and torch's fake-tensor
+    # errors ("failed while attempting to run meta for …") are logged, not warned: extra stderr lines
+    fake_logger = logging.getLogger("torch._subclasses.fake_tensor")
+    verbosity, fake_level = hf_logging.get_verbosity(), fake_logger.level
+    hf_logging.set_verbosity_error()
+    fake_logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        fake_logger.setLevel(fake_level)
 
 
 def peak_error(traced: int, measured: int) -> float:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.specs.model import path_is
 
 MAX_EXPORT_BYTES = 64 * 1024  # an export bigger than this is shown truncated in the report
 
@@ -96,6 +97,9 @@ def _read_exports(folder: Path) -> dict[str, str]:
 def load_run(run_dir: str | Path) -> RunRecords:
     """Read a run directory; an absent directory or one with no record at all is an error."""
     root = Path(run_dir)
+    if path_is(root, "exists") and not path_is(root, "is_dir"):  # a file: "does not exist" would mislead
+        raise BatchpilotError(f"run directory {str(root)!r} is a file, not a directory; pass the folder that "
+                              f"`batchpilot tune --out` wrote (the one holding tune.json)")
     if not root.is_dir():
         raise BatchpilotError(f"run directory {str(root)!r} does not exist; run `batchpilot tune --out {root}` first")
     records = RunRecords(

@@ -49,6 +49,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -409,12 +410,11 @@ def from_hf_config(config: Mapping[str, Any], *, name: str = "config", source: s
         raise SpecError(f"{name}: a config must be a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
-        raise SpecError(f"{name}: required field 'model_type' is missing or not a string")
+        raise SpecError(f"{name}: required field 'model_type' is missing or not a string{_model_type_hint(config)}")
     family = MODEL_TYPES.get(model_type)
     if family is None:
-        raise SpecError(
-            f"{name}: unsupported model_type {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}"
-        )
+        raise SpecError(f"{name}: unsupported model_type {model_type!r}{_text_config_hint(config)}; "
+                        f"supported: {', '.join(sorted(MODEL_TYPES))}")
     fields = _Fields(config, name, model_type)
     clean = {k: v for k, v in config.items() if not str(k).startswith("_")}
     common: dict[str, Any] = dict(name=name, model_type=model_type, family=family, hf_config=clean, source=source)
@@ -422,6 +422,32 @@ def from_hf_config(config: Mapping[str, Any], *, name: str = "config", source: s
     spec = builder(fields, common)
     _validate(spec, name)
     return spec
+
+
+def _model_type_hint(config: Mapping[str, Any]) -> str:
+    """For a config without ``model_type``: the one its ``architectures`` names (``LlamaForCausalLM`` →
+    ``llama``), so the message says which line to add."""
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    if arch is None:
+        return _text_config_hint(config)
+    prefix = re.split("For|LMHead", arch)[0].lower()  # LlamaForCausalLM, GPT2LMHeadModel, DeepseekV3For...
+    guess = next((t for t in MODEL_TYPES if t.replace("_", "") == prefix), None)
+    fix = f'add "model_type": "{guess}"' if guess else "it is not one batchpilot supports either"
+    return f" (architectures names {arch!r}: {fix})"
+
+
+def _text_config_hint(config: Mapping[str, Any]) -> str:
+    """For a multimodal wrapper (LLaVA, Llama 4, Qwen2-VL, Gemma 3): the language model sits in
+    ``text_config``; it is not read silently, since the vision tower's parameters would go uncounted."""
+    text = config.get("text_config")
+    if not isinstance(text, Mapping):
+        return ""
+    inner = text.get("model_type")
+    if inner in MODEL_TYPES:
+        return (f" (a multimodal wrapper; its language model in 'text_config' is a supported {inner!r}: save "
+                f"'text_config' as a config.json of its own to plan the language model alone)")
+    return f" (a multimodal wrapper whose language model in 'text_config' is {inner!r}, not supported either)"
 
 
 def _gpt2(f: _Fields, common: dict[str, Any]) -> ModelSpec:

@@ -170,6 +170,9 @@ class RunConfig:
         _require(self.tokens is None or self.tokens >= 1, "--tokens must be positive")
         _require(self.checkpoint_every >= 0 and self.val_every >= 0, "--checkpoint-every/--val-every must be ≥ 0")
         _require(self.nproc >= 1, "--nproc must be positive")
+        _require(self.expected_world_size is None or self.expected_world_size >= 1,
+                 f"--expect-world-size {self.expected_world_size} must be positive")
+        _require(self.device in ("auto", "cpu", "cuda"), f"--device {self.device!r}: use auto, cpu or cuda")
         _require(0 <= self.max_restarts <= MAX_RESTARTS, f"--max-restarts {self.max_restarts} must be in 0..{MAX_RESTARTS}")
         _require(self.keep_checkpoints >= 1, "--keep-checkpoints must be positive")
         _require(self.threads is None or self.threads >= 1, f"--threads {self.threads} must be positive (omit it for the default)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -108,10 +109,15 @@ def _hf_documents(spec: str, text_field: str) -> Iterator[Document]:
         import datasets
     except ImportError:
         raise DataError("hf: data needs the datasets package: pip install 'batchpilot[data]'") from None
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its "Retrying in 8s [Retry 5/5]" warnings would be extra stderr lines
     try:
         table = datasets.load_dataset(name, split=split or "train")
     except Exception as exc:  # offline, unknown name, gated: all one-line data errors
         raise DataError(f"dataset {name!r} is not reachable: {' '.join(str(exc).split())[:160]}") from None
+    finally:
+        hub_logger.setLevel(level)
     if text_field not in table.column_names:
         raise DataError(f"dataset {name!r} has no column {text_field!r} (has {table.column_names}); pass --text-field")
     for row, text in enumerate(table[text_field]):

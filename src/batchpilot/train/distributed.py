@@ -61,7 +61,13 @@ CPU_ENV_FOR_TESTS = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.dev
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
-    return default if value in (None, "") else int(value)
+    if value is None or not value.strip():
+        return default
+    try:
+        return int(value)
+    except ValueError:  # a hand-set WORLD_SIZE=abc: one line, not int()'s traceback
+        raise LaunchError(f"environment variable {name}={value!r} is not an integer; unset it or let the launcher "
+                          f"(torchrun) set it") from None
 
 
 def elastic_restart_count() -> int:

@@ -40,6 +40,24 @@ def _is_pretrained_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+def _from_config(hf_config: Any, name: str, auto_config: Any, auto_model: Any, extra: dict[str, Any]) -> Any:
+    """A random-init model; what ``transformers`` refuses in a config that batchpilot's shape check lets
+    through (an unknown ``rope_scaling`` type: ``KeyError``; an odd ``head_dim`` under RoPE: a validation
+    error) is one line naming the file, with its warnings kept off stderr."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return auto_model.from_config(auto_config.for_model(**dict(hf_config)), dtype=torch.float32, **extra)
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:240] or "(no message)"
+        raise SpecError(f"model {name!r}: transformers cannot build this config ({type(exc).__name__}: {detail}); "
+                        f"fix the field holding that value in the config.json") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def build_model(config: ModelConfig, *, seed: int) -> BuiltModel:
     """Build the model named by ``--model`` (see the module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -58,9 +76,8 @@ def build_model(config: ModelConfig, *, seed: int) -> BuiltModel:
         source = "pretrained"
     else:
         spec = load_model(config.model)
-        hf_config = AutoConfig.for_model(**dict(spec.hf_config))
         torch.manual_seed(seed)
-        module = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **extra)
+        module = _from_config(spec.hf_config, config.model, AutoConfig, AutoModelForCausalLM, extra)
         source = "random-init"
     cfg = module.config
     embedding: Any = module.get_input_embeddings()

@@ -79,14 +79,21 @@ def _load_directory(path: Path) -> HFTokenizer:
     from tokenizers import Tokenizer as RustTokenizer
 
     file = path / "tokenizer.json"
-    if file.is_file():
-        return HFTokenizer(RustTokenizer.from_file(str(file)), name=str(path))
-    try:
+    try:  # the tokenizers library raises a bare Exception ("Model missing") for a file that is not one
+        if file.is_file():
+            return HFTokenizer(RustTokenizer.from_file(str(file)), name=str(path))
         from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"tokenizer directory {str(path)!r} cannot be loaded: {' '.join(str(exc).split())[:200]}") from None
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its fallback warnings ("Could not extract SentencePiece…") are lines
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except Exception as exc:
+        raise DataError(f"tokenizer directory {str(path)!r} cannot be loaded: {' '.join(str(exc).split())[:200]}; "
+                        f"point --tokenizer at a folder with a valid tokenizer.json, or use bytes or bpe:VOCAB") from None
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise DataError(f"tokenizer in {str(path)!r} has no fast (tokenizer.json) backend; convert it first")

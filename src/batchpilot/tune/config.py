@@ -52,6 +52,11 @@ class TuneConfig:
             raise BatchpilotError(f"--skip {','.join(unknown)}: unknown stage; stages are {', '.join(STAGES)}")
         if (self.gpu is None) != (self.gpus is None):
             raise BatchpilotError("give --gpu and --gpus together (the target cluster), or neither")
+        if self.gpus is not None and (self.gpus < 1 or self.gpus_per_node < 1):
+            raise BatchpilotError(f"--gpus {self.gpus} and --gpus-per-node {self.gpus_per_node} must be positive")
+        if self.gpus is not None and self.gpus % min(self.gpus_per_node, self.gpus):
+            raise BatchpilotError(f"--gpus {self.gpus} is not a multiple of --gpus-per-node {self.gpus_per_node}; "
+                                  f"use a multiple of {self.gpus_per_node} GPUs")
         if self.seq_len < 2:
             raise BatchpilotError(f"--seq-len {self.seq_len} must be at least 2")
         if self.time_budget_s < 30:

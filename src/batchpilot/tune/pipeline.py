@@ -102,8 +102,8 @@ def _run_stage(name: str, cfg: TuneConfig, state: stages.TuneState, hooks: dict[
 
 def run_tune(cfg: TuneConfig, *, on_stage: StageEvent | None = None, hooks: dict[str, Any] | None = None) -> TuneResult:
     """Run every stage in order, write ``tune.json`` after each one, then the report."""
+    state = stages.new_state(cfg)  # bad input is refused before the run directory is created
     cfg.out.mkdir(parents=True, exist_ok=True)
-    state = stages.new_state(cfg)
     done: list[StageRecord] = []
     report_path = None
     for name in STAGES:

@@ -46,7 +46,15 @@ class TuneState:
 def new_state(cfg: TuneConfig) -> TuneState:
     from batchpilot.measure.probe import resolve_device
 
-    return TuneState(model=load_model(cfg.model), device=resolve_device(cfg.device))
+    model = load_model(cfg.model)
+    if cfg.seq_len > model.max_position_embeddings:  # every measuring stage would fail on it, minutes apart
+        raise BatchpilotError(f"--seq-len {cfg.seq_len} exceeds {model.name}'s max_position_embeddings "
+                              f"{model.max_position_embeddings}; use --seq-len ≤ {model.max_position_embeddings}")
+    if cfg.gpu:  # an unknown target accelerator fails now, not after the probe and noise stages have run
+        from batchpilot.specs.hardware import load_accelerator
+
+        load_accelerator(cfg.gpu)
+    return TuneState(model=model, device=resolve_device(cfg.device))
 
 
 def probe_request(cfg: TuneConfig, state: TuneState) -> ProbeRequest:
