@@ -168,21 +168,27 @@ def _group_is_gone(pid_file: Path) -> None:
     assert not _alive(trial_pid) and not _alive(sleeper_pid)  # the grandchild died with the group
 
 
+@pytest.mark.slow
 def test_hung_trial_is_does_not_fit_and_the_search_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           fork_trials: None,
                                                           children_before: set[tuple[int, float]]) -> None:
     """Sizes ≥ 2 hang (with a grandchild): each is killed with its group after the timeout, recorded as not
-    fitting with the reason, and the search goes down to micro-batch 1, which runs for real and fits."""
+    fitting with the reason, and the search goes down to micro-batch 1, which runs for real and fits.
+
+    The timeout leaves the real micro-batch-1 trial room on a loaded 2-core machine (a cold one needs
+    several seconds to import the modelling code; it is imported here first, so the forked trial has it)."""
+    import transformers.models.llama.modeling_llama  # noqa: F401  # warm: the forked child inherits it
+
     pids = tmp_path / "pids"
     monkeypatch.setattr(_trial, "run_cpu_trial", _hangs_with_a_grandchild(pids, _trial.run_cpu_trial, threshold=2))
     start = time.monotonic()
-    result = run_probe(_request(budget_bytes=256 * MIB, timeout_s=3), predictor=lambda req: Prediction(max_micro_batch=4))
-    assert time.monotonic() - start < 120
+    result = run_probe(_request(budget_bytes=256 * MIB, timeout_s=20), predictor=lambda req: Prediction(max_micro_batch=2))
+    assert time.monotonic() - start < 180
     hung = [t for t in result.trials if t.micro_batch >= 2]
     assert hung and all(not t.fits and t.peak_bytes is None for t in hung), result.trials
-    assert all(t.error == f"trial ran past --trial-timeout 3 s at micro-batch {t.micro_batch} and was killed"
+    assert all(t.error == f"trial ran past --trial-timeout 20 s at micro-batch {t.micro_batch} and was killed"
                for t in hung), hung
-    assert all(t.seconds >= 3 for t in hung)
+    assert all(t.seconds >= 20 for t in hung)
     assert result.max_micro_batch == 1
     assert [t.fits for t in result.trials if t.micro_batch == 1] == [True]
     _group_is_gone(pids)
