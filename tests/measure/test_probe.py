@@ -289,3 +289,24 @@ def test_cuda_without_a_gpu_is_a_one_line_error(cli_runner) -> None:
     res = cli_runner.invoke(app, ["probe", "--model", "tiny-llama-1m", "--device", "cuda"])
     assert res.exit_code == 2
     assert "--device cuda" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_an_unknown_calibration_accelerator_fails_before_any_trial():
+    from batchpilot.errors import BatchpilotError
+    from batchpilot.measure.probe import check_calibration_accelerator_for
+
+    with pytest.raises(BatchpilotError, match="bogus"):
+        check_calibration_accelerator_for("cuda", "bogus")
+    check_calibration_accelerator_for("cuda", "h100-sxm")  # a catalog name passes
+    check_calibration_accelerator_for("cpu", None)
+
+
+def test_a_trial_killed_before_its_limit_names_host_memory():
+    """SIGKILL before the trial set its memory limit: the kernel killed it while the model was being built
+    (a model too large for the machine), which the message says instead of 'check that torch works'."""
+    from batchpilot.measure.probe import ProbeError, _to_trial
+
+    with pytest.raises(ProbeError, match="killed \\(SIGKILL\\) before its memory limit was set, while building"):
+        _to_trial(1, [], -9, 1.0)
+    with pytest.raises(ProbeError, match="check that torch works"):
+        _to_trial(1, [], 1, 1.0)

@@ -126,12 +126,13 @@ def test_world_size_that_is_not_a_number(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_moe_trace_without_a_fake_kernel_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """transformers 5's MoE ``grouped_mm`` has a meta kernel for bf16 only; the fp32 trace hit it."""
+    """transformers 5's MoE ``grouped_mm`` has a meta kernel for bf16 only (the fp32 trace hit it), and its
+    eager experts loop uses ``nonzero`` (a data-dependent shape fake tensors cannot run): refused up front."""
     moe = _config(tmp_path, "moe", model_type="mixtral", num_local_experts=2, num_experts_per_tok=1)
     code, out, err = run_in_process(["memory", "--model", moe, "--gpu", "h100-sxm", "--seq-len", "8",
                                      "--micro-batch", "1", "--method", "traced", "--json"], capsys)
     assert (code, out) == (2, "")
-    assert_one_line_error(err, "cannot be traced", "use --method analytic")
+    assert_one_line_error(err, "is a mixture of experts, which a fake-tensor trace cannot run", "use --method analytic")
 
 
 def test_hf_dataset_offline_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -81,9 +81,9 @@ def build_cluster(gpu: str, gpus: int, gpus_per_node: int | None, inter_node_ban
         raise SpecError(f"--gpus {gpus} is not a multiple of --gpus-per-node {per_node}; "
                         f"use --gpus {' or '.join(map(str, fixes))}")
     nodes = gpus // per_node
-    bandwidth = float(parse_bytes(inter_node_bandwidth, "--inter-node-bandwidth")) if nodes > 1 else None
+    bandwidth = float(parse_bytes(inter_node_bandwidth, "--inter-node-bandwidth"))  # checked even on one node
     return ClusterSpec(accelerator=load_accelerator(gpu), devices_per_node=per_node, num_nodes=nodes,
-                       inter_node_bandwidth_bytes_per_s=bandwidth)
+                       inter_node_bandwidth_bytes_per_s=bandwidth if nodes > 1 else None)
 
 
 SOFT_TARGET_DEVIATION = 0.10

@@ -206,6 +206,10 @@ def check_traceable(
     if seq_len > model.max_position_embeddings:
         raise SpecError(f"--seq-len {seq_len} exceeds the {model.max_position_embeddings} positions of "
                         f"{model.name}; use --seq-len ≤ {model.max_position_embeddings}")
+    if model.is_moe:
+        raise SpecError(f"{model.name} is a mixture of experts, which a fake-tensor trace cannot run (its routing has "
+                        "data-dependent shapes, and transformers' grouped_mm kernel takes bf16 only); "
+                        "use --method analytic")
     if settings.precision == "fp8":
         raise SpecError("--precision fp8 cannot be traced (Transformer-Engine fp8 kernels do not exist on CPU); "
                         "use --method analytic or --precision bf16")

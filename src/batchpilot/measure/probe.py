@@ -484,6 +484,10 @@ def _to_trial(micro_batch: int, messages: list[tuple[str, Any]], exitcode: int |
     if "limit" in kinds:  # died under the limit without a word: an allocation outside torch failed
         return ProbeTrial(micro_batch=micro_batch, fits=False, peak_bytes=None, tokens_per_s=None,
                           seconds=seconds, error=f"trial process died under the memory limit (exit code {exitcode})")
+    if exitcode == -signal.SIGKILL:  # the kernel's OOM killer, while the model was built or loaded
+        raise ProbeError(f"trial process for micro-batch {micro_batch} was killed (SIGKILL) before its memory limit "
+                         "was set, while building the model: the model itself likely does not fit in this "
+                         "machine's memory; check `batchpilot memory` for its weights, or use a smaller model")
     raise ProbeError(f"trial process for micro-batch {micro_batch} died before its memory limit was set "
                      f"(exit code {exitcode}); run it again, or check that torch works in this environment")
 
@@ -622,12 +626,17 @@ def calibration_from_probe(result: ProbeResult, request: ProbeRequest, *, peak_f
 
 
 def check_calibration_accelerator_for(device: Device, accelerator: str | None) -> None:
-    """Refuse ``--accelerator`` on a CPU probe: its efficiencies would be CPU throughput divided by a GPU's
-    peak, recorded under the GPU's name, which ``plan --calibration`` would then accept for that GPU."""
+    """Before any trial: refuse ``--accelerator`` on a CPU probe (its efficiencies would be CPU throughput
+    divided by a GPU's peak, recorded under the GPU's name, which ``plan --calibration`` would then accept
+    for that GPU), and load the named accelerator (an unknown name fails now, not after the trials)."""
     if accelerator and device == "cpu":
         raise ProbeError(f"--accelerator {accelerator} with --device cpu: a CPU probe cannot calibrate a GPU; "
                          "drop --accelerator (the calibration then divides by this CPU's measured matmul rate "
                          "and is named 'cpu') or probe on the GPU with --device cuda")
+    if accelerator:
+        from batchpilot.specs.hardware import load_accelerator
+
+        load_accelerator(accelerator)
 
 
 def write_calibration(result: ProbeResult, request: ProbeRequest, path: str | Path,
