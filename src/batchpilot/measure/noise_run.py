@@ -5,14 +5,17 @@ Examples::
     batchpilot noise --steps 20                                    # tiny-llama-1m on the stdlib, CPU
     batchpilot noise --model tiny-llama-15m --seq-len 256 --micro-batch 4 --global-batch 32 --steps 40 --json
     batchpilot noise --model ./my-checkpoint --data corpus.jsonl --train-tokens 2T
+    batchpilot noise --model runs/base --json          # at the newest checkpoint of a `batchpilot train` run
 
 It runs the real training loop (:func:`batchpilot.train.run`, single process) for K optimizer steps at a
-constant global batch from the given point of training — random init for a preset/config.json, or the
-weights of a local pretrained directory — with :class:`batchpilot.train.adaptive.NoiseScaleHook` measuring
-micro-batch vs global gradients each step. The K per-step estimates are averaged with equal weights
-(β = 1), so the result describes the K-step window; keep K small relative to training for "the current
-point". The report adds the steps/examples trade-off (McCandlish et al. 2018, Eq. 2.11) for a few
-batches around B_crit ≈ B_simple and the scaling-law priors (:mod:`batchpilot.plan.priors`).
+constant global batch from the given point of training — random init for a preset/config.json, the
+weights of a local pretrained directory, or those of a ``batchpilot train`` run folder's newest good
+checkpoint (B_simple grows as the loss falls, so that is the point that matters) — with
+:class:`batchpilot.train.adaptive.NoiseScaleHook` measuring micro-batch vs global gradients each step.
+The K per-step estimates are averaged with equal weights (β = 1), so the result describes the K-step
+window; keep K small relative to training for "the current point". The report adds the steps/examples
+trade-off (McCandlish et al. 2018, Eq. 2.11) for a few batches around B_crit ≈ B_simple and the
+scaling-law priors (:mod:`batchpilot.plan.priors`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class NoiseRunSettings:
     """What ``batchpilot noise`` measures on."""
 
     model: str = "tiny-llama-1m"
-    """Preset, config.json (random init) or local pretrained directory."""
+    """Preset, config.json (random init), local pretrained directory, or a ``batchpilot train`` run folder."""
     data: str = "stdlib"
     """Training data (see ``batchpilot train --data``)."""
     tokenizer: str = "bytes"
@@ -109,7 +112,7 @@ def noise_report(estimate: NoiseEstimate, *, settings: NoiseRunSettings, records
     record = estimate.to_dict()
     b_crit = estimate.b_simple_sequences
     record.update(
-        model=settings.model, data=settings.data, seq_len=settings.seq_len,
+        model=settings.model, model_source=summary.get("model_source"), data=settings.data, seq_len=settings.seq_len,
         micro_batch_sequences=settings.micro_batch_sequences, global_batch_sequences=settings.global_batch_sequences,
         seed=settings.seed, b_crit_sequences=b_crit, b_crit_tokens=estimate.b_simple_tokens,
         tradeoff=_tradeoff(b_crit, settings), priors=_priors(settings, records),
@@ -136,8 +139,10 @@ def _priors(settings: NoiseRunSettings, records: list[dict[str, Any]]) -> dict[s
         priors["kaplan_note"] = (f"Kaplan et al. 2020 Eq. 5.1 at loss {loss:.3f} nats/token; fitted on WebText2 with "
                                  "GPT-2 tokens, so only an order of magnitude for other tokenizers")
     if settings.train_tokens:
+        from batchpilot.train.run_folder import base_model
+
         try:
-            spec = load_model(settings.model)
+            spec = load_model(base_model(settings.model))  # a run folder: its recorded architecture
         except BatchpilotError:
             return priors
         m = deepseek_flops_per_token(num_layers=spec.num_layers, hidden_size=spec.hidden_size, seq_len=settings.seq_len)

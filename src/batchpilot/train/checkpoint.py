@@ -16,7 +16,8 @@ either the previous checkpoint or the new one, never a half-written one. Multi-n
 Integrity: on resume the manifest is checked (a flipped bit or a cut file changes the SHA-256); a
 checkpoint that fails it, or cannot be unpickled, is skipped with a warning (logger ``batchpilot.train``)
 and the next older ``step-*`` is tried; none good is a one-line error. Checkpoints written before
-manifests existed are loaded unchecked.
+manifests existed are loaded unchecked. The same selection serves ``--model RUN_DIR``
+(:func:`load_model_weights`: the model weights only, for a new run or ``batchpilot noise``).
 
 Model and optimizer go through ``torch.distributed.checkpoint.state_dict`` (``full_state_dict``), so
 the same file restores a single process, DDP or FSDP2 run. Files are read with ``weights_only=True``.
@@ -235,28 +236,54 @@ def check_fresh_start(out: Path, *, resume: bool) -> None:
                               f"{str(out / CHECKPOINTS)!r} to start again)")
 
 
+def _newest_good(out: Path, rank: int, *, warn: bool, who: str, fix: str,
+                 action: str) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The newest checkpoint of ``out`` that passes its checksums and loads, with its blob and RNG state;
+    older ones are tried in turn (one warning line, when ``warn``, names what was skipped and why). The one
+    implementation of checkpoint selection: ``--resume`` and ``--model RUN_DIR`` both go through it."""
+    candidates = _candidates(out)
+    if not candidates:
+        raise BatchpilotError(f"{who}: no complete checkpoint in {str(out / CHECKPOINTS)!r}; {fix}")
+    problems = []
+    for path in candidates:
+        try:
+            blob, rng_state = _read(path, rank)
+        except BatchpilotError as exc:
+            problems.append(str(exc))
+            continue
+        if problems and warn:
+            _log.warning("warning: %s; %s the older checkpoint %r instead", "; ".join(problems), action, str(path))
+        return path, blob, rng_state
+    raise BatchpilotError(f"{who}: none of the {len(candidates)} checkpoints in {str(out / CHECKPOINTS)!r} "
+                          f"is usable (newest: {problems[0]}); {fix}")
+
+
 def load_latest(out: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 env: DistEnv) -> tuple[Path, dict[str, Any]]:
     """Restore the newest checkpoint that passes its checksums and loads; older ones are tried in turn
     (one warning line names what was skipped and why). Returns (the checkpoint used, the trainer state)."""
-    candidates = _candidates(out)
-    if not candidates:
-        raise BatchpilotError(f"--resume: no complete checkpoint in {str(out / CHECKPOINTS)!r}; "
-                              f"run without --resume to start fresh")
-    problems = []
-    for path in candidates:
-        try:
-            blob, rng_state = _read(path, env.rank)
-        except BatchpilotError as exc:
-            problems.append(str(exc))
-            continue
-        if problems and env.is_main:
-            _log.warning("warning: %s; resuming from the older checkpoint %r instead",
-                         "; ".join(problems), str(path))
-        _apply(blob, rng_state, model=model, optimizer=optimizer, scaler=scaler)
-        return path, dict(blob["state"])
-    raise BatchpilotError(f"--resume: none of the {len(candidates)} checkpoints in {str(out / CHECKPOINTS)!r} "
-                          f"is usable (newest: {problems[0]}); run without --resume to start fresh")
+    path, blob, rng_state = _newest_good(out, env.rank, warn=env.is_main, who="--resume",
+                                         fix="run without --resume to start fresh", action="resuming from")
+    _apply(blob, rng_state, model=model, optimizer=optimizer, scaler=scaler)
+    return path, dict(blob["state"])
+
+
+def load_model_weights(out: Path, module: nn.Module, *, warn: bool = True) -> Path:
+    """Only the model weights of run folder ``out``'s newest good checkpoint, into an unwrapped ``module``
+    built from the run's model config: the start of a new run or a noise measurement (``--model RUN_DIR``),
+    not a resume — the optimizer, scaler, RNG and trainer state (step, data position, schedule) stay behind.
+    Returns the checkpoint used."""
+    who = f"--model {str(out)!r}"
+    path, blob, _ = _newest_good(out, 0, warn=warn, who=who, action="loading weights from",
+                                 fix="train that run with a checkpoint (any run that ends or is stopped by a "
+                                     "signal writes one), or pass another run folder")
+    try:
+        module.load_state_dict(blob["model"], strict=True)
+    except (RuntimeError, ValueError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise BatchpilotError(f"{who}: the weights in {str(path)!r} do not fit the model built from the run's "
+                              f"recorded model config ({detail}); was that config file changed since?") from None
+    return path
 
 
 def _apply(blob: dict[str, Any], rng_state: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -3,13 +3,17 @@
 - a preset name (``tiny-llama-1m``) or a ``config.json`` → ``AutoConfig.for_model(**hf_config)`` and
   ``AutoModelForCausalLM.from_config`` under ``torch.manual_seed(seed)`` (same weights on every rank);
 - a directory with ``config.json`` and ``*.safetensors`` → ``from_pretrained(local_files_only=True,
-  use_safetensors=True, trust_remote_code=False)`` unless the user opts in to remote code.
+  use_safetensors=True, trust_remote_code=False)`` unless the user opts in to remote code;
+- a ``batchpilot train`` run folder → the run's recorded model rebuilt as above, then only the weights of
+  its newest good checkpoint (:mod:`batchpilot.train.run_folder`); ``source`` is ``run:DIR@step-NNNNNNNN``.
 
 Weights are kept in fp32 (master weights); bf16/fp16 come from autocast.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,9 @@ from torch import nn
 
 from batchpilot.errors import SpecError
 from batchpilot.specs.model import load_model
+from batchpilot.train.checkpoint import load_model_weights
 from batchpilot.train.config import ModelConfig
+from batchpilot.train.run_folder import base_model, is_run_folder
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -33,7 +39,7 @@ class BuiltModel:
     """``max_position_embeddings``: the longest sequence the model accepts."""
     num_params: int
     source: str
-    """``random-init`` or ``pretrained``."""
+    """``random-init``, ``pretrained`` or ``run:DIR@step-NNNNNNNN`` (the checkpoint whose weights were loaded)."""
 
 
 def _is_pretrained_dir(path: Path) -> bool:
@@ -60,6 +66,8 @@ def _from_config(hf_config: Any, name: str, auto_config: Any, auto_model: Any, e
 
 def build_model(config: ModelConfig, *, seed: int) -> BuiltModel:
     """Build the model named by ``--model`` (see the module docstring)."""
+    if is_run_folder(config.model):
+        return _from_run_folder(config, seed=seed)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(config.model)
@@ -86,3 +94,11 @@ def build_model(config: ModelConfig, *, seed: int) -> BuiltModel:
         max_positions=int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0)),
         num_params=sum(p.numel() for p in module.parameters()), source=source,
     )
+
+
+def _from_run_folder(config: ModelConfig, *, seed: int) -> BuiltModel:
+    """The run's architecture (its recorded ``--model``, followed to the base of a chain) with the weights of
+    its newest checkpoint that passes its checksums; the fallback warning is rank 0's alone."""
+    built = build_model(dataclasses.replace(config, model=base_model(config.model)), seed=seed)
+    used = load_model_weights(Path(config.model), built.module, warn=os.environ.get("RANK", "0") == "0")
+    return dataclasses.replace(built, source=f"run:{config.model}@{used.name}")

@@ -1,6 +1,7 @@
 """Checks that need no data and no model weights: run before anything is written or launched.
 
-Bad input fails here with one line (exit 2 in the CLI): a sequence longer than the model's positions,
+Bad input fails here with one line (exit 2 in the CLI): a ``--model`` run folder without a checkpoint, whose
+recorded model is gone or whose tokenizer differs, a sequence longer than the model's positions,
 a global batch that is not ``micro × accum × dp``, a schedule that produces such a batch, a token
 budget smaller than one sequence, a missing data path, an unknown tokenizer.
 """
@@ -14,6 +15,7 @@ from batchpilot.errors import BatchpilotError, DataError, SpecError
 from batchpilot.specs.batch import BatchTriad
 from batchpilot.specs.model import load_model
 from batchpilot.train.config import TrainConfig
+from batchpilot.train.run_folder import check_run_model
 from batchpilot.train.schedule import BatchSchedule, ConstantSchedule, check_schedule, parse_batch_schedule
 from batchpilot.train.tokenizer import resolve_tokenizer
 
@@ -54,7 +56,7 @@ def check_static(config: TrainConfig, world_size: int) -> StaticPlan:
     dc, bc = config.data, config.batch
     _check_data(dc.data)
     kind, bpe_vocab, _ = resolve_tokenizer(dc.tokenizer)
-    limits = _model_limits(config.model.model)
+    limits = _model_limits(check_run_model(config.model.model, dc))  # a run folder: its recorded architecture
     if limits is not None:
         vocab, positions = limits
         if dc.seq_len > positions:
