@@ -5,6 +5,7 @@ Examples::
     batchpilot noise --steps 20
     batchpilot noise --model tiny-llama-15m --seq-len 256 --micro-batch 4 --global-batch 32 --steps 40 --json > noise.json
     batchpilot noise --model ./my-checkpoint --data corpus.jsonl --train-tokens 2T
+    batchpilot noise --model runs/base --json      # at a `batchpilot train --out runs/base` run's newest checkpoint
 
 ``noise.json`` feeds the planner (``batchpilot plan --noise noise.json``).
 """
@@ -23,7 +24,7 @@ from batchpilot.units import format_count, parse_count
 
 @handle_errors
 def noise(
-    model: str = typer.Option("tiny-llama-1m", "--model", help="Preset, config.json or local pretrained directory."),
+    model: str = typer.Option("tiny-llama-1m", "--model", help="Preset, config.json, local pretrained directory, or a `batchpilot train` run folder (its newest good checkpoint's weights)."),
     data: str = typer.Option("stdlib", "--data", help="stdlib, a text/JSONL/Parquet file or folder, or hf:NAME."),
     tokenizer: str = typer.Option("bytes", "--tokenizer", help="bytes, bpe:VOCAB or a local tokenizer directory."),
     seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per sequence."),
