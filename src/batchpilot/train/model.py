@@ -101,4 +101,4 @@ def _from_run_folder(config: ModelConfig, *, seed: int) -> BuiltModel:
     its newest checkpoint that passes its checksums; the fallback warning is rank 0's alone."""
     built = build_model(dataclasses.replace(config, model=base_model(config.model)), seed=seed)
     used = load_model_weights(Path(config.model), built.module, warn=os.environ.get("RANK", "0") == "0")
-    return dataclasses.replace(built, source=f"run:{config.model}@{used.name}")
+    return dataclasses.replace(built, source=f"run:{Path(config.model)}@{used.name}")
