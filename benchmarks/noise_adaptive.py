@@ -38,7 +38,7 @@ import torch
 
 from batchpilot.measure.noise_run import NoiseRunSettings, measure_noise
 from batchpilot.train.adaptive import NoiseScaleHook
-from batchpilot.train.config import TrainConfig
+from batchpilot.train.config import DEFAULT_NOISE_EVERY, TrainConfig
 from batchpilot.train.hooks import MicroStepInfo, StepInfo
 from batchpilot.train.runner import run
 
@@ -163,13 +163,16 @@ def _hooked_steps(model: torch.nn.Module, hook: NoiseScaleHook | None, steps: in
                 world_size=1))
 
 
-def overhead(model_name: str = "tiny-llama-1m", repeats: int = 12, steps: int = 3, accum: int = 4) -> dict[str, Any]:
+def overhead(model_name: str = "tiny-llama-1m", repeats: int = 12, steps: int = 3, accum: int = 4,
+             every: int = 1) -> dict[str, Any]:
     """Process CPU time of forward+backward steps with and without :class:`NoiseScaleHook`, interleaved in one process.
 
     One process and many short alternated blocks, because whole runs on the shared machine differed by
     more than the effect (±5% between identical runs). The hook's cost is the per-parameter norm in each
     micro-step's backward plus one pass over ``p.grad`` per step; the optimizer step, which the hook does
-    not touch, is left out, so this is an upper bound on the fraction of a real step.
+    not touch, is left out, so this is an upper bound on the fraction of a real step. With ``every`` > 1
+    (the runner's default measurement, ``--noise-every``) a block holds a multiple of ``every`` steps, so
+    exactly one step in ``every`` is measured; the "off" blocks run with the tensor hooks removed.
     """
     from batchpilot.train.config import ModelConfig
     from batchpilot.train.model import build_model
@@ -177,20 +180,23 @@ def overhead(model_name: str = "tiny-llama-1m", repeats: int = 12, steps: int = 
     torch.set_num_threads(THREADS)
     model = build_model(ModelConfig(model=model_name), seed=0).module
     batch = torch.randint(0, 256, (MICRO, SEQ_LEN), generator=torch.Generator().manual_seed(0))
-    hook = NoiseScaleHook()
-    _hooked_steps(model, hook, 2, accum, batch)  # attach + warm up
+    steps = -(-steps // every) * every
+    hook = NoiseScaleHook(every=every)
+    _hooked_steps(model, hook, every + 1, accum, batch)  # attach + warm up
     times: dict[str, list[float]] = {"off": [], "on": []}
     for _ in range(repeats):
         for mode in ("off", "on"):
-            hook._meter.enabled = mode == "on"  # type: ignore[union-attr]
+            if hook._meter is not None:  # "off": no tensor hooks at all; "on": re-attached on its first micro-step
+                hook._meter.remove()
+                hook._meter = None
             start = time.process_time()
             _hooked_steps(model, hook if mode == "on" else None, steps, accum, batch)
             times[mode].append(time.process_time() - start)
     med = {m: statistics.median(v) for m, v in times.items()}
-    print(f"overhead {model_name}: median CPU {med['off']:.3f} s off, {med['on']:.3f} s on", flush=True)
+    print(f"overhead {model_name} every {every}: median CPU {med['off']:.3f} s off, {med['on']:.3f} s on", flush=True)
     return {"model": model_name, "cpu_s": times, "overhead_fraction_median": med["on"] / med["off"] - 1.0,
             "overhead_fraction_min": min(times["on"]) / min(times["off"]) - 1.0, "steps_per_block": steps,
-            "accum": accum, "micro_batch": MICRO, "seq_len": SEQ_LEN, "threads": THREADS}
+            "accum": accum, "every": every, "micro_batch": MICRO, "seq_len": SEQ_LEN, "threads": THREADS}
 
 
 def growth_table(results: dict[str, Any]) -> str:
@@ -280,13 +286,14 @@ def race_plot(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     parts = argv or ["overhead", "seeds", "race"]
-    if "overhead" in parts:
-        data = overhead()
-        _write("noise_adaptive_overhead", data,
-               f"Noise-hook overhead on {data['model']} (micro {MICRO} × {SEQ_LEN} tokens, accumulation {data['accum']}, "
-               f"{THREADS} thread), process CPU time of forward+backward, {len(data['cpu_s']['on'])} interleaved blocks "
-               f"in one process: median {100 * data['overhead_fraction_median']:+.1f}%, "
-               f"min-vs-min {100 * data['overhead_fraction_min']:+.1f}%\n")
+    if "overhead" in parts:  # every step (the adaptive schedule) and the runner's default, one step in 4
+        runs = {f"every-{k}": overhead(every=k, repeats=24, steps=4) for k in (1, DEFAULT_NOISE_EVERY)}
+        _write("noise_adaptive_overhead", runs, "".join(
+            f"Noise-hook overhead on {d['model']} (micro {MICRO} × {SEQ_LEN} tokens, accumulation {d['accum']}, "
+            f"{THREADS} thread), measuring one step in {d['every']}: process CPU time of forward+backward, "
+            f"{len(d['cpu_s']['on'])} interleaved blocks of {d['steps_per_block']} steps in one process (off: no "
+            f"tensor hooks): median {100 * d['overhead_fraction_median']:+.1f}%, min-vs-min "
+            f"{100 * d['overhead_fraction_min']:+.1f}%\n\n" for d in runs.values()))
     if "seeds" in parts:
         data = seeds()
         rows = "\n".join(f"| {k} | {v['b_simple_sequences']:.2f} | {v['band']['sequences'][0]:.2f}–"

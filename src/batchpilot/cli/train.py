@@ -24,7 +24,15 @@ from rich.table import Table
 from batchpilot.cli._common import console, handle_errors, print_json
 from batchpilot.errors import BatchpilotError
 from batchpilot.specs.batch import sequences_from_tokens
-from batchpilot.train.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from batchpilot.train.config import (
+    DEFAULT_NOISE_EVERY,
+    BatchConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
 from batchpilot.units import format_bytes, format_count, parse_count
 
 #: The no-argument demo: small enough that the loss visibly falls within a couple of CPU minutes.
@@ -88,7 +96,7 @@ def _render(summary: dict[str, Any]) -> None:
 
 
 def train(
-    model: str = typer.Option("tiny-llama-1m", "--model", help="Preset, config.json (random init) or a local pretrained directory."),
+    model: str = typer.Option("tiny-llama-1m", "--model", help="Preset, config.json (random init), a local pretrained directory, or a run folder (its newest checkpoint's weights only: a new run, not --resume)."),
     data: str = typer.Option("stdlib", "--data", help="stdlib, a text/JSONL/Parquet file or folder, or hf:NAME[:SPLIT]."),
     tokenizer: str = typer.Option("bytes", "--tokenizer", help="bytes, bpe:VOCAB (trained on the corpus, cached) or a tokenizer directory."),
     text_field: str = typer.Option("text", "--text-field", help="Text field of JSONL/Parquet/datasets rows."),
@@ -118,6 +126,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     seed: int = typer.Option(0, "--seed", help="Model init and data order."),
     val_every: int = typer.Option(0, "--val-every", help="Validation loss every N steps (always at the end)."),
+    noise_every: int | None = typer.Option(None, "--noise-every", help=f"Measure the gradient noise scale B_simple (critical batch) on one step in N; 0: off [default {DEFAULT_NOISE_EVERY}]."),
+    no_noise: bool = typer.Option(False, "--no-noise", help="Do not measure the gradient noise scale (same as --noise-every 0)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads per process."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a local checkpoint's own modelling code."),
@@ -140,10 +150,17 @@ def train(
                           grad_clip=grad_clip, weight_decay=weight_decay, precision=precision,  # type: ignore[arg-type]
                           max_bad_steps=max_bad_steps),  # type: ignore[arg-type]
         run=RunConfig(steps=steps_n, tokens=tokens_n, out=out, checkpoint_every=checkpoint_every, resume=resume,
-                      seed=seed, val_every=val_every, nproc=nproc, max_restarts=max_restarts, fsdp=fsdp, expected_world_size=expect_world_size,
+                      seed=seed, val_every=val_every, noise_every=_noise_every(noise_every, no_noise), nproc=nproc, max_restarts=max_restarts, fsdp=fsdp, expected_world_size=expect_world_size,
                       device=device, threads=threads),  # type: ignore[arg-type]
     )
     _run_and_report(config, json_output, world)
+
+
+def _noise_every(noise_every: int | None, no_noise: bool) -> int:
+    """--no-noise is --noise-every 0; both with another interval contradict each other."""
+    if no_noise and noise_every not in (None, 0):
+        raise BatchpilotError(f"give --no-noise or --noise-every {noise_every}, not both")
+    return 0 if no_noise else DEFAULT_NOISE_EVERY if noise_every is None else noise_every
 
 
 def _default_lr_scaling(lr_scaling: str | None, batch_schedule: str) -> str:

@@ -112,6 +112,9 @@ def _summary_section(records: RunRecords) -> str:
                   ("max micro-batch (measured)", str(probe.get("max_micro_batch", "?"))),
                   ("throughput knee", str(probe.get("knee_micro_batch", "?"))),
                   ("predicted max micro-batch", str(probe.get("predicted_max_micro_batch", "?")))]
+    scale = summary.get("noise_scale")
+    if not noise and isinstance(scale, dict) and isinstance(scale.get("b_simple_sequences"), (int, float)):
+        noise = scale  # measured during the training run (train/noise_default.py)
     if noise:
         tokens = noise.get("b_simple_tokens")
         facts.append(("critical batch ≈ B_simple",

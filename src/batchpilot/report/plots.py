@@ -114,27 +114,57 @@ def plot_throughput(records: RunRecords, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_noise(records: RunRecords, path: Path) -> Path | None:
-    """B_simple (sequences) over optimizer steps, with the uncertainty band."""
+def _noise_points(records: RunRecords) -> tuple[list[tuple[float, float]], bool]:
+    """(step, B_simple) from ``noise --json``'s trajectory, else from the training run's ``metrics.jsonl``
+    (the runner measures it by default, ``train/noise_default.py``); True when they come from the run."""
     noise = records.noise or {}
     history = rows_of(noise.get("trajectory") or noise.get("history"))
-    points = (_pairs(history, "step", "b_simple_sequences") or _pairs(history, "step", "b_simple")
-              or _pairs(records.metrics, "step", "b_simple"))
+    points = _pairs(history, "step", "b_simple_sequences") or _pairs(history, "step", "b_simple")
+    if points:
+        return points, False
+    return _pairs(records.metrics, "step", "b_simple"), True
+
+
+def _final_noise(records: RunRecords) -> tuple[float | None, Any]:
+    """The final B_simple (sequences) and its band: ``noise.json``, else ``summary.json``'s ``noise_scale``."""
+    noise = records.noise or {}
+    if not noise:
+        scale = (records.summary or {}).get("noise_scale")
+        noise = scale if isinstance(scale, dict) else {}
     final = noise.get("b_simple_sequences")
-    if not _plottable(final):
-        final = None
+    band = noise.get("band")
+    if isinstance(band, dict):  # ``batchpilot noise --json``: {"sequences": [lo, hi], "tokens": [lo, hi]}
+        band = band.get("sequences")
+    return (final if _plottable(final) else None), band
+
+
+def plot_noise(records: RunRecords, path: Path) -> Path | None:
+    """B_simple (sequences) over optimizer steps, with the uncertainty band; for a training run, the per-step
+    95% band and the training loss on a second axis (B_simple grows as the loss falls, McCandlish et al. 2018)."""
+    points, from_run = _noise_points(records)
+    final, band = _final_noise(records)
     if not points and final is None:
         return None
     fig, ax = plt.subplots(figsize=FIGSIZE_IN)
     if points:
         ax.plot([x for x, _ in points], [y for _, y in points], "-", label="B_simple estimate (EMA)")
-    band = noise.get("band")
-    if isinstance(band, dict):  # ``batchpilot noise --json``: {"sequences": [lo, hi], "tokens": [lo, hi]}
-        band = band.get("sequences")
-    if isinstance(band, (list, tuple)) and len(band) == 2 and all(_plottable(b) for b in band):
+    rows = [r for r in records.metrics if all(_plottable(r.get(k)) for k in ("step", "b_simple_lo", "b_simple_hi"))]
+    if from_run and rows:
+        ax.fill_between([r["step"] for r in rows], [r["b_simple_lo"] for r in rows], [r["b_simple_hi"] for r in rows],
+                        color="tab:blue", alpha=0.15, label="95% band")
+    elif isinstance(band, (list, tuple)) and len(band) == 2 and all(_plottable(b) for b in band):
         ax.axhspan(band[0], band[1], color="tab:blue", alpha=0.15, label="band")
     if final is not None:
         ax.axhline(final, color="tab:blue", linestyle="--", linewidth=1, label=f"B_simple = {final:.1f} seqs")
+    values = [y for _, y in points]
+    if values and min(values) > 0 and max(values) / min(values) > 30:  # early estimates from few steps vary widely
+        ax.set_yscale("log")
+    if from_run:
+        loss = _pairs(records.metrics, "step", "loss")
+        if loss:
+            twin = ax.twinx()
+            twin.plot([x for x, _ in loss], [y for _, y in loss], "-", color="grey", alpha=0.6, linewidth=1)
+            twin.set_ylabel("training loss (grey)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("critical batch ≈ B_simple (sequences)")
     ax.set_title("Gradient noise scale")

@@ -9,6 +9,8 @@ Layout of a run directory (every file optional; the report says which stage is m
       plan.json           batchpilot plan --json   (plans, rejected, rationale)
       train/metrics.jsonl batchpilot train         (one object per optimizer step)
       train/summary.json
+      metrics.jsonl       a plain ``batchpilot train --out RUN_DIR`` folder (no train/ inside)
+      summary.json
       exports/*           exported configs (DeepSpeed JSON, Megatron args, ...)
       tune.json           the tune stages: status, seconds, record file
 """
@@ -102,20 +104,22 @@ def load_run(run_dir: str | Path) -> RunRecords:
                               f"`batchpilot tune --out` wrote (the one holding tune.json)")
     if not root.is_dir():
         raise BatchpilotError(f"run directory {str(root)!r} does not exist; run `batchpilot tune --out {root}` first")
+    train = root / "train" if (root / "train").is_dir() else root  # tune's train stage, or a train --out folder
     records = RunRecords(
         run_dir=root,
         probe=_read_object(root / "probe.json"),
         memory_curve=_read_object(root / "memory_curve.json"),
         noise=_read_object(root / "noise.json"),
         plan=_read_object(root / "plan.json"),
-        metrics=_read_jsonl(root / "train" / "metrics.jsonl"),
-        summary=_read_object(root / "train" / "summary.json"),
+        metrics=_read_jsonl(train / "metrics.jsonl"),
+        summary=_read_object(train / "summary.json"),
         tune=_read_object(root / "tune.json"),
         exports=_read_exports(root / "exports"),
     )
     if not any((records.probe, records.noise, records.plan, records.metrics, records.memory_curve)):
         raise BatchpilotError(
-            f"{str(root)!r} holds no batchpilot records (probe.json, noise.json, plan.json, train/metrics.jsonl)"
+            f"{str(root)!r} holds no batchpilot records (probe.json, noise.json, plan.json, train/metrics.jsonl, "
+            f"metrics.jsonl)"
         )
     return records
 

@@ -57,11 +57,14 @@ class NoiseScaleHook(BaseHook):
     requires_local_gradients = False
 
     def __init__(self, *, ema_decay: float = DEFAULT_EMA_DECAY, max_band_ratio: float = DEFAULT_MAX_BAND_RATIO,
-                 every: int = 1) -> None:
+                 every: int = 1, skip_single_micro_batch: bool = False) -> None:
         if every < 1:
             raise BatchpilotError(f"noise measurement interval must be >= 1 step, got {every}")
         self.every = every
         """Measure on steps whose index is a multiple of this (the hooks are switched off in between)."""
+        self.skip_single_micro_batch = skip_single_micro_batch
+        """True: a step with one micro-batch in total (B_small = B_big) is left out instead of refused (the
+        runner's default measurement, where a ramp or token-budget batching can produce such steps)."""
         self.estimator = NoiseScaleEstimator(ema_decay=ema_decay, max_band_ratio=max_band_ratio)
         self.last: NoiseEstimate | None = None
         """The estimate after the latest measured step."""
@@ -107,6 +110,9 @@ class NoiseScaleHook(BaseHook):
         sq_small, b_small_tokens = stats[0] / stats[2], stats[2] / stats[1]  # harmonic-mean micro size
         b_big_tokens = float(info.global_target_tokens)
         if b_small_tokens >= b_big_tokens:
+            if self.skip_single_micro_batch:
+                fields, self.overhead_s = self._fields(), 0.0
+                return fields
             raise ScheduleError(
                 f"noise scale needs a micro-batch smaller than the global batch (micro {b_small_tokens:.0f} tokens, "
                 f"global {b_big_tokens:.0f}); use a global batch of at least 2 × micro × dp")

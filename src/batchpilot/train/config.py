@@ -21,6 +21,10 @@ LRDecay = Literal["cosine", "linear", "constant"]
 LRScaling = Literal["none", "linear", "sqrt"]
 Device = Literal["auto", "cpu", "cuda"]
 MAX_RESTARTS = 100
+DEFAULT_NOISE_EVERY = 4
+"""The runner measures the gradient noise scale on one optimizer step in this many (``--noise-every``):
+≈1% of a CPU forward+backward of tiny-llama-1m at 512 tokens per micro-batch, against ≈4–7% for every
+step (``benchmarks/results/noise_adaptive_overhead.md``)."""
 """Upper bound of ``--max-restarts`` (a worker group failing more often than this is not a transient fault)."""
 
 
@@ -150,6 +154,10 @@ class RunConfig:
     """Validation loss every N steps (0: only at the end)."""
     val_rows: int = 64
     """Validation rows evaluated each time."""
+    noise_every: int = DEFAULT_NOISE_EVERY
+    """Measure the gradient noise scale B_simple on one step in this many (0: off). Installed only when a step
+    has more than one micro-batch in total (accumulation × dp > 1) and FSDP is off; see
+    :mod:`batchpilot.train.noise_default`."""
     nproc: int = 1
     """Local processes; > 1 launches torchrun."""
     max_restarts: int = 0
@@ -169,6 +177,7 @@ class RunConfig:
         _require(self.steps is None or self.steps >= 1, "--steps must be positive")
         _require(self.tokens is None or self.tokens >= 1, "--tokens must be positive")
         _require(self.checkpoint_every >= 0 and self.val_every >= 0, "--checkpoint-every/--val-every must be ≥ 0")
+        _require(self.noise_every >= 0, f"--noise-every {self.noise_every} must be ≥ 0 (0 turns the measurement off)")
         _require(self.nproc >= 1, "--nproc must be positive")
         _require(self.expected_world_size is None or self.expected_world_size >= 1,
                  f"--expect-world-size {self.expected_world_size} must be positive")

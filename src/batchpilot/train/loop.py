@@ -65,6 +65,7 @@ from batchpilot.train.hooks import MicroStepInfo, StepInfo, TrainHook
 from batchpilot.train.lr import LRSchedule
 from batchpilot.train.metrics import MetricsLog, peak_memory_bytes, write_json_atomic
 from batchpilot.train.model import build_model
+from batchpilot.train.noise_default import default_noise_hook, noise_summary
 from batchpilot.train.schedule import BatchSchedule, Progress
 from batchpilot.train.tokenizer import load_tokenizer
 from batchpilot.train.validate import StaticPlan, check_static
@@ -106,6 +107,9 @@ class Trainer:
         self.plan: StaticPlan = check_static(config, env.world_size)
         self.schedule: BatchSchedule = self.plan.schedule
         self.hooks += getattr(self.schedule, "required_hooks", list)()  # e.g. the adaptive schedule's noise hook
+        self.noise = default_noise_hook(config, self.plan, env.world_size, self.hooks)
+        if self.noise.hook is not None:  # last: the checkpoint's hook states keep the other hooks' positions
+            self.hooks.append(self.noise.hook)
         self.out = Path(config.run.out)
         self.restarts = elastic_restart_count()
         ckpt.check_fresh_start(self.out, resume=config.run.resume)  # before anything is loaded or written
@@ -472,6 +476,7 @@ class Trainer:
             "train_documents": self.num_documents[0], "val_documents": self.num_documents[1],
             "corpus_tokens": self.corpus.num_tokens, "batch_schedule": self.schedule.describe(),
             "stopped_by_signal": stopped, "elastic_restarts": self.restarts, "out": str(self.out), "config": self.config.to_dict(),
+            "noise_scale": noise_summary(self.noise, self.hooks),
         }
         if self.env.is_main:
             write_json_atomic(self.out / "summary.json", summary)
