@@ -21,6 +21,7 @@ import pytest
 from batchpilot.errors import BatchpilotError, InfeasibleError
 from batchpilot.estimate.calibration import load_calibration
 from batchpilot.measure.probe import (
+    TRACE_ENV,
     Prediction,
     ProbeError,
     ProbeRequest,
@@ -30,6 +31,7 @@ from batchpilot.measure.probe import (
     find_knee,
     knee_ladder,
     run_probe,
+    trace,
     worst_case_seq_len,
 )
 from batchpilot.specs.model import load_model
@@ -101,8 +103,8 @@ def test_json_contract() -> None:
 
 
 def test_nothing_fits_is_a_one_line_infeasible_error() -> None:
-    def never(b: int) -> ProbeTrial:
-        return ProbeTrial(micro_batch=b, fits=False, peak_bytes=None, tokens_per_s=None, seconds=0.1,
+    def never(micro_batch: int) -> ProbeTrial:
+        return ProbeTrial(micro_batch=micro_batch, fits=False, peak_bytes=None, tokens_per_s=None, seconds=0.1,
                           error="DefaultCPUAllocator: can't allocate memory")
 
     with pytest.raises(InfeasibleError, match=r"not even micro-batch 1 .* --memory-budget") as info:
@@ -119,6 +121,22 @@ def test_find_knee_and_ladder() -> None:
     assert find_knee([t(3, None, fits=False)]) == 0
     assert knee_ladder(20, {20, 10}) == [5, 2, 1]
     assert knee_ladder(1, {1}) == []
+
+
+def test_trace_is_off_without_the_variable_and_one_json_line_per_event_with_it(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.delenv(TRACE_ENV, raising=False)
+    trace("spawn", 3)
+    assert not path.exists()
+    monkeypatch.setenv(TRACE_ENV, str(path))
+    before = time.time()
+    trace("spawn", 3)
+    trace("search-end")
+    first, second = (json.loads(line) for line in path.read_text().splitlines())
+    assert first["event"] == "spawn" and first["micro_batch"] == 3 and first["pid"] == os.getpid()
+    assert before <= first["t"] <= second["t"] <= time.time() and second["micro_batch"] is None
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "no-such-dir" / "trace.jsonl"))
+    trace("spawn", 3)  # an unwritable trace is skipped, never an error
 
 
 def test_worst_case_seq_len() -> None:
@@ -186,11 +204,13 @@ def test_full_recompute_calibration_counts_one_more_layer_forward_and_round_trip
 
 
 # ------------------------------------------------------------------------------------------ real CPU
-def test_real_cpu_probe_of_the_tiny_preset(cli_runner, tmp_path) -> None:
-    """Real trials: tiny-llama-1m, seq 64, 48 MiB above the baseline (≈ 10 s on 2 cores)."""
+def test_real_cpu_probe_of_the_tiny_preset(cli_runner, tmp_path, monkeypatch) -> None:
+    """Real trials: tiny-llama-1m, seq 64, 48 MiB above the baseline (≈ 10 s on 2 cores); with the trace on."""
     from batchpilot.cli import app
 
     cal_path = tmp_path / "cal.json"
+    trace_path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(TRACE_ENV, str(trace_path))
     res = cli_runner.invoke(app, ["probe", "--model", "tiny-llama-1m", "--seq-len", "64", "--memory-budget",
                                   "48MiB", "--device", "cpu", "--precision", "fp32", "--attention", "eager",
                                   "--no-knee", "--calibration-out", str(cal_path), "--json"])
@@ -206,6 +226,14 @@ def test_real_cpu_probe_of_the_tiny_preset(cli_runner, tmp_path) -> None:
     assert record["search_trials"] == len(record["trials"]) <= 4
     cal = load_calibration(cal_path)
     assert cal.accelerator == "cpu" and cal.points and cal.memory_overhead_bytes is not None
+    # the trace: the parent's and every trial process's phases, on one clock, in order per process
+    lines = [json.loads(line) for line in trace_path.read_text().splitlines()]
+    parent = {r["pid"] for r in lines if r["event"] == "probe-start"}
+    events = {(r["event"], r["micro_batch"]) for r in lines if r["pid"] not in parent}
+    assert {("limit-set", best), ("step-0-end", best), ("step-1-end", best), ("failed", best + 1)} <= events
+    for pid in {r["pid"] for r in lines}:
+        times = [r["t"] for r in lines if r["pid"] == pid]
+        assert times == sorted(times)
     # a CPU calibration never calibrates a GPU plan: one line, exit 2
     plan = cli_runner.invoke(app, ["plan", "--model", "tiny-llama-1m", "--gpu", "rtx-4090", "--gpus", "1",
                                    "--seq-len", "64", "--global-batch", "8", "--calibration", str(cal_path)])

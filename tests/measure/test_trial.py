@@ -63,3 +63,30 @@ def test_two_ranks_agree_on_failure() -> None:
     assert results[0][0] is True and results[1][0] is True
     assert results[0][1] == results[1][1] == 100  # the largest peak
     assert results[0][2] == results[1][2] == 0.0  # the slowest rank's tokens/s
+
+
+def test_optimizer_state_on_one_thread_then_the_pool_as_it_was() -> None:
+    """The state is created on one intra-op thread; the count and the process's threads are as before."""
+    from batchpilot.measure._trial import _one_intra_op_thread, materialise_optimizer_state
+
+    def threads() -> int:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return int(next(line for line in fh if line.startswith("Threads:")).split()[1])
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = torch.nn.Linear(512, 512)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        torch.ones(256, 256) @ torch.ones(256, 256)  # the pool is up, as in a trial
+        os_threads = threads()
+        with _one_intra_op_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+            materialise_optimizer_state(model, opt)
+        assert torch.get_num_threads() == 2
+        assert threads() == os_threads
+        state = opt.state[model.weight]
+        assert torch.count_nonzero(state["exp_avg"]) == 0 and state["exp_avg_sq"].shape == (512, 512)
+        assert model.weight.grad is None  # the zero gradients were dropped
+    finally:
+        torch.set_num_threads(before)

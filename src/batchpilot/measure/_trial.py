@@ -11,6 +11,14 @@ shape ``micro_batch × seq_len``; create the optimizer state (inside the budget,
 step) and then ``timed_steps`` timed ones; at least 2 steps in all. Every step, the first included,
 holds optimizer state, gradients and activations together: the training peak.
 
+Why one step is not enough (measured, torch 2.13 CPU, this module's recipe): the second step's peak
+address space is higher than the first's — glibc's heap of small (< 128 KiB) allocations grows by
+0.1–0.9 MiB from step to step (VmPeak after step 2 − after step 1: +144 KiB for bench-llama-3m at
+sequence 512, micro-batch 8; +352 KiB for tiny-llama-1m, SDPA, sequence 128, micro-batch 12; +660 KiB
+for tiny-llama-1m, eager, sequence 64, micro-batch 7). Under a real limit set to the first step's peak
++ 16 … 768 KiB, that last trial completed step 1 and failed in step 2 with the allocator's error (at
++ 1 MiB both ran). A size that passed one step can therefore fail the next: a fit needs two.
+
 CPU memory limit (FACTS.md, "CPU out-of-memory is real and catchable"): after the model and the
 optimizer are built and the thread pool has started, the process measures its address-space size
 (``VmSize``) as the baseline and sets ``RLIMIT_AS = baseline + budget``. glibc's mmap threshold is
@@ -46,6 +54,8 @@ from typing import Any
 
 import torch
 import transformers
+
+from batchpilot.measure.probe import trace
 
 M_MMAP_THRESHOLD = -3
 """glibc ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h)."""
@@ -159,7 +169,9 @@ def train_steps(spec: TrialSpec, model: torch.nn.Module, opt: torch.optim.Optimi
     gen = torch.Generator().manual_seed(spec.seed + 1)
     vocab = int(spec.hf_config["vocab_size"])
     tokens = torch.randint(0, vocab, (spec.micro_batch, spec.seq_len), generator=gen).to(device)
-    materialise_optimizer_state(model, opt)
+    with _one_intra_op_thread(device):
+        materialise_optimizer_state(model, opt)
+    trace("state-materialised", spec.micro_batch)
     times = []
     for i in range(spec.warmup_steps + spec.timed_steps):
         _sync(device)
@@ -173,6 +185,7 @@ def train_steps(spec: TrialSpec, model: torch.nn.Module, opt: torch.optim.Optimi
         _sync(device)
         if i >= spec.warmup_steps:
             times.append(time.perf_counter() - start)
+        trace(f"step-{i}-end", spec.micro_batch)
     return times
 
 
@@ -182,12 +195,34 @@ def materialise_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimiz
     gradients are dropped. The first real step then already holds state, gradients and activations
     together — the peak of every later step — so a size that does not fit fails in its first step
     instead of its second (a failed trial near the limit costs one step, not two). The zero-gradient
-    step leaves the weights as they were apart from AdamW's decoupled weight decay (× (1 − lr·wd))."""
+    step leaves the weights as they were apart from AdamW's decoupled weight decay (× (1 − lr·wd)).
+    Not a substitute for the second step (module docstring): the small-allocation heap still grows."""
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread(device: torch.device) -> Iterator[None]:
+    """CPU: run the block on one intra-op thread, then restore the count.
+
+    For :func:`materialise_optimizer_state`: ~10 tiny element-wise ops per parameter tensor (torch's CPU
+    AdamW is single-tensor), each a parallel region whose barrier waits for every pool thread. With the
+    cores shared, a descheduled thread stalls each barrier for a time slice: measured here (2 shared
+    cores, bench-llama-3m, 39 tensors) 2.1–3.9 s on 2 threads, 0.05–0.07 s on 1. The tensors and
+    transients are the same on any thread count; the pool keeps its threads (``Threads`` and ``VmSize``
+    unchanged across the switch), so nothing is mapped after the baseline."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _sync(device: torch.device) -> None:
@@ -213,6 +248,7 @@ def run_cpu_trial(spec: TrialSpec, on_limit_set: Any = None) -> TrialReport:
     set_mmap_threshold()
     device = torch.device("cpu")
     model, opt = build(spec, device)
+    trace("built", spec.micro_batch)
     torch.ones(256, 256) @ torch.ones(256, 256)  # start the intra-op thread pool before the limit
     baseline = _proc_status_bytes("VmSize")
     peak_before = _proc_status_bytes("VmPeak")
@@ -223,6 +259,7 @@ def run_cpu_trial(spec: TrialSpec, on_limit_set: Any = None) -> TrialReport:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     if on_limit_set is not None:
         on_limit_set(baseline)
+    trace("limit-set", spec.micro_batch)
     try:
         times = train_steps(spec, model, opt, device)
     except (RuntimeError, MemoryError) as exc:
@@ -230,6 +267,7 @@ def run_cpu_trial(spec: TrialSpec, on_limit_set: Any = None) -> TrialReport:
             raise
         del model, opt
         gc.collect()
+        trace("failed", spec.micro_batch)
         return _failed(spec, exc, baseline)
     peak_after = _proc_status_bytes("VmPeak")
     report = _report(spec, times, max(0, peak_after - baseline), baseline)

@@ -33,6 +33,7 @@ Calling :func:`run_probe` from a script: as with any ``multiprocessing`` start m
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 import signal
@@ -65,6 +66,29 @@ CPU_TRIAL_OVERHEAD_BYTES = 6 * 2**20
 heap, page rounding of each mmapped buffer): measured 3.1–6.0 MiB over tiny-llama-1m trials at
 sequence 64 and 128, micro-batch 1–14 (torch 2.13 CPU, this module's trial). Subtracted from the budget
 for the prediction only, so the first trial is not one size too large."""
+
+
+TRACE_ENV = "BATCHPILOT_PROBE_TRACE"
+"""Environment variable naming a file: when set, the probe and its trial processes append one JSON line
+per phase boundary to it (:func:`trace`) — where a probe's wall time goes, for debugging."""
+
+
+def trace(event: str, micro_batch: int | None = None) -> None:
+    """Append ``{"t": wall-clock s, "pid", "event", "micro_batch"}`` to the :data:`TRACE_ENV` file, if set.
+
+    Wall-clock (``time.time``) so the parent's and the trial processes' lines share one time axis; one
+    ``O_APPEND`` write per line so concurrent writers do not interleave. A no-op without the variable;
+    never raises (a trial near its memory limit may fail to allocate the line: it is then skipped)."""
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        return
+    with contextlib.suppress(Exception):
+        line = json.dumps({"t": time.time(), "pid": os.getpid(), "event": event, "micro_batch": micro_batch})
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
 
 
 class ProbeError(BatchpilotError):
@@ -115,7 +139,9 @@ class ProbeRequest:
     """Untimed full steps first. The optimizer state is created before them, inside the budget
     (``_trial.materialise_optimizer_state``), so every step holds state, gradients and activations."""
     timed_steps: int = 1
-    """Timed full steps after the warm-up. A size fits when all ``warmup + timed`` (≥ 2) steps ran."""
+    """Timed full steps after the warm-up. A size fits when all ``warmup + timed`` (≥ 2) steps ran: the
+    second step's peak can exceed the first's (glibc's small-allocation heap grows between steps; measured
+    in :mod:`batchpilot.measure._trial`'s docstring), so one step is not a fit."""
     knee: bool = True
     """Add the halving ladder below the maximum to locate the throughput knee."""
     trial_timeout_s: float = DEFAULT_TRIAL_TIMEOUT_S
@@ -297,10 +323,12 @@ def run_probe(request: ProbeRequest, *, runner: TrialRunner | None = None,
               predictor: Predictor | None = None, progress: ProgressHook | None = None) -> ProbeResult:
     """Predict, search, measure the knee; every number comes from a real trial (or the injected runner)."""
     start = time.perf_counter()
+    trace("probe-start")
     predicted = (predictor or default_predictor)(request)
     if not isinstance(predicted, Prediction):
         predicted = Prediction(max_micro_batch=int(predicted))
     prediction = predicted.max_micro_batch
+    trace("predicted", prediction)
     run = runner or make_runner(request)
     trials: list[ProbeTrial] = []
 
@@ -321,6 +349,7 @@ def run_probe(request: ProbeRequest, *, runner: TrialRunner | None = None,
         search = search_max_micro_batch(max(1, prediction), fits, budget_bytes=request.budget_bytes,
                                         slope_bytes=predicted.bytes_per_sequence, cap=request.cap)
         search_seconds = time.perf_counter() - start
+        trace("search-end", search.max_micro_batch)
         if search.max_micro_batch == 0:
             raise InfeasibleError(_nothing_fits_message(request, trials))
         if request.knee:
@@ -370,14 +399,21 @@ def trial_spec(request: ProbeRequest, micro_batch: int) -> dict[str, Any]:
                 warmup_steps=request.warmup_steps, timed_steps=request.timed_steps, seed=request.seed)
 
 
-def _cpu_child(conn: Connection, spec: dict[str, Any]) -> None:
-    """Trial process body: own process group, the trial, one message back."""
+def _cpu_child(conn: Connection, spec: dict[str, Any], trace_path: str | None = None) -> None:
+    """Trial process body: own process group, the trial, one message back. ``trace_path``: the parent's
+    :data:`TRACE_ENV` (a fork-server child inherits the server's environment, not the parent's)."""
     os.setpgid(0, 0)
+    if trace_path:
+        os.environ[TRACE_ENV] = trace_path
+    else:
+        os.environ.pop(TRACE_ENV, None)
+    trace("child-start", spec["micro_batch"])
     from batchpilot.measure._trial import TrialSpec, run_cpu_trial
 
     try:
         report = run_cpu_trial(TrialSpec(**spec), on_limit_set=lambda base: conn.send(("limit", base)))
         conn.send(("report", report.to_dict()))
+        trace("child-reported", spec["micro_batch"])
     except BaseException as exc:  # report anything to the parent; it decides
         with contextlib.suppress(BaseException):
             conn.send(("error", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"))
@@ -419,13 +455,17 @@ class CpuTrialRunner:
 
     def __call__(self, micro_batch: int) -> ProbeTrial:
         start = time.perf_counter()
+        trace("spawn", micro_batch)
         recv, send = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_cpu_child, args=(send, trial_spec(self.request, micro_batch)),
+        proc = self._ctx.Process(target=_cpu_child, args=(send, trial_spec(self.request, micro_batch),
+                                                          os.environ.get(TRACE_ENV)),
                                  name=f"batchpilot-trial-{micro_batch}", daemon=True)
         proc.start()
+        trace("spawned", micro_batch)
         send.close()
         try:
             messages = _collect(recv, proc, self.request.trial_timeout_s, micro_batch)
+            trace("received", micro_batch)
         except TrialTimeoutError as timeout:
             # A size that does not finish in time is not usable: record it as not fitting (with the
             # reason) and let the search go below it; larger sizes would take longer still.
@@ -434,6 +474,7 @@ class CpuTrialRunner:
         finally:
             _kill_group(proc)
             recv.close()
+            trace("reaped", micro_batch)
         return _to_trial(micro_batch, messages, proc.exitcode, time.perf_counter() - start)
 
 
