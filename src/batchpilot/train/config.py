@@ -21,14 +21,14 @@ LRDecay = Literal["cosine", "linear", "constant"]
 LRScaling = Literal["none", "linear", "sqrt"]
 Device = Literal["auto", "cpu", "cuda"]
 MAX_RESTARTS = 100
+"""Upper bound of ``--max-restarts`` (a worker group failing more often than this is not a transient fault)."""
 DEFAULT_NOISE_EVERY = 4
 """The runner measures the gradient noise scale on one optimizer step in this many (``--noise-every``).
 Measured CPU cost on tiny-llama-1m, 512 tokens per micro-batch, accumulation 4, 1 thread, against
 forward+backward alone (``benchmarks/results/noise_adaptive_overhead.md``, 40 interleaved blocks on a shared
 2-core machine): one step in 4 → +1.2% (median of paired blocks; +0.1% min-vs-min, +2.2% median-vs-median),
 every step → +3.3%. The norms alone cost 0.64 ms per micro-step against 57 ms of forward+backward (1.1%).
-The cost scales as 1/tokens per micro-batch, so larger micro-batches and GPUs pay less."""
-"""Upper bound of ``--max-restarts`` (a worker group failing more often than this is not a transient fault)."""
+The cost scales as 1/tokens per micro-batch (norms ∝ parameters, forward+backward ∝ parameters × tokens)."""
 
 
 class ConfigError(BatchpilotError):
