@@ -166,7 +166,9 @@ def markdown(record: dict[str, Any]) -> str:
         "imported — and each trial process). batchpilot's throughput-knee ladder is not "
         "run here (`knee=False`): it is extra trials below the maximum, reported by `batchpilot probe`. "
         "\"truly fits\" and tokens/s come from a fresh process at that size under the same limit "
-        "(fastest of 2 timed steps). The cores are shared with other jobs: compare within a run.",
+        "(fastest of 2 timed steps). The cores are shared with other jobs: compare within a run. Where "
+        "batchpilot's time goes (process start, model build, optimizer state, each step): set "
+        "`BATCHPILOT_PROBE_TRACE=FILE` (one JSON line per phase of the probe and of each trial process).",
     ]
     return "\n".join(lines) + "\n"
 
