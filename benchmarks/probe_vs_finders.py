@@ -42,8 +42,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 FINDERS = ("batchpilot", "lightning-power", "lightning-binsearch", "accelerate")
 
-QUICK = {"model": "tiny-llama-1m", "seq_len": 128, "budgets": ["256MiB"], "attention": "eager"}
-FULL = {"model": str(HERE / "models" / "bench-llama-3m.json"), "seq_len": 512,
+QUICK: dict[str, Any] = {"model": "tiny-llama-1m", "seq_len": 128, "budgets": ["256MiB"], "attention": "eager"}
+FULL: dict[str, Any] = {"model": str(HERE / "models" / "bench-llama-3m.json"), "seq_len": 512,
         "budgets": ["1GiB", "2GiB", "3GiB"], "attention": "eager"}
 
 
