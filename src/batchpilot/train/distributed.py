@@ -109,8 +109,27 @@ def init_distributed(*, expected_world_size: int | None, device: str) -> DistEnv
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     dev = pick_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        _init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def _init_process_group(backend: str, *, rank: int, world_size: int) -> None:
+    """``init_process_group`` from the launcher's environment; under torchrun's agent store, in a key
+    space of this attempt.
+
+    torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``, e.g. ``--standalone``) gives every attempt of a
+    restarted worker group the same agent TCPStore without a per-attempt prefix, so the process group's
+    keys from the failed attempt are still there: a restarted rank can read a dead rank's gloo address and
+    time out connecting to it ("Connection refused", seen in about one restart in three on a loaded
+    2-core machine). A ``PrefixStore`` per attempt (``TORCHELASTIC_RESTART_COUNT``) keeps attempts apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend=backend)
+        return
+    timeout = dist.default_pg_timeout  # what init_process_group uses by default
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    attempt_store = dist.PrefixStore(f"batchpilot/attempt-{elastic_restart_count()}", store)
+    dist.init_process_group(backend=backend, store=attempt_store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def shutdown() -> None:
