@@ -139,3 +139,16 @@ def test_an_elastic_restart_resumes_when_a_checkpoint_exists_else_starts_over(
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert [r["loss"] for r in records] == expected
+
+
+def test_the_result_table_shows_the_noise_scale() -> None:
+    from batchpilot.cli.train import _noise_row
+
+    band = {"sequences": [1.88, 10.4]}
+    assert _noise_row({"b_simple_sequences": 4.44, "band": band, "confident": False, "steps_measured": 10}) == \
+        "B_simple ≈ 4.44 sequences (95% band 1.88–10.4; not yet confident, 10 steps)"
+    assert _noise_row({"b_simple_sequences": 4.0, "band": {"sequences": [2.0, float("inf")]}, "confident": False,
+                       "steps_measured": 2}).endswith("(95% band 2 – no upper bound yet; not yet confident, 2 steps)")
+    assert _noise_row({"b_simple_sequences": None, "note": "use --micro-batch 4 or smaller"}) == \
+        "use --micro-batch 4 or smaller"
+    assert _noise_row(None) == "—"

@@ -12,6 +12,7 @@ Examples::
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from pathlib import Path
@@ -77,6 +78,24 @@ class _ProgressView:
                              speed=format_count(record["tokens_per_s"]))
 
 
+def _noise_row(noise: dict[str, Any] | None) -> str:
+    """The last B_simple estimate, its 95% band and whether it is confident, or why there is none."""
+    if not noise:
+        return "—"
+    b = noise.get("b_simple_sequences")
+    if b is None:
+        return str(noise.get("note") or "not measured")
+    lo, hi = (noise.get("band") or {}).get("sequences") or (None, None)
+    if lo is None:
+        band = "no band yet"
+    elif hi is None or not math.isfinite(hi):
+        band = f"95% band {lo:.3g} – no upper bound yet"
+    else:
+        band = f"95% band {lo:.3g}–{hi:.3g}"
+    confident = "confident" if noise.get("confident") else f"not yet confident, {noise.get('steps_measured', 0)} steps"
+    return f"B_simple ≈ {b:.3g} sequences ({band}; {confident})"
+
+
 def _render(summary: dict[str, Any]) -> None:
     table = Table("result", "value", title=f"batchpilot train → {summary['out']}")
     rows = [
@@ -89,6 +108,7 @@ def _render(summary: dict[str, Any]) -> None:
         ("model", f"{format_count(summary['model_params'])} params ({summary['model_source']})"),
         ("world size", f"{summary['world_size']} × {summary['device']}"),
         ("batch schedule", summary["batch_schedule"]),
+        ("noise scale", _noise_row(summary.get("noise_scale"))),
     ]
     for key, value in rows:
         table.add_row(key, value)
