@@ -119,7 +119,7 @@ def probe(
     memory_budget: Annotated[str | None, typer.Option(
         "--memory-budget", help="e.g. 6GiB. Default: the device's memory (CPU: MemAvailable).")] = None,
     warmup_steps: Annotated[int, typer.Option(
-        "--warmup-steps", help="Untimed full steps first (the first creates the optimizer state).")] = 1,
+        "--warmup-steps", help="Untimed full steps first (the optimizer state exists before them).")] = 1,
     timed_steps: Annotated[int, typer.Option(
         "--timed-steps", help="Timed full steps after them (warm-up + timed ≥ 2).")] = 1,
     knee: Annotated[bool, typer.Option("--knee/--no-knee", help="Measure the halving ladder for the knee.")] = True,
