@@ -40,8 +40,22 @@ def _request(budget_bytes: int, timeout_s: float = 120.0, seq_len: int = 64) -> 
 
 @pytest.fixture()
 def fork_trials(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Trial processes are forked from this one, so a patched trial body is what they run."""
+    """Trial processes are forked from this one, so a patched trial body is what they run.
+
+    A real trial body run in such a child uses one intra-op thread: once this (long-lived) test process has
+    run a parallel torch op, a forked child hangs in its first parallel region (OpenMP's pool does not
+    survive fork — why the probe forks from a fork server; measured: a 2-thread matmul in the parent,
+    then one in the child, never returns, unless the child sets one thread first)."""
     monkeypatch.setattr(probe_mod, "_trial_context", lambda model_type: multiprocessing.get_context("fork"))
+    real = _trial.run_cpu_trial
+
+    def single_threaded(spec: Any, on_limit_set: Any = None) -> Any:
+        import torch
+
+        torch.set_num_threads(1)
+        return real(spec, on_limit_set)
+
+    monkeypatch.setattr(_trial, "run_cpu_trial", single_threaded)
 
 
 def _alive(pid: int) -> bool:
@@ -72,10 +86,13 @@ def children_before() -> set[tuple[int, float]]:
 
 
 def _no_children_left(before: set[tuple[int, float]], wait_s: float = 10.0) -> None:
-    """No descendant this test created is still alive (after up to ``wait_s`` for the dying to go)."""
+    """No descendant this test created is still alive (after up to ``wait_s`` for the dying to go).
+    multiprocessing's resource tracker, started with the first fork server of this pytest process, lives
+    as long as the process by design (it is the one helper a test may be the first to start)."""
     deadline = time.monotonic() + wait_s
     while True:
-        new = _live_descendants() - before
+        new = {(pid, t) for pid, t in _live_descendants() - before
+               if "multiprocessing.resource_tracker" not in _name(pid)}
         if not new or time.monotonic() > deadline:
             break
         time.sleep(0.1)
