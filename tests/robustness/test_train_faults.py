@@ -177,18 +177,33 @@ def _kill_all(processes: list[psutil.Process]) -> None:
             p.kill()
 
 
+@contextlib.contextmanager
+def _two_ranks_after_a_checkpoint(args: list[str], out: Path, every: int):  # type: ignore[no-untyped-def]
+    """Start ``batchpilot train --nproc 2 …``, wait for its first checkpoint, and yield (launcher, ranks,
+    every process of the job); whatever is still alive at the end is killed."""
+    proc = start(args)
+    family = [psutil.Process(proc.pid)]
+    try:
+        wait_for(lambda: (latest_step(out) or 0) >= every, proc, timeout_s=300)
+        family += psutil.Process(proc.pid).children(recursive=True)
+        workers = _workers(proc.pid)
+        assert sorted(w.environ()["LOCAL_RANK"] for w in workers) == ["0", "1"]
+        yield proc, workers, family
+    finally:
+        _kill_all(family)
+
+
+def _rank(workers: list[psutil.Process], local_rank: str) -> psutil.Process:
+    return next(w for w in workers if w.environ()["LOCAL_RANK"] == local_rank)
+
+
 @pytest.mark.distributed
 def test_a_rank_dying_under_torchrun_stops_the_job_and_resume_continues(tmp_path: Path, corpus: Path) -> None:
     """Two CPU ranks (gloo); rank 1 is SIGKILLed mid-run: the job ends, no worker is left, --resume goes on."""
     out = tmp_path / "run"
-    proc = start(train_args(corpus, out, steps=100_000, checkpoint_every=2, extra=["--nproc", "2"]))
-    family = [psutil.Process(proc.pid)]
-    try:
-        wait_for(lambda: (latest_step(out) or 0) >= 2, proc, timeout_s=300)
-        family += psutil.Process(proc.pid).children(recursive=True)
-        workers = _workers(proc.pid)
-        assert sorted(w.environ()["LOCAL_RANK"] for w in workers) == ["0", "1"]
-        next(w for w in workers if w.environ()["LOCAL_RANK"] == "1").send_signal(signal.SIGKILL)
+    args = train_args(corpus, out, steps=100_000, checkpoint_every=2, extra=["--nproc", "2"])
+    with _two_ranks_after_a_checkpoint(args, out, every=2) as (proc, workers, _):
+        _rank(workers, "1").send_signal(signal.SIGKILL)
         _, stderr = proc.communicate(timeout=180)
         assert proc.returncode == 2
         assert_one_line_error(stderr.strip().splitlines()[-1], "torchrun with 2 processes exited with code")
@@ -196,8 +211,6 @@ def test_a_rank_dying_under_torchrun_stops_the_job_and_resume_continues(tmp_path
         while any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
             assert time.monotonic() < deadline, "a rank outlived the job"
             time.sleep(0.2)
-    finally:
-        _kill_all(family)
     step = latest_step(out)
     assert step is not None and step >= 2
     assert load_latest(out)["state"]["train"]["step"] == step
@@ -217,16 +230,11 @@ def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(tmp_path: Pat
                     timeout_s=400)
     assert reference.returncode == 0, reference.stderr[-2000:]
     out = tmp_path / "run"
-    proc = start(train_args(corpus, out, steps=steps, checkpoint_every=every, extra=[*common, "--max-restarts", "1"]))
-    family = [psutil.Process(proc.pid)]
-    try:
-        wait_for(lambda: (latest_step(out) or 0) >= every, proc, timeout_s=300)
-        family += psutil.Process(proc.pid).children(recursive=True)
+    args = train_args(corpus, out, steps=steps, checkpoint_every=every, extra=[*common, "--max-restarts", "1"])
+    with _two_ranks_after_a_checkpoint(args, out, every=every) as (proc, workers, _):
         killed_after = latest_step(out)
-        next(w for w in _workers(proc.pid) if w.environ()["LOCAL_RANK"] == "1").send_signal(signal.SIGKILL)
+        _rank(workers, "1").send_signal(signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=400)
-    finally:
-        _kill_all(family)
     assert proc.returncode == 0, stderr[-3000:]
     assert killed_after is not None and killed_after < steps
     summary = json.loads(stdout)
@@ -243,17 +251,10 @@ def test_kill_9_of_the_launcher_takes_the_ranks_with_it(tmp_path: Path, corpus: 
     """SIGKILL to the ``batchpilot train --nproc 2`` process group (torchrun is in it; the ranks are in
     their own sessions): PR_SET_PDEATHSIG in torchrun and in each rank ends the whole tree."""
     out = tmp_path / "run"
-    proc = start(train_args(corpus, out, steps=100_000, checkpoint_every=2, extra=["--nproc", "2"]))
-    family = [psutil.Process(proc.pid)]
-    try:
-        wait_for(lambda: (latest_step(out) or 0) >= 2, proc, timeout_s=300)
-        family += psutil.Process(proc.pid).children(recursive=True)
-        workers = _workers(proc.pid)
-        assert sorted(w.environ()["LOCAL_RANK"] for w in workers) == ["0", "1"]
+    args = train_args(corpus, out, steps=100_000, checkpoint_every=2, extra=["--nproc", "2"])
+    with _two_ranks_after_a_checkpoint(args, out, every=2) as (proc, _, family):
         stop(proc)  # kill -9 of the launcher's process group
         deadline = time.monotonic() + 30
         while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family):
             assert time.monotonic() < deadline, "a process of the job outlived the launcher"
             time.sleep(0.2)
-    finally:
-        _kill_all(family)
