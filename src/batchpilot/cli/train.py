@@ -156,9 +156,9 @@ def train(
     """Train a transformers causal LM with the chosen batch triad, batching, precision and schedule."""
     steps_n, tokens_n = _duration(steps, tokens)
     g = _global_batch(global_batch, global_batch_tokens, seq_len)
-    from batchpilot.train.distributed import _env_int
+    from batchpilot.train.distributed import env_int
 
-    world = max(1, expect_world_size or _env_int("WORLD_SIZE", nproc))  # 0 or less: refused by RunConfig/launch
+    world = max(1, expect_world_size or env_int("WORLD_SIZE", nproc))  # 0 or less: refused by RunConfig/launch
     budget = parse_count(max_tokens_per_micro_batch, "--max-tokens-per-micro-batch") if max_tokens_per_micro_batch else None
     config = TrainConfig(
         model=ModelConfig(model=model, trust_remote_code=trust_remote_code),

@@ -59,7 +59,7 @@ CPU_ENV_FOR_TESTS = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.dev
 """A single CPU process, for building a Trainer without a launcher."""
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or not value.strip():
         return default
@@ -73,7 +73,7 @@ def _env_int(name: str, default: int) -> int:
 def elastic_restart_count() -> int:
     """How many times torchrun has restarted this worker group (``TORCHELASTIC_RESTART_COUNT``; 0 when
     not under torchrun or on the first attempt)."""
-    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    return env_int("TORCHELASTIC_RESTART_COUNT", 0)
 
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
@@ -88,8 +88,8 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
 
 def check_world_size(expected: int | None) -> int:
     """``WORLD_SIZE`` from the environment (1 when unset), checked against ``expected``."""
-    world = _env_int("WORLD_SIZE", 1)
-    slurm_tasks = _env_int("SLURM_NTASKS", 1)
+    world = env_int("WORLD_SIZE", 1)
+    slurm_tasks = env_int("SLURM_NTASKS", 1)
     if "WORLD_SIZE" not in os.environ and slurm_tasks > 1 and expected not in (None, 1):
         raise LaunchError(
             f"SLURM started {slurm_tasks} tasks but WORLD_SIZE is unset; launch each task through torchrun "
@@ -106,7 +106,7 @@ def check_world_size(expected: int | None) -> int:
 def init_distributed(*, expected_world_size: int | None, device: str) -> DistEnv:
     """Read the launcher's environment and create the process group when there is more than one rank."""
     world = check_world_size(expected_world_size)
-    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    rank, local_rank = env_int("RANK", 0), env_int("LOCAL_RANK", 0)
     dev = pick_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         _init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
