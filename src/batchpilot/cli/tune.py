@@ -105,6 +105,11 @@ def tune(
                               + f" (records so far in {result.out})")
 
 
+def _sig3(value: Any) -> str:
+    """Three significant digits for a measured float (B_simple is an estimate), anything else as is."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def _render(result: Any) -> None:
     summary = result.to_dict()
     plan = summary["plan"] or {}
@@ -113,6 +118,6 @@ def _render(result: Any) -> None:
             f"[bold green]plan[/bold green]: micro-batch {plan['micro_batch']} × accumulation {plan['grad_accum']} "
             f"× dp {plan['dp']} = global {plan['global_batch_sequences']} sequences "
             f"({plan['global_batch_tokens']:,} tokens); max micro-batch {summary['max_micro_batch']}, "
-            f"knee {summary['knee_micro_batch']}, B_simple {summary['b_simple_sequences']}")
+            f"knee {summary['knee_micro_batch']}, B_simple {_sig3(summary['b_simple_sequences'])}")
     if result.report_path:
         console.print(f"report: [bold]{result.report_path}[/bold]")
