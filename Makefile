@@ -38,6 +38,7 @@ test-slow: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports  # imports point down the layers ([tool.importlinter] in pyproject.toml)
 
 # llm-analysis pins transformers<5, so it goes in without its dependencies (its estimator needs none).
 bench: install

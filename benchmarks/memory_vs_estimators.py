@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.estimate.memory import OverheadModel, analytic_memory, model_state_bytes
-from batchpilot.specs.model import ModelSpec, from_hf_config, load_model, read_json_object
+from batchpilot.io import read_json_object
+from batchpilot.specs.model import ModelSpec, from_hf_config, load_model
 from batchpilot.specs.settings import RunSettings
 from benchmarks.cpu_step import measure_step
 

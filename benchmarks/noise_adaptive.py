@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-from batchpilot.measure.noise_run import NoiseRunSettings, measure_noise
 from batchpilot.train.adaptive import NoiseScaleHook
 from batchpilot.train.config import DEFAULT_NOISE_EVERY, TrainConfig
 from batchpilot.train.hooks import MicroStepInfo, StepInfo
 from batchpilot.train.runner import run
+from batchpilot.tune.noise_run import NoiseRunSettings, measure_noise
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEQ_LEN, MICRO, SMALL, LARGE, LR = 128, 4, 8, 64, 3e-3

@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from linreg import LinReg, loss_sum
 
-from batchpilot.measure.grad_norms import DDPNoiseState, noise_allreduce_hook
-from batchpilot.measure.noise import NoiseSample, NoiseScaleEstimator
+from batchpilot.estimate.noise import NoiseSample, NoiseScaleEstimator
+from batchpilot.train.grad_norms import DDPNoiseState, noise_allreduce_hook
 
 PROBLEM = LinReg(dim=16, noise_var=4.0, delta_sq=1.0)
 MICRO, ACCUM = 8, 2

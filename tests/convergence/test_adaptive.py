@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchpilot.measure.noise import NoiseEstimate
+from batchpilot.estimate.noise import NoiseEstimate
 from batchpilot.train.adaptive import AdaptiveBatchSchedule, AdaptiveSettings, NoiseScaleHook, parse_adaptive
 from batchpilot.train.config import TrainConfig
 from batchpilot.train.data import stdlib_root
 from batchpilot.train.hooks import MicroStepInfo, StepInfo
 from batchpilot.train.metrics import read_metrics
 from batchpilot.train.runner import run
-from batchpilot.train.schedule import Progress, ScheduleError, parse_batch_schedule
+from batchpilot.train.schedule import Progress, ScheduleError
+from batchpilot.train.schedule_syntax import parse_batch_schedule
 
 from .linreg import LinReg, loss_sum
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.measure.grad_norms import MicroGradNorms, grads_sq_norm
-from batchpilot.measure.noise import (
+from batchpilot.estimate.noise import (
     NoiseSample,
     NoiseScaleEstimator,
     examples_factor,
     steps_factor,
     two_batch_estimates,
 )
+from batchpilot.train.grad_norms import MicroGradNorms, grads_sq_norm
 
 from .linreg import LinReg, loss_sum
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.measure.noise import load_noise_record
+from batchpilot.estimate.noise import load_noise_record
 from batchpilot.plan.priors import (
     deepseek_batch_tokens,
     deepseek_flops_per_token,

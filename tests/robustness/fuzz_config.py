@@ -20,8 +20,9 @@ import atheris
 
 with atheris.instrument_imports():
     from batchpilot.errors import SpecError
+    from batchpilot.io import parse_json_object
     from batchpilot.specs.hardware import accelerator_from_dict
-    from batchpilot.specs.model import from_hf_config, parse_json_object
+    from batchpilot.specs.model import from_hf_config
 
 
 def check_model(config: dict[str, object]) -> None:

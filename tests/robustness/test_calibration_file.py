@@ -15,7 +15,7 @@ import pytest
 
 from batchpilot.errors import SpecError
 from batchpilot.estimate.calibration import load_calibration
-from batchpilot.specs.model import MAX_JSON_BYTES
+from batchpilot.io import MAX_JSON_BYTES
 
 from ._checks import assert_one_line_error, run_cli, run_in_process
 

@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchpilot.errors import SpecError
+from batchpilot.io import parse_json_object
 from batchpilot.specs.hardware import accelerator_from_dict
-from batchpilot.specs.model import from_hf_config, parse_json_object
+from batchpilot.specs.model import from_hf_config
 
 from .test_properties import check_model_invariants
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from batchpilot.errors import SpecError
+from batchpilot.io import MAX_JSON_BYTES
 from batchpilot.specs.hardware import load_accelerator
-from batchpilot.specs.model import MAX_JSON_BYTES, load_model
+from batchpilot.specs.model import load_model
 
 from ._checks import assert_one_line_error, run_cli, run_in_process
 

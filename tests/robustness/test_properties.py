@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from batchpilot.errors import BatchpilotError, SpecError
+from batchpilot.io import read_json_object
 from batchpilot.specs.hardware import (
     DTYPES,
     ClusterSpec,
@@ -25,7 +26,7 @@ from batchpilot.specs.hardware import (
     accelerator_names,
     load_accelerator,
 )
-from batchpilot.specs.model import MODEL_TYPES, ModelSpec, from_hf_config, read_json_object
+from batchpilot.specs.model import MODEL_TYPES, ModelSpec, from_hf_config
 from batchpilot.units import GIB, parse_bytes, parse_count, parse_seconds
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,8 +11,8 @@ from batchpilot.train.schedule import (
     ScheduleError,
     StagedSchedule,
     check_schedule,
-    parse_batch_schedule,
 )
+from batchpilot.train.schedule_syntax import parse_batch_schedule
 
 
 def _simulate(schedule: object, steps: int, seq_len: int) -> list[int]:

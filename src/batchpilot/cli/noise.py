@@ -18,7 +18,7 @@ import typer
 from rich.table import Table
 
 from batchpilot.cli._common import console, handle_errors, print_json
-from batchpilot.measure.noise_run import NoiseRunSettings, measure_noise
+from batchpilot.tune.noise_run import NoiseRunSettings, measure_noise
 from batchpilot.units import format_count, parse_count
 
 

@@ -39,7 +39,7 @@ from batchpilot.estimate.calibration import (
     check_calibration_accelerator,
     load_calibration,
 )
-from batchpilot.measure.noise import load_noise_record
+from batchpilot.estimate.noise import load_noise_record
 from batchpilot.plan.export import FORMATS, export_text
 from batchpilot.plan.planner import DEFAULT_HEADROOM, Pins, PlanRequest, PlanResult, plan
 from batchpilot.plan.priors import global_batch_from_noise, global_batch_from_prior

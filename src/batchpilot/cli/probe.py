@@ -58,7 +58,7 @@ from batchpilot.units import format_bytes, parse_bytes, parse_seconds
 
 def _read_lengths(path: Path) -> list[int]:
     """Sequence lengths from a file: whitespace/comma-separated integers or a JSON list."""
-    from batchpilot.specs.model import read_small_file  # regular files only, size-capped (never /dev/zero)
+    from batchpilot.io import read_small_file  # regular files only, size-capped (never /dev/zero)
 
     text = read_small_file(path, "--lengths").decode("utf-8", errors="replace")
     try:

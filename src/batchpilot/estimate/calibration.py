@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.errors import SpecError
-from batchpilot.specs.model import path_is, read_json_object
+from batchpilot.io import path_is, read_json_object
 
 CALIBRATION_FORMAT = "batchpilot-calibration"
 CALIBRATION_FORMAT_VERSION = 1

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 import transformers
 
-from batchpilot.measure.probe import trace
+from batchpilot.measure.trace import trace
 
 M_MMAP_THRESHOLD = -3
 """glibc ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h)."""

@@ -33,7 +33,6 @@ Calling :func:`run_probe` from a script: as with any ``multiprocessing`` start m
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import os
 import signal
@@ -45,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from batchpilot.errors import BatchpilotError, InfeasibleError
 from batchpilot.measure.search import DEFAULT_CAP, Outcome, search_max_micro_batch
+from batchpilot.measure.trace import TRACE_ENV, trace
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -66,29 +66,6 @@ CPU_TRIAL_OVERHEAD_BYTES = 6 * 2**20
 heap, page rounding of each mmapped buffer): measured 3.1–6.0 MiB over tiny-llama-1m trials at
 sequence 64 and 128, micro-batch 1–14 (torch 2.13 CPU, this module's trial). Subtracted from the budget
 for the prediction only, so the first trial is not one size too large."""
-
-
-TRACE_ENV = "BATCHPILOT_PROBE_TRACE"
-"""Environment variable naming a file: when set, the probe and its trial processes append one JSON line
-per phase boundary to it (:func:`trace`) — where a probe's wall time goes, for debugging."""
-
-
-def trace(event: str, micro_batch: int | None = None) -> None:
-    """Append ``{"t": wall-clock s, "pid", "event", "micro_batch"}`` to the :data:`TRACE_ENV` file, if set.
-
-    Wall-clock (``time.time``) so the parent's and the trial processes' lines share one time axis; one
-    ``O_APPEND`` write per line so concurrent writers do not interleave. A no-op without the variable;
-    never raises (a trial near its memory limit may fail to allocate the line: it is then skipped)."""
-    path = os.environ.get(TRACE_ENV)
-    if not path:
-        return
-    with contextlib.suppress(Exception):
-        line = json.dumps({"t": time.time(), "pid": os.getpid(), "event": event, "micro_batch": micro_batch})
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (line + "\n").encode())
-        finally:
-            os.close(fd)
 
 
 class ProbeError(BatchpilotError):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.measure.noise import NoiseRecord
+from batchpilot.estimate.noise import NoiseRecord
 
 DEEPSEEK_B_COEF = 0.2920
 """DeepSeek LLM §3.1: B_opt = 0.2920 · C^0.3271 (tokens)."""

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from batchpilot.errors import BatchpilotError, SpecError
+from batchpilot.io import read_json_object
 from batchpilot.specs.batch import tokens_from_sequences
-from batchpilot.specs.model import read_json_object
 from batchpilot.units import unknown_name
 
 Stage = Literal["pretraining", "rl"]

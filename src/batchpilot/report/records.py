@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.specs.model import path_is
+from batchpilot.io import path_is
 
 MAX_EXPORT_BYTES = 64 * 1024  # an export bigger than this is shown truncated in the report
 
@@ -51,7 +51,7 @@ def _finite_or_none(value: str) -> None:
 def _read_object(path: Path) -> dict[str, Any] | None:
     """A record file, or None when absent; read with the bounded reader (regular files, size cap). Lenient:
     NaN/Infinity literals (Python's json default) become None rather than failing the whole report."""
-    from batchpilot.specs.model import read_small_file
+    from batchpilot.io import read_small_file
 
     if not path.exists():
         return None

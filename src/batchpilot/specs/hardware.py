@@ -46,7 +46,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from batchpilot.errors import SpecError
-from batchpilot.specs.model import path_is, read_json_object
+from batchpilot.io import path_is, read_json_object
 from batchpilot.units import unknown_name
 
 Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8"]

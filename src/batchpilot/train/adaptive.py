@@ -6,7 +6,7 @@ Examples (CPU-sized)::
     batchpilot train ... --batch-schedule adaptive:min=8,max=128,band=3,cooldown=10,ema=0.95
 
 :class:`NoiseScaleHook` is a :class:`~batchpilot.train.hooks.TrainHook`. A tensor hook on every
-parameter (:class:`~batchpilot.measure.grad_norms.MicroGradNorms`) sees each micro-step's own gradient
+parameter (:class:`~batchpilot.train.grad_norms.MicroGradNorms`) sees each micro-step's own gradient
 before it is added into ``p.grad`` — the rank-local micro-batch gradient, also under DDP, where the
 parameter hooks run before DDP's all-reduce — so B_small = one micro-batch, B_big = the global batch
 (``p.grad`` in ``on_gradients``: synchronised, unscaled token-mean), and no gradient copy is kept and
@@ -38,14 +38,14 @@ import torch.distributed as dist
 from torch import nn
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.measure.grad_norms import MicroGradNorms, grads_sq_norm
-from batchpilot.measure.noise import (
+from batchpilot.estimate.noise import (
     DEFAULT_EMA_DECAY,
     DEFAULT_MAX_BAND_RATIO,
     NoiseEstimate,
     NoiseSample,
     NoiseScaleEstimator,
 )
+from batchpilot.train.grad_norms import MicroGradNorms, grads_sq_norm
 from batchpilot.train.hooks import BaseHook, MicroStepInfo, StepInfo
 from batchpilot.train.schedule import Progress, ScheduleError
 from batchpilot.units import parse_count

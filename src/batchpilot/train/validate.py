@@ -16,7 +16,8 @@ from batchpilot.specs.batch import BatchTriad
 from batchpilot.specs.model import load_model
 from batchpilot.train.config import TrainConfig
 from batchpilot.train.run_folder import check_run_model
-from batchpilot.train.schedule import BatchSchedule, ConstantSchedule, check_schedule, parse_batch_schedule
+from batchpilot.train.schedule import BatchSchedule, ConstantSchedule, check_schedule
+from batchpilot.train.schedule_syntax import parse_batch_schedule
 from batchpilot.train.tokenizer import resolve_tokenizer
 
 

@@ -272,7 +272,7 @@ def steps_within(seconds: float, tokens_per_step: int, tokens_per_s: float | Non
 
 def noise_stage(cfg: TuneConfig, state: TuneState, out: Path) -> dict[str, Any]:
     """B_simple over K real steps at micro-batch = the knee (B_small) and 2 × knee (B_big)."""
-    from batchpilot.measure.noise_run import NoiseRunSettings, measure_noise
+    from batchpilot.tune.noise_run import NoiseRunSettings, measure_noise
 
     knee = int((state.probe or {}).get("knee_micro_batch") or 4)
     global_batch = 2 * knee

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.measure.noise import NoiseEstimate, examples_factor, steps_factor
+from batchpilot.estimate.noise import NoiseEstimate, examples_factor, steps_factor
 from batchpilot.plan.priors import (
     deepseek_batch_tokens,
     deepseek_flops_per_token,

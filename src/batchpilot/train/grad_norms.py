@@ -1,6 +1,6 @@
 """Squared gradient norms at two batch sizes, measured inside a training step without extra gradient copies.
 
-Two meters feed :class:`batchpilot.measure.noise.NoiseSample`:
+Two meters feed :class:`batchpilot.estimate.noise.NoiseSample`:
 
 - :class:`MicroGradNorms` — single process with gradient accumulation. A tensor hook on every parameter
   sees *this backward's* gradient before autograd adds it into ``param.grad``, so the micro-batch

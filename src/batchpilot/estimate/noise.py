@@ -3,7 +3,7 @@
 Pure arithmetic (no torch): a training loop measures squared gradient norms at two batch sizes on the
 *same parameters* and feeds them here as :class:`NoiseSample` records; :class:`NoiseScaleEstimator`
 turns them into B_simple with an uncertainty band. The torch side (hooks that measure the norms) is
-:mod:`batchpilot.measure.grad_norms`.
+:mod:`batchpilot.train.grad_norms`.
 
 Formulas (McCandlish et al. 2018, App. A.1). With G the true gradient and Σ the per-example
 covariance, the squared norm of a mean gradient over B examples has expectation
@@ -277,7 +277,7 @@ def noise_record_from_dict(data: dict[str, Any], path: str = "<dict>") -> NoiseR
 
 def load_noise_record(path: str | Path) -> NoiseRecord:
     """Read a noise file written by ``batchpilot noise --json > FILE`` (for ``plan --noise FILE``)."""
-    from batchpilot.specs.model import read_json_object  # bounded: regular files only, size-capped
+    from batchpilot.io import read_json_object  # bounded: regular files only, size-capped
 
     data = read_json_object(Path(path), "noise file")
     return noise_record_from_dict(data, str(path))
