@@ -78,7 +78,7 @@ def test_zero_accounting_through_analytic_memory() -> None:
      ("fsdp2", "bf16", 16), ("deepspeed", "fp16", 16)],
 )
 def test_bytes_per_param_table(engine: str, precision: str, expected: int) -> None:
-    """FACTS.md: DeepSpeed 2 + 2 + 12, Megatron 2 + 4 + 12, torch autocast 4 + 4 + 8."""
+    """ZeRO paper §3.1 and the engines' sources: DeepSpeed 2 + 2 + 12, Megatron 2 + 4 + 12, torch autocast 4 + 4 + 8."""
     assert bytes_per_param(RunSettings(engine=engine, precision=precision)).total == expected  # type: ignore[arg-type]
 
 
@@ -88,7 +88,7 @@ def test_megatron_distributed_optimizer_is_6_plus_12_over_dp() -> None:
 
 
 def test_optimizer_rows() -> None:
-    """8-bit Adam ≈ 2 bytes of state, SGD momentum 4 (FACTS.md), on top of DeepSpeed's master copy."""
+    """8-bit Adam ≈ 2 bytes of state (Dettmers et al. 2022), SGD momentum 4, on top of DeepSpeed's master copy."""
     assert bytes_per_param(RunSettings(engine="deepspeed", optimizer="adamw-8bit")).optimizer == 4 + 2
     assert bytes_per_param(RunSettings(engine="deepspeed", optimizer="sgd-momentum")).optimizer == 4 + 4
 
@@ -141,7 +141,7 @@ def test_korthikanti_full_recompute(h: int, a: int, s: int) -> None:
 
 
 def test_flash_attention_drops_the_s_squared_terms() -> None:
-    """FACTS.md: the 5as²b terms vanish with flash attention; the kernel's saved output is the projection
+    """Korthikanti et al. 2022: the 5as²b terms vanish with flash attention; the kernel's saved output is the projection
     input, so 34sbh remain plus the per-head fp32 log-sum-exp (4a bytes per token) and LN statistics."""
     h, a, s = 12288, 96, 2048
     spec = _gpt(h, a, seq=s)

@@ -185,7 +185,7 @@ def _noise_every(noise_every: int | None, no_noise: bool) -> int:
 
 def _default_lr_scaling(lr_scaling: str | None, batch_schedule: str) -> str:
     """An explicit --lr-scaling wins; an adaptive schedule otherwise gets sqrt (Adam's rule, Malladi et al.
-    2022), as the adaptive-batch issue asks; every other schedule keeps none."""
+    2022); every other schedule keeps none."""
     if lr_scaling is not None:
         return lr_scaling
     return "sqrt" if batch_schedule.strip().lower().startswith("adaptive") else "none"

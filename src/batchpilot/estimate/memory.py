@@ -131,7 +131,7 @@ def _param_bytes(engine: str, precision: str, optimizer: str) -> ParamBytes:
         # 16-bit compute copies are transient and counted separately.
         return ParamBytes(weights=4, gradients=4, master=0, optimizer_state=state)
     if engine == "megatron":
-        # Megatron-LM keeps fp32 "main" gradients (Korthikanti/Narayanan; FACTS: 2 + 4 + 12).
+        # Megatron-LM keeps fp32 "main" gradients (Korthikanti/Narayanan: 2 + 4 + 12).
         return ParamBytes(weights=2, gradients=4, master=4, optimizer_state=state)
     # DeepSpeed mixed precision (ZeRO paper §3.1): 16-bit weights and gradients, fp32 master + states.
     return ParamBytes(weights=2, gradients=2, master=4, optimizer_state=state)
@@ -165,7 +165,7 @@ class OverheadModel:
 
     cuda_context_bytes: int = 512 * MIB
     """CUDA context + kernel images loaded by torch: 0.3–1.3 GiB depending on CUDA/torch version and lazy
-    loading (FACTS.md); 512 MiB is a mid-range H100/CUDA 12 figure (the same default as the traced
+    loading; 512 MiB is a mid-range H100/CUDA 12 figure (the same default as the traced
     estimate's ``CudaTerms``). Invisible to ``max_memory_allocated``, visible to OOM."""
     workspace_bytes: int = 32 * MIB
     """cuBLAS workspace: ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` = 8 × 4 MiB per stream (PyTorch

@@ -5,7 +5,7 @@ Examples (the first is CPU-sized and takes seconds)::
     batchpilot memory --model tiny-llama-15m --micro-batch 4 --seq-len 256 --method traced
     batchpilot memory --model llama-2-7b --micro-batch 1 --seq-len 2048 --method traced --json
 
-How (FACTS.md, "Traced measurement on CPU"): the model is built from ``ModelSpec.hf_config`` inside
+How (measured here: traced peak = CPU allocator peak, ``benchmarks/results/traced_accuracy.md``): the model is built from ``ModelSpec.hf_config`` inside
 ``torch._subclasses.fake_tensor.FakeTensorMode`` on the fake CPU device, so no parameter or activation
 holds real memory. Two training iterations run under
 ``torch.distributed._tools.mem_tracker.MemTracker`` — forward with the run's autocast dtype, backward,
@@ -99,7 +99,7 @@ class CudaTerms:
     Applied to every traced storage, so the categories hold rounded sizes as ``max_memory_allocated``
     does (MemTracker's own rule for CUDA tensors)."""
     context_bytes: int = 512 * _MIB
-    """CUDA context + kernel images loaded by torch: FACTS.md "≈ 0.3-1.3 GiB depending on version"
+    """CUDA context + kernel images loaded by torch: ≈ 0.3–1.3 GiB depending on the torch/CUDA version
     (CUDA ≥ 11.7 lazy module loading sits at the low end; 512 MiB is a mid-range H100/CUDA 12 figure).
     Not visible to ``max_memory_allocated``; visible to ``nvidia-smi`` and to OOM."""
     cublas_workspace_bytes: int = 32 * _MIB

@@ -19,7 +19,7 @@ for tiny-llama-1m, eager, sequence 64, micro-batch 7). Under a real limit set to
 + 16 … 768 KiB, that last trial completed step 1 and failed in step 2 with the allocator's error (at
 + 1 MiB both ran). A size that passed one step can therefore fail the next: a fit needs two.
 
-CPU memory limit (FACTS.md, "CPU out-of-memory is real and catchable"): after the model and the
+CPU memory limit (CPU out-of-memory is real and catchable: under ``RLIMIT_AS`` torch raises ``RuntimeError: … DefaultCPUAllocator: can't allocate memory``): after the model and the
 optimizer are built and the thread pool has started, the process measures its address-space size
 (``VmSize``) as the baseline and sets ``RLIMIT_AS = baseline + budget``. glibc's mmap threshold is
 fixed at 128 KiB with ``mallopt(M_MMAP_THRESHOLD)`` — the same effect as
@@ -60,7 +60,7 @@ from batchpilot.measure.trace import trace
 M_MMAP_THRESHOLD = -3
 """glibc ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h)."""
 MMAP_THRESHOLD_BYTES = 131072
-"""128 KiB, the value of ``MALLOC_MMAP_THRESHOLD_`` in FACTS.md's recipe."""
+"""128 KiB: the same as ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment of a fresh process."""
 M_ARENA_MAX = -8
 """glibc ``mallopt`` parameter number of ``M_ARENA_MAX`` (malloc.h)."""
 

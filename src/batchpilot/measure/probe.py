@@ -57,7 +57,7 @@ Device = Literal["cpu", "cuda"]
 Phase = Literal["search", "knee"]
 
 KNEE_TOLERANCE = 0.03
-"""A size is "as fast" as the best when its tokens/s is within 3 % of the best measured (the issue's rule)."""
+"""A size is "as fast" as the best when its tokens/s is within 3 % of the best measured (a stated rule: two sizes within 3 % are as fast within the noise of one timed step)."""
 DEFAULT_TRIAL_TIMEOUT_S = 1800.0
 TIMEOUT_ERROR_PREFIX = "trial ran past --trial-timeout"
 """How a timed-out trial's ``error`` starts (the report and the nothing-fits message recognise it)."""

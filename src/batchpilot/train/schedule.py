@@ -14,7 +14,7 @@ Syntax of ``--batch-schedule`` (token counts take ``batchpilot.units.parse_count
 
 Thresholds (``over``, the keys of ``steps``) count input tokens consumed (padding excluded).
 
-Adaptive schedules (the convergence issue) implement the same :class:`BatchSchedule` protocol: they
+Adaptive schedules (:mod:`batchpilot.train.adaptive`) implement the same :class:`BatchSchedule` protocol: they
 read each step's metrics record in :meth:`BatchSchedule.observe` (gradient-noise fields added by a
 :class:`~batchpilot.train.hooks.TrainHook` land there), keep what they learn in ``state_dict`` for
 checkpoints, return ``None`` from ``planned_batches`` and should round to
