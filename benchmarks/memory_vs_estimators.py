@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batchpilot.estimate.memory import OverheadModel, analytic_memory, model_state_bytes
+from batchpilot.estimate.memory import analytic_memory
+from batchpilot.estimate.model_states import model_state_bytes
+from batchpilot.estimate.overhead import OverheadModel
 from batchpilot.io import read_json_object
 from batchpilot.specs.model import ModelSpec, from_hf_config, load_model
 from batchpilot.specs.settings import RunSettings

@@ -57,7 +57,8 @@ BIG_MODEL, BIG_SEQ = "llama-2-7b", 2048
 
 def _analytic(spec: ModelSpec, settings: RunSettings, micro_batch: int, seq_len: int) -> int | None:
     try:
-        from batchpilot.estimate.memory import OverheadModel, analytic_memory
+        from batchpilot.estimate.memory import analytic_memory
+        from batchpilot.estimate.overhead import OverheadModel
     except ImportError:
         return None
     return analytic_memory(spec, settings, micro_batch=micro_batch, seq_len=seq_len,

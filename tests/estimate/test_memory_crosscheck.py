@@ -25,7 +25,8 @@ from __future__ import annotations
 import pytest
 from benchmarks import cpu_step
 
-from batchpilot.estimate.memory import OverheadModel, analytic_memory
+from batchpilot.estimate.memory import analytic_memory
+from batchpilot.estimate.overhead import OverheadModel
 from batchpilot.specs.model import load_model
 from batchpilot.specs.settings import RunSettings
 

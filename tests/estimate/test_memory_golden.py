@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import pytest
 
-from batchpilot.estimate.memory import (
-    OverheadModel,
-    activation_terms,
-    analytic_memory,
-    bytes_per_param,
-    model_state_bytes,
-)
+from batchpilot.estimate.activations import activation_terms
+from batchpilot.estimate.memory import analytic_memory
+from batchpilot.estimate.model_states import bytes_per_param, model_state_bytes
+from batchpilot.estimate.overhead import OverheadModel
 from batchpilot.specs.model import ModelSpec, from_hf_config, load_model
 from batchpilot.specs.settings import RunSettings
 

@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 
 from batchpilot.errors import SpecError
-from batchpilot.estimate.memory import (
-    OverheadModel,
-    activation_terms,
-    analytic_memory,
-    logits_terms,
-    max_micro_batch,
-    model_state_bytes,
-)
+from batchpilot.estimate.activations import activation_terms, logits_terms
+from batchpilot.estimate.memory import analytic_memory, max_micro_batch
+from batchpilot.estimate.model_states import model_state_bytes
+from batchpilot.estimate.overhead import OverheadModel
 from batchpilot.specs.model import load_model
 from batchpilot.specs.settings import RunSettings
 from batchpilot.units import GIB

@@ -76,13 +76,13 @@ from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, get_args
 
 from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration, MatmulShape
+from batchpilot.estimate.dtypes import (
+    ACTIVATION_BYTES,  # also the bytes per element TP/EP/PP collectives send
+)
 from batchpilot.specs.batch import BatchTriad
 from batchpilot.specs.hardware import ClusterSpec
 from batchpilot.specs.model import ModelSpec
 from batchpilot.specs.settings import Recompute, RunSettings
-
-ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
-"""Bytes per activation element sent by TP/EP/PP collectives (fp8 runs keep bf16 activations)."""
 
 PEAK_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}
 """Which dense peak a precision's matmuls run at (fp32: no TF32, PyTorch's default)."""

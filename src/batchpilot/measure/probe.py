@@ -267,7 +267,7 @@ def default_predictor(request: ProbeRequest) -> Prediction:
 def _overhead(request: ProbeRequest) -> Any:
     """The analytic overhead terms a trial's peak contains: CPU none; CUDA all but the context, which the
     caching allocator's budget (and ``max_memory_reserved``) does not include."""
-    from batchpilot.estimate.memory import OverheadModel
+    from batchpilot.estimate.overhead import OverheadModel
 
     return OverheadModel.cpu() if request.device == "cpu" else OverheadModel(cuda_context_bytes=0)
 
@@ -276,7 +276,8 @@ def baseline_model_bytes(request: ProbeRequest) -> int:
     """Bytes of the analytic estimate that a CPU trial's baseline already holds (the weights); 0 on CUDA."""
     if request.device != "cpu":
         return 0
-    from batchpilot.estimate.memory import OverheadModel, analytic_memory
+    from batchpilot.estimate.memory import analytic_memory
+    from batchpilot.estimate.overhead import OverheadModel
 
     return analytic_memory(request.model, request.settings, micro_batch=1, seq_len=request.seq_len,
                            overhead=OverheadModel.cpu()).weights_bytes

@@ -44,7 +44,8 @@ from typing import Any
 from batchpilot.errors import BatchpilotError, InfeasibleError, SpecError
 from batchpilot.estimate.breakdown import MemoryBreakdown
 from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration
-from batchpilot.estimate.memory import OverheadModel, analytic_memory
+from batchpilot.estimate.memory import analytic_memory
+from batchpilot.estimate.overhead import OverheadModel
 from batchpilot.estimate.steptime import StepTime, StepTimeModel
 from batchpilot.specs.batch import (
     MAX_BATCH_SEQUENCES,

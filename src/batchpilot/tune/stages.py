@@ -172,7 +172,7 @@ def critical_batch_sequences(state: TuneState, cfg: TuneConfig) -> int:
 
 def plan_stage(cfg: TuneConfig, state: TuneState, out: Path) -> dict[str, Any]:
     """Plan for the local device (and the target cluster), write the exports."""
-    from batchpilot.estimate.memory import OverheadModel
+    from batchpilot.estimate.overhead import OverheadModel
     from batchpilot.plan.planner import Pins, PlanRequest, plan
 
     knee = int((state.probe or {}).get("knee_micro_batch") or 1)
