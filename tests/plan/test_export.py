@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from batchpilot.plan.export import FORMATS, ExportError, export_text, megatron_args, torchrun_command
+from batchpilot.plan.exports import FORMATS, ExportError, export_text
+from batchpilot.plan.exports.megatron import megatron_args
+from batchpilot.plan.exports.torchrun import torchrun_command
 from batchpilot.plan.planner import Pins, PlanRequest, plan
 from batchpilot.specs.hardware import ClusterSpec, load_accelerator
 from batchpilot.specs.model import load_model

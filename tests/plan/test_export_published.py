@@ -14,7 +14,9 @@ import types
 import pytest
 import tomllib
 
-from batchpilot.plan.export import ExportError, export_text, megatron_model_args, torchtitan_config
+from batchpilot.plan.exports import ExportError, export_text
+from batchpilot.plan.exports.megatron import megatron_model_args
+from batchpilot.plan.exports.torchtitan import torchtitan_config
 from batchpilot.plan.planner import Pins, PlanRequest, plan
 from batchpilot.specs.hardware import ClusterSpec, load_accelerator
 from batchpilot.specs.model import load_model
@@ -192,14 +194,14 @@ def test_torchtitan_names_its_own_flavor_when_the_shape_matches_and_refuses_fp16
 
 
 def test_torchtitan_toml_escapes_strings():
-    from batchpilot.plan.export import _toml_value
+    from batchpilot.plan.exports.torchtitan import _toml_value
 
     tricky = 'a"b\\c\nd\x7fé😀'
     assert tomllib.loads(f"k = {_toml_value(tricky)}")["k"] == tricky
 
 
 def test_megatron_layout_for_a_pipeline_that_does_not_divide_the_layers():
-    from batchpilot.plan.export import _megatron_pipeline_split
+    from batchpilot.plan.exports.megatron import _megatron_pipeline_split
 
     layout = _megatron_pipeline_split(61, 32, 1)[1].split("|")  # DeepSeek-V3's planned pp 32: ⌈61/32⌉ = 2
     assert len(layout) == 32 and sum(stage.count("t") for stage in layout) == 61
@@ -210,7 +212,7 @@ def test_megatron_layout_for_a_pipeline_that_does_not_divide_the_layers():
 def test_megatron_interleaved_split():
     """vpp > 1: an even split names the virtual stages (Megatron derives the chunk size); an uneven one lists
     pp × vpp stages in the layout (Megatron derives vpp = stages / pp, arguments.py)."""
-    from batchpilot.plan.export import _megatron_pipeline_split
+    from batchpilot.plan.exports.megatron import _megatron_pipeline_split
 
     assert _megatron_pipeline_split(128, 16, 8) == ["--num-virtual-stages-per-pipeline-rank", "8"]
     flag, layout = _megatron_pipeline_split(126, 16, 4)  # Llama 3 405B: 126 layers over 64 virtual stages

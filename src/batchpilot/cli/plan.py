@@ -40,7 +40,7 @@ from batchpilot.estimate.calibration import (
     load_calibration,
 )
 from batchpilot.estimate.noise import load_noise_record
-from batchpilot.plan.export import FORMATS, export_text
+from batchpilot.plan.exports import FORMATS, export_text
 from batchpilot.plan.planner import DEFAULT_HEADROOM, Pins, PlanRequest, PlanResult, plan
 from batchpilot.plan.priors import global_batch_from_noise, global_batch_from_prior
 from batchpilot.plan.registry import target_global_batch

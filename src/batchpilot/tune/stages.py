@@ -240,7 +240,7 @@ def _cluster_target_tokens(cfg: TuneConfig, state: TuneState) -> tuple[int, str]
 
 
 def _write_exports(result: Any, folder: Path, prefix: str, formats: tuple[str, ...]) -> None:
-    from batchpilot.plan.export import ExportError, export_text
+    from batchpilot.plan.exports import ExportError, export_text
 
     if not result.plans:
         return
