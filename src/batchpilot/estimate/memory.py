@@ -61,7 +61,7 @@ from batchpilot.specs.settings import RunSettings, check_interleaving, validate_
 
 # ---------------------------------------------------------------------------------------------- layout
 @dataclass(frozen=True, kw_only=True, slots=True)
-class _Layout:
+class _StageLayout:
     """How the run splits the model over GPUs, as far as one GPU's memory needs it."""
 
     tp: int
@@ -79,14 +79,14 @@ class _Layout:
     (:func:`first_stage_in_flight`)."""
 
 
-def _layout(model: ModelSpec, settings: RunSettings, dp: int, grad_accum: int, gpus_per_node: int) -> _Layout:
+def _stage_layout(model: ModelSpec, settings: RunSettings, dp: int, grad_accum: int, gpus_per_node: int) -> _StageLayout:
     shard = min(dp, gpus_per_node) if settings.hybrid_shard else dp
     if settings.ep > dp or dp % settings.ep:
         raise SpecError(
             f"--ep {settings.ep} must divide the {dp} data-parallel ranks experts are spread over; "
             f"use a divisor of {dp} or more GPUs"
         )
-    return _Layout(
+    return _StageLayout(
         tp=settings.tp, pp=settings.pp, ep=settings.ep, sp=settings.sp and settings.tp > 1, dp=dp,
         shard=max(1, shard), expert_shard=max(1, shard // settings.ep),
         layers_per_stage=math.ceil(model.num_layers / settings.pp),
@@ -127,7 +127,7 @@ class _StageParams:
     """Parameters that are matmul weights (autocast keeps 16-bit copies of these)."""
 
 
-def _stage_params(model: ModelSpec, lay: _Layout, first: bool, last: bool) -> _StageParams:
+def _stage_params(model: ModelSpec, lay: _StageLayout, first: bool, last: bool) -> _StageParams:
     t, layers = lay.tp, lay.layers_per_stage
     norms = model.params_norms_per_layer
     moe_share = model.num_moe_layers / model.num_layers
@@ -169,7 +169,7 @@ def _cached_layer_bytes(model: ModelSpec, settings: RunSettings, seq_len: int, m
     return sum(activation_terms(model, settings, seq_len=seq_len, moe_layer=moe_layer).values())
 
 
-def _activation_bytes(model: ModelSpec, settings: RunSettings, lay: _Layout, *, micro_batch: int,
+def _activation_bytes(model: ModelSpec, settings: RunSettings, lay: _StageLayout, *, micro_batch: int,
                       seq_len: int, first: bool, last: bool) -> dict[str, float]:
     """Activation terms (bytes) of one GPU of a pipeline stage at the fwd/bwd peak."""
     tokens = float(micro_batch * seq_len)
@@ -217,7 +217,7 @@ def analytic_memory(model: ModelSpec, settings: RunSettings, *, micro_batch: int
     validate_for_model(settings, model)
     check_interleaving(settings, grad_accum)
     overhead = OverheadModel() if overhead is None else overhead
-    lay = _layout(model, settings, dp, grad_accum, gpus_per_node)
+    lay = _stage_layout(model, settings, dp, grad_accum, gpus_per_node)
     stages = [(True, True)] if settings.pp == 1 else [(True, False), (False, True)]
     results = [_stage_memory(model, settings, lay, overhead, micro_batch, seq_len, first, last)
                for first, last in stages]
@@ -238,7 +238,7 @@ class _Phase:
         return self.weights + self.gradients + self.activations + self.extra + optimizer
 
 
-def _phases(model: ModelSpec, settings: RunSettings, lay: _Layout, overhead: OverheadModel,
+def _phases(model: ModelSpec, settings: RunSettings, lay: _StageLayout, overhead: OverheadModel,
             params: _StageParams, states: ModelStates, activations: float) -> dict[str, _Phase]:
     """The three candidate peaks of a step (see the module docstring).
 
@@ -266,7 +266,7 @@ def _phases(model: ModelSpec, settings: RunSettings, lay: _Layout, overhead: Ove
     }
 
 
-def _stage_memory(model: ModelSpec, settings: RunSettings, lay: _Layout, overhead: OverheadModel,
+def _stage_memory(model: ModelSpec, settings: RunSettings, lay: _StageLayout, overhead: OverheadModel,
                   micro_batch: int, seq_len: int, first: bool, last: bool) -> MemoryBreakdown:
     params = _stage_params(model, lay, first, last)
     states = model_state_bytes(settings, params=params.dense, expert_params=params.expert, dp=lay.dp,
@@ -298,7 +298,7 @@ def _stage_memory(model: ModelSpec, settings: RunSettings, lay: _Layout, overhea
     )
 
 
-def _optimizer_transient(model: ModelSpec, settings: RunSettings, params: _StageParams, lay: _Layout,
+def _optimizer_transient(model: ModelSpec, settings: RunSettings, params: _StageParams, lay: _StageLayout,
                          overhead: OverheadModel) -> float:
     """The optimizer step's temporary buffers for unfused ``torch`` optimizers (other engines' fused
     kernels update in place): :data:`OPTIMIZER_STEP_TRANSIENT_BYTES` per parameter this GPU updates for
