@@ -66,6 +66,8 @@ def test_state_round_trip_and_mismatch() -> None:
     assert t.current == 16 and t.last_change_step == 1
     with pytest.raises(ScheduleError, match="resume with the same"):
         _schedule(max_sequences=128).load_state_dict(s.state_dict())
+    with pytest.raises(ScheduleError, match="resume with the same"):  # growth is part of the schedule
+        _schedule(max_growth=4.0).load_state_dict(s.state_dict())
 
 
 def test_parse_defaults_and_errors() -> None:

@@ -19,6 +19,7 @@ from train_helpers import small_config
 from typer.testing import CliRunner
 
 from batchpilot.cli import app
+from batchpilot.errors import BatchpilotError
 from batchpilot.train.adaptive import NoiseScaleHook
 from batchpilot.train.config import DEFAULT_NOISE_EVERY, TrainConfig
 from batchpilot.train.distributed import init_distributed, shutdown, unwrap
@@ -99,8 +100,8 @@ def test_resume_is_exact_and_restores_the_estimator(corpus_dir: Path, tmp_path: 
     caller = _Caller()
     resumed_summary = run(cfg.replace(run={"resume": True}), hooks=[caller])
     resumed = read_metrics(out / "metrics.jsonl")
-    assert getattr(caller, "loaded", False)  # the caller's state stayed at position 0, the noise hook's after it
-    assert state["hooks"][0] == {"caller": 1} and "estimator" in state["hooks"][1]
+    assert getattr(caller, "loaded", False)  # each hook got the state saved under its own key
+    assert state["hooks"]["_Caller"] == {"caller": 1} and "estimator" in state["hooks"]["noise_scale"]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     for key in ("b_simple", "b_simple_lo", "b_simple_hi", "noise_trace", "noise_grad_sq"):
         # null (an unbounded band) stays null; numbers may differ in the last bit (sums in another order)
@@ -200,3 +201,15 @@ def test_two_torchrun_processes_measure_and_change_nothing(corpus_dir: Path, tmp
             summary = json.loads((out / "summary.json").read_text())
             assert summary["noise_scale"]["steps_measured"] == 2
     assert losses[1] == losses[0]
+
+
+def test_a_resume_with_other_hooks_is_refused_in_one_line(corpus_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint with the noise hook's state resumed with --no-noise (or the reverse) is refused: the state
+    is neither dropped silently nor given to another hook (states were once matched by position)."""
+    out = tmp_path / "out"
+    cfg = _accum2(corpus_dir, out, every=2, steps=3, checkpoint_every=3)
+    run(cfg, hooks=[_Caller()])
+    with pytest.raises(BatchpilotError, match=r"hooks \['_Caller', 'noise_scale'\] but this run has \['_Caller'\]"):
+        run(cfg.replace(run={"resume": True, "steps": 4, "noise_every": 0}), hooks=[_Caller()])
+    with pytest.raises(BatchpilotError, match=r"hooks \['_Caller', 'noise_scale'\] but this run has \['noise_scale'\]"):
+        run(cfg.replace(run={"resume": True, "steps": 4}))

@@ -55,6 +55,7 @@ class NoiseScaleHook(BaseHook):
     """Measures B_simple every step (micro-batch vs global gradient) and adds it to the metrics.jsonl record."""
 
     requires_local_gradients = False
+    name = "noise_scale"
 
     def __init__(self, *, ema_decay: float = DEFAULT_EMA_DECAY, max_band_ratio: float = DEFAULT_MAX_BAND_RATIO,
                  every: int = 1, skip_single_micro_batch: bool = False) -> None:
@@ -176,7 +177,7 @@ class AdaptiveSettings:
 
     def describe(self) -> str:
         return (f"adaptive:min={self.min_sequences},max={self.max_sequences},band={self.max_band_ratio:g},"
-                f"cooldown={self.cooldown_steps},ema={self.ema_decay:g}")
+                f"cooldown={self.cooldown_steps},ema={self.ema_decay:g},growth={self.max_growth:g}")
 
 
 class AdaptiveBatchSchedule:
@@ -239,6 +240,8 @@ class AdaptiveBatchSchedule:
 
 class _DecisionHook(BaseHook):
     """Runs after :class:`NoiseScaleHook` in ``on_gradients``: decides the next batch, logs the decision."""
+
+    name = "adaptive_decision"
 
     def __init__(self, schedule: AdaptiveBatchSchedule) -> None:
         self.schedule = schedule

@@ -9,7 +9,10 @@ no-op defaults). The loop calls, for every optimizer step:
    step. Its returned mapping is merged into the step's ``metrics.jsonl`` record;
 3. ``on_step_end(record)`` with the finished record (after the optimizer step);
 
-and ``state_dict()`` / ``load_state_dict()`` when checkpointing and resuming.
+and ``state_dict()`` / ``load_state_dict()`` when checkpointing and resuming. A checkpoint keeps each hook's
+state under the hook's key (:func:`hook_states`: its ``name`` attribute, or its class name; ``#2``, ``#3``
+for repeats), and a resume whose hooks have other keys than the checkpoint's is refused in one line
+(:func:`restore_hook_states`): a state is never given to another hook.
 
 Gradient scaling contract (what ``p.grad`` holds). The loss of a micro-step is
 ``Σ_{target tokens t in the micro-batch} ℓ_t × world_size × loss_scale / N_global`` where ``N_global`` is
@@ -32,11 +35,13 @@ accumulated gradients, and all-reduces them itself (DDP only; FSDP2 refuses such
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
+
+from batchpilot.errors import BatchpilotError
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -126,6 +131,8 @@ class BaseHook:
     """No-op implementation of every :class:`TrainHook` method; override what you need."""
 
     requires_local_gradients: bool = False
+    name: str = ""
+    """The key of this hook's state in checkpoints (empty: the class name)."""
 
     def on_micro_step(self, model: nn.Module, info: MicroStepInfo) -> None:
         return None
@@ -144,3 +151,40 @@ class BaseHook:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         return None
+
+
+def hook_keys(hooks: Sequence[TrainHook]) -> list[str]:
+    """Each hook's checkpoint key: its ``name`` (or class name), with ``#2``, ``#3`` … for repeats."""
+    keys: list[str] = []
+    for hook in hooks:
+        base = getattr(hook, "name", "") or type(hook).__name__
+        count = sum(1 for k in keys if k == base or k.startswith(base + "#"))
+        keys.append(base if count == 0 else f"{base}#{count + 1}")
+    return keys
+
+
+def hook_states(hooks: Sequence[TrainHook]) -> dict[str, Any]:
+    """The checkpoint's ``hooks`` entry: each hook's state under its key."""
+    return {key: hook.state_dict() for key, hook in zip(hook_keys(hooks), hooks, strict=True)}
+
+
+def restore_hook_states(hooks: Sequence[TrainHook], saved: Mapping[str, Any] | Sequence[Any] | None) -> None:
+    """Give each hook the state saved under its key; refuse in one line when the keys differ.
+
+    A checkpoint written before states were keyed holds a list: it is accepted only when it has as many
+    entries as there are hooks (the order they were saved in is the order they are built in)."""
+    keys = hook_keys(hooks)
+    if saved is None:
+        saved = {}
+    if not isinstance(saved, Mapping):
+        if len(saved) != len(hooks):
+            raise BatchpilotError(
+                f"the checkpoint holds {len(saved)} hook state(s) but this run has {len(hooks)} hook(s) ({', '.join(keys) or 'none'}); "
+                f"resume with the settings the run started with (--batch-schedule, --noise-every/--no-noise) or use a new --out")
+        saved = dict(zip(keys, saved, strict=True))
+    if set(saved) != set(keys):
+        raise BatchpilotError(
+            f"the checkpoint holds state for the hooks {sorted(saved) or 'none'} but this run has {sorted(keys) or 'none'}; "
+            f"resume with the settings the run started with (--batch-schedule, --noise-every/--no-noise) or use a new --out")
+    for key, hook in zip(keys, hooks, strict=True):
+        hook.load_state_dict(saved[key])

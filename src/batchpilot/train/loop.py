@@ -61,7 +61,7 @@ from batchpilot.train.distributed import (
     unwrap,
     wrap_model,
 )
-from batchpilot.train.hooks import MicroStepInfo, StepInfo, TrainHook
+from batchpilot.train.hooks import MicroStepInfo, StepInfo, TrainHook, hook_states, restore_hook_states
 from batchpilot.train.lr import LRSchedule
 from batchpilot.train.metrics import MetricsLog, peak_memory_bytes, write_json_atomic
 from batchpilot.train.model import build_model
@@ -108,7 +108,7 @@ class Trainer:
         self.schedule: BatchSchedule = self.plan.schedule
         self.hooks += getattr(self.schedule, "required_hooks", list)()  # e.g. the adaptive schedule's noise hook
         self.noise = default_noise_hook(config, self.plan, env.world_size, self.hooks)
-        if self.noise.hook is not None:  # last: the checkpoint's hook states keep the other hooks' positions
+        if self.noise.hook is not None:
             self.hooks.append(self.noise.hook)
         self.out = Path(config.run.out)
         self.restarts = elastic_restart_count()
@@ -209,8 +209,7 @@ class Trainer:
             self._log_restart(f"resuming from {str(path)!r}")
         self.state = TrainState(**state["train"])
         self.schedule.load_state_dict(state["schedule"])
-        for hook, hook_state in zip(self.hooks, state.get("hooks", []), strict=False):
-            hook.load_state_dict(hook_state)
+        restore_hook_states(self.hooks, state.get("hooks"))
         return path
 
     def _log_restart(self, what: str) -> None:
@@ -390,7 +389,7 @@ class Trainer:
                 f"was written; " + (f"the last good one {str(kept)!r} is kept" if kept else "none was written before")
                 + f"; lower --lr (now {self.config.optim.lr:g}) or set --grad-clip")
         state = {"train": dataclasses.asdict(self.state), "schedule": self.schedule.state_dict(),
-                 "hooks": [h.state_dict() for h in self.hooks], "config": self.config.to_dict()}
+                 "hooks": hook_states(self.hooks), "config": self.config.to_dict()}
         ckpt.save_checkpoint(self.out, self.state.step, model=self.model, optimizer=self.optimizer,
                              scaler=self.scaler, state=state, env=self.env, keep=self.config.run.keep_checkpoints,
                              unchanged=self._on_disk_step == self.state.step)
