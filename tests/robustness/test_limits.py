@@ -14,7 +14,8 @@ import pytest
 from batchpilot.errors import BatchpilotError
 from batchpilot.estimate.memory import analytic_memory
 from batchpilot.plan import planner
-from batchpilot.plan.planner import MAX_MICRO_BATCH, Pins, PlanRequest, plan
+from batchpilot.plan.planner import Pins, PlanRequest, plan
+from batchpilot.plan.request import MAX_MICRO_BATCH
 from batchpilot.specs.batch import MAX_BATCH_SEQUENCES, MAX_SEQ_LEN_TOKENS
 from batchpilot.specs.hardware import MAX_DEVICES, ClusterSpec, load_accelerator
 from batchpilot.specs.model import load_model

@@ -45,7 +45,7 @@ from collections.abc import Callable
 
 from batchpilot.plan.exports import deepspeed, hf, lightning, megatron, torchrun, torchtitan
 from batchpilot.plan.exports._common import ExportError, render_json, render_shell
-from batchpilot.plan.planner import Plan, PlanRequest
+from batchpilot.plan.request import Plan, PlanRequest
 
 __all__ = ["FORMATS", "ExportError", "export_text"]
 

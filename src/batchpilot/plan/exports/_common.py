@@ -7,7 +7,7 @@ import shlex
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.plan.planner import Plan
+from batchpilot.plan.request import Plan
 
 
 class ExportError(BatchpilotError):

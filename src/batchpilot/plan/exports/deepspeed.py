@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchpilot.plan.planner import Plan, PlanRequest
+from batchpilot.plan.request import Plan, PlanRequest
 
 
 def deepspeed_config(plan: Plan, request: PlanRequest) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from batchpilot.plan.exports._common import refuse_model_parallel
 from batchpilot.plan.exports.deepspeed import deepspeed_config
-from batchpilot.plan.planner import Plan, PlanRequest
+from batchpilot.plan.request import Plan, PlanRequest
 
 
 def hf_training_arguments(plan: Plan, request: PlanRequest) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from batchpilot.plan.exports._common import refuse_model_parallel
-from batchpilot.plan.planner import Plan, PlanRequest
+from batchpilot.plan.request import Plan, PlanRequest
 
 
 def lightning_trainer(plan: Plan, request: PlanRequest) -> dict[str, Any]:

@@ -11,7 +11,7 @@ vocabulary, MoE experts/shared experts/dense-layer pattern/DeepSeek router, MLA 
 from __future__ import annotations
 
 from batchpilot.plan.exports._common import ExportError
-from batchpilot.plan.planner import Plan, PlanRequest
+from batchpilot.plan.request import Plan, PlanRequest
 from batchpilot.specs.model import ModelSpec
 
 

@@ -9,7 +9,7 @@ the ``megatron`` arguments for tensor/pipeline/expert plans.
 from __future__ import annotations
 
 from batchpilot.plan.exports.megatron import megatron_args
-from batchpilot.plan.planner import Plan, PlanRequest
+from batchpilot.plan.request import Plan, PlanRequest
 
 
 def torchrun_command(plan: Plan, request: PlanRequest) -> list[str]:

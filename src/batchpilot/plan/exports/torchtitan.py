@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from batchpilot.plan.exports._common import ExportError
-from batchpilot.plan.planner import Plan, PlanRequest
+from batchpilot.plan.request import Plan, PlanRequest
 from batchpilot.specs.model import ModelSpec
 
 #: torchtitan 0.2.x model flavors (``torchtitan/models/llama3/__init__.py``, ``.../deepseek_v3/__init__.py``
