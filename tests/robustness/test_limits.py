@@ -13,7 +13,7 @@ import pytest
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.estimate.memory import analytic_memory
-from batchpilot.plan import planner
+from batchpilot.plan import space
 from batchpilot.plan.planner import Pins, PlanRequest, plan
 from batchpilot.plan.request import MAX_MICRO_BATCH
 from batchpilot.specs.batch import MAX_BATCH_SEQUENCES, MAX_SEQ_LEN_TOKENS
@@ -90,9 +90,9 @@ def test_library_refuses_the_same_limits() -> None:
 def test_micro_divisors_are_the_divisors_up_to_the_micro_batch_limit() -> None:
     """Same candidates as the full O(√n) enumeration filtered afterwards (what the planner did before)."""
     for n in [*range(1, 3000), 2**31 - 1, 2**31, 3 * 5 * 7 * 11 * 13 * 17 * 19 * 23, 1024 * 1021]:
-        expected = [d for d in planner._divisors(n) if d <= MAX_MICRO_BATCH]
-        assert planner._micro_divisors(n, None) == expected, n
-        assert planner._micro_divisors(n, n) == expected + ([n] if n > MAX_MICRO_BATCH else []), n
+        expected = [d for d in space._divisors(n) if d <= MAX_MICRO_BATCH]
+        assert space._micro_divisors(n, None) == expected, n
+        assert space._micro_divisors(n, n) == expected + ([n] if n > MAX_MICRO_BATCH else []), n
 
 
 def test_a_pinned_micro_batch_above_the_search_range_is_still_used() -> None:
