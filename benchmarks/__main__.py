@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "train_throughput": "batchpilot train tokens/s vs a minimal PyTorch loop and HF Trainer; batching modes",
     "noise_adaptive": "time to target loss: adaptive batch vs fixed small/large and a linear ramp",
     "steptime_vs_published": "step-time model vs published TFLOP/s per GPU (Megatron, MT-NLG, BLOOM, Llama 3)",
+    "published_runs": "memory and tokens/s per GPU vs published, measured GPU runs (benchmarks/data/published_runs.json)",
 }
 
 
