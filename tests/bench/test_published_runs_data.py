@@ -161,3 +161,13 @@ def test_row_to_inputs_reproduces_the_megatron_runs_of_steptime_vs_published():
         assert inputs.cluster is not None and inputs.cluster.to_dict() == run.cluster.to_dict()
         assert inputs.model is not None and inputs.model.params_total == run.model.params_total
         assert inputs.model.flops_per_token(2048) == run.model.flops_per_token(2048)
+
+
+def test_mpt_shapes_reproduce_the_published_parameter_counts():
+    """llm-foundry publishes NumParams per run: the transcribed MPT shapes (GPT-2 blocks with learned positions
+    of seq_len rows) must give exactly that count — an independent check of the shape and of the mapping."""
+    rows = [r for r in ROWS if "num_params" in r["measured"]["other"]]
+    assert len(rows) >= 80
+    for row in rows:
+        model = pr.row_to_inputs(row).model
+        assert model is not None and model.params_total == row["measured"]["other"]["num_params"], row["id"]
