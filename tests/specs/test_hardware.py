@@ -21,7 +21,10 @@ from batchpilot.units import GIB
 
 NAMES = accelerator_names()
 EXPECTED = {"a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h800", "h200", "b200", "mi300x", "l40s",
-            "rtx-4090", "v100-32gb"}
+            "rtx-4090", "v100-32gb",
+            # GPUs people rent, and the parts published training runs used
+            "a10g", "l4", "rtx-a6000", "rtx-3090", "h20", "gh200-96gb", "gh200-144gb", "mi250x", "gb200", "gb300",
+            "b300", "a800-80gb", "h100-nvl", "h100-96gb-hbm2e"}
 
 
 def test_catalog_has_every_expected_device() -> None:
@@ -43,7 +46,7 @@ def test_every_figure_has_a_source_and_flops_are_dense(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_values_are_sane(name: str) -> None:
     spec = load_accelerator(name)
-    assert 16e9 <= spec.memory_bytes <= 300e9
+    assert 16e9 <= spec.memory_bytes <= 320e9  # up to Blackwell Ultra's 288 GiB
     # DRAM capacities are whole GiB in this catalog (the binary reading; see the module docstring).
     assert spec.memory_bytes % GIB == 0
     assert "fp32" in spec.peak_flops and "fp16" in spec.peak_flops
@@ -57,7 +60,7 @@ def test_values_are_sane(name: str) -> None:
         assert spec.peak_flops_per_s("bf16") == spec.peak_flops_per_s("fp16")
     if "fp8" in spec.peak_flops:
         assert spec.peak_flops_per_s("fp8") == pytest.approx(2 * spec.peak_flops_per_s("fp16"), rel=0.02)  # L40S sheet: 733 vs 2 x 362.05
-    assert 500e9 <= spec.memory_bandwidth_bytes_per_s <= 20e12
+    assert 250e9 <= spec.memory_bandwidth_bytes_per_s <= 20e12  # from the L4's 300 GB/s GDDR6
     assert 16e9 <= spec.intra_node_bandwidth_bytes_per_s <= 2e12
     assert spec.intra_node_bandwidth_bytes_per_s < spec.memory_bandwidth_bytes_per_s
 
@@ -70,6 +73,14 @@ def test_values_are_sane(name: str) -> None:
         ("h100-sxm", "bf16", 1979 / 2), ("h100-sxm", "fp8", 3958 / 2), ("h100-pcie", "bf16", 1513 / 2),
         ("h200", "bf16", 1979 / 2), ("b200", "bf16", 4500 / 2), ("mi300x", "bf16", 1307.4),
         ("l40s", "fp8", 733), ("rtx-4090", "bf16", 165.2), ("v100-32gb", "fp16", 125),
+        ("l4", "bf16", 242 / 2), ("l4", "fp8", 485 / 2), ("h100-nvl", "bf16", 1671 / 2), ("h100-nvl", "fp8", 3341 / 2),
+        ("gh200-96gb", "bf16", 1979 / 2), ("gh200-144gb", "fp8", 3958 / 2),
+        ("gb200", "bf16", 360_000 / 72 / 2), ("gb200", "fp8", 720_000 / 72 / 2),  # NVL72 rack figures / 72 GPUs
+        ("gb300", "bf16", 360_000 / 72 / 2), ("b300", "bf16", 36_000 / 8 / 2), ("b300", "fp8", 72_000 / 8 / 2),
+        ("rtx-a6000", "bf16", 309.7 / 2), ("rtx-3090", "bf16", 71), ("rtx-3090", "fp32", 35.6),
+        ("a10g", "bf16", 70), ("h20", "bf16", 148), ("h20", "fp8", 296), ("a800-80gb", "bf16", 312),
+        ("mi250x", "bf16", 383 / 2), ("mi250x", "fp32", 47.9 / 2),  # per GCD: half the package
+        ("h100-96gb-hbm2e", "bf16", 1979 / 2),  # torchtitan's MFU basis for it (the SXM figure, an upper bound)
     ],
 )
 def test_published_dense_figures(name: str, dtype: str, tflops: float) -> None:
@@ -85,6 +96,24 @@ def test_memory_is_read_in_binary_units() -> None:
 def test_nvlink_is_stored_one_direction() -> None:
     assert load_accelerator("h100-sxm").intra_node_bandwidth_bytes_per_s == 900e9 / 2
     assert load_accelerator("h800").intra_node_bandwidth_bytes_per_s == 400e9 / 2
+    assert load_accelerator("a800-80gb").intra_node_bandwidth_bytes_per_s == 400e9 / 2
+    # NVL72: "130 TB/s" per 72-GPU rack is 72 x 1.8 TB/s rounded
+    assert load_accelerator("gb200").intra_node_bandwidth_bytes_per_s == pytest.approx(130e12 / 72 / 2, rel=0.01)
+
+
+def test_new_parts_memory_in_binary_units() -> None:
+    # Vendor "GB" read as GiB (module docstring); the GB200's 186 GB is 13.4 TB / 72 GPUs, a whole number of GiB.
+    assert {name: load_accelerator(name).memory_bytes // GIB for name in
+            ("l4", "a10g", "rtx-a6000", "h20", "gh200-96gb", "gh200-144gb", "h100-nvl", "h100-96gb-hbm2e", "gb200",
+             "b300", "mi250x")} == {"l4": 24, "a10g": 24, "rtx-a6000": 48, "h20": 96, "gh200-96gb": 96,
+                                    "gh200-144gb": 144, "h100-nvl": 94, "h100-96gb-hbm2e": 96, "gb200": 186,
+                                    "b300": 288, "mi250x": 64}
+
+
+def test_mi250x_is_one_gcd_and_has_no_tf32_or_fp8() -> None:
+    gcd = load_accelerator("mi250x")
+    assert gcd.memory_bandwidth_bytes_per_s == pytest.approx(3.2768e12 / 2)  # AMD: 3.2 TB/s per two-GCD package
+    assert gcd.supported_dtypes == ("fp32", "bf16", "fp16")
 
 
 def test_dtype_aliases_and_missing_dtypes() -> None:
