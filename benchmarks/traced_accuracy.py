@@ -11,7 +11,7 @@ multi-tensor path (torch's CUDA default, the step the analytic model describes):
 
 - ``measured_bytes``: :func:`batchpilot.measure.cpu_peak.measure_cpu_step_peak`, two real iterations,
   the CPU allocator's peak from the torch profiler;
-- ``traced_bytes`` and ``trace_wall_s``: :func:`batchpilot.estimate.traced.trace_step` on the same step;
+- ``traced_bytes`` and ``trace_wall_s``: :func:`batchpilot.measure.traced.trace_step` on the same step;
 
 and once per row ``analytic_bytes``: :func:`batchpilot.estimate.memory.analytic_memory` with its CPU
 overhead model (no CUDA context, workspace or fragmentation), and the FLOPs of one step, traced and
@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batchpilot.estimate.traced import peak_error, trace_step
 from batchpilot.measure.cpu_peak import measure_cpu_step_peak
+from batchpilot.measure.traced import peak_error, trace_step
 from batchpilot.specs.model import ModelSpec, load_model
 from batchpilot.specs.settings import RunSettings
 
@@ -69,9 +69,10 @@ def accuracy_row(preset: str, precision: str, micro_batch: int, seq_len: int) ->
     spec, settings = load_model(preset), RunSettings(precision=precision, attention="flash")  # type: ignore[arg-type]
     row: dict[str, Any] = {"preset": preset, "precision": precision, "micro_batch": micro_batch, "seq_len": seq_len}
     for suffix, foreach in (("", False), ("_foreach", True)):
-        traced = trace_step(spec, settings, micro_batch=micro_batch, seq_len=seq_len, foreach=foreach,
+        impl = "foreach" if foreach else None
+        traced = trace_step(spec, settings, micro_batch=micro_batch, seq_len=seq_len, optimizer_impl=impl,
                             count_flops=not foreach)
-        measured = measure_cpu_step_peak(spec, settings, micro_batch=micro_batch, seq_len=seq_len, foreach=foreach)
+        measured = measure_cpu_step_peak(spec, settings, micro_batch=micro_batch, seq_len=seq_len, optimizer_impl=impl)
         row.update({
             f"measured{suffix}_bytes": measured,
             f"traced{suffix}_bytes": traced.memory.total_bytes,
@@ -96,11 +97,11 @@ def big_model_timing() -> dict[str, Any]:
         "import json, resource, time\n"
         "from batchpilot.specs.model import load_model\n"
         "from batchpilot.specs.settings import RunSettings\n"
-        "from batchpilot.estimate.traced import trace_step\n"
+        "from batchpilot.measure.traced import trace_step\n"
         "out = {}\n"
         "for foreach in (False, True):\n"
         f"    r = trace_step(load_model({BIG_MODEL!r}), RunSettings(precision='bf16'), micro_batch=1, "
-        f"seq_len={BIG_SEQ}, count_flops=False, foreach=foreach)\n"
+        f"seq_len={BIG_SEQ}, count_flops=False, optimizer_impl='foreach' if foreach else None)\n"
         "    out['foreach' if foreach else 'loop'] = {'memory': r.memory.to_dict(), 'trace_wall_s': r.wall_s,"
         " 'max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}\n"
         "print(json.dumps(out))\n"
@@ -190,7 +191,8 @@ def preset_row(preset: str) -> dict[str, Any]:
     row: dict[str, Any] = {"preset": preset, "micro_batch": 1, "seq_len": seq_len, "precision": "bf16",
                            "analytic_bytes": analytic, "spec_flops": spec_flops}
     for suffix, foreach in (("", False), ("_foreach", True)):
-        traced = trace_step(spec, settings, micro_batch=1, seq_len=seq_len, foreach=foreach, count_flops=not foreach)
+        traced = trace_step(spec, settings, micro_batch=1, seq_len=seq_len,
+                            optimizer_impl="foreach" if foreach else None, count_flops=not foreach)
         row.update({
             f"traced{suffix}_memory": traced.memory.to_dict(), f"traced{suffix}_bytes": traced.memory.total_bytes,
             f"analytic_vs_traced{suffix}": None if analytic is None else peak_error(analytic, traced.memory.total_bytes),

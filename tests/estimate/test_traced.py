@@ -1,7 +1,8 @@
 """Traced estimate against real CPU steps (torch profiler), and its FLOPs against the spec's formula.
 
-The reference numbers are measurements: :func:`measure_cpu_step_peak` runs the same module, optimizer
-and autocast for two real iterations and reads the CPU allocator's peak from the profiler.
+The reference numbers are measurements: :func:`measure_cpu_step_peak` runs the same step
+(:mod:`batchpilot.measure.step`: module, optimizer, autocast, loss) for two real iterations and reads the CPU
+allocator's peak from the profiler.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any
 import pytest
 
 from batchpilot.errors import SpecError
-from batchpilot.estimate.traced import (
+from batchpilot.measure.cpu_peak import measure_cpu_step_peak
+from batchpilot.measure.step import OptimizerImpl
+from batchpilot.measure.traced import (
     CudaTerms,
     check_traceable,
     peak_error,
@@ -21,7 +24,6 @@ from batchpilot.estimate.traced import (
     traced_flops,
     traced_memory,
 )
-from batchpilot.measure.cpu_peak import measure_cpu_step_peak
 from batchpilot.specs.model import load_model
 from batchpilot.specs.settings import RunSettings
 
@@ -29,11 +31,12 @@ TOLERANCE = 0.02  # the acceptance bound: traced peak within 2 % of the measured
 
 
 def _assert_matches(preset: str, settings: RunSettings, micro_batch: int, seq_len: int, *,
-                    foreach: bool = False) -> None:
+                    optimizer_impl: OptimizerImpl | None = None) -> None:
     spec = load_model(preset)
-    traced = trace_step(spec, settings, micro_batch=micro_batch, seq_len=seq_len, foreach=foreach,
+    traced = trace_step(spec, settings, micro_batch=micro_batch, seq_len=seq_len, optimizer_impl=optimizer_impl,
                         count_flops=False).memory
-    measured = measure_cpu_step_peak(spec, settings, micro_batch=micro_batch, seq_len=seq_len, foreach=foreach)
+    measured = measure_cpu_step_peak(spec, settings, micro_batch=micro_batch, seq_len=seq_len,
+                                     optimizer_impl=optimizer_impl)
     error = peak_error(traced.total_bytes, measured)
     assert abs(error) <= TOLERANCE, f"{preset} b={micro_batch} {settings}: traced {traced.total_bytes} vs {measured}"
 
@@ -72,7 +75,7 @@ def test_settings_variants_match_real_cpu_step(settings: RunSettings) -> None:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_foreach_optimizer_peak_matches_real_cpu_step(precision: str) -> None:
     """The multi-tensor AdamW (torch's CUDA default) forced on CPU: its whole-model step temporaries too."""
-    _assert_matches("tiny-llama-1m", RunSettings(precision=precision), 1, 128, foreach=True)
+    _assert_matches("tiny-llama-1m", RunSettings(precision=precision), 1, 128, optimizer_impl="foreach")
 
 
 def test_breakdown_categories_are_model_states_and_activations() -> None:
@@ -143,8 +146,7 @@ def test_cuda_target_adds_explicit_terms_and_rounds_blocks() -> None:
     # 512-byte blocks: every storage is a multiple of 512, so every traced category is too.
     assert cuda.details["weights.parameters"] % 512 == 0
     assert allocated > cpu.total_bytes
-    # foreach AdamW (torch's CUDA default) holds whole-model temporaries in the optimizer step
-    assert cuda.optimizer_bytes >= cpu.optimizer_bytes
+    assert cuda.optimizer_bytes >= cpu.optimizer_bytes  # the same fused AdamW state, in 512-byte blocks
 
 
 @pytest.mark.parametrize(

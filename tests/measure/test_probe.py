@@ -20,20 +20,13 @@ import pytest
 
 from batchpilot.errors import BatchpilotError, InfeasibleError
 from batchpilot.estimate.calibration import load_calibration
-from batchpilot.measure.probe import (
-    TRACE_ENV,
-    Prediction,
-    ProbeError,
-    ProbeRequest,
-    ProbeTrial,
-    _to_trial,
-    calibration_from_probe,
-    find_knee,
-    knee_ladder,
-    run_probe,
-    trace,
-    worst_case_seq_len,
-)
+from batchpilot.measure.calibrate import calibration_from_probe
+from batchpilot.measure.cpu_runner import _to_trial
+from batchpilot.measure.predict import Prediction
+from batchpilot.measure.probe import find_knee, knee_ladder, run_probe
+from batchpilot.measure.probe_types import ProbeError, ProbeRequest, worst_case_seq_len
+from batchpilot.measure.trace import TRACE_ENV, trace
+from batchpilot.records.probe import ProbeTrial
 from batchpilot.specs.model import load_model
 from batchpilot.specs.settings import RunSettings
 
@@ -321,7 +314,7 @@ def test_cuda_without_a_gpu_is_a_one_line_error(cli_runner) -> None:
 
 def test_an_unknown_calibration_accelerator_fails_before_any_trial():
     from batchpilot.errors import BatchpilotError
-    from batchpilot.measure.probe import check_calibration_accelerator_for
+    from batchpilot.measure.calibrate import check_calibration_accelerator_for
 
     with pytest.raises(BatchpilotError, match="bogus"):
         check_calibration_accelerator_for("cuda", "bogus")
@@ -332,7 +325,6 @@ def test_an_unknown_calibration_accelerator_fails_before_any_trial():
 def test_a_trial_killed_before_its_limit_names_host_memory():
     """SIGKILL before the trial set its memory limit: the kernel killed it while the model was being built
     (a model too large for the machine), which the message says instead of 'check that torch works'."""
-    from batchpilot.measure.probe import ProbeError, _to_trial
 
     with pytest.raises(ProbeError, match="killed \\(SIGKILL\\) before its memory limit was set, while building"):
         _to_trial(1, [], -9, 1.0)

@@ -67,7 +67,8 @@ def test_two_ranks_agree_on_failure() -> None:
 
 def test_optimizer_state_on_one_thread_then_the_pool_as_it_was() -> None:
     """The state is created on one intra-op thread; the count and the process's threads are as before."""
-    from batchpilot.measure._trial import _one_intra_op_thread, materialise_optimizer_state
+    from batchpilot.measure._trial import _one_intra_op_thread
+    from batchpilot.measure.step import materialise_optimizer_state
 
     def threads() -> int:
         with open("/proc/self/status", encoding="ascii") as fh:

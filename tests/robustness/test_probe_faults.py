@@ -2,7 +2,7 @@
 SIGKILL (what the kernel's OOM killer sends), a hung trial that started a grandchild. After each, no
 process of the trial's group may be left running.
 
-The trials are the real :class:`~batchpilot.measure.probe.CpuTrialRunner` processes. For the SIGKILL and
+The trials are the real :class:`~batchpilot.measure.cpu_runner.CpuTrialRunner` processes. For the SIGKILL and
 hang cases the trial body is replaced (the runner forks, so the child runs the patched function) by one
 that does what those faults do: report its memory limit, then die by SIGKILL, or start ``sleep`` in its
 own process group and block.
@@ -23,9 +23,10 @@ import psutil
 import pytest
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.measure import _trial
-from batchpilot.measure import probe as probe_mod
-from batchpilot.measure.probe import Prediction, ProbeRequest, run_probe
+from batchpilot.measure import _trial, cpu_runner
+from batchpilot.measure.predict import Prediction
+from batchpilot.measure.probe import run_probe
+from batchpilot.measure.probe_types import ProbeRequest
 from batchpilot.specs.model import load_model
 from batchpilot.specs.settings import RunSettings
 from batchpilot.units import MIB
@@ -46,7 +47,7 @@ def fork_trials(monkeypatch: pytest.MonkeyPatch) -> None:
     run a parallel torch op, a forked child hangs in its first parallel region (OpenMP's pool does not
     survive fork — why the probe forks from a fork server; measured: a 2-thread matmul in the parent,
     then one in the child, never returns, unless the child sets one thread first)."""
-    monkeypatch.setattr(probe_mod, "_trial_context", lambda model_type: multiprocessing.get_context("fork"))
+    monkeypatch.setattr(cpu_runner, "_trial_context", lambda model_type: multiprocessing.get_context("fork"))
     real = _trial.run_cpu_trial
 
     def single_threaded(spec: Any, on_limit_set: Any = None) -> Any:

@@ -63,7 +63,7 @@ def estimate(model: ModelSpec, settings: RunSettings, *, method: str, micro_batc
         return analytic_memory(model, settings, micro_batch=micro_batch, seq_len=seq_len, dp=dp,
                                grad_accum=grad_accum)
     if method == "traced":
-        from batchpilot.estimate.traced import traced_memory
+        from batchpilot.measure.traced import traced_memory
 
         return traced_memory(model, settings, micro_batch=micro_batch, seq_len=seq_len, target="cuda")
     raise SpecError(f"--method {method!r} is not one of: {', '.join(METHODS)}")

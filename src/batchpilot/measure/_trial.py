@@ -1,15 +1,17 @@
 """One probe trial: real training steps of the real model at one micro-batch size, OOM-safe.
 
 This module runs *inside* the trial process (CPU) or the probing process itself (CUDA); the parent
-side — process management, timeouts, interrupts — is :mod:`batchpilot.measure.probe`. It imports
-torch and transformers at module level on purpose: the probe's fork server preloads it, so each
-trial process starts with both already imported (≈ 4.5 s saved per trial on a 2-core machine).
+side — process management, timeouts, interrupts — is :mod:`batchpilot.measure.cpu_runner` and
+:mod:`batchpilot.measure.cuda_runner`. It imports torch and transformers at module level on purpose:
+the probe's fork server preloads it, so each trial process starts with both already imported (≈ 4.5 s
+saved per trial on a 2-core machine).
 
-A trial: build the model from its Hugging Face config (seeded), the optimizer, random tokens of
-shape ``micro_batch × seq_len``; create the optimizer state (inside the budget, see
-:func:`materialise_optimizer_state`), run ``warmup_steps`` full steps (forward, backward, optimizer
-step) and then ``timed_steps`` timed ones; at least 2 steps in all. Every step, the first included,
-holds optimizer state, gradients and activations together: the training peak.
+A trial: the trainer's training step (:func:`batchpilot.measure.step.build_step`: the model from its
+Hugging Face config, seeded; autocast; the fp32 token-sum loss; clipping; the trainer's fused AdamW)
+on random tokens of shape ``micro_batch × seq_len``; create the optimizer state (inside the budget, see
+:func:`batchpilot.measure.step.materialise_optimizer_state`), run ``warmup_steps`` full steps and then
+``timed_steps`` timed ones; at least 2 steps in all. Every step, the first included, holds optimizer
+state, gradients and activations together: the training peak.
 
 Why one step is not enough (measured, torch 2.13 CPU, this module's recipe): the second step's peak
 address space is higher than the first's — glibc's heap of small (< 128 KiB) allocations grows by
@@ -53,8 +55,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-import transformers
+import transformers  # noqa: F401  (preloaded by the fork server: the step builds a transformers model)
 
+from batchpilot.measure.step import StepConfig, TrainingStep, build_step, materialise_optimizer_state
 from batchpilot.measure.trace import trace
 
 M_MMAP_THRESHOLD = -3
@@ -137,51 +140,24 @@ def set_mmap_threshold() -> None:
         libc.mallopt(M_ARENA_MAX, 1)
 
 
-def build(spec: TrialSpec, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The model from its config (seeded), its recomputation setting and its optimizer."""
-    torch.manual_seed(spec.seed)
-    config = transformers.AutoConfig.for_model(**spec.hf_config)
-    attn = "eager" if spec.attention == "eager" else "sdpa"
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
-    model.to(device)
-    if spec.recompute == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    opt: torch.optim.Optimizer
-    if spec.optimizer == "sgd-momentum":
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    return model, opt
+def build(spec: TrialSpec, device: torch.device) -> TrainingStep:
+    """The trainer's step (:func:`batchpilot.measure.step.build_step`) for ``spec`` on ``device``."""
+    config = StepConfig(precision=spec.precision, attention=spec.attention, recompute=spec.recompute,
+                        optimizer=spec.optimizer, seed=spec.seed)
+    return build_step(spec.hf_config, config, micro_batch=spec.micro_batch, seq_len=spec.seq_len, device=device)
 
 
-def _autocast(spec: TrialSpec, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if spec.precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def train_steps(spec: TrialSpec, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                device: torch.device) -> list[float]:
-    """Optimizer state first (:func:`materialise_optimizer_state`), then the warm-up steps and the timed
-    steps; returns the timed steps' seconds."""
-    gen = torch.Generator().manual_seed(spec.seed + 1)
-    vocab = int(spec.hf_config["vocab_size"])
-    tokens = torch.randint(0, vocab, (spec.micro_batch, spec.seq_len), generator=gen).to(device)
+def train_steps(spec: TrialSpec, step: TrainingStep, device: torch.device) -> list[float]:
+    """Optimizer state first (:func:`batchpilot.measure.step.materialise_optimizer_state`), then the
+    warm-up steps and the timed steps; returns the timed steps' seconds."""
     with _one_intra_op_thread(device):
-        materialise_optimizer_state(model, opt)
+        materialise_optimizer_state(step.module, step.optimizer)
     trace("state-materialised", spec.micro_batch)
     times = []
     for i in range(spec.warmup_steps + spec.timed_steps):
         _sync(device)
         start = time.perf_counter()
-        with _autocast(spec, device):
-            loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        del loss
+        step.run()
         _sync(device)
         if i >= spec.warmup_steps:
             times.append(time.perf_counter() - start)
@@ -189,29 +165,14 @@ def train_steps(spec: TrialSpec, model: torch.nn.Module, opt: torch.optim.Optimi
     return times
 
 
-def materialise_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-    """Create the optimizer's state before the first step, inside the budget: one optimizer step on
-    zero gradients (AdamW: ``step``, ``exp_avg``, ``exp_avg_sq``; SGD: the momentum buffer), then the
-    gradients are dropped. The first real step then already holds state, gradients and activations
-    together — the peak of every later step — so a size that does not fit fails in its first step
-    instead of its second (a failed trial near the limit costs one step, not two). The zero-gradient
-    step leaves the weights as they were apart from AdamW's decoupled weight decay (× (1 − lr·wd)).
-    Not a substitute for the second step (module docstring): the small-allocation heap still grows."""
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 @contextlib.contextmanager
 def _one_intra_op_thread(device: torch.device) -> Iterator[None]:
     """CPU: run the block on one intra-op thread, then restore the count.
 
-    For :func:`materialise_optimizer_state`: ~10 tiny element-wise ops per parameter tensor (torch's CPU
-    AdamW is single-tensor), each a parallel region whose barrier waits for every pool thread. With the
-    cores shared, a descheduled thread stalls each barrier for a time slice: measured here (2 shared
-    cores, bench-llama-3m, 39 tensors) 2.1–3.9 s on 2 threads, 0.05–0.07 s on 1. The tensors and
+    For :func:`batchpilot.measure.step.materialise_optimizer_state`: a few tiny element-wise ops per
+    parameter tensor, each a parallel region whose barrier waits for every pool thread. With the cores
+    shared, a descheduled thread stalls each barrier for a time slice: measured here (2 shared cores,
+    bench-llama-3m, 39 tensors, torch's per-tensor AdamW loop) 2.1–3.9 s on 2 threads, 0.05–0.07 s on 1. The tensors and
     transients are the same on any thread count; the pool keeps its threads (``Threads`` and ``VmSize``
     unchanged across the switch), so nothing is mapped after the baseline."""
     if device.type != "cpu":
@@ -247,7 +208,7 @@ def run_cpu_trial(spec: TrialSpec, on_limit_set: Any = None) -> TrialReport:
     """A CPU trial in *this* process: it sets this process's RLIMIT_AS, so run it in a throwaway one."""
     set_mmap_threshold()
     device = torch.device("cpu")
-    model, opt = build(spec, device)
+    step = build(spec, device)
     trace("built", spec.micro_batch)
     torch.ones(256, 256) @ torch.ones(256, 256)  # start the intra-op thread pool before the limit
     baseline = _proc_status_bytes("VmSize")
@@ -261,11 +222,11 @@ def run_cpu_trial(spec: TrialSpec, on_limit_set: Any = None) -> TrialReport:
         on_limit_set(baseline)
     trace("limit-set", spec.micro_batch)
     try:
-        times = train_steps(spec, model, opt, device)
+        times = train_steps(spec, step, device)
     except (RuntimeError, MemoryError) as exc:
         if not is_oom(exc):
             raise
-        del model, opt
+        del step
         gc.collect()
         trace("failed", spec.micro_batch)
         return _failed(spec, exc, baseline)
@@ -327,9 +288,9 @@ def run_cuda_trial(spec: TrialSpec) -> TrialReport:
     times: list[float] = []
     with _cuda_budget(device, spec.budget_bytes):
         try:
-            model, opt = build(spec, device)
-            times = train_steps(spec, model, opt, device)
-            del model, opt
+            step = build(spec, device)
+            times = train_steps(spec, step, device)
+            del step
         except (RuntimeError, MemoryError) as exc:
             if not is_oom(exc):
                 raise

@@ -6,9 +6,10 @@ Example::
 from batchpilot.specs.model import load_model; from batchpilot.specs.settings import RunSettings; \\
 print(m(load_model('tiny-llama-1m'), RunSettings(precision='fp32'), micro_batch=2, seq_len=128))"
 
-The step is :func:`batchpilot.estimate.traced.build_step` on real CPU tensors — the same module,
-optimizer (same ``foreach`` setting), autocast dtype, attention implementation and checkpointing as the
-trace — run for two iterations so that optimizer state exists in the second. The torch profiler with
+The step is :func:`batchpilot.measure.step.build_step` on real CPU tensors — the trainer's step, and the
+same module, optimizer (same implementation), autocast dtype, loss, attention implementation and
+checkpointing as the trace (:mod:`batchpilot.measure.traced`) — run for two iterations so that optimizer
+state exists in the second. The torch profiler with
 ``profile_memory=True`` receives every allocation and free of the CPU allocator (c10's
 ``ProfiledCPUMemoryReporter``, pointer and size); the profiler is started *before* the model is built,
 so the live sum counts parameters, buffers and inputs too, and the peak is the largest live sum reached
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 from batchpilot.errors import SpecError
 
 if TYPE_CHECKING:
+    from batchpilot.measure.step import OptimizerImpl
     from batchpilot.specs.model import ModelSpec
     from batchpilot.specs.settings import RunSettings
 
@@ -30,25 +32,26 @@ _STEP_MARK = "batchpilot.train_iterations"
 
 
 def measure_cpu_step_peak(
-    model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, foreach: bool = False,
-    seed: int = 0,
+    model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int,
+    optimizer_impl: OptimizerImpl | None = None, seed: int = 0,
 ) -> int:
     """Peak bytes held by the CPU allocator during two real training iterations (profiler measurement).
 
-    ``foreach=True`` runs the optimizer's multi-tensor path (torch's CUDA default) instead of torch's CPU
-    default, to measure the step a GPU would run.
+    ``optimizer_impl`` overrides the trainer's optimizer implementation (fused), e.g. ``foreach`` to
+    measure torch's own multi-tensor default for CUDA.
     """
     import gc
 
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from batchpilot.estimate.traced import build_step, check_traceable
+    from batchpilot.measure.step import build_step, step_config
+    from batchpilot.measure.traced import check_traceable
 
     check_traceable(model, settings, micro_batch=micro_batch, seq_len=seq_len)
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step = build_step(model, settings, micro_batch=micro_batch, seq_len=seq_len, foreach=foreach,
-                          seed=seed)
+        step = build_step(model.hf_config, step_config(settings, optimizer_impl, seed=seed),
+                          micro_batch=micro_batch, seq_len=seq_len, name=model.name)
         with record_function(_STEP_MARK):
             step.run()
             step.run()

@@ -1,7 +1,8 @@
 """The model to train: a real ``transformers`` causal LM, randomly initialised or loaded from disk.
 
-- a preset name (``tiny-llama-1m``) or a ``config.json`` → ``AutoConfig.for_model(**hf_config)`` and
-  ``AutoModelForCausalLM.from_config`` under ``torch.manual_seed(seed)`` (same weights on every rank);
+- a preset name (``tiny-llama-1m``) or a ``config.json`` → :func:`batchpilot.measure.step.build_module`
+  (``AutoModelForCausalLM.from_config`` in fp32 under ``torch.manual_seed(seed)``: the module the probe
+  and the estimates build, and the same weights on every rank);
 - a directory with ``config.json`` and ``*.safetensors`` → ``from_pretrained(local_files_only=True,
   use_safetensors=True, trust_remote_code=False)`` unless the user opts in to remote code;
 - a ``batchpilot train`` run folder → the run's recorded model rebuilt as above, then only the weights of
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from batchpilot.errors import SpecError
+from batchpilot.measure.step import build_module
 from batchpilot.specs.model import load_model
 from batchpilot.train.checkpoint import load_model_weights
 from batchpilot.train.config import ModelConfig
@@ -46,34 +48,17 @@ def _is_pretrained_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def _from_config(hf_config: Any, name: str, auto_config: Any, auto_model: Any, extra: dict[str, Any]) -> Any:
-    """A random-init model; what ``transformers`` refuses in a config that batchpilot's shape check lets
-    through (an unknown ``rope_scaling`` type: ``KeyError``; an odd ``head_dim`` under RoPE: a validation
-    error) is one line naming the file, with its warnings kept off stderr."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return auto_model.from_config(auto_config.for_model(**dict(hf_config)), dtype=torch.float32, **extra)
-    except Exception as exc:
-        detail = " ".join(str(exc).split())[:240] or "(no message)"
-        raise SpecError(f"model {name!r}: transformers cannot build this config ({type(exc).__name__}: {detail}); "
-                        f"fix the field holding that value in the config.json") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
 def build_model(config: ModelConfig, *, seed: int) -> BuiltModel:
     """Build the model named by ``--model`` (see the module docstring)."""
     if is_run_folder(config.model):
         return _from_run_folder(config, seed=seed)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(config.model)
     extra: dict[str, Any] = {}
     if config.attn_implementation:
         extra["attn_implementation"] = config.attn_implementation
+    module: Any
     if _is_pretrained_dir(path):
         try:
             module = AutoModelForCausalLM.from_pretrained(
@@ -82,10 +67,9 @@ def build_model(config: ModelConfig, *, seed: int) -> BuiltModel:
         except (OSError, ValueError) as exc:
             raise SpecError(f"model directory {config.model!r} cannot be loaded: {' '.join(str(exc).split())[:200]}") from None
         source = "pretrained"
-    else:
-        spec = load_model(config.model)
-        torch.manual_seed(seed)
-        module = _from_config(spec.hf_config, config.model, AutoConfig, AutoModelForCausalLM, extra)
+    else:  # the one training step's module (batchpilot.measure.step), as the probe builds it
+        module = build_module(load_model(config.model).hf_config, name=config.model,
+                              attn_implementation=config.attn_implementation, seed=seed)
         source = "random-init"
     cfg = module.config
     embedding: Any = module.get_input_embeddings()

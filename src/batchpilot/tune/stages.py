@@ -18,7 +18,8 @@ from typing import Any
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration, calibration_from_dict
-from batchpilot.measure.probe import Device, ProbeRequest, ProgressHook
+from batchpilot.measure.probe import ProgressHook
+from batchpilot.measure.probe_types import Device, ProbeRequest
 from batchpilot.specs.model import ModelSpec, load_model
 from batchpilot.tune.config import CPU_DEFAULT_BUDGET_BYTES, TuneConfig
 
@@ -44,7 +45,7 @@ class TuneState:
 
 
 def new_state(cfg: TuneConfig) -> TuneState:
-    from batchpilot.measure.probe import resolve_device
+    from batchpilot.measure.device import resolve_device
 
     model = load_model(cfg.model)
     if cfg.seq_len > model.max_position_embeddings:  # every measuring stage would fail on it, minutes apart
@@ -58,7 +59,7 @@ def new_state(cfg: TuneConfig) -> TuneState:
 
 
 def probe_request(cfg: TuneConfig, state: TuneState) -> ProbeRequest:
-    from batchpilot.measure.probe import device_memory_bytes
+    from batchpilot.measure.device import device_memory_bytes
 
     default_budget = CPU_DEFAULT_BUDGET_BYTES if state.device == "cpu" else device_memory_bytes(state.device)
     return ProbeRequest(
@@ -71,7 +72,9 @@ def probe_request(cfg: TuneConfig, state: TuneState) -> ProbeRequest:
 # ------------------------------------------------------------------------------------------- probe
 def probe_stage(cfg: TuneConfig, state: TuneState, progress: ProgressHook | None = None) -> dict[str, Any]:
     """Real trials on the device; the calibration divides measured FLOP/s by the device's peak."""
-    from batchpilot.measure.probe import analytic_trial_bytes, calibration_from_probe, run_probe
+    from batchpilot.measure.calibrate import calibration_from_probe
+    from batchpilot.measure.predict import analytic_trial_bytes
+    from batchpilot.measure.probe import run_probe
 
     request = probe_request(cfg, state)
     result = run_probe(request, progress=progress)
@@ -97,7 +100,7 @@ def absorb_probe(record: dict[str, Any], state: TuneState) -> None:
 
 def local_peak_flops(cfg: TuneConfig, state: TuneState) -> tuple[float | None, str]:
     """CPU: this machine's measured matmul rate. CUDA: the --gpu catalog figure (never guessed)."""
-    from batchpilot.measure.probe import measure_cpu_matmul_flops
+    from batchpilot.measure.cpu_runner import measure_cpu_matmul_flops
 
     if state.device == "cpu":
         return measure_cpu_matmul_flops(cfg.settings.precision), "cpu"
@@ -113,8 +116,8 @@ def local_peak_flops(cfg: TuneConfig, state: TuneState) -> tuple[float | None, s
 def memory_stage(cfg: TuneConfig, state: TuneState) -> dict[str, Any]:
     """Analytic and traced estimates at every probed size, in the probe's own convention (the CPU
     trial's baseline already holds the weights, so they are subtracted from both)."""
-    from batchpilot.estimate.traced import traced_memory
-    from batchpilot.measure.probe import analytic_trial_bytes, baseline_model_bytes
+    from batchpilot.measure.predict import analytic_trial_bytes, baseline_model_bytes
+    from batchpilot.measure.traced import traced_memory
 
     request = probe_request(cfg, state)
     sizes = sorted({int(t["micro_batch"]) for t in (state.probe or {}).get("trials", [])}) or [1, 2, 4, 8]
@@ -142,7 +145,7 @@ def local_cluster(cfg: TuneConfig, state: TuneState) -> Any:
     if state.peak_flops_per_s is None:
         raise BatchpilotError("the local plan needs the probe's measured peak; run the probe stage "
                               "(or pass --gpu NAME for a CUDA device)")
-    from batchpilot.measure.probe import baseline_model_bytes
+    from batchpilot.measure.predict import baseline_model_bytes
 
     # The probe's budget sits above a baseline that already holds the weights (see probe.default_predictor):
     # the planner's analytic total counts them, so the device's memory is budget + weights.
