@@ -136,7 +136,8 @@ def test_lookup_normalises_but_does_not_guess() -> None:
 
 def test_search() -> None:
     assert {e.name for e in search("deepseek")} >= {"deepseek-v3", "deepseek-v2", "deepseek-llm-67b"}
-    assert {e.name for e in search("H800")} == {"deepseek-v2", "deepseek-v3"}
+    assert {e.name for e in search("H800")} == {"deepseek-v2", "deepseek-v3", "deepseek-r1-zero", "deepseek-r1",
+                                                "deepseek-r1-stage2", "dapo"}
     assert [e.name for e in search("llama 2 70b")] == ["llama-2-70b"]
     assert search("") == list(entries())
     assert search("no-such-model") == []

@@ -17,6 +17,7 @@ try:  # Ctrl-C while the commands import (torch, transformers: ~0.2 s): one line
     from batchpilot.cli import noise as noise_cli
     from batchpilot.cli import plan as plan_cli
     from batchpilot.cli import probe as probe_cli
+    from batchpilot.cli import rl as rl_cli
     from batchpilot.cli import train as train_cli
     from batchpilot.cli import tune as tune_cli
     from batchpilot.cli._common import run_app
@@ -33,6 +34,7 @@ app = typer.Typer(
 )
 app.add_typer(model.app, name="model")
 app.add_typer(hardware.app, name="hardware")
+app.add_typer(rl_cli.app, name="rl")
 app.command("known")(known.known)
 app.command("report")(report.report)
 app.command("memory")(memory_cli.memory)

@@ -122,17 +122,24 @@ class RolloutMemory:
                 "kv_capacity_tokens": self.kv_capacity_tokens}
 
 
+def checkpoint_weight_dtype(model: ModelSpec) -> str:
+    """The dtype vLLM loads the weights in: ``fp8`` for checkpoints quantised to fp8 (DeepSeek-V3's
+    ``quantization_config.quant_method``), else ``bf16``. The KV cache stays 16-bit (``kv_cache_dtype`` auto)."""
+    quant = model.hf_config.get("quantization_config")
+    return "fp8" if isinstance(quant, dict) and quant.get("quant_method") == "fp8" else "bf16"
+
+
 def rollout_memory(model: ModelSpec, *, memory_bytes: int, tp: int, gpu_memory_utilization: float,
-                   max_num_batched_tokens: int, max_num_seqs: int = 1024, dtype: str = "bf16") -> RolloutMemory:
+                   max_num_batched_tokens: int, max_num_seqs: int = 1024, weight_dtype: str = "bf16") -> RolloutMemory:
     """vLLM's KV budget on one GPU of a ``tp``-way engine (module docstring); no blocks when it is negative."""
     if not 0.0 < gpu_memory_utilization <= 1.0:
         raise SpecError(f"--gpu-memory-utilization {gpu_memory_utilization!r} must be in (0, 1] (vLLM's rule)")
     requested = memory_bytes * gpu_memory_utilization
-    weights = weight_bytes_per_gpu(model, tp=tp, dtype=dtype)
+    weights = weight_bytes_per_gpu(model, tp=tp, dtype=weight_dtype)
     act = profile_activation_bytes(model, tp=tp, max_num_batched_tokens=max_num_batched_tokens,
                                    max_num_seqs=max_num_seqs)
     kv = requested - weights - act - NON_TORCH_BYTES
-    per_token = kv_bytes_per_token(model, tp=tp, dtype=dtype)
+    per_token = kv_bytes_per_token(model, tp=tp)
     blocks = max(0, int(kv // (per_token * BLOCK_SIZE_TOKENS)))
     return RolloutMemory(total_bytes=memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
                          requested_bytes=requested, weights_bytes=weights, activation_peak_bytes=act,

@@ -25,8 +25,10 @@ The search (each step cites its model):
 3. The log-prob passes: the largest token budget (a multiple of the longest sequence) whose peak fits.
 4. The rollout: every tensor-parallel size that divides the heads and the rollout GPUs; for each, the
    largest ``gpu_memory_utilization`` (≤ 0.9, vLLM's default) that the GPU can grant next to what
-   training leaves resident (colocated), vLLM's KV budget (:mod:`batchpilot.rl.kv`) and the scheduler
-   simulation (:mod:`batchpilot.rl.rollout`); the fastest wins.
+   training leaves resident (colocated), vLLM's KV budget (:mod:`batchpilot.rl.kv`; weights in the
+   checkpoint's dtype) and the scheduler simulation (:mod:`batchpilot.rl.rollout`) at a few
+   ``max_num_seqs`` (vLLM's default 1024 and 1, 2, 4 × the sequences the cache holds at full length:
+   admission looks at prompts only, so an uncapped engine over-commits and thrashes); the fastest wins.
 5. Placement: ``colocated`` (one set of GPUs switching phases; the step is the sum of the phases) or
    ``separate`` (rollout on its own GPUs, one step off-policy: the step is the longer of rollout and
    training, and every sample is one more rollout's updates older).
@@ -42,11 +44,13 @@ from typing import Any, Literal
 from batchpilot.errors import BatchpilotError, InfeasibleError, SpecError
 from batchpilot.estimate.overhead import OverheadModel
 from batchpilot.plan.planner import Pins, Plan, PlanRequest, plan
+from batchpilot.plan.planner import _plan as _plan_quietly  # per-policy tries: no re-planned suggestions
 from batchpilot.rl.batch import RLBatch, RLBatchError
 from batchpilot.rl.kv import (
     ENGINE_CONTEXT_BYTES,
     RolloutMemory,
     check_kv_holds_one_request,
+    checkpoint_weight_dtype,
     rollout_memory,
 )
 from batchpilot.rl.phases import forward_time_s, log_prob_pass_bytes, offload_s, weight_sync_s
@@ -97,6 +101,8 @@ class RLPlanRequest:
     max_num_batched_tokens: int = 8192
     """vLLM's per-step token budget (verl's default)."""
     max_num_seqs: int = 1024
+    """vLLM's cap on running sequences (verl's default); searched unless ``max_num_seqs_pinned``."""
+    max_num_seqs_pinned: bool = False
     gpus_per_node: int = 8
     headroom: float = 0.10
     """Fraction of device memory kept free in the training phases."""
@@ -143,6 +149,8 @@ class RolloutChoice:
     gpu_memory_utilization: float
     engines: int
     requests_per_engine: int
+    max_num_seqs: int
+    weight_dtype: str
     memory: RolloutMemory
     result: RolloutResult
 
@@ -201,7 +209,8 @@ class RLPlan:
                       "log_prob_token_budget_per_gpu": self.log_prob_token_budget_per_gpu},
             "rollout": {"tp": ro.tp, "gpu_memory_utilization": ro.gpu_memory_utilization, "engines": ro.engines,
                         "requests_per_engine": ro.requests_per_engine,
-                        "max_num_batched_tokens": r.max_num_batched_tokens, "max_num_seqs": r.max_num_seqs,
+                        "max_num_batched_tokens": r.max_num_batched_tokens, "max_num_seqs": ro.max_num_seqs,
+                        "weight_dtype": ro.weight_dtype,
                         "gpus": r.rollout_gpus if r.placement == "separate" else r.gpus,
                         **ro.result.to_dict(), "kv": ro.memory.to_dict()},
             "memory": self.memory, "step_time_s": self.step_time_s, "fits": self.fits, "notes": list(self.notes),
@@ -254,11 +263,36 @@ def _train_request(req: RLPlanRequest, train_gpus: int) -> PlanRequest:
                        pins=pins, headroom=min(0.5, req.headroom + context_share), top=50)
 
 
+TRAIN_RECOMPUTES: tuple[str, ...] = ("none", "selective", "full")
+"""Recomputation policies searched for the update (the frameworks' gradient checkpointing is whole-layer or
+attention-core)."""
+
+
+def _train_candidates(req: RLPlanRequest, train_gpus: int) -> list[Plan]:
+    """Ranked update plans over :data:`TRAIN_RECOMPUTES` (or the pinned policy)."""
+    base = _train_request(req, train_gpus)
+    policies = (req.train_pins.recompute,) if req.train_pins.recompute else TRAIN_RECOMPUTES
+    plans: list[Plan] = []
+    error: BatchpilotError | None = None
+    for policy in policies:
+        try:
+            result = _plan_quietly(dataclasses.replace(base, pins=dataclasses.replace(base.pins, recompute=policy)),
+                                   explain=False)
+        except BatchpilotError as exc:
+            error = error or exc
+            continue
+        plans.extend(result.plans)
+    if not plans:  # the planner's own explanation of why nothing fits, with its re-planned suggestions
+        plan(dataclasses.replace(base, pins=dataclasses.replace(base.pins, recompute=policies[-1])))
+        assert error is not None
+        raise error
+    return sorted(plans, key=lambda p: -p.step.tokens_per_s)
+
+
 def _train_plan(req: RLPlanRequest, train_gpus: int) -> Plan:
     """The fastest update layout that the framework's layout rules accept."""
-    result = plan(_train_request(req, train_gpus))
     first: tuple[Plan, str] | None = None
-    for candidate in result.plans:
+    for candidate in _train_candidates(req, train_gpus):
         ctx = _context(req, req.batch, candidate, train_gpus, 1, _token_budget(req, candidate))
         message = violation(req.framework, dataclasses.replace(ctx, rollout_tp=1, num_heads=0))
         if message is None:
@@ -299,10 +333,22 @@ def _rollout_tps(req: RLPlanRequest, rollout_gpus: int) -> list[int]:
             and (t & (t - 1)) == 0]
 
 
+def _max_num_seqs_candidates(req: RLPlanRequest, mem: RolloutMemory) -> list[int]:
+    """``max_num_seqs`` values tried (unless pinned): the concurrency at which every running sequence fits at
+    full length × 1, 2, 4 (over-committing pays when most responses end early), capped by ``max_num_seqs``.
+    Beyond 4× the engine mostly preempts and recomputes (measured in the simulation: R1-Zero's batch at
+    1,024 ran 3× slower than at 1×), so the default 1,024 is tried only when it is within that range."""
+    if req.max_num_seqs_pinned:
+        return [req.max_num_seqs]
+    full = max(1, mem.kv_capacity_tokens // req.max_tokens)
+    return sorted({min(req.max_num_seqs, full * m) for m in (1, 2, 4)})
+
+
 def _rollout(req: RLPlanRequest, rollout_gpus: int, resident: float) -> RolloutChoice:
-    """The fastest rollout TP (each at the largest utilisation the GPU grants)."""
+    """The fastest rollout TP and ``max_num_seqs`` (each TP at the largest utilisation the GPU grants)."""
     memory = req.gpu.memory_bytes
     grantable = (memory - 2 * ENGINE_CONTEXT_BYTES - resident) / memory
+    weight_dtype = checkpoint_weight_dtype(req.model)
     best: RolloutChoice | None = None
     reasons: list[str] = []
     for tp in _rollout_tps(req, rollout_gpus):
@@ -312,7 +358,8 @@ def _rollout(req: RLPlanRequest, rollout_gpus: int, resident: float) -> RolloutC
                            f"next to {resident / 2**30:.1f} GiB resident")
             continue
         mem = rollout_memory(req.model, memory_bytes=memory, tp=tp, gpu_memory_utilization=gmu,
-                             max_num_batched_tokens=req.max_num_batched_tokens, max_num_seqs=req.max_num_seqs)
+                             max_num_batched_tokens=req.max_num_batched_tokens, max_num_seqs=req.max_num_seqs,
+                             weight_dtype=weight_dtype)
         try:
             check_kv_holds_one_request(mem, req.max_tokens, f"rollout tp {tp}")
         except InfeasibleError as exc:
@@ -323,12 +370,19 @@ def _rollout(req: RLPlanRequest, rollout_gpus: int, resident: float) -> RolloutC
         work = Workload(requests=per_engine, prompt_tokens=req.max_prompt_tokens,
                         response_tokens=response_lengths(per_engine, max_tokens=req.max_response_tokens,
                                                          mean_tokens=req.mean_response_tokens))
-        result = simulate_rollout(EngineModel.build(req.model, req.gpu, tp=tp), mem, work,
-                                  max_num_batched_tokens=req.max_num_batched_tokens, max_num_seqs=req.max_num_seqs)
-        choice = RolloutChoice(tp=tp, gpu_memory_utilization=gmu, engines=engines, requests_per_engine=per_engine,
-                               memory=mem, result=result)
-        if best is None or result.time_s < best.result.time_s:
-            best = choice
+        engine = EngineModel.build(req.model, req.gpu, tp=tp, weight_dtype=weight_dtype,
+                                   gpus_per_node=req.gpus_per_node)
+        for seqs in _max_num_seqs_candidates(req, mem):
+            try:
+                result = simulate_rollout(engine, mem, work, max_num_batched_tokens=req.max_num_batched_tokens,
+                                          max_num_seqs=seqs, time_limit_s=best.result.time_s if best else None)
+            except InfeasibleError as exc:
+                reasons.append(f"tp {tp}, max_num_seqs {seqs}: {exc}")
+                continue
+            if result is not None and (best is None or result.time_s < best.result.time_s):
+                best = RolloutChoice(tp=tp, gpu_memory_utilization=gmu, engines=engines,
+                                     requests_per_engine=per_engine, max_num_seqs=seqs, weight_dtype=weight_dtype,
+                                     memory=mem, result=result)
     if best is None:
         raise InfeasibleError("no rollout engine fits: " + "; ".join(reasons[:3]))
     return best

@@ -36,7 +36,7 @@ experts the step's tokens touch, E·(1 − (1 − k/E)^n) per layer) and the KV 
 request, ÷ (HBM bandwidth × :data:`DECODE_BANDWIDTH_EFFICIENCY`). Compute: 2 FLOPs per weight and token
 plus attention over the context, ÷ (tp × dense peak × the compute-bound matmul efficiency of
 :mod:`batchpilot.estimate.calibration` at the per-GPU width). All-reduce: 2 per layer,
-:data:`ALL_REDUCE_LATENCY_S` + ring bytes ÷ intra-node bandwidth. Known error: the two constants are
+:data:`ALL_REDUCE_LATENCY_S` + ring bytes ÷ the group's link (intra-node, or the network when TP spans nodes). Known error: the two constants are
 assumptions (not fitted to any run); sampling, detokenisation and the engine's CPU overhead per step
 are not modelled (they matter below ~1 ms per step).
 """
@@ -93,13 +93,16 @@ class EngineModel:
     hidden_size: int
     peak_flops_per_s: float
     bandwidth_bytes_per_s: float
-    intra_node_bandwidth_bytes_per_s: float
+    link_bandwidth_bytes_per_s: float
+    """Per-GPU bandwidth of the tensor-parallel group: intra-node, or the network when TP spans nodes."""
 
     @classmethod
-    def build(cls, model: ModelSpec, gpu: AcceleratorSpec, *, tp: int, dtype: str = "bf16") -> EngineModel:
+    def build(cls, model: ModelSpec, gpu: AcceleratorSpec, *, tp: int, weight_dtype: str = "bf16",
+              gpus_per_node: int = 8, inter_node_bandwidth_bytes_per_s: float = 50e9) -> EngineModel:
         from batchpilot.rl.kv import kv_bytes_per_token
 
-        size = DTYPE_BYTES[dtype]
+        size = DTYPE_BYTES[weight_dtype]
+        link = gpu.intra_node_bandwidth_bytes_per_s if tp <= gpus_per_node else inter_node_bandwidth_bytes_per_s
         routed = model.num_moe_layers * model.num_experts * model.params_expert
         return cls(
             tp=tp, layers=model.num_layers, dense_weight_bytes=(model.params_total - routed) * size / tp,
@@ -108,10 +111,9 @@ class EngineModel:
             matmul_flops_per_token=2.0 * model.matmul_params_per_token,
             attention_flops_per_context_token=2.0 * model.num_layers * model.num_heads
             * (model.head_dim_qk + model.head_dim_v),
-            kv_bytes_per_token=kv_bytes_per_token(model, tp=tp, dtype=dtype), hidden_size=model.hidden_size,
-            peak_flops_per_s=gpu.peak_flops_per_s("fp8" if dtype == "fp8" else "bf16"),
-            bandwidth_bytes_per_s=gpu.memory_bandwidth_bytes_per_s,
-            intra_node_bandwidth_bytes_per_s=gpu.intra_node_bandwidth_bytes_per_s,
+            kv_bytes_per_token=kv_bytes_per_token(model, tp=tp), hidden_size=model.hidden_size,
+            peak_flops_per_s=gpu.peak_flops_per_s("fp8" if weight_dtype == "fp8" else "bf16"),
+            bandwidth_bytes_per_s=gpu.memory_bandwidth_bytes_per_s, link_bandwidth_bytes_per_s=link,
         )
 
     def step_time_s(self, tokens: float, context_tokens: float) -> float:
@@ -129,7 +131,7 @@ class EngineModel:
         comm_s = 0.0
         if self.tp > 1:
             ring = 2.0 * (self.tp - 1) / self.tp * tokens * self.hidden_size * 2
-            comm_s = 2 * self.layers * (ALL_REDUCE_LATENCY_S + ring / self.intra_node_bandwidth_bytes_per_s)
+            comm_s = 2 * self.layers * (ALL_REDUCE_LATENCY_S + ring / self.link_bandwidth_bytes_per_s)
         return max(memory_s, compute_s) + comm_s
 
 
@@ -339,8 +341,9 @@ class _Sim:
 
 
 def simulate_rollout(engine: EngineModel, mem: RolloutMemory, work: Workload, *, max_num_batched_tokens: int,
-                     max_num_seqs: int = 1024) -> RolloutResult:
-    """Run vLLM's scheduler (module docstring) over ``work`` on one engine until every response is done."""
+                     max_num_seqs: int = 1024, time_limit_s: float | None = None) -> RolloutResult | None:
+    """Run vLLM's scheduler (module docstring) over ``work`` on one engine until every response is done;
+    None as soon as the simulated time exceeds ``time_limit_s`` (a search's best so far)."""
     if mem.num_blocks < 1:
         raise InfeasibleError("the rollout engine has no KV cache left after weights and activations; raise "
                               "gpu_memory_utilization or the rollout TP")
@@ -352,9 +355,13 @@ def simulate_rollout(engine: EngineModel, mem: RolloutMemory, work: Workload, *,
     explicit = 0
     while sim.running or sim.waiting:
         if sim.decode_only() and sim.jump():
+            if time_limit_s is not None and sim.time_s > time_limit_s:
+                return None
             continue
         sim.explicit_step()
         explicit += 1
+        if time_limit_s is not None and sim.time_s > time_limit_s:
+            return None
         if explicit > MAX_SIMULATED_STEPS:
             raise InfeasibleError(f"the rollout thrashes: over {MAX_SIMULATED_STEPS:,} scheduler steps with "
                                   f"{sim.preemptions:,} preemptions; raise the KV cache (TP, gpu_memory_utilization)")
