@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from batchpilot.cli import app
 from batchpilot.plan.registry import names
 
@@ -65,3 +67,40 @@ def test_the_list_shows_every_match_in_80_columns(cli_runner) -> None:
     from batchpilot.plan.registry import search
 
     assert all(e.name in result.stdout for e in search("llama"))
+
+
+def test_a_family_name_matches_whole_words_only(cli_runner) -> None:
+    """`known llama-3` is the Llama 3 family, never LLaMA 33B ("llama-3" is not a prefix of "33b")."""
+    result = cli_runner.invoke(app, ["known", "llama-3", "--json"])
+    assert result.exit_code == 0, result.output
+    found = {e["name"] for e in json.loads(result.stdout)["entries"]}
+    assert "llama-33b" not in found
+    assert {"llama-3-405b", "llama-3-8b", "llama-3-70b"} <= found
+
+
+def test_a_model_whose_batch_was_not_published_says_so(cli_runner) -> None:
+    result = cli_runner.invoke(app, ["known", "Llama-3-8B"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    assert "not published" in result.stdout and "Llama 3 8B" in result.stdout
+    assert "llama-2-7b" not in result.stdout  # one entry, not a list of every llama
+
+
+def test_registry_names_ask_when_ambiguous() -> None:
+    from batchpilot.names import AmbiguousNameError
+    from batchpilot.plan.registry import NotPublishedError, lookup, target_global_batch
+
+    with pytest.raises(AmbiguousNameError, match="it matches llama-3-405b, llama-3-70b, llama-3-8b; name one"):
+        lookup("llama-3")
+    with pytest.raises(NotPublishedError, match="not published"):
+        target_global_batch("llama-3-70b", seq_len=8192)
+
+
+@pytest.mark.parametrize("query", ["llama", "deepseek-v2-lite", "qwen"])
+def test_source_urls_are_printed_whole(cli_runner, query: str) -> None:
+    """In 80 columns no URL is cut or wrapped mid-word: each appears in one piece (a terminal link)."""
+    from batchpilot.plan.registry import search
+
+    result = cli_runner.invoke(app, ["known", query], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert all(any(e.source.url in line for line in lines) for e in search(query))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from batchpilot.errors import SpecError, UnknownNameError
+from batchpilot.names import AmbiguousNameError
 from batchpilot.specs.hardware import (
     DTYPES,
     ClusterSpec,
@@ -24,7 +25,7 @@ EXPECTED = {"a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h800", "h200", "
             "rtx-4090", "v100-32gb",
             # GPUs people rent, and the parts published training runs used
             "a10g", "l4", "rtx-a6000", "rtx-3090", "h20", "gh200-96gb", "gh200-144gb", "mi250x", "gb200", "gb300",
-            "b300", "a800-80gb", "h100-nvl", "h100-96gb-hbm2e"}
+            "b300", "a800-80gb", "h100-nvl", "h100-sxm-96gb-hbm2e-500w"}
 
 
 def test_catalog_has_every_expected_device() -> None:
@@ -80,7 +81,7 @@ def test_values_are_sane(name: str) -> None:
         ("rtx-a6000", "bf16", 309.7 / 2), ("rtx-3090", "bf16", 71), ("rtx-3090", "fp32", 35.6),
         ("a10g", "bf16", 70), ("h20", "bf16", 148), ("h20", "fp8", 296), ("a800-80gb", "bf16", 312),
         ("mi250x", "bf16", 383 / 2), ("mi250x", "fp32", 47.9 / 2),  # per GCD: half the package
-        ("h100-96gb-hbm2e", "bf16", 1979 / 2),  # torchtitan's MFU basis for it (the SXM figure, an upper bound)
+        ("h100-sxm-96gb-hbm2e-500w", "bf16", 1979 / 2),  # torchtitan's MFU basis for it (the SXM figure, an upper bound)
     ],
 )
 def test_published_dense_figures(name: str, dtype: str, tflops: float) -> None:
@@ -104,9 +105,9 @@ def test_nvlink_is_stored_one_direction() -> None:
 def test_new_parts_memory_in_binary_units() -> None:
     # Vendor "GB" read as GiB (module docstring); the GB200's 186 GB is 13.4 TB / 72 GPUs, a whole number of GiB.
     assert {name: load_accelerator(name).memory_bytes // GIB for name in
-            ("l4", "a10g", "rtx-a6000", "h20", "gh200-96gb", "gh200-144gb", "h100-nvl", "h100-96gb-hbm2e", "gb200",
+            ("l4", "a10g", "rtx-a6000", "h20", "gh200-96gb", "gh200-144gb", "h100-nvl", "h100-hbm2e", "gb200",
              "b300", "mi250x")} == {"l4": 24, "a10g": 24, "rtx-a6000": 48, "h20": 96, "gh200-96gb": 96,
-                                    "gh200-144gb": 144, "h100-nvl": 94, "h100-96gb-hbm2e": 96, "gb200": 186,
+                                    "gh200-144gb": 144, "h100-nvl": 94, "h100-hbm2e": 96, "gb200": 186,
                                     "b300": 288, "mi250x": 64}
 
 
@@ -135,6 +136,34 @@ def test_names_are_case_insensitive_and_unknown_names_list_known_ones() -> None:
     assert "Did you mean 'h100-sxm'?" in message
     assert all(name in message for name in EXPECTED)
     assert "\n" not in message
+
+
+def test_gpu_names_match_case_aliases_and_words() -> None:
+    assert load_accelerator("H100 SXM").name == "h100-sxm"
+    assert load_accelerator("h100_pcie").name == "h100-pcie"
+    assert load_accelerator("A6000").name == "rtx-a6000"  # alias
+    assert load_accelerator("H100-96GB-HBM2e").name == "h100-sxm-96gb-hbm2e-500w"  # alias of torchtitan's H100
+    assert load_accelerator("h100-p").name == "h100-pcie"  # a word typed in part
+
+
+def test_a_prefix_of_several_gpus_asks_with_the_candidates_and_never_picks() -> None:
+    with pytest.raises(AmbiguousNameError) as info:
+        load_accelerator("h100")
+    message = str(info.value)
+    assert message.startswith("accelerator 'h100' is ambiguous: it matches ")
+    assert all(name in message for name in ("h100-sxm", "h100-pcie", "h100-nvl", "h100-sxm-96gb-hbm2e-500w"))
+    assert "h800" not in message and "\n" not in message
+    with pytest.raises(AmbiguousNameError, match="it matches gh200-144gb, gh200-96gb; name one of them"):
+        load_accelerator("GH200")
+
+
+@pytest.mark.parametrize("typed", ["a10", "l40", "mi300", "h10"])
+def test_other_products_are_not_prefixes(typed: str) -> None:
+    # the A10 is not the A10G, the L40 not the L40S, MI300 not MI300X: digits end only where the name's word ends
+    with pytest.raises(UnknownNameError) as info:
+        load_accelerator(typed)
+    assert not isinstance(info.value, AmbiguousNameError)
+    assert str(info.value).startswith(f"unknown accelerator {typed!r}.")
 
 
 # ---------------------------------------------------------------------- user files

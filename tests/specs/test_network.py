@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from batchpilot.errors import SpecError, UnknownNameError
+from batchpilot.names import AmbiguousNameError
 from batchpilot.specs.hardware import ClusterSpec, load_accelerator
 from batchpilot.specs.network import load_network, network_from_dict, network_names
 
@@ -96,6 +97,13 @@ def test_record_keys_are_stable() -> None:
                            "nic_bandwidth_bytes_per_s", "per_gpu_bandwidth_bytes_per_s", "gpus_per_nic",
                            "measured_all_reduce", "achieved_fraction", "sources", "notes"}
     json.dumps(record)
+
+
+def test_names_match_aliases_and_ask_when_ambiguous() -> None:
+    assert load_network("NDR").name == "ib-ndr" and load_network("p5en").name == "efa-p5en"
+    assert load_network("GB200 NVL72").name == "nvl72"
+    with pytest.raises(AmbiguousNameError, match="it matches efa-p4d, efa-p5, efa-p5en, efa-p6-b200; name one"):
+        load_network("efa")
 
 
 def test_unknown_name_is_one_line_listing_the_names() -> None:

@@ -25,7 +25,6 @@ length makes whole sequences, "M" is read as Mi (4M = 4,194,304 = 1024 × 4096) 
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,8 +32,8 @@ from typing import Any, Literal
 
 from batchpilot.errors import BatchpilotError, SpecError
 from batchpilot.io import read_json_object
+from batchpilot.names import normalize, resolve, same_name, words_match
 from batchpilot.specs.batch import tokens_from_sequences
-from batchpilot.units import unknown_name
 
 Stage = Literal["pretraining", "rl"]
 ScheduleKind = Literal["constant", "ramp", "staged"]
@@ -268,52 +267,41 @@ def entries() -> tuple[RegistryEntry, ...]:
     seen: dict[str, str] = {}
     for e in result:
         for key in (e.name, *e.aliases):
-            norm = _normalize(key)
+            norm = normalize(key)
             if seen.setdefault(norm, e.name) != e.name:
                 raise SpecError(f"registry: {key!r} names both {seen[norm]!r} and {e.name!r}")
     return tuple(result)
 
 
 # ---------------------------------------------------------------------- queries
-def _normalize(name: str) -> str:
-    """Case, spaces and underscores do not matter: ``DeepSeek V3`` = ``deepseek_v3`` = ``deepseek-v3``."""
-    return re.sub(r"[\s_]+", "-", name.strip().lower())
-
-
-def _compact(name: str) -> str:
-    """Only letters, digits and dots: ``gpt3-175b`` = ``gpt-3-175b``, ``llama2 70b`` = ``llama-2-70b``."""
-    return re.sub(r"[^a-z0-9.]", "", name.lower())
-
-
 def names() -> list[str]:
     """Registry keys, sorted."""
     return sorted(e.name for e in entries())
 
 
 def lookup(name: str) -> RegistryEntry:
-    """The entry called ``name`` or one of its aliases, ignoring case, spaces, underscores and dashes.
+    """The entry called ``name`` or one of its aliases, matched as :mod:`batchpilot.names` says: case, spaces,
+    underscores and dashes do not matter (``GPT3 175B``), nor separators between words (``llama2-70b``).
 
-    No guessing beyond that: ``llama-2-7`` could be the 7B or the 70B, so an unknown name is an error that
-    suggests the closest key and lists them all.
+    No guessing beyond whole words: ``llama-2-7`` could be the 7B or the 70B, so it is unknown (the closest key
+    and the list of keys in the message); ``llama-3`` starts several entries (405B, 70B, 8B), so it asks which.
     """
-    for transform in (_normalize, _compact):
-        key = transform(name)
-        for e in entries():
-            if key in {transform(k) for k in (e.name, *e.aliases)}:
-                return e
-    raise unknown_name("registry entry", name, names())
+    by_name = {e.name: e for e in entries()}
+    aliases = {alias: e.name for e in entries() for alias in e.aliases}
+    return by_name[resolve("registry entry", name, by_name, aliases)]
+
+
+def exact(query: str) -> RegistryEntry | None:
+    """The entry whose own name ``query`` is, up to case and separators (``Llama-3-8B``); None otherwise."""
+    found = [e for e in entries() if same_name(query, e.name)]
+    return found[0] if len(found) == 1 else None
 
 
 def search(query: str = "") -> list[RegistryEntry]:
-    """Entries whose name, aliases, model, hardware or source title contain every word of ``query``."""
-    words = [w for w in re.split(r"\s+", query.strip().lower()) if w]
-    found = []
-    for e in entries():
-        haystack = " ".join((e.name, *e.aliases, e.model, e.hardware or "", e.source.title)).lower()
-        compact = _compact(haystack)
-        if all(w in haystack or _compact(w) in compact for w in words):
-            found.append(e)
-    return found
+    """Entries whose name, aliases, model, hardware or source title hold every word of ``query`` as whole words
+    (:func:`batchpilot.names.words_match`: ``llama-3`` finds Llama 3, never LLaMA 33B)."""
+    return [e for e in entries()
+            if words_match(query, (e.name, *e.aliases, e.model, e.hardware or "", e.source.title))]
 
 
 def target_global_batch(name: str, seq_len: int) -> tuple[int, int, RegistryEntry]:

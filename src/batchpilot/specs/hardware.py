@@ -37,6 +37,7 @@ Conventions (one per figure, stated in every data file under ``batchpilot/data/a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from typing import Any, Literal
 
 from batchpilot.errors import SpecError
 from batchpilot.io import path_is, read_json_object
-from batchpilot.units import unknown_name
+from batchpilot.names import resolve
 
 Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8"]
 DTYPES: tuple[Dtype, ...] = ("fp32", "tf32", "bf16", "fp16", "fp8")
@@ -304,16 +305,27 @@ def accelerator_names() -> list[str]:
     return sorted(p.stem for p in _catalog_dir().glob("*.json"))
 
 
+@functools.lru_cache(maxsize=1)
+def accelerator_aliases() -> Mapping[str, str]:
+    """Other names of shipped accelerators (each file's ``_aliases``: ``a6000`` → ``rtx-a6000``)."""
+    aliases: dict[str, str] = {}
+    for name in accelerator_names():
+        raw = read_json_object(_catalog_dir() / f"{name}.json", "accelerator catalog file").get("_aliases", [])
+        aliases.update((str(alias), name) for alias in raw)
+    return MappingProxyType(aliases)
+
+
 def load_accelerator(name_or_path: str | Path) -> AcceleratorSpec:
-    """A catalog name (``h100-sxm``, case-insensitive) or the path of a user JSON file in the same format."""
+    """A catalog name or the path of a user JSON file in the same format.
+
+    Names match as :mod:`batchpilot.names` says (case, separators, aliases, whole-word prefixes: ``H100 SXM`` is
+    ``h100-sxm``); a prefix of several (``h100``) is an error that lists them, never a pick.
+    """
     text = str(name_or_path).strip()
     path = Path(text)
     if path.suffix == ".json" or "/" in text or "\\" in text or path_is(path, "is_file"):
         data = read_json_object(path, "accelerator file")
         return accelerator_from_dict(data, name=text)
-    names = accelerator_names()
-    key = text.lower()
-    if key not in names:
-        raise unknown_name("accelerator", text, names)
+    key = resolve("accelerator", text, accelerator_names(), accelerator_aliases())
     data = read_json_object(_catalog_dir() / f"{key}.json", "accelerator catalog file")
     return accelerator_from_dict(data, name=key)

@@ -46,17 +46,20 @@ elementwise and ignored (< 0.5% for h ≥ 512).
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
-from batchpilot.errors import SpecError
+from batchpilot.errors import SpecError, UnknownNameError
 from batchpilot.io import path_is, read_json_object
-from batchpilot.units import unknown_name
+from batchpilot.names import resolve
 
 Family = Literal["gpt2", "llama", "moe", "mla"]
 
@@ -539,24 +542,91 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in _preset_dir().glob("*.json"))
 
 
+_HUB_URL = re.compile(r"https://huggingface\.co/([\w.-]+)/([\w.-]+)/")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""A Hugging Face hub id: ``org/name`` (``meta-llama/Meta-Llama-3-8B``)."""
+
+
+@functools.lru_cache(maxsize=1)
+def preset_aliases() -> Mapping[str, str]:
+    """Other names of the presets: the hub id each was copied from (its ``_source_url``) and that id's model
+    name alone (``meta-llama/Meta-Llama-3-8B``, ``Meta-Llama-3-8B`` → ``llama-3-8b``), and any ``_aliases``."""
+    aliases: dict[str, str] = {}
+    for name in preset_names():
+        config = read_json_object(_preset_dir() / f"{name}.json", "model preset")
+        hub = _HUB_URL.match(str(config.get("_source_url", "")))
+        spellings = [*(f"{hub[1]}/{hub[2]}", hub[2])] if hub else []
+        aliases.update((str(alias), name) for alias in [*spellings, *config.get("_aliases", [])])
+    return MappingProxyType(aliases)
+
+
 def preset_path(name: str) -> Path:
-    """Path of a shipped preset's config file; an unknown name lists the known ones."""
-    path = _preset_dir() / f"{name}.json"
-    if not path_is(path, "is_file"):
-        raise unknown_name("model preset", name, preset_names())
-    return path
+    """Path of a shipped preset's config file. Names match as :mod:`batchpilot.names` says (case, separators, hub
+    ids, whole-word prefixes: ``Llama-3-8B`` is ``llama-3-8b``); a prefix of several is an error listing them."""
+    return _preset_dir() / f"{resolve('model preset', name, preset_names(), preset_aliases())}.json"
+
+
+def hub_cache_dir() -> Path:
+    """The local Hugging Face hub cache, as ``huggingface_hub`` (2.4.0, ``constants.py``) finds it:
+    ``$HF_HUB_CACHE``, else ``$HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``${XDG_CACHE_HOME:-~/.cache}/huggingface/hub``."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if not hub:
+        home = os.environ.get("HF_HOME") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+        hub = os.path.join(home, "hub")
+    return Path(os.path.expanduser(os.path.expandvars(hub)))
+
+
+def cached_hub_config(repo_id: str) -> Path | None:
+    """The ``config.json`` of ``repo_id`` in the local hub cache, if there is one (nothing is downloaded).
+
+    The cache keeps ``models--ORG--NAME/snapshots/REVISION/config.json`` and ``refs/main`` naming the revision
+    of the main branch; that one is taken, else the newest snapshot holding a config.
+    """
+    repo = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+    if not path_is(repo, "is_dir"):
+        return None
+    main = repo / "refs" / "main"
+    if path_is(main, "is_file"):
+        revision = main.read_text(encoding="utf-8", errors="replace").strip()
+        if re.fullmatch(r"[\w.-]+", revision) and path_is(config := repo / "snapshots" / revision / "config.json",
+                                                           "is_file"):
+            return config
+    configs = [c for c in (repo / "snapshots").glob("*/config.json") if path_is(c, "is_file")]
+    return max(configs, key=lambda c: c.stat().st_mtime) if configs else None
+
+
+def _load_hub_id(repo_id: str) -> ModelSpec:
+    """A hub id: its config in the local cache, else the preset copied from it, else a one-line explanation."""
+    cached = cached_hub_config(repo_id)
+    if cached is not None:
+        return from_hf_config(read_json_object(cached, "model config"), name=repo_id, source=str(cached.resolve()))
+    found = [target for alias, target in preset_aliases().items() if alias.lower() == repo_id.lower()]
+    if found:
+        return load_model(found[0])
+    raise UnknownNameError(
+        f"--model {repo_id!r} is not a file or directory here; as a Hugging Face hub id it is not in the local cache "
+        f"({hub_cache_dir() / ('models--' + repo_id.replace('/', '--'))}) and no preset was copied from it. "
+        f"batchpilot reads configs only, nothing is downloaded: pass the path of its config.json (or of a folder "
+        f"holding one), fetch it into the cache yourself (huggingface-cli download {repo_id} config.json), or use "
+        f"a preset (batchpilot model list)"
+    )
 
 
 def load_model(name_or_path: str | Path) -> ModelSpec:
-    """A preset name (``llama-3-8b``), a ``config.json`` path, or a directory holding one."""
+    """A preset name (``llama-3-8b``, ``Llama-3-8B``), a ``config.json`` path, a directory holding one, or a
+    Hugging Face hub id (``meta-llama/Meta-Llama-3-8B``) whose config is in the local hub cache or is a preset."""
     text = str(name_or_path)
     path = Path(text)
     if path_is(path, "is_dir"):
         path = path / "config.json"
+    if path.suffix != ".json" and not path_is(path, "exists") and _HUB_ID.fullmatch(text.strip()):
+        return _load_hub_id(text.strip())
     looks_like_path = path.suffix == ".json" or "/" in text or path_is(path, "exists")
     if not looks_like_path:
         path = preset_path(text)
         config = read_json_object(path, "model preset")
-        return from_hf_config(config, name=text, source=str(config.get("_source_url", "")))
+        return from_hf_config(config, name=path.stem, source=str(config.get("_source_url", "")))
     config = read_json_object(path, "model config")
     return from_hf_config(config, name=text, source=str(path.resolve()))

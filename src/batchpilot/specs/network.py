@@ -8,7 +8,7 @@ Examples::
     50000000000.0
     >>> round(ndr.achieved_fraction, 2)         # NCCL ring all-reduce busbw over the node's NIC sum
     0.94
-    >>> load_network("efa-p5").gpus_per_nic    # AWS EFA v2: 32 x 100 Gb/s for 8 GPUs
+    >>> load_network("p5").gpus_per_nic        # AWS EFA v2: 32 x 100 Gb/s for 8 GPUs
     0.25
 
     batchpilot hardware networks
@@ -36,17 +36,19 @@ Conventions (one data file per network under ``batchpilot/data/networks``):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, get_args
 
 from batchpilot.errors import SpecError
 from batchpilot.io import path_is, read_json_object
+from batchpilot.names import resolve
 from batchpilot.specs.hardware import MAX_DEVICES, FigureSource
-from batchpilot.units import unknown_name
 
 NetworkKind = Literal["infiniband", "roce", "efa", "gpudirect-tcp", "nvlink"]
 Scope = Literal["scale-out", "scale-up"]
@@ -257,14 +259,22 @@ def network_names() -> list[str]:
     return sorted(p.stem for p in _catalog_dir().glob("*.json"))
 
 
+@functools.lru_cache(maxsize=1)
+def network_aliases() -> Mapping[str, str]:
+    """Other names of shipped networks (each file's ``_aliases``: ``p5`` → ``efa-p5``, ``ndr`` → ``ib-ndr``)."""
+    aliases: dict[str, str] = {}
+    for name in network_names():
+        raw = read_json_object(_catalog_dir() / f"{name}.json", "network catalog file").get("_aliases", [])
+        aliases.update((str(alias), name) for alias in raw)
+    return MappingProxyType(aliases)
+
+
 def load_network(name_or_path: str | Path) -> NetworkSpec:
-    """A catalog name (``ib-ndr``, case-insensitive) or the path of a user JSON file in the same format."""
+    """A catalog name or alias (matched as :mod:`batchpilot.names` says: ``NDR`` is ``ib-ndr``, ``efa`` asks which)
+    or the path of a user JSON file in the same format."""
     text = str(name_or_path).strip()
     path = Path(text)
     if path.suffix == ".json" or "/" in text or "\\" in text or path_is(path, "is_file"):
         return network_from_dict(read_json_object(path, "network file"), name=text)
-    names = network_names()
-    key = text.lower()
-    if key not in names:
-        raise unknown_name("network", text, names)
+    key = resolve("network", text, network_names(), network_aliases())
     return network_from_dict(read_json_object(_catalog_dir() / f"{key}.json", "network catalog file"), name=key)
