@@ -36,6 +36,9 @@ from batchpilot.rl.plan import RLPlan
 from batchpilot.rl.rules import check
 
 EXPORT_FORMATS: tuple[str, ...] = ("verl", "trl", "openrlhf")
+VERL_FSDP_CONFIG = "ppo_trainer"
+VERL_MEGATRON_CONFIG = "ppo_megatron_trainer"
+"""verl's Hydra configs (``verl/trainer/config/``): FSDP actors, Megatron actors."""
 
 
 class RLExportError(BatchpilotError):
@@ -52,7 +55,6 @@ def verl_overrides(plan: RLPlan) -> dict[str, Any]:
         "data.max_prompt_length": r.max_prompt_tokens,
         "data.max_response_length": r.max_response_tokens,
         "actor_rollout_ref.rollout.n": b.group_size,
-        "actor_rollout_ref.actor.strategy": "fsdp2" if r.train_engine == "fsdp" else "megatron",
         "actor_rollout_ref.actor.ppo_mini_batch_size": b.samples_per_update // b.group_size,
         "actor_rollout_ref.actor.ppo_epochs": b.epochs,
         "actor_rollout_ref.actor.use_dynamic_bsz": True,
@@ -75,6 +77,7 @@ def verl_overrides(plan: RLPlan) -> dict[str, Any]:
         "trainer.nnodes": plan.train_gpus // per_node,
     }
     if r.train_engine == "fsdp":
+        out["actor_rollout_ref.actor.strategy"] = "fsdp2"
         out["actor_rollout_ref.actor.ulysses_sequence_parallel_size"] = plan.sequence_parallel
         out["actor_rollout_ref.ref.ulysses_sequence_parallel_size"] = plan.sequence_parallel
         out["actor_rollout_ref.actor.fsdp_config.param_offload"] = r.offload
@@ -159,6 +162,8 @@ def export_text(plan: RLPlan, fmt: str) -> str:
     check(fmt, dataclasses.replace(ctx, token_budget_per_gpu=ctx.token_budget_per_gpu if fmt == "verl" else None))
     if fmt == "verl":
         items = [f"{k}={_hydra(v)}" for k, v in verl_overrides(plan).items()]
+        if plan.request.train_engine == "megatron":
+            items.insert(0, f"--config-name={VERL_MEGATRON_CONFIG}")
         return "python3 -m verl.trainer.main_ppo \\\n    " + " \\\n    ".join(items) + "\n"
     if fmt == "trl":
         return json.dumps(trl_grpo_config(plan), indent=2) + "\n"
@@ -171,6 +176,8 @@ def _hydra(value: Any) -> str:
     return str(value)
 
 
-def parse_verl_overrides(text: str) -> list[str]:
-    """The ``key=value`` overrides of a verl export (what Hydra's ``compose(overrides=…)`` takes)."""
-    return [tok for tok in shlex.split(text.replace("\\\n", " ")) if "=" in tok]
+def parse_verl_overrides(text: str) -> tuple[str, list[str]]:
+    """The Hydra config name and the ``key=value`` overrides of a verl export (what ``compose`` takes)."""
+    tokens = shlex.split(text.replace("\\\n", " "))
+    name = next((t.split("=", 1)[1] for t in tokens if t.startswith("--config-name=")), VERL_FSDP_CONFIG)
+    return name, [t for t in tokens if "=" in t and not t.startswith("--")]
