@@ -1,19 +1,23 @@
-"""``batchpilot hardware list|show`` — the accelerator catalog and user accelerator files.
+"""``batchpilot hardware list|show|networks`` — the accelerator catalog, user accelerator files, cluster networks.
 
 Examples::
 
     batchpilot hardware list
     batchpilot hardware show h100-sxm
     batchpilot hardware show ./my-gpu.json --json
+    batchpilot hardware networks
+    batchpilot hardware networks ib-ndr --json
 """
 
 from __future__ import annotations
 
 import typer
 from rich.table import Column, Table
+from rich.text import Text
 
 from batchpilot.cli._common import console, handle_errors, print_json
 from batchpilot.specs.hardware import DTYPES, AcceleratorSpec, accelerator_names, load_accelerator
+from batchpilot.specs.network import NetworkSpec, load_network, network_names
 from batchpilot.units import format_bytes
 
 app = typer.Typer(help="Accelerator catalog: memory, dense peak FLOP/s, bandwidths, with sources.",
@@ -69,3 +73,44 @@ def show_hardware(
     console.print(table)
     if spec.notes:
         console.print(spec.notes)
+
+
+# ---------------------------------------------------------------------- networks
+def _measured(spec: NetworkSpec) -> str:
+    if not spec.measured_all_reduce:
+        return "not published"
+    first = spec.measured_all_reduce[0]
+    return f"{first.bus_bandwidth_bytes_per_s / 1e9:,.0f} ({spec.achieved_fraction:.0%} of peak, {first.algorithm})"
+
+
+@app.command("networks")
+@handle_errors
+def networks(
+    name: str = typer.Argument("", help="A network (name or alias, e.g. ib-ndr, p5, nvl72) to show with its "
+                                        "sources; none lists them all."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Cluster networks: inter-node fabrics and NVLink domains, link peak per GPU and the published all-reduce
+    bus bandwidth (achieved, not link peak)."""
+    specs = [load_network(name)] if name else [load_network(n) for n in network_names()]
+    if json_output:
+        print_json(specs[0].to_dict() if name else {"networks": [s.to_dict() for s in specs]})
+        return
+    table = Table(Column("name", no_wrap=True), "scope", Column("GPUs / node", justify="right"),
+                  Column("ports × Gb/s", no_wrap=True), Column("GB/s per GPU", justify="right"),
+                  "measured busbw GB/s",
+                  title="link peak one direction; busbw = nccl-tests all-reduce bus bandwidth (scale-out: "
+                        "per node, vs its ports' sum)")
+    for s in specs:
+        table.add_row(s.name, s.scope, str(s.gpus_per_node),
+                      f"{s.nics_per_node} × {s.nic_bandwidth_bytes_per_s * 8 / 1e9:,.0f}",
+                      f"{s.per_gpu_bandwidth_bytes_per_s / 1e9:,.1f}", _measured(s))
+    console.print(table)
+    for s in specs if name else []:
+        console.print(Text(s.display_name, style="bold"))
+        sources = [s.sources["nic_bandwidth_bytes_per_s"], *(m.source for m in s.measured_all_reduce)]
+        for source in sources:  # the text wraps; the URL is one whole link
+            console.print(Text(f"- {source.says}"))
+            console.print(Text.assemble("  ", (source.url, f"link {source.url}")), soft_wrap=True)
+        if s.notes:
+            console.print(Text(s.notes))
