@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["count the letters: ", "say something short: ", "write a word: ", "repeat after me: "]
 
 
-def _tokenizer(tmp_path: Path):  # noqa: ANN202 - transformers type
+def _tokenizer(tmp_path: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
