@@ -16,6 +16,7 @@ from rich.text import Text
 from batchpilot.cli._common import console, handle_errors, print_json
 from batchpilot.errors import UnknownNameError
 from batchpilot.plan.registry import RegistryEntry, exact, names, search
+from batchpilot.rl.recipes import recipe_for
 from batchpilot.units import format_count
 
 
@@ -51,7 +52,8 @@ def known(
     if not found:
         raise UnknownNameError(f"no registry entry matches {query!r}; known: {', '.join(names())}")
     if json_output:
-        print_json({"query": query, "entries": [e.to_dict() for e in found]})
+        print_json({"query": query, "entries": [e.to_dict() for e in found],
+                    "rl": {e.name: r.to_dict() for e in found if (r := recipe_for(e)) is not None}})
         return
     named = exact(query)
     if len(found) == 1 or named is not None:
@@ -82,6 +84,9 @@ def _show_entry(e: RegistryEntry) -> None:
         ("training tokens", format_count(e.total_training_tokens) if e.total_training_tokens else "—"),
         ("source", f"{e.source.title}, {e.source.section}"),
     ]
+    rl = recipe_for(e)
+    if rl is not None:  # an RL recipe: its whole batch hierarchy (batchpilot.rl.recipes)
+        before.insert(3, ("RL batch", rl.describe()))
     after = [("quote", e.source.quote), ("checked", e.verification), ("notes", e.notes or "—")]
     width = max(len(label) for label, _ in before + after)
     console.print(Text(e.name, style="bold"))
