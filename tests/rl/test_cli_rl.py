@@ -74,3 +74,15 @@ def test_bad_input_is_one_line(cli_runner, extra: list[str], fragment: str) -> N
 def test_missing_batch_needs_like(cli_runner) -> None:
     result = cli_runner.invoke(app, ["rl", "plan", "--model", "qwen2.5-0.5b", "--gpu", "h100-sxm", "--gpus", "8"])
     assert result.exit_code == 2 and "--like NAME" in result.stderr
+
+
+def test_separate_rollout_gpus_add_one_rollout_of_lag(cli_runner) -> None:
+    result = cli_runner.invoke(app, [*SMALL, "--placement", "separate", "--rollout-gpus", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    # One step off-policy: the samples of a rollout are generated while the previous rollout's 4 updates train.
+    assert record["max_policy_lag"] == 3 + 4 and record["train"]["gpus"] == 4 and record["rollout"]["gpus"] == 4
+    t = record["step_time_s"]
+    assert t["step"] == pytest.approx(max(t["rollout"], sum(v for k, v in t.items()
+                                                              if k not in ("rollout", "weight_sync", "step")))
+                                      + t["weight_sync"])
