@@ -78,8 +78,8 @@ def test_table_output_labels_gib(cli_runner: Any) -> None:
     [
         (["--tp", "3"], "--tp 3 does not divide the 4 attention heads"),
         (["--pp", "9"], "--pp 9 exceeds the 4 layers"),
-        (["--micro-batch", "-1"], "--micro-batch -1 must be a positive integer"),
-        (["--seq-len", "0"], "--seq-len 0 must be a positive integer"),
+        (["--micro-batch", "-1"], "--micro-batch '-1' is not a number"),
+        (["--seq-len", "0"], "--seq-len '0' must be a positive whole number"),
         (["--precision", "fp64"], "--precision 'fp64' is not one of"),
         (["--zero", "4"], "--zero 4 is not a ZeRO stage"),
         (["--gpus", "3", "--tp", "2"], "--gpus 3 is not a multiple of tp 2"),

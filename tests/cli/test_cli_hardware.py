@@ -1,11 +1,13 @@
-"""``batchpilot hardware`` CLI contract: JSON keys, exit codes, one-line errors."""
+"""``batchpilot hardware`` CLI contract: JSON keys, exit codes, one-line errors, ``show --json`` round trips."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from batchpilot.cli import app
-from batchpilot.specs.hardware import accelerator_names
+from batchpilot.specs.hardware import accelerator_names, load_accelerator
 
 SHOW_KEYS = {"name", "display_name", "vendor", "memory_bytes", "peak_flops_per_s",
              "memory_bandwidth_bytes_per_s", "intra_node_bandwidth_bytes_per_s", "intra_node_link",
@@ -69,3 +71,48 @@ def test_hostile_file_is_one_line_exit_2(cli_runner, tmp_path) -> None:
     assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "not valid JSON" in result.stderr
+
+
+@pytest.mark.parametrize("name", accelerator_names())
+def test_show_json_loads_back_as_an_accelerator_file(cli_runner, tmp_path, name) -> None:
+    """``hardware show NAME --json > gpu.json`` is a valid ``--gpu gpu.json``: every figure and source equal."""
+    shown = cli_runner.invoke(app, ["hardware", "show", name, "--json"])
+    assert shown.exit_code == 0, shown.output
+    path = tmp_path / f"{name}.json"
+    path.write_text(shown.stdout)
+    again = cli_runner.invoke(app, ["hardware", "show", str(path), "--json"])
+    assert again.exit_code == 0, again.output
+    original, loaded = json.loads(shown.stdout), json.loads(again.stdout)
+    assert loaded.pop("name") == str(path)  # a file's spec is named by its path (as any user file)
+    original.pop("name")
+    assert loaded == original
+    assert load_accelerator(path).peak_flops == load_accelerator(name).peak_flops
+
+
+def test_an_accelerator_file_answers_like_its_catalog_entry(cli_runner, tmp_path) -> None:
+    path = tmp_path / "gpu.json"
+    path.write_text(cli_runner.invoke(app, ["hardware", "show", "a100-80gb", "--json"]).stdout)
+    base = ["memory", "--model", "tiny-llama-1m", "--seq-len", "128", "--micro-batch", "2", "--json"]
+    by_name = json.loads(cli_runner.invoke(app, [*base, "--gpu", "a100-80gb"]).stdout)
+    by_file = json.loads(cli_runner.invoke(app, [*base, "--gpu", str(path)]).stdout)
+    assert by_file["gpu"]["memory_bytes"] == by_name["gpu"]["memory_bytes"] == 80 * 2**30
+    assert by_file["memory"] == by_name["memory"]
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    (lambda r: r["sources"].update({"peak_flops.fp8": {"url": "https://x"}}), "sources names 'peak_flops.fp8'"),
+    (lambda r: r["sources"].update({"memory_bytes": "80GB"}), "sources.memory_bytes must be an object"),
+    (lambda r: r["sources"]["memory_bytes"].update({"url": ""}), "sources.memory_bytes.url must be a non-empty"),
+    (lambda r: r["sources"]["peak_flops.bf16"].update({"dense": False}), "peak_flops.bf16 must be the dense figure"),
+    (lambda r: r.update({"memory_bytes": {"value": 2**34, "source": "https://x"}}), "given twice"),
+    (lambda r: r.update({"sources": [1]}), "sources must be an object"),
+])
+def test_a_bad_sources_object_is_one_line(cli_runner, tmp_path, change, fragment) -> None:
+    record = json.loads(cli_runner.invoke(app, ["hardware", "show", "a100-80gb", "--json"]).stdout)
+    change(record)
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(record))
+    result = cli_runner.invoke(app, ["hardware", "show", str(path)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr

@@ -92,7 +92,7 @@ def test_accelerator_check_accepts_the_same_accelerator_only(tmp_path):
         check_calibration_accelerator(cal, "a100-80gb", where="calibration file 'cal.json'")
     message = str(info.value)
     assert "\n" not in message and message.startswith("calibration file 'cal.json' was measured on h100-sxm")
-    assert "not on --gpu a100-80gb" in message and "--accelerator a100-80gb" in message
+    assert "not on --gpu a100-80gb" in message and "--gpu a100-80gb --calibration-out" in message
     gpu = tmp_path / "gpu.json"
     gpu.write_text("{}")
     on_file = dataclasses.replace(cal, accelerator=str(gpu))

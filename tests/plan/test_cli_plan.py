@@ -6,6 +6,7 @@ import json
 from importlib import resources
 
 import pytest
+import record_samples
 
 from batchpilot.cli import app
 from batchpilot.estimate.calibration import Calibration, EfficiencyPoint, save_calibration
@@ -72,9 +73,8 @@ def test_train_tokens_uses_the_deepseek_prior(cli_runner):
 
 
 def test_noise_file_sets_the_target_and_warns_on_other_seq_len(cli_runner, tmp_path):
-    path = tmp_path / "noise.json"
-    path.write_text(json.dumps({"b_simple_sequences": 96.4, "b_simple_tokens": 96.4 * 2048,
-                                "band": {"sequences": [60, 140]}, "steps_measured": 40, "seq_len": 2048}))
+    path = record_samples.noise(b_simple_sequences=96.4, b_simple_tokens=96.4 * 2048, steps_measured=40,
+                                seq_len=2048).save(tmp_path / "noise.json")
     result = cli_runner.invoke(app, [*BASE, "--noise", str(path), "--max-deviation", "0", "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
@@ -121,11 +121,11 @@ def test_table_output(cli_runner):
     (["--global-batch", "64", "--tp", "4"], ["--tp 4", "6 attention heads", "divisor of 6"]),
     (["--global-batch", "64", "--pp", "8"], ["--pp 8", "6 layers", "--pp ≤ 6"]),
     (["--global-batch", "-64"], ["--global-batch", "-64"]),
-    (["--global-batch", "64", "--micro-batch", "0"], ["--micro-batch 0", "positive"]),
+    (["--global-batch", "64", "--micro-batch", "0"], ["--micro-batch '0'", "positive"]),
     (["--global-batch", "7", "--tp", "1", "--pp", "1"], ["global batch 7", "--global-batch 16", "--max-deviation"]),
     (["--global-batch-tokens", "1000"], ["1000 tokens", "1024-token", "--max-deviation"]),
     (["--global-batch", "64", "--global-batch-tokens", "64Ki"], ["exactly one", "--global-batch-tokens"]),
-    (["--seq-len", "0", "--global-batch", "64"], ["--seq-len 0"]),
+    (["--seq-len", "0", "--global-batch", "64"], ["--seq-len '0'"]),
     (["--global-batch", "64", "--headroom", "150%"], ["--headroom", "150%"]),
     (["--global-batch", "64", "--export", "yaml"], ["--export 'yaml'", "deepspeed"]),
     (["--global-batch", "64", "--gpus-per-node", "5"], ["--gpus 16", "--gpus-per-node 5"]),
@@ -149,8 +149,8 @@ def _calibration_file(tmp_path, accelerator: str) -> str:
 
 @pytest.mark.parametrize(("recorded", "fragments"), [
     ("a100-80gb", ["measured on a100-80gb, not on --gpu h100-sxm", "plan with --gpu a100-80gb",
-                   "batchpilot probe --device cuda --accelerator h100-sxm"]),
-    ("cpu", ["this machine's CPU", "--gpu h100-sxm", "batchpilot probe --device cuda --accelerator h100-sxm",
+                   "batchpilot probe --device cuda --gpu h100-sxm"]),
+    ("cpu", ["this machine's CPU", "--gpu h100-sxm", "batchpilot probe --device cuda --gpu h100-sxm",
              "drop --calibration"]),
 ])
 def test_calibration_from_another_accelerator_is_refused(cli_runner, tmp_path, recorded, fragments):

@@ -70,7 +70,7 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
      ("transformers cannot build this config", "RoPE requires an even rotary dimension")),
     ("train --nproc 0", [*TRAIN, "--model", "tiny-llama-1m", "--nproc", "0"], ("--nproc must be positive",)),
     ("train --device gpu", [*TRAIN, "--model", "tiny-llama-1m", "--device", "gpu"],
-     ("--device 'gpu': use auto, cpu or cuda",)),
+     ("--device 'gpu' is not one of: auto, cpu, cuda",)),
     ("train --expect-world-size 0", [*TRAIN, "--model", "tiny-llama-1m", "--expect-world-size", "0"],
      ("--expect-world-size 0 must be positive",)),
     ("tune --gpus-per-node 0", [*TUNE, "--gpu", "h100-sxm", "--gpus", "8", "--gpus-per-node", "0"],

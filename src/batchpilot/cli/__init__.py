@@ -1,7 +1,9 @@
 """The ``batchpilot`` command line. Thin: each command parses, calls one library function, renders.
 
 Register a command group here with ``app.add_typer`` or a command with ``app.command``; each lives in
-its own module under ``batchpilot.cli``.
+its own module under ``batchpilot.cli``. Every command is a :class:`~batchpilot.cli._common.PlainHelpCommand`
+(its help prints as written) and shares its flags through ``batchpilot.cli._options`` and ``_settings``.
+``--help`` lists the commands in the order a user meets them: ``tune`` first.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ try:  # Ctrl-C while the commands import (torch, transformers: ~0.2 s): one line
     from batchpilot.cli import rl as rl_cli
     from batchpilot.cli import train as train_cli
     from batchpilot.cli import tune as tune_cli
-    from batchpilot.cli._common import run_app
+    from batchpilot.cli._common import PlainHelpCommand, PlainHelpGroup, run_app
 except KeyboardInterrupt:
     sys.stderr.write("interrupted\n")
     raise SystemExit(130) from None
@@ -31,18 +33,17 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=PlainHelpGroup,
 )
-app.add_typer(model.app, name="model")
+for _name, _command in (
+    ("tune", tune_cli.tune), ("plan", plan_cli.plan_command), ("memory", memory_cli.memory),
+    ("probe", probe_cli.probe), ("noise", noise_cli.noise), ("train", train_cli.train_command),
+    ("report", report.report), ("known", known.known),
+):
+    app.command(_name, cls=PlainHelpCommand)(_command)
+app.add_typer(model.app, name="model")  # groups are listed after the commands
 app.add_typer(hardware.app, name="hardware")
 app.add_typer(rl_cli.app, name="rl")
-app.command("known")(known.known)
-app.command("report")(report.report)
-app.command("memory")(memory_cli.memory)
-app.command("plan")(plan_cli.plan_command)
-app.command("probe")(probe_cli.probe)
-app.command("train")(train_cli.train_command)
-app.command("noise")(noise_cli.noise)
-app.command("tune")(tune_cli.tune)
 
 
 def _version(value: bool) -> None:

@@ -15,6 +15,8 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from batchpilot.errors import BatchpilotError
 
@@ -48,6 +50,47 @@ def fail(message: str) -> NoReturn:
     first_line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in first_line)
     typer.echo(f"error: {first_line}", err=True)
     raise typer.Exit(EXIT_USAGE)
+
+
+def _plain(text: str | None) -> str | None:
+    return None if text is None else escape(text)
+
+
+class PlainHelpCommand(TyperCommand):
+    """A command whose help texts are plain text: ``[default 16]`` or ``hf:NAME[:SPLIT]`` print as written.
+
+    Typer's default ``rich_markup_mode="rich"`` (whenever rich is installed) parses every help string with
+    ``rich.text.Text.from_markup``, so text in square brackets that looks like a markup tag (``[default 16]``)
+    was silently dropped from ``--help``. The texts are escaped once here, for every command; defaults come
+    from typer's own ``[default: …]`` (the option's default, or its ``show_default`` text).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _plain(self.help)
+        self.short_help = _plain(self.short_help)
+        for param in self.params:
+            if isinstance(getattr(param, "help", None), str):
+                param.help = escape(param.help)  # type: ignore[attr-defined]
+
+
+class PlainHelpGroup(TyperGroup):
+    """A command group whose own help is plain text (see :class:`PlainHelpCommand`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _plain(self.help)
+        self.short_help = _plain(self.short_help)
+
+
+def deprecated_alias(old_flag: str, old_value: Any, new_flag: str, new_value: Any) -> Any:
+    """The value of ``new_flag``, or of its hidden old name ``old_flag`` with a one-line note on stderr."""
+    if old_value is None:
+        return new_value
+    if new_value is not None and new_value != old_value:
+        raise BatchpilotError(f"{old_flag} is the old name of {new_flag}; give {new_flag} only")
+    typer.echo(f"note: {old_flag} is deprecated; use {new_flag} (same meaning)", err=True)
+    return old_value
 
 
 def handle_errors(command: F) -> F:

@@ -1,32 +1,28 @@
-"""The run-settings flags shared by ``memory``, ``plan``, ``probe`` and ``tune`` — one definition.
+"""The run-settings flags (``--precision --optimizer --engine --zero … --offload``) — one definition.
 
-Use the ``Annotated`` aliases as parameter types and :data:`DEFAULTS` for the defaults, then build the
-settings with :func:`settings_from_options` (validation errors become one line and exit 2 through
-``handle_errors``)::
+``memory`` and ``plan`` model any of them; ``probe``, ``train`` and ``tune`` run real steps on one device
+and offer only those they honour (no flag a command would refuse or ignore). Use the ``Annotated``
+aliases as parameter types and :data:`DEFAULTS` for the defaults, then build the settings with
+:func:`settings_from_options`::
 
     @handle_errors
-    def plan(
-        ...,
-        precision: PrecisionOpt = DEFAULTS.precision, optimizer: OptimizerOpt = DEFAULTS.optimizer,
-        engine: EngineOpt = DEFAULTS.engine, zero: ZeroOpt = DEFAULTS.zero_stage,
-        hybrid_shard: HybridShardOpt = DEFAULTS.hybrid_shard, tp: TpOpt = DEFAULTS.tp, pp: PpOpt = DEFAULTS.pp,
-        ep: EpOpt = DEFAULTS.ep, sp: SpOpt = DEFAULTS.sp, recompute: RecomputeOpt = DEFAULTS.recompute,
-        attention: AttentionOpt = DEFAULTS.attention, offload: OffloadOpt = DEFAULTS.offload,
-    ) -> None:
-        settings = settings_from_options(precision=precision, optimizer=optimizer, engine=engine, zero=zero,
-                                         hybrid_shard=hybrid_shard, tp=tp, pp=pp, ep=ep, sp=sp,
-                                         recompute=recompute, attention=attention, offload=offload)
+    def memory(..., precision: PrecisionOpt = DEFAULTS.precision, zero: ZeroOpt = DEFAULTS.zero_stage,
+               recompute: RecomputeOpt = DEFAULTS.recompute, ...) -> None:
+        settings = settings_from_options(precision=precision, zero=zero, recompute=recompute, ...)
 
-Values are plain strings/ints checked by :class:`~batchpilot.specs.settings.RunSettings` (not click
-choices), so a bad value is the library's one-line message with the allowed values, exit code 2.
+Every value is parsed by :mod:`batchpilot.cli._options` (choices case-insensitive; a bad value is the
+library's one line ``error: --precision 'fp7' is not one of: fp32, bf16, fp16, fp8``, exit code 2);
+:class:`~batchpilot.specs.settings.RunSettings` checks the combinations.
+
+Precision has one set of values everywhere and one default, bf16, except where steps run on a CPU
+(:func:`step_precision`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-import typer
-
+from batchpilot.cli._options import choice, option, whole
 from batchpilot.specs.settings import (
     ATTENTIONS,
     ENGINES,
@@ -39,41 +35,69 @@ from batchpilot.specs.settings import (
 #: The defaults every command uses (those of :class:`RunSettings`).
 DEFAULTS = RunSettings()
 
+CPU_PRECISION = "fp32"
+"""The precision of steps run on a CPU when ``--precision`` is not given. bf16 autocast is only fast on
+CPUs with bf16 matrix units (AVX512-BF16 or AMX): elsewhere oneDNN converts to fp32 and back around every
+matmul. Measured on a 2-core Xeon with AMX, tiny-llama-15m at seq 256, 6 training steps on one thread:
+bf16 2.1-2.2K tokens/s vs fp32 0.7-1.2K; the same run with AMX and AVX512-BF16 masked off
+(``ONEDNN_MAX_CPU_ISA=AVX2``, what a CPU without them runs) is in the ``--precision`` help below."""
+
 _PANEL = "Run settings"
+_PRECISION_HELP = "Compute precision (fp8 is modelled by memory and plan; probe, train and tune run fp32, bf16, fp16)."
 
-
-def _choices(values: tuple[str, ...]) -> str:
-    return "|".join(values)
-
-
-PrecisionOpt = Annotated[str, typer.Option(
-    "--precision", help=f"Compute precision: {_choices(PRECISIONS)}.", rich_help_panel=_PANEL)]
-OptimizerOpt = Annotated[str, typer.Option(
-    "--optimizer", help=f"Optimizer: {_choices(OPTIMIZERS)}.", rich_help_panel=_PANEL)]
-EngineOpt = Annotated[str, typer.Option(
-    "--engine", help=f"Training engine whose memory bookkeeping to model: {_choices(ENGINES)}.",
+PrecisionOpt = Annotated[str, option("--precision", choice("--precision", PRECISIONS), help=_PRECISION_HELP,
+                                     rich_help_panel=_PANEL)]
+StepPrecisionOpt = Annotated[str | None, option(
+    "--precision", choice("--precision", PRECISIONS), show_default=f"bf16; {CPU_PRECISION} on a CPU",
+    help=f"{_PRECISION_HELP} Steps on a CPU default to {CPU_PRECISION}: bf16 autocast is slower there unless "
+         "the CPU has bf16 matrix units (AVX512-BF16 or AMX); give --precision bf16 on one that does.",
     rich_help_panel=_PANEL)]
-ZeroOpt = Annotated[int, typer.Option(
-    "--zero", help="ZeRO stage / FSDP sharding: 0 none, 1 optimizer, 2 + gradients, 3 + parameters.",
+OptimizerOpt = Annotated[str, option("--optimizer", choice("--optimizer", OPTIMIZERS), help="Optimizer.",
+                                     rich_help_panel=_PANEL)]
+EngineOpt = Annotated[str, option("--engine", choice("--engine", ENGINES),
+                                  help="Training engine whose memory bookkeeping to model.", rich_help_panel=_PANEL)]
+ZeroOpt = Annotated[int, option(
+    "--zero", whole("--zero"), help="ZeRO stage / FSDP sharding: 0 none, 1 optimizer, 2 + gradients, 3 + parameters.",
     rich_help_panel=_PANEL)]
-HybridShardOpt = Annotated[bool, typer.Option(
+HybridShardOpt = Annotated[bool, option(
     "--hybrid-shard", help="Shard within a node, replicate across nodes (FSDP HYBRID_SHARD).",
     rich_help_panel=_PANEL)]
-TpOpt = Annotated[int, typer.Option("--tp", help="Tensor-parallel size.", rich_help_panel=_PANEL)]
-PpOpt = Annotated[int, typer.Option("--pp", help="Pipeline-parallel stages.", rich_help_panel=_PANEL)]
-VppOpt = Annotated[int, typer.Option(
-    "--vpp", help="Virtual stages per pipeline rank (interleaved 1F1B; 1 = plain).", rich_help_panel=_PANEL)]
-EpOpt = Annotated[int, typer.Option("--ep", help="Expert-parallel size (MoE).", rich_help_panel=_PANEL)]
-SpOpt = Annotated[bool, typer.Option(
-    "--sp", help="Sequence parallelism over the tensor-parallel group.", rich_help_panel=_PANEL)]
-RecomputeOpt = Annotated[str, typer.Option(
-    "--recompute", help=f"Activation recomputation: {_choices(RECOMPUTES)}.", rich_help_panel=_PANEL)]
-AttentionOpt = Annotated[str, typer.Option(
-    "--attention", help=f"Attention kernel: {_choices(ATTENTIONS)} (eager stores the s×s scores).",
+TpOpt = Annotated[int, option("--tp", whole("--tp"), help="Tensor-parallel size.", rich_help_panel=_PANEL)]
+PpOpt = Annotated[int, option("--pp", whole("--pp"), help="Pipeline-parallel stages.", rich_help_panel=_PANEL)]
+VppOpt = Annotated[int, option(
+    "--vpp", whole("--vpp"), help="Virtual stages per pipeline rank (interleaved 1F1B; 1 = plain).",
     rich_help_panel=_PANEL)]
-OffloadOpt = Annotated[bool, typer.Option(
+EpOpt = Annotated[int, option("--ep", whole("--ep"), help="Expert-parallel size (MoE).", rich_help_panel=_PANEL)]
+SpOpt = Annotated[bool, option(
+    "--sp", help="Sequence parallelism over the tensor-parallel group.", rich_help_panel=_PANEL)]
+RecomputeOpt = Annotated[str, option(
+    "--recompute", choice("--recompute", RECOMPUTES),
+    help="Activation recomputation: selective = the attention core (Megatron-LM), op = torchtitan's per-op "
+         "selective checkpointing, full = only each layer's input kept.",
+    rich_help_panel=_PANEL)]
+AttentionOpt = Annotated[str, option(
+    "--attention", choice("--attention", ATTENTIONS), help="Attention kernel (eager stores the s×s scores).",
+    rich_help_panel=_PANEL)]
+OffloadOpt = Annotated[bool, option(
     "--offload", help="Optimizer states and master weights in CPU memory (ZeRO-Offload).",
     rich_help_panel=_PANEL)]
+
+
+def step_precision(precision: str | None, device: str) -> str:
+    """``--precision`` as given, else bf16 — or :data:`CPU_PRECISION` when ``device`` (auto|cpu|cuda) is a CPU.
+
+    ``auto`` is a CPU when torch sees no CUDA device (what the commands then run on).
+    """
+    if precision is not None:
+        return precision
+    if device == "cpu":
+        return CPU_PRECISION
+    if device == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            return CPU_PRECISION
+    return DEFAULTS.precision
 
 
 def settings_from_options(

@@ -15,13 +15,14 @@ import typer
 from rich.table import Column, Table
 from rich.text import Text
 
-from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._common import PlainHelpCommand, PlainHelpGroup, console, handle_errors, print_json
+from batchpilot.cli._options import JsonOpt
 from batchpilot.specs.hardware import DTYPES, AcceleratorSpec, accelerator_names, load_accelerator
 from batchpilot.specs.network import NetworkSpec, load_network, network_names
 from batchpilot.units import format_bytes
 
 app = typer.Typer(help="Accelerator catalog: memory, dense peak FLOP/s, bandwidths, with sources.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, cls=PlainHelpGroup)
 
 
 def _tflops(spec: AcceleratorSpec, dtype: str) -> str:
@@ -29,9 +30,9 @@ def _tflops(spec: AcceleratorSpec, dtype: str) -> str:
     return "—" if value is None else f"{value / 1e12:,.1f}"
 
 
-@app.command("list")
+@app.command("list", cls=PlainHelpCommand)
 @handle_errors
-def list_hardware(json_output: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+def list_hardware(json_output: JsonOpt = False) -> None:
     """List the shipped accelerators (dense TFLOP/s; GB/s one direction)."""
     specs = [load_accelerator(name) for name in accelerator_names()]
     if json_output:
@@ -47,11 +48,11 @@ def list_hardware(json_output: bool = typer.Option(False, "--json", help="Print 
     console.print(table)
 
 
-@app.command("show")
+@app.command("show", cls=PlainHelpCommand)
 @handle_errors
 def show_hardware(
     accelerator: str = typer.Argument(..., help="Catalog name (see `hardware list`) or path to a JSON file."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_output: JsonOpt = False,
 ) -> None:
     """Show one accelerator's figures and the source of each."""
     spec = load_accelerator(accelerator)
@@ -83,12 +84,12 @@ def _measured(spec: NetworkSpec) -> str:
     return f"{first.bus_bandwidth_bytes_per_s / 1e9:,.0f} ({spec.achieved_fraction:.0%} of peak, {first.algorithm})"
 
 
-@app.command("networks")
+@app.command("networks", cls=PlainHelpCommand)
 @handle_errors
 def networks(
     name: str = typer.Argument("", help="A network (name or alias, e.g. ib-ndr, p5, nvl72) to show with its "
                                         "sources; none lists them all."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_output: JsonOpt = False,
 ) -> None:
     """Cluster networks: inter-node fabrics and NVLink domains, link peak per GPU and the published all-reduce
     bus bandwidth (achieved, not link peak)."""

@@ -14,6 +14,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._options import JsonOpt
 from batchpilot.errors import UnknownNameError
 from batchpilot.plan.registry import RegistryEntry, exact, names, search
 from batchpilot.rl.recipes import recipe_for
@@ -44,10 +45,11 @@ def _link(url: str) -> Text:
 @handle_errors
 def known(
     query: str = typer.Argument("", help="Words to match in the model name, aliases, hardware or paper title."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_output: JsonOpt = False,
 ) -> None:
-    """List the published global batch sizes of known models (final batch; schedule; source); one match
-    shows the whole entry (source section, quote, hardware, how it was checked)."""
+    """List the published global batch sizes of known models, with their sources.
+
+    One match shows the whole entry (source section, quote, hardware, how it was checked)."""
     found = search(query)
     if not found:
         raise UnknownNameError(f"no registry entry matches {query!r}; known: {', '.join(names())}")

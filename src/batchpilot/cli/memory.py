@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import typer
 from rich.table import Table
 
 from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._options import GpuOpt, JsonOpt, ModelOpt, SeqLenOpt, choice, count, option, whole
 from batchpilot.cli._settings import (
     DEFAULTS,
     AttentionOpt,
@@ -115,20 +115,23 @@ def _render(record: dict[str, Any]) -> None:
 
 @handle_errors
 def memory(
-    model: Annotated[str, typer.Option("--model", help="Preset name or path to a config.json.")],
-    gpu: Annotated[str, typer.Option("--gpu", help="Accelerator catalog name or JSON file (see `hardware list`).")],
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")],
-    micro_batch: Annotated[int, typer.Option("--micro-batch", help="Sequences per GPU per forward/backward.")],
-    gpus: Annotated[int, typer.Option("--gpus", help="GPUs in the job (dp = gpus / (tp × pp)).")] = 1,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per step (pipeline in flight).")] = 1,
-    method: Annotated[str, typer.Option("--method", help="analytic (closed form) or traced (fake tensors).")] = "analytic",
+    model: ModelOpt,
+    gpu: GpuOpt,
+    seq_len: SeqLenOpt,
+    micro_batch: Annotated[int, option("--micro-batch", count("--micro-batch"), help=(
+        "Sequences per GPU per forward/backward."))],
+    gpus: Annotated[int, option("--gpus", whole("--gpus"), help="GPUs in the job (dp = gpus / (tp × pp)).")] = 1,
+    grad_accum: Annotated[int, option("--grad-accum", whole("--grad-accum"), help=(
+        "Micro-batches per step (pipeline in flight)."))] = 1,
+    method: Annotated[str, option("--method", choice("--method", METHODS), help=(
+        "analytic (closed form) or traced (the real module under fake tensors)."))] = "analytic",
     precision: PrecisionOpt = DEFAULTS.precision, optimizer: OptimizerOpt = DEFAULTS.optimizer,
     engine: EngineOpt = DEFAULTS.engine, zero: ZeroOpt = DEFAULTS.zero_stage,
     hybrid_shard: HybridShardOpt = DEFAULTS.hybrid_shard, tp: TpOpt = DEFAULTS.tp, pp: PpOpt = DEFAULTS.pp,
     vpp: VppOpt = DEFAULTS.vpp,
     ep: EpOpt = DEFAULTS.ep, sp: SpOpt = DEFAULTS.sp, recompute: RecomputeOpt = DEFAULTS.recompute,
     attention: AttentionOpt = DEFAULTS.attention, offload: OffloadOpt = DEFAULTS.offload,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Per-GPU memory of one training step: weights, gradients, optimizer, activations, overhead."""
     settings = settings_from_options(precision=precision, optimizer=optimizer, engine=engine, zero=zero,

@@ -10,19 +10,22 @@ Examples::
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 from rich.table import Table
 
-from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._common import PlainHelpCommand, PlainHelpGroup, console, handle_errors, print_json
+from batchpilot.cli._options import JsonOpt, count, option
 from batchpilot.specs.model import load_model, preset_names
-from batchpilot.units import format_count, parse_count
+from batchpilot.units import format_count
 
-app = typer.Typer(help="Model presets and Hugging Face config.json files.", no_args_is_help=True)
+app = typer.Typer(help="Model presets and Hugging Face config.json files.", no_args_is_help=True, cls=PlainHelpGroup)
 
 
-@app.command("list")
+@app.command("list", cls=PlainHelpCommand)
 @handle_errors
-def list_models(json_output: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+def list_models(json_output: JsonOpt = False) -> None:
     """List the shipped model presets."""
     specs = [load_model(name) for name in preset_names()]
     if json_output:
@@ -35,17 +38,17 @@ def list_models(json_output: bool = typer.Option(False, "--json", help="Print on
     console.print(table)
 
 
-@app.command("show")
+@app.command("show", cls=PlainHelpCommand)
 @handle_errors
 def show_model(
     model: str = typer.Argument(..., help="Preset name or path to a config.json (or its folder)."),
-    seq_len: str = typer.Option("2048", "--seq-len", help="Sequence length for FLOPs per token (4096, 8Ki)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    seq_len: Annotated[int, option("--seq-len", count("--seq-len"), help=(
+        "Tokens per sequence, for the FLOPs per token (4096, 8Ki)."))] = 2048,
+    json_output: JsonOpt = False,
 ) -> None:
     """Show a model's shape, parameter counts and training FLOPs per token."""
-    tokens = parse_count(seq_len, "--seq-len")
     spec = load_model(model)
-    record = spec.to_dict(seq_len=tokens)
+    record = spec.to_dict(seq_len=seq_len)
     if json_output:
         print_json(record)
         return

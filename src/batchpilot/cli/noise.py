@@ -12,39 +12,56 @@ Examples::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-import typer
 from rich.table import Table
 
 from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._options import (
+    DEMO_MODEL,
+    DEMO_SEQ_LEN,
+    DataOpt,
+    JsonOpt,
+    SeedOpt,
+    SeqLenOpt,
+    ThreadsOpt,
+    TokenizerOpt,
+    TrainModelOpt,
+    TrainTokensOpt,
+    count,
+    number,
+    option,
+    whole,
+)
 from batchpilot.tune.noise_run import NoiseRunSettings, measure_noise
-from batchpilot.units import format_count, parse_count
+from batchpilot.units import format_count
 
 
 @handle_errors
 def noise(
-    model: str = typer.Option("tiny-llama-1m", "--model", help="Preset, config.json, local pretrained directory, or a `batchpilot train` run folder (its newest good checkpoint's weights)."),
-    data: str = typer.Option("stdlib", "--data", help="stdlib, a text/JSONL/Parquet file or folder, or hf:NAME."),
-    tokenizer: str = typer.Option("bytes", "--tokenizer", help="bytes, bpe:VOCAB or a local tokenizer directory."),
-    seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per sequence."),
-    micro_batch: int = typer.Option(4, "--micro-batch", min=1, help="Sequences per micro-batch (B_small)."),
-    global_batch: int = typer.Option(16, "--global-batch", min=2, help="Sequences per step (B_big), ≥ 2 × micro."),
-    steps: int = typer.Option(20, "--steps", min=2, help="K: optimizer steps measured."),
-    seed: int = typer.Option(0, "--seed", help="Model init and data order."),
-    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Learning rate of the K steps."),
-    train_tokens: str = typer.Option("", "--train-tokens", help="Planned training tokens (e.g. 2T) for the DeepSeek prior."),
-    out: str = typer.Option("", "--out", help="Keep the run's metrics.jsonl in this folder."),
-    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0: all cores)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    model: TrainModelOpt = DEMO_MODEL,
+    data: DataOpt = "stdlib",
+    tokenizer: TokenizerOpt = "bytes",
+    seq_len: SeqLenOpt = DEMO_SEQ_LEN,
+    micro_batch: Annotated[int, option("--micro-batch", count("--micro-batch"), help=(
+        "Sequences per micro-batch: B_small."))] = 4,
+    global_batch: Annotated[int, option("--global-batch", count("--global-batch"), help=(
+        "Sequences per optimizer step: B_big, at least 2 × --micro-batch."))] = 16,
+    steps: Annotated[int, option("--steps", whole("--steps"), help="K: optimizer steps measured (≥ 2).")] = 20,
+    seed: SeedOpt = 0,
+    lr: Annotated[float, option("--lr", number("--lr"), help="Learning rate of the K steps.")] = 1e-3,
+    train_tokens: TrainTokensOpt = None,
+    out: Annotated[str | None, option("--out", show_default="a temporary folder", help=(
+        "Keep the run's metrics.jsonl in this folder."))] = None,
+    threads: ThreadsOpt = None,
+    json_output: JsonOpt = False,
 ) -> None:
     """Measure B_simple (McCandlish et al. 2018) over K steps; print it with its band, the trade-off and priors."""
     settings = NoiseRunSettings(
         model=model, data=data, tokenizer=tokenizer, seq_len=seq_len, micro_batch_sequences=micro_batch,
         global_batch_sequences=global_batch, steps=steps, seed=seed, lr=lr,
-        train_tokens=float(parse_count(train_tokens, "--train-tokens")) if train_tokens else None,
-        out=out or None, threads=threads or None)
-    record = measure_noise(settings)
+        train_tokens=float(train_tokens) if train_tokens else None, out=out, threads=threads)
+    record = measure_noise(settings).to_dict()
     if json_output:
         print_json(record)
         return

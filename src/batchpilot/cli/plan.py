@@ -13,7 +13,7 @@ Examples::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +22,20 @@ from rich import box
 from rich.table import Table
 
 from batchpilot.cli._common import console, err_console, handle_errors, print_json
+from batchpilot.cli._options import (
+    GpuOpt,
+    GpusOpt,
+    GpusPerNodeOpt,
+    JsonOpt,
+    ModelOpt,
+    SeqLenOpt,
+    choice,
+    count,
+    fraction,
+    option,
+    size,
+    whole,
+)
 from batchpilot.cli._settings import (
     DEFAULTS,
     AttentionOpt,
@@ -39,17 +53,18 @@ from batchpilot.estimate.calibration import (
     check_calibration_accelerator,
     load_calibration,
 )
-from batchpilot.estimate.noise import load_noise_record
 from batchpilot.plan.exports import FORMATS, export_text
 from batchpilot.plan.planner import DEFAULT_HEADROOM, Pins, PlanRequest, PlanResult, plan
 from batchpilot.plan.priors import global_batch_from_noise, global_batch_from_prior
 from batchpilot.plan.registry import target_global_batch
+from batchpilot.records.noise import NoiseRecord
 from batchpilot.specs.hardware import ClusterSpec, check_device_count, load_accelerator
 from batchpilot.specs.model import ModelSpec, load_model
-from batchpilot.specs.settings import RunSettings
-from batchpilot.units import GIB, format_count, parse_bytes, parse_count
+from batchpilot.specs.settings import RECOMPUTES, RunSettings
+from batchpilot.units import GIB, format_count
 
 _PINS = "Pins (fix a choice; omitted = searched)"
+_SEARCHED = "searched"
 _TARGET = "Target global batch (exactly one)"
 
 DEFAULT_INTER_NODE_BANDWIDTH = "50GB"
@@ -57,22 +72,10 @@ DEFAULT_INTER_NODE_BANDWIDTH = "50GB"
 8 × ConnectX-7 400 Gb/s; DeepSeek-V3 §3.1 reports the same 50 GB/s IB per H800)."""
 
 
-def parse_fraction(text: str, flag: str) -> float:
-    """``10%`` or ``0.1`` → 0.1; one-line error otherwise."""
-    raw = str(text).strip()
-    try:
-        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
-    except ValueError:
-        raise SpecError(f"{flag} {text!r} is not a fraction; use e.g. 10% or 0.1") from None
-    if not 0.0 <= value < 1.0:
-        raise SpecError(f"{flag} {text!r} must be in [0, 1) as a fraction or [0%, 100%) as a percentage, e.g. 10%")
-    return value
-
-
-def build_cluster(gpu: str, gpus: int, gpus_per_node: int | None, inter_node_bandwidth: str) -> ClusterSpec:
-    """The cluster the flags describe: ``gpus`` GPUs in nodes of ``gpus_per_node`` (default min(gpus, 8))."""
+def build_cluster(gpu: str, gpus: int, gpus_per_node: int, inter_node_bandwidth_bytes_per_s: int) -> ClusterSpec:
+    """The cluster the flags describe: ``gpus`` GPUs in nodes of ``gpus_per_node`` (a smaller job: part of one)."""
     check_device_count(gpus)
-    per_node = 8 if gpus_per_node is None else gpus_per_node
+    per_node = gpus_per_node
     if per_node < 1:
         raise SpecError(f"--gpus-per-node {per_node!r} must be a positive integer")
     per_node = min(per_node, gpus)  # a job smaller than a node uses part of one node
@@ -81,7 +84,7 @@ def build_cluster(gpu: str, gpus: int, gpus_per_node: int | None, inter_node_ban
         raise SpecError(f"--gpus {gpus} is not a multiple of --gpus-per-node {per_node}; "
                         f"use --gpus {' or '.join(map(str, fixes))}")
     nodes = gpus // per_node
-    bandwidth = float(parse_bytes(inter_node_bandwidth, "--inter-node-bandwidth"))  # checked even on one node
+    bandwidth = float(inter_node_bandwidth_bytes_per_s)
     return ClusterSpec(accelerator=load_accelerator(gpu), devices_per_node=per_node, num_nodes=nodes,
                        inter_node_bandwidth_bytes_per_s=bandwidth if nodes > 1 else None)
 
@@ -104,8 +107,8 @@ class _Target:
     warnings: tuple[str, ...] = ()
 
 
-def _target(*, global_batch_tokens: str | None, global_batch: str | None, like: str | None,
-            train_tokens: str | None, noise: Path | None, seq_len: int, model: ModelSpec) -> _Target:
+def _target(*, global_batch_tokens: int | None, global_batch: int | None, like: str | None,
+            train_tokens: int | None, noise: Path | None, seq_len: int, model: ModelSpec) -> _Target:
     given = [name for name, v in (("--global-batch-tokens", global_batch_tokens), ("--global-batch", global_batch),
                                   ("--like", like), ("--train-tokens", train_tokens), ("--noise", noise))
              if v is not None]
@@ -113,23 +116,23 @@ def _target(*, global_batch_tokens: str | None, global_batch: str | None, like: 
         raise SpecError(f"give exactly one target global batch: --global-batch-tokens, --global-batch, --like, "
                         f"--train-tokens or --noise (got {', '.join(given) or 'none'})")
     if global_batch_tokens is not None:
-        return _Target(tokens=parse_count(global_batch_tokens, "--global-batch-tokens"))
+        return _Target(tokens=global_batch_tokens)
     if global_batch is not None:
-        return _Target(sequences=parse_count(global_batch, "--global-batch"))
+        return _Target(sequences=global_batch)
     if like is not None:
         sequences, _tokens, entry = target_global_batch(like, seq_len)
         return _Target(sequences=sequences,
                        source=f"published batch of {entry.name} ({entry.source.title}, {entry.source.section})")
     if train_tokens is not None:
         prior = global_batch_from_prior(num_layers=model.num_layers, hidden_size=model.hidden_size, seq_len=seq_len,
-                                        train_tokens=parse_count(train_tokens, "--train-tokens"))
+                                        train_tokens=train_tokens)
         lr = f", peak LR {prior.learning_rate:.2e}" if prior.learning_rate else ""
         return _Target(sequences=prior.batch_sequences, soft=True, record={"prior": prior.to_dict()},
                        source=f"DeepSeek LLM prior B_opt = 0.2920·C^0.3271 = {format_count(prior.batch_tokens)} "
                               f"tokens at C = {prior.compute_flops:.2e} FLOPs{lr}")
     assert noise is not None
-    record = load_noise_record(noise)
-    suggestion = global_batch_from_noise(record, seq_len=seq_len)
+    record = NoiseRecord.load(noise)
+    suggestion = global_batch_from_noise(record, seq_len=seq_len, where=f"noise file {str(noise)!r}")
     warnings: tuple[str, ...] = ()
     if record.seq_len is not None and record.seq_len != seq_len:
         warnings = (f"the noise file was measured at seq {record.seq_len}, planning at --seq-len {seq_len}: "
@@ -184,58 +187,73 @@ def _render(result: PlanResult, source: str) -> None:
 
 @handle_errors
 def plan_command(
-    model: Annotated[str, typer.Option("--model", help="Preset name or path to a config.json.")],
-    gpu: Annotated[str, typer.Option("--gpu", help="Accelerator catalog name or JSON file (see `hardware list`).")],
-    gpus: Annotated[int, typer.Option("--gpus", help="GPUs in the job.")],
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")],
-    global_batch_tokens: Annotated[str | None, typer.Option(
-        "--global-batch-tokens", help="Target global batch in tokens (4Mi = 4,194,304; 4M = 4,000,000).",
+    model: ModelOpt,
+    gpu: GpuOpt,
+    seq_len: SeqLenOpt,
+    gpus: GpusOpt = 1,
+    global_batch_tokens: Annotated[int | None, option(
+        "--global-batch-tokens", count("--global-batch-tokens"),
+        help="Target global batch in tokens (4Mi = 4,194,304; 4M = 4,000,000).", rich_help_panel=_TARGET)] = None,
+    global_batch: Annotated[int | None, option(
+        "--global-batch", count("--global-batch"), help="Target global batch in sequences.",
         rich_help_panel=_TARGET)] = None,
-    global_batch: Annotated[str | None, typer.Option(
-        "--global-batch", help="Target global batch in sequences.", rich_help_panel=_TARGET)] = None,
-    like: Annotated[str | None, typer.Option(
+    like: Annotated[str | None, option(
         "--like", help="Use a published model's batch (see `batchpilot known`).", rich_help_panel=_TARGET)] = None,
-    train_tokens: Annotated[str | None, typer.Option(
-        "--train-tokens", help="Training tokens D: target from the DeepSeek LLM prior.", rich_help_panel=_TARGET)] = None,
-    noise: Annotated[Path | None, typer.Option(
+    train_tokens: Annotated[int | None, option(
+        "--train-tokens", count("--train-tokens"), help="Training tokens D: target from the DeepSeek LLM prior.",
+        rich_help_panel=_TARGET)] = None,
+    noise: Annotated[Path | None, option(
         "--noise", help="`batchpilot noise --json` file: target B_crit ≈ B_simple.", rich_help_panel=_TARGET)] = None,
-    gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node (default: min(gpus, 8)).")] = None,
-    inter_node_bandwidth: Annotated[str, typer.Option(
-        "--inter-node-bandwidth", help="Per-GPU network bandwidth, one direction (bytes/s).")] = DEFAULT_INTER_NODE_BANDWIDTH,
-    micro_batch: Annotated[int | None, typer.Option(
-        "--micro-batch", help="Sequences per GPU per forward/backward.", rich_help_panel=_PINS)] = None,
-    grad_accum: Annotated[int | None, typer.Option(
-        "--grad-accum", help="Micro-batches accumulated per optimizer step.", rich_help_panel=_PINS)] = None,
-    tp: Annotated[int | None, typer.Option("--tp", help="Tensor-parallel size.", rich_help_panel=_PINS)] = None,
-    pp: Annotated[int | None, typer.Option("--pp", help="Pipeline stages.", rich_help_panel=_PINS)] = None,
-    vpp: Annotated[int | None, typer.Option(
-        "--vpp", help="Virtual stages per pipeline rank (interleaved 1F1B; 1 = plain).", rich_help_panel=_PINS)] = None,
-    ep: Annotated[int | None, typer.Option("--ep", help="Expert-parallel size.", rich_help_panel=_PINS)] = None,
-    zero: Annotated[int | None, typer.Option("--zero", help="ZeRO stage 0-3.", rich_help_panel=_PINS)] = None,
-    recompute: Annotated[str | None, typer.Option(
-        "--recompute", help="none|selective|full.", rich_help_panel=_PINS)] = None,
+    gpus_per_node: GpusPerNodeOpt = 8,
+    inter_node_bandwidth: Annotated[int, option(
+        "--inter-node-bandwidth", size("--inter-node-bandwidth"),
+        help="Per-GPU network bandwidth between nodes, one direction, in bytes/s (50GB = 50·10^9)."),
+    ] = DEFAULT_INTER_NODE_BANDWIDTH,  # type: ignore[assignment]  # parsed by size()
+    micro_batch: Annotated[int | None, option(
+        "--micro-batch", count("--micro-batch"), help="Sequences per GPU per forward/backward.",
+        show_default=_SEARCHED, rich_help_panel=_PINS)] = None,
+    grad_accum: Annotated[int | None, option(
+        "--grad-accum", whole("--grad-accum"), help="Micro-batches accumulated per optimizer step.",
+        show_default=_SEARCHED, rich_help_panel=_PINS)] = None,
+    tp: Annotated[int | None, option("--tp", whole("--tp"), help="Tensor-parallel size.", show_default=_SEARCHED,
+                                     rich_help_panel=_PINS)] = None,
+    pp: Annotated[int | None, option("--pp", whole("--pp"), help="Pipeline stages.", show_default=_SEARCHED,
+                                     rich_help_panel=_PINS)] = None,
+    vpp: Annotated[int | None, option(
+        "--vpp", whole("--vpp"), help="Virtual stages per pipeline rank (interleaved 1F1B; 1 = plain).",
+        show_default=_SEARCHED, rich_help_panel=_PINS)] = None,
+    ep: Annotated[int | None, option("--ep", whole("--ep"), help="Expert-parallel size.", show_default=_SEARCHED,
+                                     rich_help_panel=_PINS)] = None,
+    zero: Annotated[int | None, option("--zero", whole("--zero"), help="ZeRO stage 0-3.", show_default=_SEARCHED,
+                                       rich_help_panel=_PINS)] = None,
+    recompute: Annotated[str | None, option(
+        "--recompute", choice("--recompute", RECOMPUTES), help="Activation recomputation.",
+        show_default=_SEARCHED, rich_help_panel=_PINS)] = None,
     precision: PrecisionOpt = DEFAULTS.precision, optimizer: OptimizerOpt = DEFAULTS.optimizer,
     engine: EngineOpt = DEFAULTS.engine, hybrid_shard: HybridShardOpt = DEFAULTS.hybrid_shard,
     sp: SpOpt = DEFAULTS.sp, attention: AttentionOpt = DEFAULTS.attention, offload: OffloadOpt = DEFAULTS.offload,
-    headroom: Annotated[str, typer.Option("--headroom", help="Memory kept free per GPU.")] = f"{DEFAULT_HEADROOM:.0%}",
-    max_deviation: Annotated[str | None, typer.Option(
-        "--max-deviation", help="Allow the nearest global batch within this fraction of the target "
-                                "(default: 0; 10% for --train-tokens/--noise).")] = None,
-    calibration: Annotated[Path | None, typer.Option(
+    headroom: Annotated[float, option("--headroom", fraction("--headroom"), help=(
+        "Memory kept free per GPU, a fraction (0.1) or a percentage (10%)."))
+    ] = f"{DEFAULT_HEADROOM:.0%}",  # type: ignore[assignment]  # parsed by fraction()
+    max_deviation: Annotated[float | None, option(
+        "--max-deviation", fraction("--max-deviation"), show_default="0; 10% for --train-tokens and --noise",
+        help="Allow the nearest global batch within this fraction of the target (estimated targets are "
+             "uncertain by more than that).")] = None,
+    calibration: Annotated[Path | None, option(
         "--calibration", help="Efficiency/overhead file written by `batchpilot probe --calibration-out` on a "
         "--gpu: a file measured on another accelerator (or on CPU) is refused; one recording no accelerator "
         "is used with a warning.")] = None,
-    top: Annotated[int, typer.Option("--top", help="Plans to show.")] = 5,
-    export: Annotated[str | None, typer.Option("--export", help=f"Export the winner: {'|'.join(FORMATS)}.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="File for --export (default: stdout).")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    top: Annotated[int, option("--top", whole("--top"), help="Plans to show.")] = 5,
+    export: Annotated[str | None, option("--export", choice("--export", tuple(FORMATS)), help=(
+        "Export the winner for this engine."))] = None,
+    out: Annotated[Path | None, option("--out", show_default="stdout", help="File for --export.")] = None,
+    json_output: JsonOpt = False,
 ) -> None:
     """Rank feasible (micro-batch, accumulation, dp, tp, pp, ep, ZeRO, recompute) by tokens/s."""
     spec = load_model(model)
     target = _target(global_batch_tokens=global_batch_tokens, global_batch=global_batch, like=like,
                      train_tokens=train_tokens, noise=noise, seq_len=seq_len, model=spec)
-    deviation = (parse_fraction(max_deviation, "--max-deviation") if max_deviation is not None
-                 else SOFT_TARGET_DEVIATION if target.soft else 0.0)
+    deviation = max_deviation if max_deviation is not None else SOFT_TARGET_DEVIATION if target.soft else 0.0
     settings = RunSettings(precision=precision.lower(), optimizer=optimizer.lower(),  # type: ignore[arg-type]
                            engine=engine.lower(), hybrid_shard=hybrid_shard, sp=sp,  # type: ignore[arg-type]
                            attention=attention.lower(), offload=offload,  # type: ignore[arg-type]
@@ -247,8 +265,8 @@ def plan_command(
         model=spec, cluster=cluster,
         seq_len=seq_len, global_batch_sequences=target.sequences, global_batch_tokens=target.tokens, settings=settings,
         pins=Pins(micro_batch=micro_batch, grad_accum=grad_accum, tp=tp, pp=pp, vpp=vpp, ep=ep, zero_stage=zero,
-                  recompute=recompute.lower() if recompute else None),
-        headroom=parse_fraction(headroom, "--headroom"), max_deviation=deviation,
+                  recompute=recompute),
+        headroom=headroom, max_deviation=deviation,
         calibration=measured, top=top,
     )
     result = plan(request)
@@ -261,12 +279,10 @@ def plan_command(
     if exported is not None and out is not None:
         out.write_text(exported, encoding="utf-8")
     if json_output:
-        record: dict[str, Any] = result.to_dict()
-        record["target"].update(source=target.source, **target.record)
-        record["warnings"] = list(warnings)
-        if export:
-            record["export"] = {"format": export, "path": str(out)}
-        print_json(record)
+        base = result.to_record()
+        record = replace(base, target=replace(base.target, source=target.source, **target.record), warnings=warnings,
+                         export={"format": export, "path": str(out)} if export else None)
+        print_json(record.to_dict())
         return
     _render(result, target.source)
     if export:

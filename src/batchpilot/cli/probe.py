@@ -2,11 +2,11 @@
 
 Examples::
 
-    batchpilot probe --model tiny-llama-1m --seq-len 128 --memory-budget 128MiB --device cpu --precision fp32
+    batchpilot probe --model tiny-llama-1m --seq-len 128 --memory-budget 128MiB --device cpu
     batchpilot probe --model tiny-llama-15m --seq-len 512 --memory-budget 2GiB --precision fp32 \\
         --calibration-out cpu-calibration.json --json
     batchpilot probe --model ./config.json --seq-len 4096 --device cuda --precision bf16 --recompute full \\
-        --accelerator h100-sxm --calibration-out h100.json
+        --gpu h100-sxm --calibration-out h100.json
 
 On CPU every trial runs in its own process under an address-space limit of its baseline + the budget
 (so out-of-memory is real), and Ctrl-C kills the running trial with its process group.
@@ -16,44 +16,43 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import typer
 from rich.live import Live
 from rich.table import Table
 
-from batchpilot.cli._common import err_console, handle_errors, print_json
+from batchpilot.cli._common import deprecated_alias, err_console, handle_errors, print_json
+from batchpilot.cli._options import (
+    DEMO_MODEL,
+    DEMO_SEQ_LEN,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    count,
+    duration,
+    option,
+    size,
+    whole,
+)
 from batchpilot.cli._settings import (
     DEFAULTS,
     AttentionOpt,
-    EngineOpt,
-    EpOpt,
-    HybridShardOpt,
-    OffloadOpt,
     OptimizerOpt,
-    PpOpt,
-    PrecisionOpt,
     RecomputeOpt,
-    SpOpt,
-    TpOpt,
-    ZeroOpt,
+    StepPrecisionOpt,
     settings_from_options,
+    step_precision,
 )
 from batchpilot.errors import BatchpilotError
-from batchpilot.measure.probe import (
-    ProbeRequest,
-    ProbeResult,
-    ProbeTrial,
-    check_calibration_accelerator_for,
-    device_memory_bytes,
-    resolve_device,
-    run_probe,
-    worst_case_seq_len,
-    write_calibration,
-)
+from batchpilot.measure.calibrate import check_calibration_accelerator_for, write_calibration
+from batchpilot.measure.device import device_memory_bytes, resolve_device
+from batchpilot.measure.probe import run_probe
+from batchpilot.measure.probe_types import ProbeRequest, worst_case_seq_len
+from batchpilot.records.probe import ProbeResult, ProbeTrial
 from batchpilot.specs.model import load_model
-from batchpilot.units import format_bytes, parse_bytes, parse_seconds
+from batchpilot.units import format_bytes
 
 
 def _read_lengths(path: Path) -> list[int]:
@@ -111,45 +110,48 @@ def _render(result: ProbeResult, calibration: Path | None) -> None:
 
 @handle_errors
 def probe(
-    model: Annotated[str, typer.Option("--model", help="Preset name or path to a config.json.")],
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (the data's worst case).")] = 512,
-    lengths: Annotated[Path | None, typer.Option(
+    model: ModelOpt = DEMO_MODEL,
+    seq_len: Annotated[int, option("--seq-len", count("--seq-len"), help=(
+        "Tokens per sequence (the data's worst case)."))] = DEMO_SEQ_LEN,
+    lengths: Annotated[Path | None, option(
         "--lengths", help="File of the data's sequence lengths: the probe uses the longest (≤ --seq-len).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda.")] = "auto",
-    memory_budget: Annotated[str | None, typer.Option(
-        "--memory-budget", help="e.g. 6GiB. Default: the device's memory (CPU: MemAvailable).")] = None,
-    warmup_steps: Annotated[int, typer.Option(
-        "--warmup-steps", help="Untimed full steps first (the optimizer state exists before them).")] = 1,
-    timed_steps: Annotated[int, typer.Option(
-        "--timed-steps", help="Timed full steps after them (warm-up + timed ≥ 2).")] = 1,
-    knee: Annotated[bool, typer.Option("--knee/--no-knee", help="Measure the halving ladder for the knee.")] = True,
-    trial_timeout: Annotated[str, typer.Option("--trial-timeout", help="Per-trial wall-time limit (CPU trials): a trial past it is killed and counts as not fitting, e.g. 10m.")] = "30m",
-    calibration_out: Annotated[Path | None, typer.Option(
+    device: DeviceOpt = "auto",
+    memory_budget: Annotated[int | None, option("--memory-budget", size("--memory-budget"), show_default=(
+        "the device's memory; CPU: MemAvailable"), help="Memory the probe may use (e.g. 6GiB).")] = None,
+    warmup_steps: Annotated[int, option("--warmup-steps", whole("--warmup-steps"), help=(
+        "Untimed full steps first (the optimizer state exists before them)."))] = 1,
+    timed_steps: Annotated[int, option("--timed-steps", whole("--timed-steps"), help=(
+        "Timed full steps after them (warm-up + timed ≥ 2)."))] = 1,
+    knee: Annotated[bool, option("--knee/--no-knee", help="Measure the halving ladder for the knee.")] = True,
+    trial_timeout: Annotated[float, option("--trial-timeout", duration("--trial-timeout"), help=(
+        "Per-trial wall-time limit (CPU trials): a trial past it is killed and counts as not fitting, "
+        "e.g. 10m."))] = "30m",  # type: ignore[assignment]  # parsed by duration()
+    calibration_out: Annotated[Path | None, option(
         "--calibration-out", help="Write a calibration file for `plan --calibration`.")] = None,
-    accelerator: Annotated[str | None, typer.Option(
-        "--accelerator", help="Catalog name or JSON file whose peak FLOP/s the calibration divides by "
-        "(CUDA: required for --calibration-out; refused on CPU, where the calibration divides by this CPU's "
-        "measured matmul rate).")] = None,
-    precision: PrecisionOpt = DEFAULTS.precision, optimizer: OptimizerOpt = DEFAULTS.optimizer,
-    engine: EngineOpt = DEFAULTS.engine, zero: ZeroOpt = DEFAULTS.zero_stage,
-    hybrid_shard: HybridShardOpt = DEFAULTS.hybrid_shard, tp: TpOpt = DEFAULTS.tp, pp: PpOpt = DEFAULTS.pp,
-    ep: EpOpt = DEFAULTS.ep, sp: SpOpt = DEFAULTS.sp, recompute: RecomputeOpt = DEFAULTS.recompute,
-    attention: AttentionOpt = DEFAULTS.attention, offload: OffloadOpt = DEFAULTS.offload,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    gpu: Annotated[str | None, option("--gpu", metavar="NAME|FILE", help=(
+        "The GPU the probe runs on, as a catalog name or JSON file (see `batchpilot hardware list`): the "
+        "calibration divides by its peak FLOP/s (CUDA: required for --calibration-out; refused on CPU, where "
+        "the calibration divides by this CPU's measured matmul rate)."))] = None,
+    accelerator: Annotated[str | None, option("--accelerator", hidden=True, help="Old name of --gpu.")] = None,
+    precision: StepPrecisionOpt = None, optimizer: OptimizerOpt = DEFAULTS.optimizer,
+    recompute: RecomputeOpt = DEFAULTS.recompute, attention: AttentionOpt = DEFAULTS.attention,
+    json_output: JsonOpt = False,
 ) -> None:
-    """Find the largest micro-batch that really fits, tokens/s per size and the throughput knee."""
-    settings = settings_from_options(precision=precision, optimizer=optimizer, engine=engine, zero=zero,
-                                     hybrid_shard=hybrid_shard, tp=tp, pp=pp, ep=ep, sp=sp,
-                                     recompute=recompute, attention=attention, offload=offload)
+    """Find the largest micro-batch that really fits, tokens/s per size and the throughput knee.
+
+    The steps run on one device, without model sharding (tensor, pipeline or ZeRO layouts are `plan`'s)."""
+    gpu = deprecated_alias("--accelerator", accelerator, "--gpu", gpu)
+    dev = resolve_device(device)
+    settings = settings_from_options(precision=step_precision(precision, dev), optimizer=optimizer,
+                                     recompute=recompute, attention=attention)
     spec = load_model(model)
     if lengths is not None:
         seq_len = worst_case_seq_len(_read_lengths(lengths), cap=seq_len)
-    dev = resolve_device(device)
-    budget = parse_bytes(memory_budget, "--memory-budget") if memory_budget else device_memory_bytes(dev)
-    check_calibration_accelerator_for(dev, accelerator)  # before any trial runs
+    budget = memory_budget or device_memory_bytes(dev)
+    check_calibration_accelerator_for(dev, gpu)  # before any trial runs
     request = ProbeRequest(model=spec, settings=settings, seq_len=seq_len, device=dev, budget_bytes=budget,
                            warmup_steps=warmup_steps, timed_steps=timed_steps, knee=knee,
-                           trial_timeout_s=parse_seconds(trial_timeout, "--trial-timeout"))
+                           trial_timeout_s=trial_timeout)
     if json_output:
         result = run_probe(request)
     else:
@@ -158,10 +160,9 @@ def probe(
             result = run_probe(request, progress=display)
     if os.environ.get("RANK", "0") != "0":  # under torchrun every rank probed in step; rank 0 reports
         return
-    written = write_calibration(result, request, calibration_out, accelerator) if calibration_out else None
-    record: dict[str, Any] = result.to_dict()
-    record["calibration_file"] = str(written) if written else None
+    written = write_calibration(result, request, calibration_out, gpu) if calibration_out else None
+    result = replace(result, calibration_file=str(written) if written else None)
     if json_output:
-        print_json(record)
+        print_json(result.to_dict())
     else:
         _render(result, written)

@@ -13,12 +13,13 @@ from pathlib import Path
 import typer
 
 from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._options import JsonOpt
 
 
 @handle_errors
 def report(
     run_dir: Path = typer.Argument(..., help="A run directory written by `batchpilot tune` (or the commands)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_output: JsonOpt = False,
 ) -> None:
     """Render the HTML report and PNG plots of a run directory."""
     from batchpilot.report.html import build_report

@@ -14,29 +14,29 @@ Examples::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._common import PlainHelpCommand, PlainHelpGroup, console, handle_errors, print_json
+from batchpilot.cli._options import GpusPerNodeOpt, JsonOpt, choice, count, number, option, whole
 from batchpilot.errors import SpecError
 from batchpilot.plan.planner import Pins
 from batchpilot.rl.batch import RLBatch
 from batchpilot.rl.exports import EXPORT_FORMATS, export_text
 from batchpilot.rl.plan import RLPlan, RLPlanRequest, plan_rl
 from batchpilot.rl.recipes import RLRecipe, recipe
+from batchpilot.rl.rules import FRAMEWORKS
 from batchpilot.specs.hardware import load_accelerator
 from batchpilot.specs.model import load_model
-from batchpilot.units import GIB, parse_count
+from batchpilot.units import GIB
 
-app = typer.Typer(help="RL post-training batches (GRPO/PPO): plan, fit and export.", no_args_is_help=True)
+app = typer.Typer(help="RL post-training batches (GRPO/PPO): plan, fit and export.", no_args_is_help=True,
+                  cls=PlainHelpGroup)
 
-_COUNT = "COUNT"
-
-
-def _count(value: str | None, flag: str) -> int | None:
-    return None if value is None else parse_count(value, flag)
+_RECIPE = "the --like recipe's"
+_SEARCHED = "searched"
 
 
 def _pick(given: Any, from_recipe: Any, flag: str) -> Any:
@@ -46,49 +46,74 @@ def _pick(given: Any, from_recipe: Any, flag: str) -> Any:
     return value
 
 
-@app.command("plan")
+@app.command("plan", cls=PlainHelpCommand)
 @handle_errors
 def plan_command(
-    like: str = typer.Option(None, "--like", help="A published RL recipe (`batchpilot known`): deepseek-r1-zero, dapo, …"),
-    model: str = typer.Option(None, "--model", help="Preset name or a Hugging Face config.json (default: the recipe's)."),
-    gpu: str = typer.Option(None, "--gpu", metavar="NAME|FILE", help="Accelerator (`batchpilot hardware list`)."),
-    gpus: str = typer.Option(None, "--gpus", metavar=_COUNT, help="GPUs in the job."),
-    gpus_per_node: str = typer.Option("8", "--gpus-per-node", metavar=_COUNT, help="GPUs per node."),
-    prompts_per_rollout: str = typer.Option(None, "--prompts-per-rollout", metavar=_COUNT, help="Unique prompts per rollout."),
-    group_size: str = typer.Option(None, "--group-size", metavar=_COUNT, help="Responses sampled per prompt (GRPO's G)."),
-    updates_per_rollout: str = typer.Option(None, "--updates-per-rollout", metavar=_COUNT,
-                                            help="Optimizer updates per rollout (all epochs)."),
-    epochs: str = typer.Option("1", "--epochs", metavar=_COUNT, help="Passes over each rollout (verl ppo_epochs)."),
-    max_prompt_len: str = typer.Option(None, "--max-prompt-len", metavar=_COUNT, help="Longest prompt, tokens."),
-    max_response_len: str = typer.Option(None, "--max-response-len", metavar=_COUNT, help="Longest response, tokens."),
-    mean_response_len: str = typer.Option(None, "--mean-response-len", metavar=_COUNT,
-                                          help="Expected mean response (default: all at the maximum, the worst case)."),
-    algorithm: str = typer.Option(None, "--algorithm", help="grpo (no critic) or ppo (critic)."),
-    framework: str = typer.Option("verl", "--framework", help="Whose batch rules apply: verl, trl, openrlhf."),
-    engine: str = typer.Option(None, "--engine", help="Update backend: fsdp or megatron (default: megatron for MoE)."),
-    placement: str = typer.Option("colocated", "--placement", help="colocated or separate rollout GPUs."),
-    rollout_gpus: str = typer.Option(None, "--rollout-gpus", metavar=_COUNT, help="With --placement separate."),
-    rollout_tp: str = typer.Option(None, "--rollout-tp", metavar=_COUNT, help="Pin the rollout tensor-parallel size."),
-    gpu_memory_utilization: float = typer.Option(None, "--gpu-memory-utilization", help="Pin vLLM's utilisation."),
-    max_num_batched_tokens: str = typer.Option("8192", "--max-num-batched-tokens", metavar=_COUNT,
-                                               help="vLLM tokens per engine step."),
-    max_num_seqs: str = typer.Option(None, "--max-num-seqs", metavar=_COUNT, help="Pin vLLM's running-sequence cap."),
-    reference: bool = typer.Option(None, "--reference/--no-reference", help="A reference model (KL) each step."),
-    offload: bool = typer.Option(True, "--offload/--no-offload", help="Colocated: states to host between phases."),
-    train_tp: str = typer.Option(None, "--train-tp", metavar=_COUNT,
-                                 help="Pin the update's tensor (Megatron) or Ulysses sequence (FSDP) parallel size."),
-    export: str = typer.Option(None, "--export", help=f"Write the plan for {'|'.join(EXPORT_FORMATS)} (needs --out)."),
-    out: Path = typer.Option(None, "--out", help="File for --export."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (stable keys)."),
+    like: Annotated[str | None, option("--like", help=(
+        "A published RL recipe (`batchpilot known`): deepseek-r1-zero, dapo, …"))] = None,
+    model: Annotated[str | None, option("--model", show_default=_RECIPE, help=(
+        "Preset name (see `batchpilot model list`) or a Hugging Face config.json (or its folder)."))] = None,
+    gpu: Annotated[str | None, option("--gpu", metavar="NAME|FILE", show_default=_RECIPE, help=(
+        "Accelerator: a catalog name (see `batchpilot hardware list`) or a JSON file in the same format."))] = None,
+    gpus: Annotated[int | None, option("--gpus", whole("--gpus"), show_default=_RECIPE,
+                                       help="GPUs in the job.")] = None,
+    gpus_per_node: GpusPerNodeOpt = 8,
+    prompts_per_rollout: Annotated[int | None, option(
+        "--prompts-per-rollout", count("--prompts-per-rollout"), show_default=_RECIPE,
+        help="Unique prompts per rollout.")] = None,
+    group_size: Annotated[int | None, option("--group-size", count("--group-size"), show_default=_RECIPE,
+                                             help="Responses sampled per prompt (GRPO's G).")] = None,
+    updates_per_rollout: Annotated[int | None, option(
+        "--updates-per-rollout", count("--updates-per-rollout"), show_default=_RECIPE,
+        help="Optimizer updates per rollout (all epochs).")] = None,
+    epochs: Annotated[int | None, option("--epochs", count("--epochs"), show_default=f"{_RECIPE}, else 1",
+                                         help="Passes over each rollout (verl ppo_epochs).")] = None,
+    max_prompt_len: Annotated[int | None, option("--max-prompt-len", count("--max-prompt-len"),
+                                                 show_default=_RECIPE, help="Longest prompt, tokens.")] = None,
+    max_response_len: Annotated[int | None, option("--max-response-len", count("--max-response-len"),
+                                                   show_default=_RECIPE, help="Longest response, tokens.")] = None,
+    mean_response_len: Annotated[int | None, option(
+        "--mean-response-len", count("--mean-response-len"), show_default="all at the maximum, the worst case",
+        help="Expected mean response, tokens.")] = None,
+    algorithm: Annotated[str | None, option("--algorithm", choice("--algorithm", ("grpo", "ppo")),
+                                            show_default=f"{_RECIPE}, else grpo",
+                                            help="grpo (no critic) or ppo (critic).")] = None,
+    framework: Annotated[str, option("--framework", choice("--framework", FRAMEWORKS),
+                                     help="Whose batch rules apply.")] = "verl",
+    engine: Annotated[str | None, option("--engine", choice("--engine", ("fsdp", "megatron")),
+                                         show_default="megatron for MoE, else fsdp", help="Update backend.")] = None,
+    placement: Annotated[str, option("--placement", choice("--placement", ("colocated", "separate")),
+                                     help="Rollout on the training GPUs or on GPUs of its own.")] = "colocated",
+    rollout_gpus: Annotated[int | None, option("--rollout-gpus", whole("--rollout-gpus"),
+                                               help="With --placement separate.")] = None,
+    rollout_tp: Annotated[int | None, option("--rollout-tp", whole("--rollout-tp"), show_default=_SEARCHED,
+                                             help="Pin the rollout tensor-parallel size.")] = None,
+    gpu_memory_utilization: Annotated[float | None, option(
+        "--gpu-memory-utilization", number("--gpu-memory-utilization"), show_default=_SEARCHED,
+        help="Pin vLLM's utilisation.")] = None,
+    max_num_batched_tokens: Annotated[int, option("--max-num-batched-tokens", count("--max-num-batched-tokens"),
+                                                  help="vLLM tokens per engine step.")] = 8192,
+    max_num_seqs: Annotated[int | None, option("--max-num-seqs", count("--max-num-seqs"), show_default="1024",
+                                               help="Pin vLLM's running-sequence cap.")] = None,
+    reference: Annotated[bool | None, option("--reference/--no-reference", show_default=f"{_RECIPE}, else on",
+                                             help="A reference model (KL) each step.")] = None,
+    offload: Annotated[bool, option("--offload/--no-offload", help=(
+        "Colocated: states to host between phases."))] = True,
+    train_tp: Annotated[int | None, option("--train-tp", whole("--train-tp"), show_default=_SEARCHED, help=(
+        "Pin the update's tensor (Megatron) or Ulysses sequence (FSDP) parallel size."))] = None,
+    export: Annotated[str | None, option("--export", choice("--export", EXPORT_FORMATS), help=(
+        "Write the plan for this framework (needs --out)."))] = None,
+    out: Annotated[Path | None, option("--out", help="File for --export.")] = None,
+    json_output: JsonOpt = False,
 ) -> None:
     """Plan an RL step: samples per rollout and update, policy lag, memory and time per phase, the rollout engine."""
     if (export is None) != (out is None):
         raise SpecError("--export and --out go together: --export verl|trl|openrlhf --out FILE")
     r: RLRecipe | None = recipe(like) if like else None
-    prompts = _pick(_count(prompts_per_rollout, "--prompts-per-rollout"), r and r.prompts_per_rollout, "--prompts-per-rollout")
-    group = _pick(_count(group_size, "--group-size"), r and r.group_size, "--group-size")
-    ep = parse_count(epochs, "--epochs") if r is None or epochs != "1" else r.epochs
-    updates = _count(updates_per_rollout, "--updates-per-rollout")
+    prompts = _pick(prompts_per_rollout, r and r.prompts_per_rollout, "--prompts-per-rollout")
+    group = _pick(group_size, r and r.group_size, "--group-size")
+    ep = epochs if epochs is not None else r.epochs if r is not None else 1
+    updates = updates_per_rollout
     if updates is None and r is not None:
         updates = r.batch().updates_per_rollout
     batch = RLBatch.from_updates(prompts_per_rollout=prompts, group_size=group,
@@ -97,20 +122,19 @@ def plan_command(
     req = RLPlanRequest(
         model=load_model(_pick(model, r and r.model_preset, "--model")),
         gpu=load_accelerator(_pick(gpu, r and r.accelerator, "--gpu")),
-        gpus=_pick(_count(gpus, "--gpus"), r and r.gpus, "--gpus"), batch=batch,
-        max_prompt_tokens=_pick(_count(max_prompt_len, "--max-prompt-len"), r and r.max_prompt_tokens, "--max-prompt-len"),
-        max_response_tokens=_pick(_count(max_response_len, "--max-response-len"), r and r.max_response_tokens,
-                                  "--max-response-len"),
-        mean_response_tokens=_count(mean_response_len, "--mean-response-len"),
-        algorithm=(algorithm or (r.algorithm if r else "grpo")).lower(),  # type: ignore[arg-type]
-        framework=framework.lower(), engine=engine.lower() if engine else None,  # type: ignore[arg-type]
-        placement=placement.lower(),  # type: ignore[arg-type]
-        rollout_gpus=_count(rollout_gpus, "--rollout-gpus"), reference=(r.reference if r else True) if reference is None else reference,
-        offload=offload, rollout_tp=_count(rollout_tp, "--rollout-tp"),
+        gpus=_pick(gpus, r and r.gpus, "--gpus"), batch=batch,
+        max_prompt_tokens=_pick(max_prompt_len, r and r.max_prompt_tokens, "--max-prompt-len"),
+        max_response_tokens=_pick(max_response_len, r and r.max_response_tokens, "--max-response-len"),
+        mean_response_tokens=mean_response_len,
+        algorithm=algorithm or (r.algorithm if r else "grpo"),  # type: ignore[arg-type]  # checked by choice()
+        framework=framework, engine=engine,  # type: ignore[arg-type]
+        placement=placement,  # type: ignore[arg-type]
+        rollout_gpus=rollout_gpus, reference=(r.reference if r else True) if reference is None else reference,
+        offload=offload, rollout_tp=rollout_tp,
         gpu_memory_utilization=gpu_memory_utilization,
-        max_num_batched_tokens=parse_count(max_num_batched_tokens, "--max-num-batched-tokens"),
-        max_num_seqs=_count(max_num_seqs, "--max-num-seqs") or 1024, max_num_seqs_pinned=max_num_seqs is not None,
-        gpus_per_node=parse_count(gpus_per_node, "--gpus-per-node"), train_pins=Pins(tp=_count(train_tp, "--train-tp")),
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=max_num_seqs or 1024, max_num_seqs_pinned=max_num_seqs is not None,
+        gpus_per_node=gpus_per_node, train_pins=Pins(tp=train_tp),
     )
     result = plan_rl(req)
     if export is not None and out is not None:

@@ -16,16 +16,35 @@ import math
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._options import (
+    DEMO_MODEL,
+    DEMO_SEQ_LEN,
+    DataOpt,
+    DeviceOpt,
+    GlobalBatchTokensOpt,
+    JsonOpt,
+    SeedOpt,
+    ThreadsOpt,
+    TokenizerOpt,
+    TrainModelOpt,
+    choice,
+    count,
+    number,
+    option,
+    whole,
+)
+from batchpilot.cli._settings import StepPrecisionOpt, step_precision
 from batchpilot.errors import BatchpilotError
 from batchpilot.specs.batch import sequences_from_tokens
 from batchpilot.train.config import (
+    BATCHING_MODES,
     DEFAULT_NOISE_EVERY,
     BatchConfig,
     DataConfig,
@@ -34,27 +53,27 @@ from batchpilot.train.config import (
     RunConfig,
     TrainConfig,
 )
-from batchpilot.units import format_bytes, format_count, parse_count
+from batchpilot.units import format_bytes, format_count
 
 #: The no-argument demo: small enough that the loss visibly falls within a couple of CPU minutes.
-DEMO_SEQ_LEN = 128
+TRAIN_SEQ_LEN = 128
 DEMO_GLOBAL_BATCH = 16
 DEMO_STEPS = 30
 
 
-def _global_batch(sequences: int | None, tokens: str | None, seq_len: int) -> int:
+def _global_batch(sequences: int | None, tokens: int | None, seq_len: int) -> int:
     if sequences is not None and tokens is not None:
         raise BatchpilotError("give --global-batch (sequences) or --global-batch-tokens, not both")
     if tokens is not None:
-        return sequences_from_tokens(parse_count(tokens, "--global-batch-tokens"), seq_len_tokens=seq_len)
+        return sequences_from_tokens(tokens, seq_len_tokens=seq_len)
     return sequences if sequences is not None else DEMO_GLOBAL_BATCH
 
 
-def _duration(steps: int | None, tokens: str | None) -> tuple[int | None, int | None]:
+def _duration(steps: int | None, tokens: int | None) -> tuple[int | None, int | None]:
     if steps is not None and tokens is not None:
         raise BatchpilotError("give --steps or --tokens, not both")
     if tokens is not None:
-        return None, parse_count(tokens, "--tokens")
+        return None, tokens
     return (steps if steps is not None else DEMO_STEPS), None
 
 
@@ -116,42 +135,70 @@ def _render(summary: dict[str, Any]) -> None:
 
 
 def train(
-    model: str = typer.Option("tiny-llama-1m", "--model", help="Preset, config.json (random init), a local pretrained directory, or a run folder (its newest checkpoint's weights only: a new run, not --resume)."),
-    data: str = typer.Option("stdlib", "--data", help="stdlib, a text/JSONL/Parquet file or folder, or hf:NAME[:SPLIT]."),
-    tokenizer: str = typer.Option("bytes", "--tokenizer", help="bytes, bpe:VOCAB (trained on the corpus, cached) or a tokenizer directory."),
-    text_field: str = typer.Option("text", "--text-field", help="Text field of JSONL/Parquet/datasets rows."),
-    seq_len: int = typer.Option(DEMO_SEQ_LEN, "--seq-len", help="Tokens per sequence."),
-    global_batch: int | None = typer.Option(None, "--global-batch", help=f"Global batch in sequences [default {DEMO_GLOBAL_BATCH}]."),
-    global_batch_tokens: str | None = typer.Option(None, "--global-batch-tokens", help="Global batch in tokens (e.g. 4Mi)."),
-    micro_batch: int | None = typer.Option(None, "--micro-batch", help="Sequences per micro-batch per rank [default: the global batch / nproc]."),
-    batching: str = typer.Option("fixed", "--batching", help="fixed | token-budget | packed."),
-    max_tokens_per_micro_batch: str | None = typer.Option(None, "--max-tokens-per-micro-batch", help="Token-budget batching: padded tokens per micro-batch."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 (with a gradient scaler)."),
-    lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate (at the first global batch)."),
-    warmup_steps: int = typer.Option(10, "--warmup-steps", help="Linear warmup steps."),
-    lr_decay: str = typer.Option("cosine", "--lr-decay", help="cosine | linear | constant."),
-    lr_scaling: str | None = typer.Option(None, "--lr-scaling", help="none | linear | sqrt, applied when the global batch changes [default: sqrt with an adaptive --batch-schedule, else none]."),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Max gradient norm (0: no clipping)."),
-    max_bad_steps: int = typer.Option(5, "--max-bad-steps", help="Stop after this many consecutive steps skipped for a non-finite loss/gradient."),
-    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (matrices only)."),
-    batch_schedule: str = typer.Option("constant", "--batch-schedule", help="constant | ramp:start=S,increment=I,over=TOKENS | steps:0=B0,TOKENS=B1 (…-tokens: batches in tokens)."),
-    steps: int | None = typer.Option(None, "--steps", help=f"Optimizer steps [default {DEMO_STEPS}]."),
-    tokens: str | None = typer.Option(None, "--tokens", help="Train on this many tokens instead of --steps (e.g. 10M)."),
-    nproc: int = typer.Option(1, "--nproc", help="Local processes (launches torchrun when > 1)."),
-    max_restarts: int = typer.Option(0, "--max-restarts", help="torchrun elastic restarts of a failed run (launches torchrun); each restart resumes from the last checkpoint."),
-    fsdp: bool = typer.Option(False, "--fsdp", help="FSDP2 fully_shard instead of DDP."),
-    expect_world_size: int | None = typer.Option(None, "--expect-world-size", help="Fail unless the launcher started this many processes."),
-    out: str = typer.Option("runs/train", "--out", help="Output directory."),
-    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (always at the end and on SIGTERM/SIGINT)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
-    seed: int = typer.Option(0, "--seed", help="Model init and data order."),
-    val_every: int = typer.Option(0, "--val-every", help="Validation loss every N steps (always at the end)."),
-    noise_every: int | None = typer.Option(None, "--noise-every", help=f"Measure the gradient noise scale B_simple (critical batch) on one step in N; 0: off [default {DEFAULT_NOISE_EVERY}]."),
-    no_noise: bool = typer.Option(False, "--no-noise", help="Do not measure the gradient noise scale (same as --noise-every 0)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads per process."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a local checkpoint's own modelling code."),
-    json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    model: TrainModelOpt = DEMO_MODEL,
+    data: DataOpt = "stdlib",
+    tokenizer: TokenizerOpt = "bytes",
+    text_field: Annotated[str, option("--text-field", help="Text field of JSONL/Parquet/datasets rows.")] = "text",
+    seq_len: Annotated[int, option("--seq-len", count("--seq-len"), help=(
+        f"Tokens per sequence ({TRAIN_SEQ_LEN}, not {DEMO_SEQ_LEN} as elsewhere, keeps the no-argument demo at "
+        "about two CPU minutes)."))] = TRAIN_SEQ_LEN,
+    global_batch: Annotated[int | None, option("--global-batch", count("--global-batch"), show_default=str(
+        DEMO_GLOBAL_BATCH), help="Global batch in sequences (per optimizer step).")] = None,
+    global_batch_tokens: GlobalBatchTokensOpt = None,
+    micro_batch: Annotated[int | None, option("--micro-batch", count("--micro-batch"), show_default=(
+        "the global batch / --nproc"), help="Sequences per micro-batch per rank.")] = None,
+    batching: Annotated[str, option("--batching", choice("--batching", BATCHING_MODES), help=(
+        "How sequences fill a micro-batch."))] = "fixed",
+    max_tokens_per_micro_batch: Annotated[int | None, option(
+        "--max-tokens-per-micro-batch", count("--max-tokens-per-micro-batch"),
+        help="Token-budget batching: padded tokens per micro-batch.")] = None,
+    precision: StepPrecisionOpt = None,
+    lr: Annotated[float, option("--lr", number("--lr"), help="Peak learning rate (at the first global batch).")] = 3e-3,
+    warmup_steps: Annotated[int, option("--warmup-steps", whole("--warmup-steps"), help=(
+        "Linear learning-rate warmup steps."))] = 10,
+    lr_decay: Annotated[str, option("--lr-decay", choice("--lr-decay", ("cosine", "linear", "constant")), help=(
+        "Learning-rate decay after the warmup."))] = "cosine",
+    lr_scaling: Annotated[str | None, option("--lr-scaling", choice("--lr-scaling", ("none", "linear", "sqrt")),
+                                             show_default="sqrt with an adaptive --batch-schedule, else none",
+                                             help="Learning-rate rule applied when the global batch changes.")] = None,
+    grad_clip: Annotated[float, option("--grad-clip", number("--grad-clip"), help=(
+        "Max gradient norm (0: no clipping)."))] = 1.0,
+    max_bad_steps: Annotated[int, option("--max-bad-steps", whole("--max-bad-steps"), help=(
+        "Stop after this many consecutive steps skipped for a non-finite loss/gradient."))] = 5,
+    weight_decay: Annotated[float, option("--weight-decay", number("--weight-decay"), help=(
+        "AdamW weight decay (matrices only)."))] = 0.1,
+    batch_schedule: Annotated[str, option("--batch-schedule", help=(
+        "constant | ramp:start=S,increment=I,over=TOKENS | steps:0=B0,TOKENS=B1 | adaptive:… "
+        "(…-tokens: batches in tokens)."))] = "constant",
+    steps: Annotated[int | None, option("--steps", whole("--steps"), show_default=str(DEMO_STEPS),
+                                        help="Optimizer steps.")] = None,
+    tokens: Annotated[int | None, option("--tokens", count("--tokens"), help=(
+        "Train on this many tokens instead of --steps (e.g. 10M)."))] = None,
+    nproc: Annotated[int, option("--nproc", whole("--nproc"), help=(
+        "Local processes (launches torchrun when > 1)."))] = 1,
+    max_restarts: Annotated[int, option("--max-restarts", whole("--max-restarts"), help=(
+        "torchrun elastic restarts of a failed run (launches torchrun); each restart resumes from the last "
+        "checkpoint."))] = 0,
+    fsdp: Annotated[bool, option("--fsdp", help="FSDP2 fully_shard instead of DDP.")] = False,
+    expect_world_size: Annotated[int | None, option("--expect-world-size", whole("--expect-world-size"), help=(
+        "Fail unless the launcher started this many processes."))] = None,
+    out: Annotated[str, option("--out", help="Output directory.")] = "runs/train",
+    checkpoint_every: Annotated[int, option("--checkpoint-every", whole("--checkpoint-every"), help=(
+        "Checkpoint every N steps (always at the end and on SIGTERM/SIGINT); 0: only then."))] = 0,
+    resume: Annotated[bool, option("--resume", help="Continue from the latest checkpoint in --out.")] = False,
+    seed: SeedOpt = 0,
+    val_every: Annotated[int, option("--val-every", whole("--val-every"), help=(
+        "Validation loss every N steps (always at the end); 0: only at the end."))] = 0,
+    noise_every: Annotated[int | None, option("--noise-every", whole("--noise-every"), show_default=str(
+        DEFAULT_NOISE_EVERY), help="Measure the gradient noise scale B_simple (critical batch) on one step in N; "
+                                   "0: off.")] = None,
+    no_noise: Annotated[bool, option("--no-noise", help=(
+        "Do not measure the gradient noise scale (same as --noise-every 0)."))] = False,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    trust_remote_code: Annotated[bool, option("--trust-remote-code", help=(
+        "Allow a local checkpoint's own modelling code."))] = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Train a transformers causal LM with the chosen batch triad, batching, precision and schedule."""
     steps_n, tokens_n = _duration(steps, tokens)
@@ -159,15 +206,14 @@ def train(
     from batchpilot.train.distributed import env_int
 
     world = max(1, expect_world_size or env_int("WORLD_SIZE", nproc))  # 0 or less: refused by RunConfig/launch
-    budget = parse_count(max_tokens_per_micro_batch, "--max-tokens-per-micro-batch") if max_tokens_per_micro_batch else None
     config = TrainConfig(
         model=ModelConfig(model=model, trust_remote_code=trust_remote_code),
         data=DataConfig(data=data, tokenizer=tokenizer, text_field=text_field, seq_len=seq_len),
         batch=BatchConfig(global_batch_sequences=g, micro_batch_sequences=max(1, g // world) if micro_batch is None else micro_batch,
-                          batching=batching, max_tokens_per_micro_batch=budget,  # type: ignore[arg-type]
+                          batching=batching, max_tokens_per_micro_batch=max_tokens_per_micro_batch,  # type: ignore[arg-type]
                           batch_schedule=batch_schedule),
         optim=OptimConfig(lr=lr, warmup_steps=warmup_steps, decay=lr_decay, lr_scaling=_default_lr_scaling(lr_scaling, batch_schedule),  # type: ignore[arg-type]
-                          grad_clip=grad_clip, weight_decay=weight_decay, precision=precision,  # type: ignore[arg-type]
+                          grad_clip=grad_clip, weight_decay=weight_decay, precision=step_precision(precision, device),  # type: ignore[arg-type]
                           max_bad_steps=max_bad_steps),  # type: ignore[arg-type]
         run=RunConfig(steps=steps_n, tokens=tokens_n, out=out, checkpoint_every=checkpoint_every, resume=resume,
                       seed=seed, val_every=val_every, noise_every=_noise_every(noise_every, no_noise), nproc=nproc, max_restarts=max_restarts, fsdp=fsdp, expected_world_size=expect_world_size,

@@ -12,14 +12,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import typer
-
 from batchpilot.cli._common import console, handle_errors, print_json
-from batchpilot.cli._settings import PrecisionOpt, RecomputeOpt
+from batchpilot.cli._options import (
+    DEMO_MODEL,
+    DEMO_SEQ_LEN,
+    DataOpt,
+    DeviceOpt,
+    GpusPerNodeOpt,
+    JsonOpt,
+    ModelOpt,
+    SeedOpt,
+    SeqLenOpt,
+    TokenizerOpt,
+    TrainTokensOpt,
+    duration,
+    option,
+    size,
+    whole,
+)
+from batchpilot.cli._settings import (
+    DEFAULTS,
+    RecomputeOpt,
+    StepPrecisionOpt,
+    settings_from_options,
+    step_precision,
+)
 from batchpilot.errors import BatchpilotError
-from batchpilot.specs.settings import RunSettings
-from batchpilot.tune.config import STAGES, StageRecord, TuneConfig
-from batchpilot.units import format_bytes, parse_bytes, parse_count, parse_seconds
+from batchpilot.records.tune_state import StageRecord
+from batchpilot.tune.config import STAGES, TuneConfig
+from batchpilot.units import format_bytes
 
 _STATUS_STYLE = {"ok": "green", "reused": "cyan", "skipped": "yellow", "failed": "red"}
 
@@ -56,40 +77,42 @@ def _parse_skip(skip: str) -> tuple[str, ...]:
 
 @handle_errors
 def tune(
-    model: Annotated[str, typer.Option("--model", help="Preset name or config.json.")] = "tiny-llama-1m",
-    data: Annotated[str, typer.Option("--data", help="stdlib, a text/JSONL/Parquet file or folder, hf:NAME.")] = "stdlib",
-    tokenizer: Annotated[str, typer.Option("--tokenizer", help="bytes, bpe:VOCAB or a tokenizer folder.")] = "bytes",
-    device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda.")] = "auto",
-    gpu: Annotated[str | None, typer.Option("--gpu", help="Target accelerator for a cluster plan.")] = None,
-    gpus: Annotated[int | None, typer.Option("--gpus", help="Target cluster size (with --gpu).")] = None,
-    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node of the target.")] = 8,
-    seq_len: Annotated[str, typer.Option("--seq-len", help="Tokens per sequence.")] = "256",
-    memory_budget: Annotated[str | None, typer.Option(
-        "--memory-budget", help="Probe budget, e.g. 6GiB (CPU default 1GiB; CUDA: the device).")] = None,
-    time_budget: Annotated[str, typer.Option("--time-budget", help="Whole run, e.g. 5m, 10m.")] = "5m",
-    train_tokens: Annotated[str | None, typer.Option(
-        "--train-tokens", help="Planned training tokens (e.g. 2T): the cluster plan shows the scaling-law prior.")] = None,
-    precision: PrecisionOpt = "fp32",
-    recompute: RecomputeOpt = "none",
-    out: Annotated[Path, typer.Option("--out", help="Run directory for every stage's record.")] = Path("runs/tune"),
-    skip: Annotated[str, typer.Option("--skip", help=f"Comma-separated stages to skip: {','.join(STAGES)}.")] = "",
-    reuse: Annotated[bool, typer.Option("--reuse", help="Reuse stage records already in --out.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Model init and data order.")] = 0,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
+    model: ModelOpt = DEMO_MODEL,
+    data: DataOpt = "stdlib",
+    tokenizer: TokenizerOpt = "bytes",
+    device: DeviceOpt = "auto",
+    gpu: Annotated[str | None, option("--gpu", metavar="NAME|FILE", help=(
+        "Target accelerator for a cluster plan besides this device's: a catalog name or JSON file "
+        "(see `batchpilot hardware list`)."))] = None,
+    gpus: Annotated[int | None, option("--gpus", whole("--gpus"), show_default="1 with --gpu",
+                                       help="GPUs in the target cluster.")] = None,
+    gpus_per_node: GpusPerNodeOpt = 8,
+    seq_len: SeqLenOpt = DEMO_SEQ_LEN,
+    memory_budget: Annotated[int | None, option("--memory-budget", size("--memory-budget"), show_default=(
+        "1GiB on a CPU, so the probe fits in --time-budget; CUDA: the device's memory"),
+        help="Memory the probe may use (e.g. 6GiB).")] = None,
+    time_budget: Annotated[float, option("--time-budget", duration("--time-budget"), help=(
+        "The whole run, e.g. 5m, 10m."))] = "5m",  # type: ignore[assignment]  # parsed by duration()
+    train_tokens: TrainTokensOpt = None,
+    precision: StepPrecisionOpt = None,
+    recompute: RecomputeOpt = DEFAULTS.recompute,
+    out: Annotated[Path, option("--out", help="Run directory for every stage's record.")] = Path("runs/tune"),
+    skip: Annotated[str, option("--skip", show_default="none", help=(
+        f"Comma-separated stages to skip: {','.join(STAGES)}."))] = "",
+    reuse: Annotated[bool, option("--reuse", help="Reuse stage records already in --out.")] = False,
+    seed: SeedOpt = 0,
+    json_output: JsonOpt = False,
 ) -> None:
     """Measure, plan, prove and show the batch size for a model on this device (and a target cluster)."""
     from batchpilot.tune.pipeline import run_tune
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise BatchpilotError(f"--device {device!r}: use auto, cpu or cuda")
     config = TuneConfig(
-        model=model, data=data, tokenizer=tokenizer, seq_len=parse_count(seq_len, "--seq-len"),
-        device=device,  # type: ignore[arg-type]
-        memory_budget_bytes=parse_bytes(memory_budget, "--memory-budget") if memory_budget else None,
-        settings=RunSettings(precision=precision, recompute=recompute),  # type: ignore[arg-type]
-        gpu=gpu, gpus=gpus, gpus_per_node=gpus_per_node,
-        train_tokens=parse_count(train_tokens, "--train-tokens") if train_tokens else None,
-        time_budget_s=parse_seconds(time_budget, "--time-budget"), out=out, skip=_parse_skip(skip), reuse=reuse,
+        model=model, data=data, tokenizer=tokenizer, seq_len=seq_len,
+        device=device,  # type: ignore[arg-type]  # checked by DeviceOpt
+        memory_budget_bytes=memory_budget,
+        settings=settings_from_options(precision=step_precision(precision, device), recompute=recompute),
+        gpu=gpu, gpus=(gpus or 1) if gpu is not None else gpus, gpus_per_node=gpus_per_node,
+        train_tokens=train_tokens, time_budget_s=time_budget, out=out, skip=_parse_skip(skip), reuse=reuse,
         seed=seed,
     )
     quiet = json_output

@@ -278,7 +278,7 @@ def load_calibration(path: str | Path) -> Calibration:
 
 
 CPU_ACCELERATOR = "cpu"
-"""What a CPU probe without ``--accelerator`` records: its efficiencies are fractions of this machine's
+"""What a CPU probe without ``--gpu`` records: its efficiencies are fractions of this machine's
 measured matmul rate (:func:`batchpilot.measure.probe.measure_cpu_matmul_flops`), no catalog figure."""
 
 
@@ -302,12 +302,12 @@ def check_calibration_accelerator(calibration: Calibration, accelerator: str, wh
         raise SpecError(
             f"{where} was measured on this machine's CPU (accelerator 'cpu': efficiencies relative to the CPU's "
             f"matmul rate) and cannot calibrate a plan for --gpu {accelerator}; probe on a {accelerator} with "
-            f"`batchpilot probe --device cuda --accelerator {accelerator} --calibration-out FILE`, or drop "
+            f"`batchpilot probe --device cuda --gpu {accelerator} --calibration-out FILE`, or drop "
             f"--calibration for the default efficiency curve")
     raise SpecError(
         f"{where} was measured on {recorded}, not on --gpu {accelerator} (efficiencies are fractions of the "
         f"measuring device's peak); plan with --gpu {recorded}, or probe on a {accelerator} with "
-        f"`batchpilot probe --device cuda --accelerator {accelerator} --calibration-out FILE`")
+        f"`batchpilot probe --device cuda --gpu {accelerator} --calibration-out FILE`")
 
 
 def _same_accelerator(a: str, b: str) -> bool:

@@ -260,11 +260,46 @@ def _read_flops(where: str, raw: Any, sources: dict[str, FigureSource]) -> dict[
     return flops
 
 
+def _read_sources(where: str, raw: Any, sources: dict[str, FigureSource], flops: Mapping[str, float]) -> None:
+    """The ``sources`` object of :meth:`AcceleratorSpec.to_dict` (what ``hardware show --json`` prints):
+    figure key → ``{"url", "says", "dense", "verified_via"}``, merged into ``sources``."""
+    if raw is None:
+        return
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{where}: sources must be an object of figure → source, got {raw!r}")
+    figures = {"memory_bytes", "memory_bandwidth_bytes_per_s", "intra_node_bandwidth_bytes_per_s",
+               *(f"peak_flops.{d}" for d in flops)}
+    for key, entry in raw.items():
+        if key not in figures:
+            raise SpecError(f"{where}: sources names {str(key)!r}, not a figure of this file; figures: "
+                            f"{', '.join(sorted(figures))}")
+        if not isinstance(entry, Mapping):
+            raise SpecError(f"{where}: sources.{key} must be an object with url and says, got {entry!r}")
+        if key in sources:
+            raise SpecError(f"{where}: the source of {key} is given twice (inline and in sources); keep one")
+        dense = entry.get("dense")
+        if dense is not None and not isinstance(dense, bool):
+            raise SpecError(f"{where}: sources.{key}.dense must be true or false, got {dense!r}")
+        if key.startswith("peak_flops.") and dense is False:
+            raise SpecError(f"{where}: {key} must be the dense figure (dense: true)")
+        source = FigureSource(
+            url=_check_text(where, f"sources.{key}.url", entry.get("url")),
+            says=_check_text(where, f"sources.{key}.says", entry.get("says", ""), required=False),
+            dense=dense,
+            verified_via=_check_text(where, f"sources.{key}.verified_via", entry.get("verified_via", ""),
+                                     required=False),
+        )
+        sources[key] = source
+
+
 def accelerator_from_dict(data: Mapping[str, Any], *, name: str) -> AcceleratorSpec:
-    """Build an :class:`AcceleratorSpec` from a parsed accelerator JSON object."""
+    """Build an :class:`AcceleratorSpec` from a parsed accelerator JSON object: a catalog file (each figure
+    ``{"value", "source", "says", …}``) or what :meth:`AcceleratorSpec.to_dict` writes (plain figures and a
+    ``sources`` object), so ``hardware show NAME --json > gpu.json`` loads back with ``--gpu gpu.json``."""
     where = name
     known = {"name", "display_name", "vendor", "memory_bytes", "peak_flops_per_s",
-             "memory_bandwidth_bytes_per_s", "intra_node_bandwidth_bytes_per_s", "intra_node_link", "notes"}
+             "memory_bandwidth_bytes_per_s", "intra_node_bandwidth_bytes_per_s", "intra_node_link", "notes",
+             "sources"}
     unknown = sorted(str(k) if str(k).isprintable() else repr(str(k))  # no raw newlines or escapes in messages
                      for k in data if k not in known and not str(k).startswith("_"))
     if unknown:
@@ -282,14 +317,18 @@ def accelerator_from_dict(data: Mapping[str, Any], *, name: str) -> AcceleratorS
     memory = figure("memory_bytes", _MEMORY_RANGE)
     if not memory.is_integer():
         raise SpecError(f"{where}: memory_bytes must be a whole number of bytes, got {memory!r}")
+    peak_flops = _read_flops(where, data.get("peak_flops_per_s"), sources)
+    memory_bandwidth = figure("memory_bandwidth_bytes_per_s", _BANDWIDTH_RANGE)
+    intra_node_bandwidth = figure("intra_node_bandwidth_bytes_per_s", _BANDWIDTH_RANGE)
+    _read_sources(where, data.get("sources"), sources, peak_flops)
     return AcceleratorSpec(
         name=name,
         display_name=_check_text(where, "display_name", data.get("display_name", name)),
         vendor=_check_text(where, "vendor", data.get("vendor", "unknown")),
         memory_bytes=int(memory),
-        peak_flops=MappingProxyType(_read_flops(where, data.get("peak_flops_per_s"), sources)),
-        memory_bandwidth_bytes_per_s=figure("memory_bandwidth_bytes_per_s", _BANDWIDTH_RANGE),
-        intra_node_bandwidth_bytes_per_s=figure("intra_node_bandwidth_bytes_per_s", _BANDWIDTH_RANGE),
+        peak_flops=MappingProxyType(peak_flops),
+        memory_bandwidth_bytes_per_s=memory_bandwidth,
+        intra_node_bandwidth_bytes_per_s=intra_node_bandwidth,
         intra_node_link=_check_text(where, "intra_node_link", data.get("intra_node_link", "unspecified")),
         sources=MappingProxyType(sources),
         notes=_check_text(where, "notes", data.get("notes", ""), required=False),
