@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
+import record_samples
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.estimate.noise import load_noise_record
 from batchpilot.plan.priors import (
     deepseek_batch_tokens,
     deepseek_flops_per_token,
@@ -18,6 +18,7 @@ from batchpilot.plan.priors import (
     global_batch_from_prior,
     kaplan_critical_batch_tokens,
 )
+from batchpilot.records.noise import NoiseBand, NoiseRecord
 
 # DeepSeek LLM (arXiv:2401.02954) Table 2 and README: 7B = 30 layers × 4096, 67B = 95 layers × 8192,
 # sequence 4096, 2T training tokens; batch 2304 / 4608 sequences, peak lr 4.2e-4 / 3.2e-4.
@@ -70,21 +71,23 @@ def test_bad_inputs_raise(bad: float) -> None:
 
 
 def test_noise_record_round_trip_to_a_batch(tmp_path: Path) -> None:
-    path = tmp_path / "noise.json"
-    path.write_text(json.dumps({"b_simple_sequences": 37.5, "b_simple_tokens": 37.5 * 256, "steps_measured": 40,
-                                "band": {"sequences": [30.0, 47.0], "tokens": [7680.0, 12032.0]}, "seq_len": 256}))
-    record = load_noise_record(path)
-    assert record.band_sequences == (30.0, 47.0) and record.seq_len == 256
+    path = record_samples.noise(b_simple_sequences=37.5, b_simple_tokens=37.5 * 256, seq_len=256,
+                                band=NoiseBand(sequences=(30.0, 47.0), tokens=(7680.0, 12032.0), level=0.95,
+                                               ratio=47.0 / 30.0)).save(tmp_path / "noise.json")
+    record = NoiseRecord.load(path)
+    assert record.band.sequences == (30.0, 47.0) and record.seq_len == 256
     out = global_batch_from_noise(record, seq_len=256, multiple_of=4)
-    assert out.batch_sequences == 36 and out.batch_tokens == 37.5 * 256
+    assert out.batch_sequences == 36 and out.batch_tokens == 37.5 * 256  # round(37.5 / 4) = 9 micro-steps of 4
 
 
 def test_noise_record_errors(tmp_path: Path) -> None:
-    path = tmp_path / "noise.json"
-    path.write_text(json.dumps({"b_simple_sequences": None, "b_simple_tokens": None, "steps_measured": 3,
-                                "band": {"sequences": [0.0, None]}}))
-    with pytest.raises(BatchpilotError, match="noise-dominated"):
-        global_batch_from_noise(load_noise_record(path), seq_len=256)
+    inf = math.inf
+    path = record_samples.noise(b_simple_sequences=inf, b_simple_tokens=inf, steps_measured=3,
+                                band=NoiseBand(sequences=(0.0, inf), tokens=(0.0, inf), level=0.95, ratio=inf)
+                                ).save(tmp_path / "noise.json")
+    assert json.loads(path.read_text())["b_simple_sequences"] is None  # ∞ is null in the file
+    with pytest.raises(BatchpilotError, match=f"{path.name!s}.* has no finite B_simple .*noise-dominated"):
+        global_batch_from_noise(NoiseRecord.load(path), seq_len=256, where=f"noise file {str(path)!r}")
     path.write_text("{}")
-    with pytest.raises(BatchpilotError, match="lacks"):
-        load_noise_record(path)
+    with pytest.raises(BatchpilotError, match="no schema_version"):
+        NoiseRecord.load(path)

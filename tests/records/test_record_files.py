@@ -120,7 +120,7 @@ def test_producer_extras_are_absent_until_set() -> None:
     samples.summary().noise_scale,
 ])
 def test_the_summary_noise_scale_keeps_its_three_shapes(scale: TrainNoiseScale) -> None:
-    data = scale.to_json()
+    data = scale.to_dict()
     assert list(data)[:2] == ["every", "note"]
     if scale.estimate is None:
         assert data == {"every": scale.every, "note": scale.note, **({"steps_measured": 0} if scale.every else {})}

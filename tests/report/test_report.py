@@ -1,8 +1,7 @@
 """The HTML report: plots drawn from a run's records, values escaped, rendered by headless Chromium.
 
-The run directory here is written by :func:`_write_run`, whose shapes are the JSON contracts of
-``probe --json``, ``noise --json``, ``plan --json`` and ``metrics.jsonl``; the end-to-end ``tune`` test
-renders a report from real measurements.
+The run directory here is written by :func:`_write_run` through the records' writers (``metrics.jsonl`` by
+hand: a log, not a record); the end-to-end ``tune`` test renders a report from real measurements.
 """
 
 from __future__ import annotations
@@ -14,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import record_samples
 from matplotlib.image import imread
 
 from batchpilot.cli import app
+from batchpilot.errors import BatchpilotError
+from batchpilot.records.train_summary import TrainNoiseScale
 from batchpilot.report.html import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -24,39 +26,25 @@ HOSTILE = "<script>alert('x')</script>"
 
 
 def _write_run(root: Path) -> Path:
+    """A tune run folder, every record through its writer (the values: ``record_samples``' consistent run)."""
     root.mkdir(parents=True, exist_ok=True)
-    trials = [
-        {"micro_batch": mb, "fits": mb <= 24, "peak_bytes": 2**20 * (100 + 30 * mb) if mb <= 24 else None,
-         "tokens_per_s": 1000.0 * mb / (1 + 0.05 * mb) if mb <= 24 else None, "seconds": 1.0}
-        for mb in (4, 8, 16, 24, 32)
-    ]
-    (root / "probe.json").write_text(json.dumps({
-        "device": "cpu", "budget_bytes": 2**20 * 900, "max_micro_batch": 24, "knee_micro_batch": 16,
-        "predicted_max_micro_batch": 22, "search_trials": 3, "trials": trials}))
-    (root / "memory_curve.json").write_text(json.dumps({
-        "micro_batches": [4, 8, 16, 24, 32],
-        "analytic": [2**20 * (95 + 31 * m) for m in (4, 8, 16, 24, 32)],
-        "traced": [2**20 * (100 + 30 * m) for m in (4, 8, 16, 24, 32)]}))
-    (root / "noise.json").write_text(json.dumps({
-        "b_simple_sequences": 21.5, "b_simple_tokens": 21.5 * 256, "band": [15.0, 30.0], "steps_measured": 20,
-        "history": [{"step": s, "b_simple_sequences": 5.0 + s} for s in range(1, 21)]}))
-    (root / "plan.json").write_text(json.dumps({
-        "rationale": f"micro-batch 16 is the knee {HOSTILE}",
-        "plans": [{"micro_batch": 16, "grad_accum": 2, "dp": 1, "tp": 1, "pp": 1, "ep": 1, "zero_stage": 0,
-                   "recompute": "none", "global_batch_sequences": 32, "global_batch_tokens": 8192,
-                   "tokens_per_s": 12000.0, "mfu": 0.21, "memory": {"total": 2**30}}],
-        "rejected": [{"micro_batch": 32, "reason": "does not fit"}]}))
+    record_samples.probe().save(root / "probe.json")
+    record_samples.memory_curve().save(root / "memory_curve.json")
+    record_samples.noise().save(root / "noise.json")
+    record_samples.plan(rationale=f"micro-batch 24 is the knee {HOSTILE}").save(root / "plan.json")
+    record_samples.tune_run().save(root / "tune.json")
     train = root / "train"
     train.mkdir(exist_ok=True)
+    record_samples.summary(out=str(train)).save(train / "summary.json")
     with (train / "metrics.jsonl").open("w") as out:
         for step in range(1, 11):
-            row = {"step": step, "tokens": 8192 * step, "loss": 6.0 - 0.3 * step, "elapsed_s": 0.5 * step}
+            row = {"step": step, "tokens": 1536 * step, "loss": 6.0 - 0.3 * step, "elapsed_s": 0.5 * step}
             if step % 5 == 0:
                 row["val_loss"] = 6.1 - 0.3 * step
             out.write(json.dumps(row) + "\n")
         out.write('{"step": 11, "tok')  # a torn last line, as a killed writer leaves it
     (root / "exports").mkdir(exist_ok=True)
-    (root / "exports" / "deepspeed.json").write_text(json.dumps({"train_batch_size": 32, "note": HOSTILE}))
+    (root / "exports" / "deepspeed.json").write_text(json.dumps({"train_batch_size": 24, "note": HOSTILE}))
     return root
 
 
@@ -81,8 +69,42 @@ def test_report_says_which_stage_is_missing(tmp_path: Path) -> None:
     run = _write_run(tmp_path / "run")
     (run / "noise.json").unlink()
     files = build_report(run)
+    assert files.missing == ()  # the verification run's own B_simple (summary.json's noise_scale) is drawn
+    record_samples.summary(noise_scale=TrainNoiseScale(every=0, note="off")).save(run / "train" / "summary.json")
+    files = build_report(run)
     assert files.missing == ("noise",)
     assert "did not run" in files.html_path.read_text()
+
+
+def test_report_shows_each_record(tmp_path: Path) -> None:
+    page = build_report(_write_run(tmp_path / "run")).html_path.read_text()
+    for text in ("max micro-batch (measured)</th><td class='l'>24", "critical batch ≈ B_simple</th><td class='l'>21.5",
+                 "(1.38K tokens)", "verification run: steps</th><td class='l'>10", "<td class='l'>verify</td>",
+                 "zero_stage=0, recompute=full, kind=batch: no micro-batch"):
+        assert text in page, text
+
+
+@pytest.mark.parametrize("name", ["probe.json", "noise.json", "plan.json", "memory_curve.json", "tune.json",
+                                  "train/summary.json"])
+def test_a_record_of_another_version_is_refused_in_one_line(tmp_path: Path, name: str) -> None:
+    run = _write_run(tmp_path / "run")
+    data = json.loads((run / name).read_text())
+    data["schema_version"] = 2
+    (run / name).write_text(json.dumps(data))
+    with pytest.raises(BatchpilotError) as info:
+        build_report(run)
+    assert "\n" not in str(info.value) and name in str(info.value) and "schema_version 2" in str(info.value)
+
+
+def test_an_unversioned_noise_json_is_refused(tmp_path: Path) -> None:
+    """The report reads noise.json only as ``batchpilot noise --json`` writes it: a hand-made object (a list as
+    band, a ``history`` of per-step values) is not a noise record."""
+    run = _write_run(tmp_path / "run")
+    (run / "noise.json").write_text(json.dumps({
+        "b_simple_sequences": 21.5, "b_simple_tokens": 21.5 * 256, "band": [15.0, 30.0], "steps_measured": 20,
+        "history": [{"step": s, "b_simple_sequences": 5.0 + s} for s in range(1, 21)]}))
+    with pytest.raises(BatchpilotError, match=r"noise\.json' has no schema_version.*batchpilot noise --json"):
+        build_report(run)
 
 
 def test_report_cli_errors_are_one_line(cli_runner, tmp_path: Path) -> None:

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import record_samples
 from matplotlib.image import imread
 
+from batchpilot.records.train_summary import TrainNoiseScale
 from batchpilot.report.html import build_report
 from batchpilot.train.config import TrainConfig
 from batchpilot.train.data import stdlib_root
@@ -36,6 +38,6 @@ def test_a_train_folder_without_noise_says_so(tmp_path: Path) -> None:
     out.mkdir()
     rows = [{"step": s, "tokens": 256 * s, "loss": 5.0 - 0.1 * s, "elapsed_s": 0.1 * s} for s in range(1, 6)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "summary.json").write_text(json.dumps({"steps": 5, "noise_scale": {"every": 0, "note": "off"}}))
+    record_samples.summary(steps=5, noise_scale=TrainNoiseScale(every=0, note="off")).save(out / "summary.json")
     files = build_report(out)
     assert "noise" in files.missing and "loss" in files.plot_paths

@@ -1,5 +1,6 @@
-"""Values from configs, data and records reach the HTML report escaped, and malformed records never
-break it: a field of the wrong type, a trial without its micro-batch, 1e308, a string where a list goes.
+"""Values from configs, data and records reach the HTML report escaped; a malformed record is refused by its
+loader in one line (a field of the wrong type, a trial without its micro-batch, a string where a list goes);
+values a plot cannot lay out (1e308, 2**70) leave that plot out, never the report.
 
 The HTML is parsed back: only the report's own tags may appear, no ``on*`` attribute, no ``javascript:``,
 and every hostile string comes back as text.
@@ -8,11 +9,13 @@ and every hostile string comes back as text.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
+import record_samples
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -66,20 +69,19 @@ def _write(root: Path, files: dict[str, Any]) -> Path:
 
 
 def _hostile_run(root: Path, bad: str) -> Path:
-    trials = [{"micro_batch": m, "fits": m < 8, "peak_bytes": 2**20 * (10 + m) if m < 8 else None,
-               "tokens_per_s": 100.0 * m if m < 8 else None, "seconds": 1.0, "error": None if m < 8 else bad}
-              for m in (1, 2, 4, 8)]
+    """Every string a record holds set to ``bad``, written through the records' writers."""
+    record_samples.probe(model=bad, trials=tuple(replace(t, error=bad) for t in record_samples.probe().trials)
+                         ).save(root / "probe.json")
+    record_samples.noise(model=bad, data=bad).save(root / "noise.json")
+    plan = record_samples.plan(model=bad, rationale=bad, calibration=bad, target_source=bad)
+    plan = replace(plan, rejected=tuple(replace(r, reason=bad) for r in plan.rejected))
+    plan.save(root / "plan.json")
+    tune = record_samples.tune_run()
+    replace(tune, stages=tuple(replace(s, name=bad, message=bad) for s in tune.stages)).save(root / "tune.json")
+    (root / "train").mkdir()
+    record_samples.summary(device=bad, tokenizer=bad, batch_schedule=bad).save(root / "train" / "summary.json")
     return _write(root, {
-        "probe.json": {"device": bad, "max_micro_batch": bad, "knee_micro_batch": 4, "predicted_max_micro_batch": bad,
-                       "budget_bytes": 2**24, "trials": trials, "model": bad},
-        "noise.json": {"b_simple_sequences": bad, "b_simple_tokens": 1000, "band": [bad, 2]},
-        "plan.json": {"model": bad, "rationale": bad,
-                      "plans": [{"micro_batch": bad, "grad_accum": 1, "dp": bad, "recompute": bad, "mfu": 0.3,
-                                 "memory": {"total": bad}}],
-                      "rejected": [{"tp": bad, "reason": bad, bad: bad}]},
         "train/metrics.jsonl": [{"step": 1, "tokens": 10, "loss": 3.0, "note": bad}],
-        "train/summary.json": {"steps": bad, "final_loss": bad, "tokens": 10},
-        "tune.json": {"stages": [{"name": bad, "status": bad, "seconds": bad}]},
         f"exports/{bad.replace('/', '_')}.json": {"x": bad},
     })
 
@@ -95,34 +97,58 @@ def test_hostile_values_everywhere_are_escaped(tmp_path: Path, bad: str) -> None
     assert "<script" not in page.lower()  # escaped: &lt;script&gt;
 
 
-MALFORMED: dict[str, dict[str, Any]] = {
-    "trial without micro_batch": {"probe.json": {"trials": [{"fits": True, "peak_bytes": 5}]}},
-    "micro_batch as string": {"probe.json": {"trials": [{"fits": True, "micro_batch": "4", "peak_bytes": 5},
-                                                        {"fits": True, "micro_batch": 2, "peak_bytes": 5}]}},
-    "peak_bytes null": {"probe.json": {"trials": [{"fits": True, "micro_batch": 4, "peak_bytes": None}]}},
-    "budget as string": {"probe.json": {"budget_bytes": "80GB", "trials": [{"fits": False, "micro_batch": 4},
-                                                                           {"fits": True, "micro_batch": 2,
-                                                                            "peak_bytes": 9}]}},
-    "trials not a list": {"probe.json": {"trials": 5}},
-    "trial rows not objects": {"probe.json": {"trials": [1, "x", None]}},
-    "plan memory a list": {"plan.json": {"plans": [{"memory": [1]}]}},
-    "plans a number": {"plan.json": {"plans": 3, "rejected": "x"}},
-    "noise history a number": {"noise.json": {"history": 7, "b_simple_sequences": 3}},
-    "noise values a bool": {"noise.json": {"b_simple_sequences": True, "band": {"sequences": "x"}}},
-    "memory curve mixed types": {"memory_curve.json": {"micro_batches": [1, "b", None], "analytic": [1, 2, 3]}},
-    "memory curve a string": {"memory_curve.json": {"micro_batches": "abc", "analytic": [1, 2, 3]}},
-    "1e308 everywhere": {"probe.json": {"budget_bytes": 1e308, "trials": [
-        {"fits": True, "micro_batch": 1e308, "peak_bytes": 1e308, "tokens_per_s": 1e308}]},
-        "noise.json": {"b_simple_sequences": 1e308, "history": [{"step": 1e308, "b_simple": 1e308}]},
-        "train/metrics.jsonl": [{"step": 1, "loss": 1e308, "tokens": 1e308, "elapsed_s": -1e308}]},
-    "NaN literals": {"probe.json": '{"trials": [{"fits": true, "micro_batch": NaN, "peak_bytes": Infinity}]}'},
-    "metrics of wrong types": {"train/metrics.jsonl": [{"loss": "x", "tokens": 1}, {"loss": 1.0, "tokens": "y"}, [2]]},
-    "summary nested": {"plan.json": {"plans": []}, "train/summary.json": {"steps": [1], "tokens": {"a": 1}}},
+def _versioned(data: dict[str, Any]) -> dict[str, Any]:
+    return {"schema_version": 1, **data}
+
+
+REFUSED: dict[str, dict[str, Any]] = {
+    "trial without micro_batch": {"probe.json": _versioned({"trials": [{"fits": True, "peak_bytes": 5}]})},
+    "micro_batch as string": {"probe.json": record_samples.probe().to_dict() | {"trials": [
+        {"fits": True, "micro_batch": "4", "peak_bytes": 5, "tokens_per_s": None, "seconds": 1.0}]}},
+    "budget as string": {"probe.json": record_samples.probe().to_dict() | {"budget_bytes": "80GB"}},
+    "trials not a list": {"probe.json": record_samples.probe().to_dict() | {"trials": 5}},
+    "trial rows not objects": {"probe.json": record_samples.probe().to_dict() | {"trials": [1, "x", None]}},
+    "plan memory a list": {"plan.json": record_samples.plan().to_dict() | {"plans": [{"memory": [1]}]}},
+    "plans a number": {"plan.json": record_samples.plan().to_dict() | {"plans": 3, "rejected": "x"}},
+    "noise in another format": {"noise.json": {"history": 7, "b_simple_sequences": 3, "band": [1, 2]}},
+    "noise values a bool": {"noise.json": record_samples.noise().to_dict() | {"b_simple_sequences": True}},
+    "memory curve mixed types": {"memory_curve.json": record_samples.memory_curve().to_dict()
+                                 | {"micro_batches": [1, "b", None]}},
+    "memory curve a string": {"memory_curve.json": record_samples.memory_curve().to_dict() | {"micro_batches": "abc"}},
+    "1e308 as a micro-batch": {"probe.json": record_samples.probe().to_dict() | {"max_micro_batch": 1e308}},
+    "NaN literals": {"probe.json": '{"schema_version": 1, "trials": [{"fits": true, "micro_batch": NaN}]}'},
+    "summary nested": {"train/summary.json": record_samples.summary().to_dict() | {"steps": [1], "tokens": {"a": 1}}},
+    "stages a number": {"tune.json": record_samples.tune_run().to_dict() | {"stages": 7}},
 }
 
 
-@pytest.mark.parametrize("files", MALFORMED.values(), ids=MALFORMED.keys())
-def test_malformed_records_still_give_a_report(tmp_path: Path, files: dict[str, Any]) -> None:
+@pytest.mark.parametrize("files", REFUSED.values(), ids=REFUSED.keys())
+def test_malformed_records_are_refused_in_one_line(tmp_path: Path, files: dict[str, Any]) -> None:
+    """A record that is not what its writer writes is refused by its loader: one line naming the file."""
+    with pytest.raises(BatchpilotError) as info:
+        build_report(_write(tmp_path, files))
+    (name,) = files
+    assert "\n" not in str(info.value) and name in str(info.value), str(info.value)
+
+
+def _huge_probe() -> dict[str, Any]:
+    trials = tuple(replace(t, peak_bytes=2**70, tokens_per_s=1e308) if t.fits else t
+                   for t in record_samples.probe().trials)
+    return record_samples.probe(trials=trials, budget_bytes=2**70).to_dict()
+
+
+RENDERED: dict[str, dict[str, Any]] = {
+    "1e308 and 2**70 in well-typed fields": {
+        "probe.json": _huge_probe(),
+        "noise.json": record_samples.noise(b_simple_sequences=1e308, trajectory=()).to_dict(),
+        "train/metrics.jsonl": [{"step": 1, "loss": 1e308, "tokens": 1e308, "elapsed_s": -1e308}]},
+    "metrics of wrong types": {"train/metrics.jsonl": [{"loss": "x", "tokens": 1}, {"loss": 1.0, "tokens": "y"}, [2]]},
+    "no feasible plan": {"plan.json": record_samples.plan(plans=()).to_dict()},
+}
+
+
+@pytest.mark.parametrize("files", RENDERED.values(), ids=RENDERED.keys())
+def test_unplottable_values_still_give_a_report(tmp_path: Path, files: dict[str, Any]) -> None:
     result = build_report(_write(tmp_path, files))
     assert_inert(result.html_path.read_text(encoding="utf-8"))
     assert set(result.plot_paths) | set(result.missing) == {"memory", "throughput", "noise", "loss"}
@@ -162,10 +188,13 @@ RECORDS = _objects(**{
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(RECORDS)
 def test_arbitrary_records_never_break_the_report(tmp_path_factory: pytest.TempPathFactory, files: dict[str, Any]) -> None:
+    """Either a report or one line: the generated records carry schema_version 1, so each loader's type checks
+    (not only its version check) meet them."""
+    files = {k: _versioned(v) if k.endswith(".json") else v for k, v in files.items()}
     root = _write(tmp_path_factory.mktemp("run"), files)
     try:
         result = build_report(root)
-    except BatchpilotError as exc:  # no record at all
+    except BatchpilotError as exc:  # a record its loader refuses, or no record at all
         assert "\n" not in str(exc)
         event("refused")
         return

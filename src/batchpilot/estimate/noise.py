@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.records.base import to_json
+from batchpilot.records.noise import NoiseBand, NoiseScale
 
 Z_95 = 1.959963984540054
 """Two-sided 95% normal quantile, for the band."""
@@ -138,20 +139,20 @@ class NoiseEstimate:
         lo, hi = self.band_sequences
         return hi / lo if lo > 0 else math.inf
 
+    def to_record(self) -> NoiseScale:
+        """The typed record (:class:`batchpilot.records.noise.NoiseScale`): what ``summary.json`` and
+        ``batchpilot noise --json`` hold."""
+        return NoiseScale(
+            steps_measured=self.steps, effective_steps=self.effective_steps, grad_sq_norm=self.grad_sq_norm,
+            trace_cov=self.trace_cov, tokens_per_sequence=self.tokens_per_sequence,
+            b_simple_sequences=self.b_simple_sequences, b_simple_tokens=self.b_simple_tokens,
+            band=NoiseBand(sequences=self.band_sequences, tokens=self.band_tokens, level=0.95, ratio=self.band_ratio),
+            confident=self.confident)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able record; non-finite values are turned into null by the CLI's printer."""
-        return {
-            "steps_measured": self.steps,
-            "effective_steps": self.effective_steps,
-            "grad_sq_norm": self.grad_sq_norm,
-            "trace_cov": self.trace_cov,
-            "tokens_per_sequence": self.tokens_per_sequence,
-            "b_simple_sequences": self.b_simple_sequences,
-            "b_simple_tokens": self.b_simple_tokens,
-            "band": {"sequences": list(self.band_sequences), "tokens": list(self.band_tokens),
-                     "level": 0.95, "ratio": self.band_ratio},
-            "confident": self.confident,
-        }
+        """:meth:`to_record` as JSON (non-finite values are null)."""
+        data: dict[str, Any] = to_json(self.to_record())
+        return data
 
 
 _MOMENTS = ("w", "w2", "t", "g", "tt", "gg", "tg", "tok")
@@ -229,55 +230,3 @@ class NoiseScaleEstimator:
         self.ema_decay, self.z = float(state["ema_decay"]), float(state["z"])
         self.max_band_ratio, self.steps = float(state["max_band_ratio"]), int(state["steps"])
         self._m = {k: float(state["moments"][k]) for k in _MOMENTS}
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class NoiseRecord:
-    """A saved measurement (the JSON object ``batchpilot noise --json`` prints), as the planner reads it."""
-
-    path: str
-    """Where it was read from."""
-    b_simple_sequences: float
-    """B_simple in sequences (inf where the file holds null: noise-dominated)."""
-    b_simple_tokens: float
-    """B_simple in tokens."""
-    band_sequences: tuple[float, float]
-    """95% band in sequences."""
-    steps_measured: int
-    """Optimizer steps the estimate is based on."""
-    seq_len: int | None
-    """Sequence length of the measurement, when recorded."""
-
-
-def _finite_or_inf(value: Any, key: str, path: str) -> float:
-    if value is None:
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BatchpilotError(f"noise file {path}: {key} must be a number or null, got {value!r}")
-    return float(value)
-
-
-def noise_record_from_dict(data: dict[str, Any], path: str = "<dict>") -> NoiseRecord:
-    """Validate a ``batchpilot noise --json`` object into a :class:`NoiseRecord`."""
-    missing = [k for k in ("b_simple_sequences", "b_simple_tokens", "band", "steps_measured") if k not in data]
-    if missing:
-        raise BatchpilotError(f"noise file {path} lacks {missing}; write it with `batchpilot noise --json > FILE`")
-    band = data["band"].get("sequences") if isinstance(data["band"], dict) else None
-    if not isinstance(band, list) or len(band) != 2:
-        raise BatchpilotError(f"noise file {path}: band.sequences must be [lower, upper], got {band!r}")
-    seq_len = data.get("seq_len")
-    return NoiseRecord(
-        path=path,
-        b_simple_sequences=_finite_or_inf(data["b_simple_sequences"], "b_simple_sequences", path),
-        b_simple_tokens=_finite_or_inf(data["b_simple_tokens"], "b_simple_tokens", path),
-        band_sequences=(_finite_or_inf(band[0], "band", path), _finite_or_inf(band[1], "band", path)),
-        steps_measured=int(data["steps_measured"]),
-        seq_len=int(seq_len) if isinstance(seq_len, int) else None)
-
-
-def load_noise_record(path: str | Path) -> NoiseRecord:
-    """Read a noise file written by ``batchpilot noise --json > FILE`` (for ``plan --noise FILE``)."""
-    from batchpilot.io import read_json_object  # bounded: regular files only, size-capped
-
-    data = read_json_object(Path(path), "noise file")
-    return noise_record_from_dict(data, str(path))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.estimate.noise import NoiseRecord
+from batchpilot.records.noise import NoiseRecord
 
 DEEPSEEK_B_COEF = 0.2920
 """DeepSeek LLM §3.1: B_opt = 0.2920 · C^0.3271 (tokens)."""
@@ -123,7 +123,8 @@ def global_batch_from_prior(*, num_layers: int, hidden_size: int, seq_len: int, 
                            learning_rate=deepseek_learning_rate(compute), compute_flops=compute, flops_per_token=m)
 
 
-def global_batch_from_noise(record: NoiseRecord, *, seq_len: int, multiple_of: int = 1) -> BatchSuggestion:
+def global_batch_from_noise(record: NoiseRecord, *, seq_len: int, multiple_of: int = 1,
+                            where: str = "the noise record") -> BatchSuggestion:
     """B ≈ B_crit ≈ B_simple from a measured noise record: where steps and examples both cost 2× their minimum.
 
     McCandlish et al. 2018 §2.3: training at B = B_crit needs 2·S_min steps and 2·E_min examples, the
@@ -131,7 +132,7 @@ def global_batch_from_noise(record: NoiseRecord, *, seq_len: int, multiple_of: i
     """
     if not math.isfinite(record.b_simple_sequences) or record.b_simple_sequences <= 0:
         raise BatchpilotError(
-            f"noise record {record.path!r} has no finite B_simple ({record.b_simple_sequences}); the gradient was "
+            f"{where} has no finite B_simple ({record.b_simple_sequences}); the gradient was "
             "noise-dominated — measure over more steps (--steps) or later in training (from a checkpoint)")
     tokens = record.b_simple_sequences * seq_len
     return BatchSuggestion(source="measured-noise-scale", batch_tokens=tokens,

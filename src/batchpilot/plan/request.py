@@ -6,13 +6,14 @@ search space uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from batchpilot.errors import SpecError
 from batchpilot.estimate.breakdown import MemoryBreakdown
 from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration
 from batchpilot.estimate.overhead import OverheadModel
 from batchpilot.estimate.steptime import StepTime
+from batchpilot.records.plan import PlanMemory, PlanRecord, PlanRejection, PlanRow, PlanSearch, PlanTarget
 from batchpilot.specs.batch import (
     BatchTriad,
     check_seq_len,
@@ -128,19 +129,23 @@ class Plan:
     deviation: float
     """(global − target) / target; 0 for an exact match."""
 
+    def to_record(self) -> PlanRow:
+        """The ``plans[i]`` row of the plan record (:class:`batchpilot.records.plan.PlanRow`)."""
+        t, s, st, m = self.triad, self.settings, self.step, self.memory
+        return PlanRow(
+            micro_batch=t.micro_batch_sequences, grad_accum=t.grad_accum_steps, dp=t.data_parallel_ranks,
+            tp=s.tp, pp=s.pp, vpp=s.vpp, ep=s.ep, zero_stage=s.zero_stage, recompute=s.recompute,
+            global_batch_sequences=t.global_batch_sequences, global_batch_tokens=t.global_batch_tokens,
+            deviation=self.deviation,
+            memory=PlanMemory(weights=m.weights_bytes, gradients=m.gradients_bytes, optimizer=m.optimizer_bytes,
+                              activations=m.activations_bytes, overhead=m.overhead_bytes, total=m.total_bytes),
+            flops_per_step=st.flops_per_step, step_time_s=st.step_time_s, tokens_per_s=st.tokens_per_s,
+            tflops_per_gpu=st.tflops_per_gpu, mfu=st.mfu, step=st.to_dict(), settings=s,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The ``plans[i]`` JSON contract."""
-        t, s, st = self.triad, self.settings, self.step
-        return {
-            "micro_batch": t.micro_batch_sequences, "grad_accum": t.grad_accum_steps, "dp": t.data_parallel_ranks,
-            "tp": s.tp, "pp": s.pp, "vpp": s.vpp, "ep": s.ep, "zero_stage": s.zero_stage, "recompute": s.recompute,
-            "global_batch_sequences": t.global_batch_sequences, "global_batch_tokens": t.global_batch_tokens,
-            "deviation": self.deviation,
-            "memory": {k: v for k, v in self.memory.to_dict().items() if k != "details"},
-            "flops_per_step": st.flops_per_step, "step_time_s": st.step_time_s, "tokens_per_s": st.tokens_per_s,
-            "tflops_per_gpu": st.tflops_per_gpu, "mfu": st.mfu,
-            "step": st.to_dict(), "settings": s.to_dict(),
-        }
+        return self.to_record().to_dict()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -149,16 +154,17 @@ class Rejection:
 
     settings: RunSettings
     dp: int
-    kind: str
+    kind: Literal["memory", "batch"]
     """``memory`` (does not fit even at its smallest micro-batch) or ``batch`` (target not reachable)."""
     reason: str
     need_bytes: int = 0
     """For ``memory``: the smallest total it needs."""
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_record(self) -> PlanRejection:
+        """The ``rejected[i]`` row of the plan record."""
         s = self.settings
-        return {"tp": s.tp, "pp": s.pp, "vpp": s.vpp, "ep": s.ep, "dp": self.dp, "zero_stage": s.zero_stage,
-                "recompute": s.recompute, "kind": self.kind, "reason": self.reason}
+        return PlanRejection(tp=s.tp, pp=s.pp, vpp=s.vpp, ep=s.ep, dp=self.dp, zero_stage=s.zero_stage,
+                             recompute=s.recompute, kind=self.kind, reason=self.reason)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -179,22 +185,25 @@ class PlanResult:
     """Feasible (layout, micro-batch) candidates found among the layouts evaluated."""
     rationale: str = ""
 
-    def to_dict(self, *, max_rejected: int = 20) -> dict[str, Any]:
-        """The ``plan --json`` contract."""
+    def to_record(self, *, max_rejected: int = 20) -> PlanRecord:
+        """The plan record (:class:`batchpilot.records.plan.PlanRecord`: ``plan.json``, ``plan --json``)."""
         r = self.request
-        return {
-            "model": r.model.name, "cluster": r.cluster.to_dict(), "seq_len": r.seq_len,
-            "target": {"global_batch_sequences": _whole(self.target_sequences),
-                       "global_batch_tokens": _whole(self.target_sequences * r.seq_len),
-                       "max_deviation": r.max_deviation},
-            "headroom": r.headroom, "budget_bytes": r.budget_bytes, "calibration": r.calibration.source,
-            "pins": r.pins.pinned(), "settings": r.settings.to_dict(),
-            "plans": [p.to_dict() for p in self.plans], "rationale": self.rationale,
-            "rejected": [x.to_dict() for x in self.rejected[:max_rejected]],
-            "rejected_total": len(self.rejected),
-            "search": {"layouts": self.layouts, "memory_evaluations": self.memory_evaluations,
-                       "pruned": self.pruned, "feasible": self.feasible},
-        }
+        return PlanRecord(
+            model=r.model.name, cluster=r.cluster.to_dict(), seq_len=r.seq_len,
+            target=PlanTarget(global_batch_sequences=_whole(self.target_sequences),
+                              global_batch_tokens=_whole(self.target_sequences * r.seq_len),
+                              max_deviation=r.max_deviation),
+            headroom=r.headroom, budget_bytes=r.budget_bytes, calibration=r.calibration.source,
+            pins=r.pins.pinned(), settings=r.settings,
+            plans=tuple(p.to_record() for p in self.plans), rationale=self.rationale,
+            rejected=tuple(x.to_record() for x in self.rejected[:max_rejected]), rejected_total=len(self.rejected),
+            search=PlanSearch(layouts=self.layouts, memory_evaluations=self.memory_evaluations, pruned=self.pruned,
+                              feasible=self.feasible),
+        )
+
+    def to_dict(self, *, max_rejected: int = 20) -> dict[str, Any]:
+        """The ``plan --json`` contract: :meth:`to_record` as JSON."""
+        return self.to_record(max_rejected=max_rejected).to_dict()
 
 
 def _whole(x: float) -> float | int:

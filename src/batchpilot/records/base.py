@@ -218,7 +218,18 @@ def decode_dataclass(cls: type, value: Any, path: str) -> Any:
         raise _Bad(path or "the file", f"is not valid ({exc})") from None
 
 
-class Record:
+class JsonValue:
+    """Base of the values records hold (a trial, a plan row, a band): :meth:`to_dict` is their JSON object."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object (:func:`to_json`)."""
+        data: dict[str, Any] = to_json(self)
+        return data
+
+
+class Record(JsonValue):
     """Base of the stage records: ``schema_version``, one writer (:meth:`to_dict`, :meth:`save`) and one loader
     (:meth:`from_dict`, :meth:`load`). Subclasses are ``@dataclass(frozen=True, kw_only=True, slots=True)``."""
 

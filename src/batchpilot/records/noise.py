@@ -19,13 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from batchpilot.records.base import EXTRA, Record
+from batchpilot.records.base import EXTRA, JsonValue, Record
 
 SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class NoiseBand:
+class NoiseBand(JsonValue):
     """The uncertainty band of B_simple (:mod:`batchpilot.estimate.noise`: delta method on log(T̄/Ḡ))."""
 
     sequences: tuple[float, float]
@@ -39,7 +39,7 @@ class NoiseBand:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class NoiseScale:
+class NoiseScale(JsonValue):
     """B_simple = tr(Σ)/|G|² with its band (McCandlish et al. 2018, App. A.1), as the estimator last gave it."""
 
     steps_measured: int
@@ -63,7 +63,7 @@ class NoiseScale:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class TradeoffRow:
+class TradeoffRow(JsonValue):
     """Steps and examples at one global batch B, relative to their minimum (McCandlish et al. 2018, Eq. 2.11)."""
 
     batch_sequences: int
@@ -77,7 +77,7 @@ class TradeoffRow:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class NoisePriors:
+class NoisePriors(JsonValue):
     """Scaling-law priors beside the measurement (:mod:`batchpilot.plan.priors`); each is absent when it does not
     apply."""
 
@@ -92,7 +92,7 @@ class NoisePriors:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class TrajectoryPoint:
+class TrajectoryPoint(JsonValue):
     """One optimizer step of the measurement run."""
 
     step: int

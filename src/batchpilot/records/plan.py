@@ -14,14 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from batchpilot.records.base import EXTRA, Record
+from batchpilot.records.base import EXTRA, JsonValue, Record
 from batchpilot.specs.settings import Recompute, RunSettings
 
 SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class PlanMemory:
+class PlanMemory(JsonValue):
     """Peak memory per GPU of a plan, in bytes (:class:`batchpilot.estimate.breakdown.MemoryBreakdown`)."""
 
     weights: int
@@ -39,7 +39,7 @@ class PlanMemory:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class PlanRow:
+class PlanRow(JsonValue):
     """One feasible plan: the batch triad, the parallel layout, its memory and its modelled speed."""
 
     micro_batch: int
@@ -85,7 +85,7 @@ class PlanRow:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class PlanRejection:
+class PlanRejection(JsonValue):
     """A layout that produced no plan, and why."""
 
     tp: int
@@ -109,7 +109,7 @@ class PlanRejection:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class PlanTarget:
+class PlanTarget(JsonValue):
     """The global batch the plans aim at."""
 
     global_batch_sequences: float
@@ -127,7 +127,7 @@ class PlanTarget:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class PlanSearch:
+class PlanSearch(JsonValue):
     """How much of the configuration space the planner looked at."""
 
     layouts: int

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from batchpilot.records.base import EXTRA, Record
+from batchpilot.records.base import EXTRA, JsonValue, Record
 from batchpilot.specs.settings import RunSettings
 
 Phase = Literal["search", "knee"]
@@ -28,7 +28,7 @@ SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class ProbeTrial:
+class ProbeTrial(JsonValue):
     """One real trial (JSON keys: the field names)."""
 
     micro_batch: int

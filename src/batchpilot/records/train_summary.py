@@ -3,7 +3,7 @@
 The trainer (:meth:`batchpilot.train.loop.Trainer.train`) builds and saves it when a run ends or is stopped by
 a signal; tune's verification stage and the report read it back with :meth:`TrainSummary.load`.
 
-    >>> TrainNoiseScale(every=0, note="off").to_json()
+    >>> TrainNoiseScale(every=0, note="off").to_dict()
     {'every': 0, 'note': 'off'}
 """
 
@@ -12,14 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from batchpilot.records.base import Record, decode_dataclass, decode_key, to_json
+from batchpilot.records.base import JsonValue, Record, decode_dataclass, decode_key, to_json
 from batchpilot.records.noise import NoiseScale
 
 SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class TrainNoiseScale:
+class TrainNoiseScale(JsonValue):
     """``noise_scale``: how the run measured the gradient noise scale, and its last estimate.
 
     JSON: ``every`` and ``note``, then the estimate's keys (:class:`NoiseScale`) when one was made, else
@@ -33,8 +33,8 @@ class TrainNoiseScale:
     estimate: NoiseScale | None = None
     """The last estimate of the run's first noise hook; None before a step was measured."""
 
-    def to_json(self) -> dict[str, Any]:
-        """The ``noise_scale`` object."""
+    def json_encode(self) -> dict[str, Any]:
+        """The ``noise_scale`` object (flat: the estimate's keys beside ``every`` and ``note``)."""
         data: dict[str, Any] = {"every": self.every, "note": self.note}
         if self.estimate is not None:
             data.update(to_json(self.estimate))
@@ -42,11 +42,9 @@ class TrainNoiseScale:
             data["steps_measured"] = 0
         return data
 
-    json_encode = to_json
-
     @classmethod
     def json_decode(cls, data: dict[str, Any], path: str) -> TrainNoiseScale:
-        """The inverse of :meth:`to_json`."""
+        """The inverse of :meth:`json_encode`."""
         estimate = decode_dataclass(NoiseScale, data, path) if "b_simple_sequences" in data else None
         return cls(every=decode_key(int, data, "every", path), note=decode_key(str, data, "note", path),
                    estimate=estimate)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from batchpilot.records.base import Record
+from batchpilot.records.base import JsonValue, Record
 from batchpilot.records.plan import PlanRow
 from batchpilot.specs.settings import RunSettings
 
@@ -24,7 +24,7 @@ StageStatus = Literal["ok", "skipped", "reused", "failed"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class StageRecord:
+class StageRecord(JsonValue):
     """One stage's outcome."""
 
     name: str
@@ -40,7 +40,7 @@ class StageRecord:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class TuneSettings:
+class TuneSettings(JsonValue):
     """The settings ``tune`` ran with (:class:`batchpilot.tune.config.TuneConfig`, as given)."""
 
     model: str

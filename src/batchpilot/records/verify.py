@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from batchpilot.records.base import Record
+from batchpilot.records.base import JsonValue, Record
 from batchpilot.records.plan import PlanMemory
 from batchpilot.records.train_summary import TrainSummary
 
@@ -18,7 +18,7 @@ SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class VerifyPrediction:
+class VerifyPrediction(JsonValue):
     """What the plan predicted for the run."""
 
     tokens_per_s: float
@@ -30,7 +30,7 @@ class VerifyPrediction:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class VerifyMeasurement:
+class VerifyMeasurement(JsonValue):
     """What the run measured."""
 
     tokens_per_s: float | None

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 
-from batchpilot.report.plots import PLOTS, rows_of
+from batchpilot.records.plan import PlanRejection, PlanRow
+from batchpilot.report.plots import PLOTS
 from batchpilot.report.records import RunRecords, load_run
 from batchpilot.units import format_bytes, format_count
 
@@ -72,70 +74,65 @@ def _cell(key: str, value: Any) -> str:
     return f"<td>{_e(shown)}</td>"
 
 
-def _plans_table(plans: list[dict[str, Any]]) -> str:
+def _plans_table(plans: tuple[PlanRow, ...]) -> str:
     head = "".join(f"<th>{_e(c)}</th>" for c in PLAN_COLUMNS) + "<th>memory/GPU</th>"
     rows = []
     for plan in plans:
-        memory = plan["memory"].get("total") if isinstance(plan.get("memory"), dict) else None
-        mem = format_bytes(memory) if isinstance(memory, (int, float)) else "?"
-        rows.append("<tr>" + "".join(_cell(c, plan.get(c, "")) for c in PLAN_COLUMNS) + f"<td>{_e(mem)}</td></tr>")
+        row = plan.to_dict()
+        rows.append("<tr>" + "".join(_cell(c, row[c]) for c in PLAN_COLUMNS)
+                    + f"<td>{_e(format_bytes(plan.memory.total))}</td></tr>")
     return f"<div style='overflow-x:auto'><table><tr>{head}</tr>{''.join(rows)}</table></div>"
 
 
 def _plan_section(records: RunRecords) -> str:
     plan = records.plan
-    if not plan:
+    if plan is None:
         return "<h2>Plan</h2><p class='missing'>The plan stage did not run.</p>"
     parts = ["<h2>Chosen plan</h2>"]
-    if plan.get("rationale"):
-        parts.append(f"<p class='rationale'>{_e(plan['rationale'])}</p>")
-    plans = rows_of(plan.get("plans"))
-    parts.append(_plans_table(plans[:10]) if plans else "<p class='missing'>No feasible plan.</p>")
-    rejected = rows_of(plan.get("rejected"))
-    if rejected:
-        items = "".join(f"<li>{_e(_describe_rejected(r))}</li>" for r in rejected[:30])
+    if plan.rationale:
+        parts.append(f"<p class='rationale'>{_e(plan.rationale)}</p>")
+    parts.append(_plans_table(plan.plans[:10]) if plan.plans else "<p class='missing'>No feasible plan.</p>")
+    if plan.rejected:
+        items = "".join(f"<li>{_e(_describe_rejected(r))}</li>" for r in plan.rejected[:30])
         parts.append(f"<h2>Rejected alternatives</h2><ul>{items}</ul>")
     return "".join(parts)
 
 
-def _describe_rejected(row: dict[str, Any]) -> str:
-    reason = row.get("reason", "")
-    layout = ", ".join(f"{k}={v}" for k, v in row.items() if k != "reason" and not isinstance(v, (dict, list)))
-    return f"{layout}: {reason}" if layout else str(reason)
+def _describe_rejected(row: PlanRejection) -> str:
+    layout = ", ".join(f"{k}={v}" for k, v in row.to_dict().items() if k != "reason")
+    return f"{layout}: {row.reason}"
 
 
 def _summary_section(records: RunRecords) -> str:
     facts: list[tuple[str, str]] = []
-    probe, noise, summary = records.probe or {}, records.noise or {}, records.summary or {}
-    if probe:
-        facts += [("device", str(probe.get("device", "?"))),
-                  ("max micro-batch (measured)", str(probe.get("max_micro_batch", "?"))),
-                  ("throughput knee", str(probe.get("knee_micro_batch", "?"))),
-                  ("predicted max micro-batch", str(probe.get("predicted_max_micro_batch", "?")))]
-    scale = summary.get("noise_scale")
-    if not noise and isinstance(scale, dict) and isinstance(scale.get("b_simple_sequences"), (int, float)):
-        noise = scale  # measured during the training run (train/noise_default.py)
-    if noise:
-        tokens = noise.get("b_simple_tokens")
+    probe, summary = records.probe, records.summary
+    if probe is not None:
+        facts += [("device", probe.device), ("max micro-batch (measured)", str(probe.max_micro_batch)),
+                  ("throughput knee", str(probe.knee_micro_batch)),
+                  ("predicted max micro-batch", str(probe.predicted_max_micro_batch))]
+    scale = records.noise_scale  # noise.json, else measured during the training run (train/noise_default.py)
+    if scale is not None:
+        tokens = records.noise.b_simple_tokens if records.noise else None
         facts.append(("critical batch ≈ B_simple",
-                      f"{_number(noise.get('b_simple_sequences', '?'))} sequences"
-                      + (f" ({format_count(tokens)} tokens)" if isinstance(tokens, (int, float)) else "")))
-    if summary:
-        keys = ("steps", "tokens", "final_loss", "val_loss", "tokens_per_s", "padding_fraction", "peak_memory_bytes",
-                "elapsed_s")
-        facts += [(f"verification run: {k}", format_bytes(summary[k]) if k.endswith("_bytes") and not isinstance(summary[k], str) else _number(summary[k]))
-                  for k in keys if isinstance(summary.get(k), (int, float, str))]
+                      f"{_number(scale[0])} sequences"
+                      + (f" ({format_count(tokens)} tokens)" if tokens is not None and math.isfinite(tokens) else "")))
+    if summary is not None:
+        values = {"steps": summary.steps, "tokens": summary.tokens, "final_loss": summary.final_loss,
+                  "val_loss": summary.val_loss, "tokens_per_s": summary.tokens_per_s,
+                  "padding_fraction": summary.padding_fraction, "peak_memory_bytes": summary.peak_memory_bytes,
+                  "elapsed_s": summary.elapsed_s}
+        facts += [(f"verification run: {k}", format_bytes(v) if k.endswith("_bytes") else _number(v))
+                  for k, v in values.items() if v is not None]
     rows = "".join(f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_e(v)}</td></tr>" for k, v in facts)
     return f"<h2>Summary</h2><table>{rows}</table>" if rows else ""
 
 
 def _stages_section(records: RunRecords) -> str:
-    stages = rows_of((records.tune or {}).get("stages"))
-    if not stages:
+    if records.tune is None or not records.tune.stages:
         return ""
     rows = "".join(
-        f"<tr><td class='l'>{_e(s.get('name', ''))}</td><td class='l'>{_e(s.get('status', ''))}</td>"
-        f"<td>{_e(s.get('seconds', ''))}</td></tr>" for s in stages
+        f"<tr><td class='l'>{_e(s.name)}</td><td class='l'>{_e(s.status)}</td><td>{_e(s.seconds)}</td></tr>"
+        for s in records.tune.stages
     )
     return f"<h2>Stages</h2><table><tr><th class='l'>stage</th><th class='l'>status</th><th>seconds</th></tr>{rows}</table>"
 

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
+from batchpilot.records.probe import ProbeResult, ProbeTrial
 from batchpilot.report.records import RunRecords
 from batchpilot.units import GIB
 
@@ -41,47 +42,38 @@ def _plottable(value: Any) -> bool:
             and abs(value) <= PLOTTABLE)
 
 
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
 def _pairs(rows: list[dict[str, Any]], x: str, y: str) -> list[tuple[float, float]]:
-    """(x, y) of the rows where both are plottable: kept together, so a row missing one drops both."""
+    """(x, y) of the metrics rows where both are plottable: kept together, so a row missing one drops both."""
     return [(r[x], r[y]) for r in rows if _plottable(r.get(x)) and _plottable(r.get(y))]
 
 
-def rows_of(value: Any) -> list[dict[str, Any]]:
-    """The objects of a JSON list; anything else (a string, a number, null) holds no rows."""
-    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+def _trials(probe: ProbeResult | None) -> list[ProbeTrial]:
+    """The probe's trials whose micro-batch can be drawn."""
+    return [t for t in (probe.trials if probe else ()) if _plottable(t.micro_batch)]
 
 
-def _trials(probe: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The probe's trial rows that name a plottable micro-batch (malformed rows are skipped)."""
-    return [t for t in rows_of((probe or {}).get("trials")) if _plottable(t.get("micro_batch"))]
-
-
-def _fitting_trials(probe: dict[str, Any] | None) -> list[dict[str, Any]]:
-    return sorted((t for t in _trials(probe) if t.get("fits") is True), key=lambda t: t["micro_batch"])
+def _fitting_trials(probe: ProbeResult | None) -> list[ProbeTrial]:
+    return sorted((t for t in _trials(probe) if t.fits), key=lambda t: t.micro_batch)
 
 
 def plot_memory(records: RunRecords, path: Path) -> Path | None:
     """Peak memory (GiB) vs micro-batch: analytic, traced and measured, with the budget line."""
-    curve = records.memory_curve or {}
-    measured = [t for t in _fitting_trials(records.probe) if _plottable(t.get("peak_bytes"))]
-    micro = _list(curve.get("micro_batches"))
-    if not micro and not measured:
+    curve = records.memory_curve
+    measured = [t for t in _fitting_trials(records.probe) if _plottable(t.peak_bytes)]
+    if curve is None and not measured:
         return None
     fig, ax = plt.subplots(figsize=FIGSIZE_IN)
-    for key, style, label in (("analytic", "-o", "analytic"), ("traced", "-s", "traced (fake tensors)")):
-        values = _list(curve.get(key))
-        pairs = [(m, v) for m, v in zip(micro, values, strict=False) if _plottable(m) and _plottable(v)]
-        if pairs:
-            ax.plot([m for m, _ in pairs], [v / GIB for _, v in pairs], style, label=label, markersize=4)
+    if curve is not None:
+        for values, style, label in ((curve.analytic, "-o", "analytic"), (curve.traced, "-s", "traced (fake tensors)")):
+            pairs = [(m, v) for m, v in zip(curve.micro_batches, values, strict=False)
+                     if v is not None and _plottable(m) and _plottable(v)]
+            if pairs:
+                ax.plot([m for m, _ in pairs], [v / GIB for _, v in pairs], style, label=label, markersize=4)
     if measured:
-        ax.plot([t["micro_batch"] for t in measured], [t["peak_bytes"] / GIB for t in measured], "D",
+        ax.plot([t.micro_batch for t in measured], [(t.peak_bytes or 0) / GIB for t in measured], "D",
                 color="black", label="measured (probe)", markersize=6)
-    failed = [t["micro_batch"] for t in _trials(records.probe) if not t.get("fits")]
-    budget = (records.probe or {}).get("budget_bytes")
+    failed = [t.micro_batch for t in _trials(records.probe) if not t.fits]
+    budget = records.probe.budget_bytes if records.probe else None
     if _plottable(budget) and budget:
         ax.axhline(budget / GIB, color="red", linestyle="--", linewidth=1, label="budget")
         if failed:
@@ -96,16 +88,16 @@ def plot_memory(records: RunRecords, path: Path) -> Path | None:
 
 def plot_throughput(records: RunRecords, path: Path) -> Path | None:
     """Measured tokens/s vs micro-batch with the throughput knee marked."""
-    trials = [t for t in _fitting_trials(records.probe) if _plottable(t.get("tokens_per_s"))]
-    if not trials:
+    points = [(t.micro_batch, t.tokens_per_s) for t in _fitting_trials(records.probe)
+              if t.tokens_per_s is not None and _plottable(t.tokens_per_s)]
+    if not points:
         return None
     fig, ax = plt.subplots(figsize=FIGSIZE_IN)
-    ax.plot([t["micro_batch"] for t in trials], [t["tokens_per_s"] for t in trials], "-o", label="measured")
-    knee = (records.probe or {}).get("knee_micro_batch")
-    knee_rows = [t for t in trials if t["micro_batch"] == knee]
-    if knee_rows:
-        ax.plot([knee_rows[0]["micro_batch"]], [knee_rows[0]["tokens_per_s"]], "*", color="orange", markersize=16,
-                label=f"knee: micro-batch {knee}")
+    ax.plot([b for b, _ in points], [tps for _, tps in points], "-o", label="measured")
+    knee = records.probe.knee_micro_batch if records.probe else None
+    at_knee = [(b, tps) for b, tps in points if b == knee]
+    if at_knee:
+        ax.plot([at_knee[0][0]], [at_knee[0][1]], "*", color="orange", markersize=16, label=f"knee: micro-batch {knee}")
     ax.set_xlabel("micro-batch (sequences)")
     ax.set_ylabel("tokens/s")
     ax.set_title("Throughput vs micro-batch")
@@ -117,32 +109,21 @@ def plot_throughput(records: RunRecords, path: Path) -> Path | None:
 def _noise_points(records: RunRecords) -> tuple[list[tuple[float, float]], bool]:
     """(step, B_simple) from ``noise --json``'s trajectory, else from the training run's ``metrics.jsonl``
     (the runner measures it by default, ``train/noise_default.py``); True when they come from the run."""
-    noise = records.noise or {}
-    history = rows_of(noise.get("trajectory") or noise.get("history"))
-    points = _pairs(history, "step", "b_simple_sequences") or _pairs(history, "step", "b_simple")
-    if points:
-        return points, False
+    if records.noise is not None:
+        points = [(float(p.step), float(p.b_simple)) for p in records.noise.trajectory
+                  if p.b_simple is not None and _plottable(p.step) and _plottable(p.b_simple)]
+        if points:
+            return points, False
     return _pairs(records.metrics, "step", "b_simple"), True
-
-
-def _final_noise(records: RunRecords) -> tuple[float | None, Any]:
-    """The final B_simple (sequences) and its band: ``noise.json``, else ``summary.json``'s ``noise_scale``."""
-    noise = records.noise or {}
-    if not noise:
-        scale = (records.summary or {}).get("noise_scale")
-        noise = scale if isinstance(scale, dict) else {}
-    final = noise.get("b_simple_sequences")
-    band = noise.get("band")
-    if isinstance(band, dict):  # ``batchpilot noise --json``: {"sequences": [lo, hi], "tokens": [lo, hi]}
-        band = band.get("sequences")
-    return (final if _plottable(final) else None), band
 
 
 def plot_noise(records: RunRecords, path: Path) -> Path | None:
     """B_simple (sequences) over optimizer steps, with the uncertainty band; for a training run, the per-step
     95% band and the training loss on a second axis (B_simple grows as the loss falls, McCandlish et al. 2018)."""
     points, from_run = _noise_points(records)
-    final, band = _final_noise(records)
+    scale = records.noise_scale
+    final = scale[0] if scale and _plottable(scale[0]) else None
+    band = scale[1] if scale else None
     if not points and final is None:
         return None
     fig, ax = plt.subplots(figsize=FIGSIZE_IN)
@@ -152,7 +133,7 @@ def plot_noise(records: RunRecords, path: Path) -> Path | None:
     if from_run and rows:
         ax.fill_between([r["step"] for r in rows], [r["b_simple_lo"] for r in rows], [r["b_simple_hi"] for r in rows],
                         color="tab:blue", alpha=0.15, label="95% band")
-    elif isinstance(band, (list, tuple)) and len(band) == 2 and all(_plottable(b) for b in band):
+    elif band is not None and all(_plottable(b) for b in band):
         ax.axhspan(band[0], band[1], color="tab:blue", alpha=0.15, label="band")
     if final is not None:
         ax.axhline(final, color="tab:blue", linestyle="--", linewidth=1, label=f"B_simple = {final:.1f} seqs")

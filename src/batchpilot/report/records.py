@@ -1,32 +1,42 @@
 """Reading a run directory's records (written by ``batchpilot tune`` or by the commands one by one).
 
-Layout of a run directory (every file optional; the report says which stage is missing)::
+Layout of a run directory (every file optional; the report says which stage is missing); each record is
+read through its type's loader (:mod:`batchpilot.records`), so a record of another schema version, or one
+that is not what its writer wrote, is refused in one line naming the file::
 
     RUN_DIR/
-      probe.json          batchpilot probe --json  (trials, max_micro_batch, knee_micro_batch, ...)
-      memory_curve.json   {"micro_batches": [...], "analytic": [bytes...], "traced": [bytes | null ...]}
-      noise.json          batchpilot noise --json  (b_simple_sequences, band, history: [{step, b_simple, ...}])
-      plan.json           batchpilot plan --json   (plans, rejected, rationale)
-      train/metrics.jsonl batchpilot train         (one object per optimizer step)
-      train/summary.json
+      probe.json          ProbeResult   (batchpilot probe --json)
+      memory_curve.json   MemoryCurve   (tune's analytic and traced curves at the probed sizes)
+      noise.json          NoiseRecord   (batchpilot noise --json)
+      plan.json           PlanRecord    (batchpilot plan --json)
+      train/metrics.jsonl batchpilot train (one object per optimizer step)
+      train/summary.json  TrainSummary
       metrics.jsonl       a plain ``batchpilot train --out RUN_DIR`` folder (no train/ inside)
       summary.json
       exports/*           exported configs (DeepSpeed JSON, Megatron args, ...)
-      tune.json           the tune stages: status, seconds, record file
+      tune.json           TuneRunRecord (the tune stages: status, seconds, record file)
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.io import path_is
+from batchpilot.records.base import Record
+from batchpilot.records.memory_curve import MemoryCurve
+from batchpilot.records.noise import NoiseRecord
+from batchpilot.records.plan import PlanRecord
+from batchpilot.records.probe import ProbeResult
+from batchpilot.records.train_summary import TrainSummary
+from batchpilot.records.tune_state import TuneRunRecord
 
 MAX_EXPORT_BYTES = 64 * 1024  # an export bigger than this is shown truncated in the report
+
+R = TypeVar("R", bound=Record)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -34,35 +44,40 @@ class RunRecords:
     """Everything the report needs, each part ``None``/empty when its stage did not run."""
 
     run_dir: Path
-    probe: dict[str, Any] | None = None
-    memory_curve: dict[str, Any] | None = None
-    noise: dict[str, Any] | None = None
-    plan: dict[str, Any] | None = None
+    """The run directory."""
+    probe: ProbeResult | None = None
+    """``probe.json``."""
+    memory_curve: MemoryCurve | None = None
+    """``memory_curve.json``."""
+    noise: NoiseRecord | None = None
+    """``noise.json``."""
+    plan: PlanRecord | None = None
+    """``plan.json``."""
     metrics: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] | None = None
-    tune: dict[str, Any] | None = None
+    """The training run's ``metrics.jsonl`` rows (a log, not a record: hooks add their own keys)."""
+    summary: TrainSummary | None = None
+    """The training run's ``summary.json``."""
+    tune: TuneRunRecord | None = None
+    """``tune.json``."""
     exports: dict[str, str] = field(default_factory=dict)
+    """Export file name → its text (truncated past :data:`MAX_EXPORT_BYTES`)."""
+
+    @property
+    def noise_scale(self) -> tuple[float, tuple[float, float]] | None:
+        """The final B_simple (sequences) and its band: ``noise.json``, else the training run's ``noise_scale``."""
+        if self.noise is not None:
+            return self.noise.b_simple_sequences, self.noise.band.sequences
+        estimate = self.summary.noise_scale.estimate if self.summary else None
+        return (estimate.b_simple_sequences, estimate.band.sequences) if estimate else None
 
 
 def _finite_or_none(value: str) -> None:
     return None
 
 
-def _read_object(path: Path) -> dict[str, Any] | None:
-    """A record file, or None when absent; read with the bounded reader (regular files, size cap). Lenient:
-    NaN/Infinity literals (Python's json default) become None rather than failing the whole report."""
-    from batchpilot.io import read_small_file
-
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(read_small_file(path, "record").decode("utf-8", errors="replace"),
-                          parse_constant=_finite_or_none)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise BatchpilotError(f"record {str(path)!r} is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BatchpilotError(f"record {str(path)!r} must hold a JSON object")
-    return data
+def _read(path: Path, record_type: type[R]) -> R | None:
+    """A record file through its type's loader, or None when there is none."""
+    return record_type.load(path) if path_is(path, "exists") else None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -107,13 +122,13 @@ def load_run(run_dir: str | Path) -> RunRecords:
     train = root / "train" if (root / "train").is_dir() else root  # tune's train stage, or a train --out folder
     records = RunRecords(
         run_dir=root,
-        probe=_read_object(root / "probe.json"),
-        memory_curve=_read_object(root / "memory_curve.json"),
-        noise=_read_object(root / "noise.json"),
-        plan=_read_object(root / "plan.json"),
+        probe=_read(root / "probe.json", ProbeResult),
+        memory_curve=_read(root / "memory_curve.json", MemoryCurve),
+        noise=_read(root / "noise.json", NoiseRecord),
+        plan=_read(root / "plan.json", PlanRecord),
         metrics=_read_jsonl(train / "metrics.jsonl"),
-        summary=_read_object(train / "summary.json"),
-        tune=_read_object(root / "tune.json"),
+        summary=_read(train / "summary.json", TrainSummary),
+        tune=_read(root / "tune.json", TuneRunRecord),
         exports=_read_exports(root / "exports"),
     )
     if not any((records.probe, records.noise, records.plan, records.metrics, records.memory_curve)):
@@ -122,13 +137,3 @@ def load_run(run_dir: str | Path) -> RunRecords:
             f"metrics.jsonl)"
         )
     return records
-
-
-def numbers(rows: list[dict[str, Any]], key: str) -> list[float]:
-    """The finite numeric values of ``key`` across rows (missing and non-finite values dropped)."""
-    values = []
-    for row in rows:
-        value = row.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            values.append(float(value))
-    return values

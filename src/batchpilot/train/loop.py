@@ -43,6 +43,7 @@ from batchpilot.measure.step import (
     optimizer_implementation,
     param_groups,
 )
+from batchpilot.records.train_summary import TrainSummary
 from batchpilot.specs.batch import BatchTriad
 from batchpilot.train import checkpoint as ckpt
 from batchpilot.train.batching import (
@@ -67,7 +68,7 @@ from batchpilot.train.distributed import (
 )
 from batchpilot.train.hooks import MicroStepInfo, StepInfo, TrainHook, hook_states, restore_hook_states
 from batchpilot.train.lr import LRSchedule
-from batchpilot.train.metrics import MetricsLog, peak_memory_bytes, write_json_atomic
+from batchpilot.train.metrics import MetricsLog, peak_memory_bytes
 from batchpilot.train.model import build_model
 from batchpilot.train.noise_default import default_noise_hook, noise_summary
 from batchpilot.train.schedule import BatchSchedule, Progress
@@ -446,24 +447,25 @@ class Trainer:
         return self._summary(val_loss, stopped)
 
     def _summary(self, val_loss: float | None, stopped: str | None) -> dict[str, Any]:
+        """The run's :class:`~batchpilot.records.train_summary.TrainSummary`, saved as ``summary.json`` on the main
+        rank; returned as its JSON object (what :func:`batchpilot.train.run` returns)."""
         timed = self._step_times[1:] or self._step_times  # the first step pays one-off warm-up costs
         tokens, seconds = sum(t for t, _ in timed), sum(s for _, s in timed)
-        last = self._last_loss()
-        summary = {
-            "steps": self.state.step, "tokens": self.state.tokens_seen, "target_tokens": self.state.target_tokens_seen,
-            "final_loss": last, "val_loss": val_loss, "tokens_per_s": tokens / seconds if seconds else None,
-            "padding_fraction": 1 - self._slots[0] / self._slots[1] if self._slots[1] else None,
-            "elapsed_s": self.state.elapsed_s, "peak_memory_bytes": peak_memory_bytes(self.env.device),
-            "world_size": self.env.world_size, "device": str(self.env.device), "model_params": self.built.num_params,
-            "model_source": self.built.source, "tokenizer": self.tokenizer.name,
-            "train_documents": self.num_documents[0], "val_documents": self.num_documents[1],
-            "corpus_tokens": self.corpus.num_tokens, "batch_schedule": self.schedule.describe(),
-            "stopped_by_signal": stopped, "elastic_restarts": self.restarts, "out": str(self.out), "config": self.config.to_dict(),
-            "noise_scale": noise_summary(self.noise, self.hooks),
-        }
+        summary = TrainSummary(
+            steps=self.state.step, tokens=self.state.tokens_seen, target_tokens=self.state.target_tokens_seen,
+            final_loss=self._last_loss(), val_loss=val_loss, tokens_per_s=tokens / seconds if seconds else None,
+            padding_fraction=1 - self._slots[0] / self._slots[1] if self._slots[1] else None,
+            elapsed_s=self.state.elapsed_s, peak_memory_bytes=peak_memory_bytes(self.env.device),
+            world_size=self.env.world_size, device=str(self.env.device), model_params=self.built.num_params,
+            model_source=self.built.source, tokenizer=self.tokenizer.name,
+            train_documents=self.num_documents[0], val_documents=self.num_documents[1],
+            corpus_tokens=self.corpus.num_tokens, batch_schedule=self.schedule.describe(),
+            stopped_by_signal=stopped, elastic_restarts=self.restarts, out=str(self.out), config=self.config.to_dict(),
+            noise_scale=noise_summary(self.noise, self.hooks),
+        )
         if self.env.is_main:
-            write_json_atomic(self.out / "summary.json", summary)
-        return summary
+            summary.save(self.out / "summary.json")
+        return summary.to_dict()
 
     def _last_loss(self) -> float | None:
         path = self.out / "metrics.jsonl"

@@ -1,4 +1,5 @@
-"""Run outputs: ``metrics.jsonl`` (one object per optimizer step), ``summary.json``, peak memory.
+"""Run outputs: ``metrics.jsonl`` (one object per optimizer step) and peak memory (``summary.json`` is
+:class:`batchpilot.records.train_summary.TrainSummary`).
 
 ``metrics.jsonl`` keys (a contract, tested): step, tokens, loss, lr, global_batch_sequences,
 global_batch_tokens, micro_batch, grad_accum, grad_norm, padding_fraction, tokens_per_s,
@@ -33,13 +34,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

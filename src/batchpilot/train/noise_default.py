@@ -29,8 +29,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from batchpilot.records.train_summary import TrainNoiseScale
 from batchpilot.train.adaptive import NoiseScaleHook
 from batchpilot.train.config import TrainConfig
 from batchpilot.train.hooks import TrainHook
@@ -79,15 +79,11 @@ def default_noise_hook(config: TrainConfig, plan: StaticPlan, world_size: int,
                       note=f"measured on one step in {every} (micro-batch vs global batch)")
 
 
-def noise_summary(setup: NoiseSetup, hooks: Sequence[TrainHook]) -> dict[str, Any]:
+def noise_summary(setup: NoiseSetup, hooks: Sequence[TrainHook]) -> TrainNoiseScale:
     """``summary.json``'s ``noise_scale``: the last estimate (B_simple in sequences and tokens, its 95% band,
     steps measured) of the first noise hook, with ``every`` and ``note``; only those two when none measured."""
     hook = next((h for h in hooks if isinstance(h, NoiseScaleHook)), None)
     if hook is None:
-        return {"every": 0, "note": setup.note}
-    record: dict[str, Any] = {"every": hook.every, "note": setup.note}
-    if hook.last is not None:
-        record.update(hook.last.to_dict())
-    else:
-        record["steps_measured"] = 0
-    return record
+        return TrainNoiseScale(every=0, note=setup.note)
+    return TrainNoiseScale(every=hook.every, note=setup.note,
+                           estimate=hook.last.to_record() if hook.last is not None else None)

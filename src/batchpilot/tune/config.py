@@ -1,18 +1,17 @@
-"""``batchpilot tune`` settings and the run directory's stage record (``tune.json``)."""
+"""``batchpilot tune`` settings (the run directory's stage log is :mod:`batchpilot.records.tune_state`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.records.tune_state import TuneSettings
 from batchpilot.specs.settings import RunSettings
 
 STAGES: tuple[str, ...] = ("probe", "memory", "noise", "plan", "verify", "report")
 """The stages, in order. ``memory`` draws the analytic and traced curves at the probed sizes."""
-
-StageStatus = Literal["ok", "skipped", "reused", "failed"]
 
 #: Share of the time budget each timed stage may use (the rest is start-up, planning and the report).
 TIME_SHARES: dict[str, float] = {"probe": 0.40, "memory": 0.05, "noise": 0.20, "verify": 0.30}
@@ -65,23 +64,14 @@ class TuneConfig:
     def stage_seconds(self, stage: str) -> float:
         return self.time_budget_s * TIME_SHARES.get(stage, 0.05)
 
+    def to_record(self) -> TuneSettings:
+        """The settings as ``tune.json`` records them."""
+        return TuneSettings(model=self.model, data=self.data, seq_len=self.seq_len, device=self.device,
+                            memory_budget_bytes=self.memory_budget_bytes, settings=self.settings, gpu=self.gpu,
+                            gpus=self.gpus, time_budget_s=self.time_budget_s, skip=self.skip, reuse=self.reuse,
+                            seed=self.seed)
+
 
 CPU_DEFAULT_BUDGET_BYTES = 1 << 30
 """CPU probe budget when none is given: 1 GiB keeps the demo's trials to seconds each; pass
 ``--memory-budget`` for the real limit of a job."""
-
-
-@dataclass(kw_only=True, slots=True)
-class StageRecord:
-    """One stage's outcome in ``tune.json``."""
-
-    name: str
-    status: StageStatus
-    seconds: float
-    record: str | None = None
-    """The record file the stage wrote (relative to the run directory)."""
-    message: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "seconds": round(self.seconds, 2),
-                "record": self.record, "message": self.message}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from batchpilot.plan.priors import (
     deepseek_flops_per_token,
     kaplan_critical_batch_tokens,
 )
+from batchpilot.records.noise import NoisePriors, NoiseRecord, TradeoffRow, TrajectoryPoint
+from batchpilot.records.train_summary import TrainSummary
 from batchpilot.specs.model import load_model
 
 CANDIDATE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -90,7 +92,7 @@ def _train_config(settings: NoiseRunSettings, out: str) -> Any:
              "val_every": 0, "val_rows": 8, "final_checkpoint": False})  # a measurement: the weights are not kept
 
 
-def measure_noise(settings: NoiseRunSettings) -> dict[str, Any]:
+def measure_noise(settings: NoiseRunSettings) -> NoiseRecord:
     """Run K steps and return the ``batchpilot noise --json`` record (see :func:`noise_report`)."""
     from batchpilot.train.adaptive import NoiseScaleHook
     from batchpilot.train.metrics import read_metrics
@@ -98,54 +100,55 @@ def measure_noise(settings: NoiseRunSettings) -> dict[str, Any]:
 
     hook = NoiseScaleHook(ema_decay=1.0)
     with tempfile.TemporaryDirectory(prefix="batchpilot-noise-") as tmp:
-        out = settings.out or tmp
-        summary = run(_train_config(settings, out), hooks=[hook])
-        records = read_metrics(Path(out) / "metrics.jsonl")
+        out = Path(settings.out or tmp)
+        run(_train_config(settings, str(out)), hooks=[hook])
+        summary = TrainSummary.load(out / "summary.json")
+        records = read_metrics(out / "metrics.jsonl")
     if hook.last is None:
         raise BatchpilotError("no step was measured; use --steps 2 or more")
     return noise_report(hook.last, settings=settings, records=records, summary=summary)
 
 
 def noise_report(estimate: NoiseEstimate, *, settings: NoiseRunSettings, records: list[dict[str, Any]],
-                 summary: dict[str, Any]) -> dict[str, Any]:
-    """The JSON record: estimate, band, trade-off table, priors, and the per-step trajectory."""
-    record = estimate.to_dict()
+                 summary: TrainSummary) -> NoiseRecord:
+    """The record: estimate, band, trade-off table, priors, and the per-step trajectory."""
+    scale = estimate.to_record()
     b_crit = estimate.b_simple_sequences
-    record.update(
-        model=settings.model, model_source=summary.get("model_source"), data=settings.data, seq_len=settings.seq_len,
+    return NoiseRecord(
+        **{f.name: getattr(scale, f.name) for f in fields(scale)},
+        model=settings.model, model_source=summary.model_source, data=settings.data, seq_len=settings.seq_len,
         micro_batch_sequences=settings.micro_batch_sequences, global_batch_sequences=settings.global_batch_sequences,
         seed=settings.seed, b_crit_sequences=b_crit, b_crit_tokens=estimate.b_simple_tokens,
         tradeoff=_tradeoff(b_crit, settings), priors=_priors(settings, records),
         loss_first=records[0]["loss"] if records else None, loss_last=records[-1]["loss"] if records else None,
-        trajectory=[{"step": r["step"], "loss": r["loss"], "b_simple": r.get("b_simple")} for r in records],
-        noise_overhead_s=sum(r.get("noise_overhead_s", 0.0) for r in records), elapsed_s=summary.get("elapsed_s"))
-    return record
+        trajectory=tuple(TrajectoryPoint(step=r["step"], loss=r["loss"], b_simple=r.get("b_simple")) for r in records),
+        noise_overhead_s=sum(r.get("noise_overhead_s", 0.0) for r in records), elapsed_s=summary.elapsed_s)
 
 
-def _tradeoff(b_crit: float, settings: NoiseRunSettings) -> list[dict[str, float]]:
+def _tradeoff(b_crit: float, settings: NoiseRunSettings) -> tuple[TradeoffRow, ...]:
     """S/S_min = 1 + B_crit/B and E/E_min = 1 + B/B_crit (McCandlish et al. 2018, Eq. 2.11)."""
     if not math.isfinite(b_crit) or b_crit <= 0:
-        return []
+        return ()
     batches = sorted({max(1, round(b_crit * f)) for f in CANDIDATE_FACTORS} | {settings.global_batch_sequences})
-    return [{"batch_sequences": b, "batch_tokens": b * settings.seq_len, "steps_vs_min": steps_factor(b, b_crit),
-             "examples_vs_min": examples_factor(b, b_crit)} for b in batches]
+    return tuple(TradeoffRow(batch_sequences=b, batch_tokens=b * settings.seq_len, steps_vs_min=steps_factor(b, b_crit),
+                             examples_vs_min=examples_factor(b, b_crit)) for b in batches)
 
 
-def _priors(settings: NoiseRunSettings, records: list[dict[str, Any]]) -> dict[str, Any]:
-    priors: dict[str, Any] = {}
-    if records:
-        loss = float(records[-1]["loss"])
-        priors["kaplan_b_crit_tokens"] = kaplan_critical_batch_tokens(loss)
-        priors["kaplan_note"] = (f"Kaplan et al. 2020 Eq. 5.1 at loss {loss:.3f} nats/token; fitted on WebText2 with "
-                                 "GPT-2 tokens, so only an order of magnitude for other tokenizers")
+def _priors(settings: NoiseRunSettings, records: list[dict[str, Any]]) -> NoisePriors:
+    kaplan: dict[str, Any] = {}
+    loss = records[-1]["loss"] if records else None
+    if isinstance(loss, (int, float)) and math.isfinite(loss):  # metrics.jsonl holds null for a non-finite loss
+        kaplan = {"kaplan_b_crit_tokens": kaplan_critical_batch_tokens(loss),
+                  "kaplan_note": (f"Kaplan et al. 2020 Eq. 5.1 at loss {loss:.3f} nats/token; fitted on WebText2 with "
+                                  "GPT-2 tokens, so only an order of magnitude for other tokenizers")}
     if settings.train_tokens:
         from batchpilot.train.run_folder import base_model
 
         try:
             spec = load_model(base_model(settings.model))  # a run folder: its recorded architecture
         except BatchpilotError:
-            return priors
+            return NoisePriors(**kaplan)
         m = deepseek_flops_per_token(num_layers=spec.num_layers, hidden_size=spec.hidden_size, seq_len=settings.seq_len)
-        priors["deepseek_b_opt_tokens"] = deepseek_batch_tokens(m * settings.train_tokens)
-        priors["deepseek_note"] = "DeepSeek LLM 2024 §3.1, B_opt = 0.2920·C^0.3271 with C = M·D"
-    return priors
+        return NoisePriors(**kaplan, deepseek_b_opt_tokens=deepseek_batch_tokens(m * settings.train_tokens),
+                           deepseek_note="DeepSeek LLM 2024 §3.1, B_opt = 0.2920·C^0.3271 with C = M·D")
+    return NoisePriors(**kaplan)

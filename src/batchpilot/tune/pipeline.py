@@ -7,13 +7,14 @@ Example (CPU, about five minutes on two cores)::
     batchpilot tune --out runs/h100 --reuse --skip probe       # re-plan from the records already there
 
 A stage can be skipped (``--skip``) or reused from an earlier run in the same ``out`` (``--reuse``: its
-record is read instead of measured again). A stage that fails is recorded with its message; later stages
-that do not need it still run, and the report says what is missing.
+record is read instead of measured again, and refused in one line when it was made for another model,
+sequence length, device, data or settings: :mod:`batchpilot.tune.reuse`). A stage that fails is recorded
+with its message; later stages that do not need it still run, and the report says what is missing.
+Every record is written and read through its type in :mod:`batchpilot.records`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,19 +22,37 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.records.base import Record
+from batchpilot.records.memory_curve import MemoryCurve
+from batchpilot.records.noise import NoiseRecord
+from batchpilot.records.plan import PlanRecord
+from batchpilot.records.probe import ProbeResult
+from batchpilot.records.tune_state import StageRecord, TuneOutcome, TuneRunRecord
+from batchpilot.records.verify import VerifyRecord
 from batchpilot.tune import stages
-from batchpilot.tune.config import STAGES, StageRecord, TuneConfig
+from batchpilot.tune.config import STAGES, TuneConfig
+from batchpilot.tune.reuse import check_reusable
 from batchpilot.tune.stages import TuneState
 
-RECORD_FILES: dict[str, str] = {
-    "probe": "probe.json", "memory": "memory_curve.json", "noise": "noise.json", "plan": "plan.json",
-    "verify": "verify.json",
+RECORDS: dict[str, tuple[str, type[Record]]] = {
+    "probe": ("probe.json", ProbeResult), "memory": ("memory_curve.json", MemoryCurve),
+    "noise": ("noise.json", NoiseRecord), "plan": ("plan.json", PlanRecord), "verify": ("verify.json", VerifyRecord),
 }
-ABSORB: dict[str, Callable[[dict[str, Any], stages.TuneState], None]] = {
-    "probe": stages.absorb_probe,
-    "noise": lambda record, state: setattr(state, "noise", record),
-    "plan": lambda record, state: setattr(state, "plan", record),
-}
+"""Each measuring stage's record file and type."""
+TUNE_RECORD = "tune.json"
+
+
+def _absorb(name: str, record: Any, state: TuneState) -> None:
+    """Take a reused record into the state, as the stage would have left it."""
+    if name == "probe":
+        stages.absorb_probe(record, state)
+    elif name == "memory":
+        state.memory = record
+    elif name == "noise":
+        state.noise = record
+    elif name == "plan":
+        state.plan = record
+
 
 StageEvent = Callable[[str, str, StageRecord | None], None]
 """``event(stage, "start"|"end", record)`` for progress displays."""
@@ -41,27 +60,31 @@ StageEvent = Callable[[str, str, StageRecord | None], None]
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TuneResult:
+    """What ``run_tune`` did: the stages' outcomes, the report and the state the stages left."""
+
     out: Path
+    """The run directory."""
     stages: tuple[StageRecord, ...]
+    """Every stage's outcome, in order."""
     report_path: Path | None
+    """The HTML report (None when the report stage did not run)."""
     state: TuneState
+    """The typed records of the stages that ran or were reused."""
+
+    def to_record(self) -> TuneOutcome:
+        """The ``batchpilot tune --json`` object."""
+        probe, noise, plan = self.state.probe, self.state.noise, self.state.plan
+        return TuneOutcome(out=str(self.out), report=str(self.report_path) if self.report_path else None,
+                           stages=self.stages, plan=plan.best if plan else None,
+                           max_micro_batch=probe.max_micro_batch if probe else None,
+                           knee_micro_batch=probe.knee_micro_batch if probe else None,
+                           b_simple_sequences=noise.b_simple_sequences if noise else None)
 
     def to_dict(self) -> dict[str, Any]:
-        plan = (self.state.plan or {}).get("plans") or [{}]
-        return {"out": str(self.out), "report": str(self.report_path) if self.report_path else None,
-                "stages": [s.to_dict() for s in self.stages], "plan": plan[0],
-                "max_micro_batch": (self.state.probe or {}).get("max_micro_batch"),
-                "knee_micro_batch": (self.state.probe or {}).get("knee_micro_batch"),
-                "b_simple_sequences": (self.state.noise or {}).get("b_simple_sequences")}
+        return self.to_record().to_dict()
 
 
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str, allow_nan=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def _runner(name: str, cfg: TuneConfig, state: stages.TuneState, hooks: dict[str, Any]) -> Callable[[], Any]:
+def _runner(name: str, cfg: TuneConfig, state: TuneState, hooks: dict[str, Any]) -> Callable[[], Record]:
     out = cfg.out
     return {
         "probe": lambda: stages.probe_stage(cfg, state, hooks.get("probe")),
@@ -72,20 +95,23 @@ def _runner(name: str, cfg: TuneConfig, state: stages.TuneState, hooks: dict[str
     }[name]
 
 
-def _reused(name: str, cfg: TuneConfig, state: stages.TuneState) -> StageRecord | None:
-    path = cfg.out / RECORD_FILES[name]
+def _reused(name: str, cfg: TuneConfig, state: TuneState) -> StageRecord | None:
+    """With ``--reuse``, the stage's record read through its loader and checked against this run."""
+    filename, record_type = RECORDS[name]
+    path = cfg.out / filename
     if not (cfg.reuse and path.is_file()):
         return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BatchpilotError(f"--reuse: {str(path)!r} is unreadable ({exc}); delete it or drop --reuse") from None
-    if name in ABSORB:
-        ABSORB[name](record, state)
-    return StageRecord(name=name, status="reused", seconds=0.0, record=RECORD_FILES[name])
+    record = record_type.load(path)
+    check_reusable(name, path, record, cfg, state.device)
+    _absorb(name, record, state)
+    return StageRecord(name=name, status="reused", seconds=0.0, record=filename)
 
 
-def _run_stage(name: str, cfg: TuneConfig, state: stages.TuneState, hooks: dict[str, Any]) -> StageRecord:
+def _elapsed(start: float) -> float:
+    return round(time.perf_counter() - start, 2)
+
+
+def _run_stage(name: str, cfg: TuneConfig, state: TuneState, hooks: dict[str, Any]) -> StageRecord:
     if name in cfg.skip:
         return StageRecord(name=name, status="skipped", seconds=0.0, message="--skip")
     reused = _reused(name, cfg, state)
@@ -95,9 +121,10 @@ def _run_stage(name: str, cfg: TuneConfig, state: stages.TuneState, hooks: dict[
     try:
         record = _runner(name, cfg, state, hooks)()
     except BatchpilotError as exc:
-        return StageRecord(name=name, status="failed", seconds=time.perf_counter() - start, message=str(exc))
-    _write_json(cfg.out / RECORD_FILES[name], record)
-    return StageRecord(name=name, status="ok", seconds=time.perf_counter() - start, record=RECORD_FILES[name])
+        return StageRecord(name=name, status="failed", seconds=_elapsed(start), message=str(exc))
+    filename = RECORDS[name][0]
+    record.save(cfg.out / filename)
+    return StageRecord(name=name, status="ok", seconds=_elapsed(start), record=filename)
 
 
 def run_tune(cfg: TuneConfig, *, on_stage: StageEvent | None = None, hooks: dict[str, Any] | None = None) -> TuneResult:
@@ -114,10 +141,14 @@ def run_tune(cfg: TuneConfig, *, on_stage: StageEvent | None = None, hooks: dict
         else:
             rec = _run_stage(name, cfg, state, hooks or {})
         done.append(rec)
-        _write_json(cfg.out / "tune.json", {"config": _config_record(cfg), "stages": [s.to_dict() for s in done]})
+        _save_tune_record(cfg, done)
         if on_stage:
             on_stage(name, "end", rec)
     return TuneResult(out=cfg.out, stages=tuple(done), report_path=report_path, state=state)
+
+
+def _save_tune_record(cfg: TuneConfig, done: list[StageRecord]) -> None:
+    TuneRunRecord(config=cfg.to_record(), stages=tuple(done)).save(cfg.out / TUNE_RECORD)
 
 
 def _report_stage(cfg: TuneConfig, done: list[StageRecord]) -> tuple[StageRecord, Path | None]:
@@ -126,17 +157,9 @@ def _report_stage(cfg: TuneConfig, done: list[StageRecord]) -> tuple[StageRecord
     from batchpilot.report.html import build_report
 
     start = time.perf_counter()
-    _write_json(cfg.out / "tune.json", {"config": _config_record(cfg), "stages": [s.to_dict() for s in done]})
+    _save_tune_record(cfg, done)
     try:
         files = build_report(cfg.out)
     except BatchpilotError as exc:
-        return StageRecord(name="report", status="failed", seconds=time.perf_counter() - start, message=str(exc)), None
-    return (StageRecord(name="report", status="ok", seconds=time.perf_counter() - start, record="report.html"),
-            files.html_path)
-
-
-def _config_record(cfg: TuneConfig) -> dict[str, Any]:
-    return {"model": cfg.model, "data": cfg.data, "seq_len": cfg.seq_len, "device": cfg.device,
-            "memory_budget_bytes": cfg.memory_budget_bytes, "settings": cfg.settings.to_dict(), "gpu": cfg.gpu,
-            "gpus": cfg.gpus, "time_budget_s": cfg.time_budget_s, "skip": list(cfg.skip), "reuse": cfg.reuse,
-            "seed": cfg.seed}
+        return StageRecord(name="report", status="failed", seconds=_elapsed(start), message=str(exc)), None
+    return StageRecord(name="report", status="ok", seconds=_elapsed(start), record="report.html"), files.html_path

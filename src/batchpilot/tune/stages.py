@@ -1,10 +1,13 @@
-"""The stages of ``batchpilot tune``: each runs one library function and returns a JSON-able record.
+"""The stages of ``batchpilot tune``: each runs one library function and returns its typed record.
 
-probe  → the largest micro-batch that really fits, tokens/s per size, the knee, a calibration
-memory → analytic and traced estimates at the probed sizes (same convention as the probe's peaks)
-noise  → the gradient noise scale B_simple ≈ critical batch, on the user's model and data
-plan   → the triad for this device (calibrated by the probe) and, with --gpu/--gpus, for the cluster
-verify → a short training run with the chosen plan: measured tokens/s and memory vs predicted
+probe  → the largest micro-batch that really fits, tokens/s per size, the knee, a calibration (ProbeResult)
+memory → analytic and traced estimates at the probed sizes, in the probe's convention (MemoryCurve)
+noise  → the gradient noise scale B_simple ≈ critical batch, on the user's model and data (NoiseRecord)
+plan   → the triad for this device (calibrated by the probe) and, with --gpu/--gpus, for the cluster (PlanRecord)
+verify → a short training run with the chosen plan: measured tokens/s and memory vs predicted (VerifyRecord)
+
+Later stages read earlier ones from :class:`TuneState`, typed, whether a stage ran now or its record was
+reused (:mod:`batchpilot.tune.reuse`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,12 @@ from batchpilot.errors import BatchpilotError
 from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration, calibration_from_dict
 from batchpilot.measure.probe import ProgressHook
 from batchpilot.measure.probe_types import Device, ProbeRequest
+from batchpilot.records.memory_curve import MemoryCurve
+from batchpilot.records.noise import NoiseRecord
+from batchpilot.records.plan import PlanRecord
+from batchpilot.records.probe import ProbeResult
+from batchpilot.records.train_summary import TrainSummary
+from batchpilot.records.verify import VerifyMeasurement, VerifyPrediction, VerifyRecord
 from batchpilot.specs.model import ModelSpec, load_model
 from batchpilot.tune.config import CPU_DEFAULT_BUDGET_BYTES, TuneConfig
 
@@ -27,21 +36,32 @@ LOCAL_EXPORTS = ("torchrun", "hf")
 MIN_MEMORY_STAGE_S = 60.0
 """Traces of a small model take seconds each; give the memory curve at least this long."""
 CLUSTER_EXPORTS = ("deepspeed", "megatron", "hf", "lightning", "torchrun")
+NOISE_KNEE_WITHOUT_PROBE = 4
+"""Micro-batch (B_small) of the noise run when the probe did not run: the ``batchpilot noise`` default."""
 
 
 @dataclass(kw_only=True, slots=True)
 class TuneState:
-    """What earlier stages found, for the later ones (filled from records when a stage is reused)."""
+    """What earlier stages found, for the later ones (set by a stage, or from its record when reused)."""
 
     model: ModelSpec
+    """The model being tuned."""
     device: Device = "cpu"
-    probe: dict[str, Any] | None = None
+    """The local device (``auto`` resolved)."""
+    request: ProbeRequest | None = None
+    """The probe's request, built once (:func:`probe_request`): its budget and the trial convention."""
+    probe: ProbeResult | None = None
+    """The probe record."""
     calibration: Calibration = DEFAULT_CALIBRATION
+    """The probe's calibration of the local device (the default curve without a probe)."""
     peak_flops_per_s: float | None = None
     """The local device's peak the calibration's efficiencies are relative to."""
-    noise: dict[str, Any] | None = None
-    plan: dict[str, Any] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    memory: MemoryCurve | None = None
+    """The memory curve."""
+    noise: NoiseRecord | None = None
+    """The noise measurement."""
+    plan: PlanRecord | None = None
+    """The local plan (and the cluster plan inside it)."""
 
 
 def new_state(cfg: TuneConfig) -> TuneState:
@@ -59,18 +79,27 @@ def new_state(cfg: TuneConfig) -> TuneState:
 
 
 def probe_request(cfg: TuneConfig, state: TuneState) -> ProbeRequest:
+    """The probe's request, built once per run: every stage that speaks the probe's convention (its budget
+    above a baseline that holds the weights on CPU, :func:`batchpilot.measure.predict.baseline_model_bytes`)
+    uses this one. The budget: ``--memory-budget``, else a reused probe record's, else the device default."""
+    if state.request is None:
+        state.request = ProbeRequest(
+            model=state.model, settings=cfg.settings, seq_len=cfg.seq_len, device=state.device,
+            budget_bytes=cfg.memory_budget_bytes or (state.probe.budget_bytes if state.probe else None)
+            or _default_budget(state.device),
+            seed=cfg.seed, trial_timeout_s=max(60.0, cfg.stage_seconds("probe")),
+        )
+    return state.request
+
+
+def _default_budget(device: Device) -> int:
     from batchpilot.measure.device import device_memory_bytes
 
-    default_budget = CPU_DEFAULT_BUDGET_BYTES if state.device == "cpu" else device_memory_bytes(state.device)
-    return ProbeRequest(
-        model=state.model, settings=cfg.settings, seq_len=cfg.seq_len, device=state.device,
-        budget_bytes=cfg.memory_budget_bytes or default_budget, seed=cfg.seed,
-        trial_timeout_s=max(60.0, cfg.stage_seconds("probe")),
-    )
+    return CPU_DEFAULT_BUDGET_BYTES if device == "cpu" else device_memory_bytes(device)
 
 
 # ------------------------------------------------------------------------------------------- probe
-def probe_stage(cfg: TuneConfig, state: TuneState, progress: ProgressHook | None = None) -> dict[str, Any]:
+def probe_stage(cfg: TuneConfig, state: TuneState, progress: ProgressHook | None = None) -> ProbeResult:
     """Real trials on the device; the calibration divides measured FLOP/s by the device's peak."""
     from batchpilot.measure.calibrate import calibration_from_probe
     from batchpilot.measure.predict import analytic_trial_bytes
@@ -79,23 +108,22 @@ def probe_stage(cfg: TuneConfig, state: TuneState, progress: ProgressHook | None
     request = probe_request(cfg, state)
     result = run_probe(request, progress=progress)
     peak, name = local_peak_flops(cfg, state)
-    record = result.to_dict()
     if peak is not None:
         calibration = calibration_from_probe(
             result, request, peak_flops_per_s=peak, accelerator=name,
             analytic_bytes=lambda b: analytic_trial_bytes(request, b))
-        record["calibration"] = calibration.to_dict()
-        record["peak_flops_per_s"] = peak
-    absorb_probe(record, state)
-    return record
+        result = replace(result, calibration=calibration.to_dict(), peak_flops_per_s=peak)
+        state.calibration, state.peak_flops_per_s = calibration, peak
+    state.probe = result
+    return result
 
 
-def absorb_probe(record: dict[str, Any], state: TuneState) -> None:
-    """Take a probe record (fresh or reused) into the state."""
+def absorb_probe(record: ProbeResult, state: TuneState) -> None:
+    """Take a reused probe record into the state (a fresh one is taken by :func:`probe_stage`)."""
     state.probe = record
-    if isinstance(record.get("calibration"), dict):
-        state.calibration = calibration_from_dict(record["calibration"], "probe.json calibration")
-        state.peak_flops_per_s = float(record["peak_flops_per_s"])
+    if record.calibration is not None and record.peak_flops_per_s is not None:
+        state.calibration = calibration_from_dict(record.calibration, "probe.json calibration")
+        state.peak_flops_per_s = record.peak_flops_per_s
 
 
 def local_peak_flops(cfg: TuneConfig, state: TuneState) -> tuple[float | None, str]:
@@ -113,14 +141,14 @@ def local_peak_flops(cfg: TuneConfig, state: TuneState) -> tuple[float | None, s
 
 
 # ------------------------------------------------------------------------------------------- memory
-def memory_stage(cfg: TuneConfig, state: TuneState) -> dict[str, Any]:
+def memory_stage(cfg: TuneConfig, state: TuneState) -> MemoryCurve:
     """Analytic and traced estimates at every probed size, in the probe's own convention (the CPU
     trial's baseline already holds the weights, so they are subtracted from both)."""
     from batchpilot.measure.predict import analytic_trial_bytes, baseline_model_bytes
     from batchpilot.measure.traced import traced_memory
 
     request = probe_request(cfg, state)
-    sizes = sorted({int(t["micro_batch"]) for t in (state.probe or {}).get("trials", [])}) or [1, 2, 4, 8]
+    sizes = sorted({t.micro_batch for t in state.probe.trials}) if state.probe else [1, 2, 4, 8]
     baseline = baseline_model_bytes(request)
     deadline = time.monotonic() + max(MIN_MEMORY_STAGE_S, cfg.stage_seconds("memory"))
     traced: list[int | None] = []
@@ -131,8 +159,10 @@ def memory_stage(cfg: TuneConfig, state: TuneState) -> dict[str, Any]:
         total = traced_memory(state.model, cfg.settings, micro_batch=size, seq_len=cfg.seq_len,
                               target="cuda" if state.device == "cuda" else "cpu").total_bytes
         traced.append(total - baseline)
-    return {"micro_batches": sizes, "analytic": [analytic_trial_bytes(request, b) for b in sizes],
-            "traced": traced, "convention": "bytes above the trial process's baseline (weights excluded on CPU)"}
+    state.memory = MemoryCurve(micro_batches=tuple(sizes), analytic=tuple(analytic_trial_bytes(request, b) for b in sizes),
+                               traced=tuple(traced), model=cfg.model, seq_len=cfg.seq_len, device=state.device,
+                               settings=cfg.settings)
+    return state.memory
 
 
 # ------------------------------------------------------------------------------------------- plan
@@ -147,14 +177,14 @@ def local_cluster(cfg: TuneConfig, state: TuneState) -> Any:
                               "(or pass --gpu NAME for a CUDA device)")
     from batchpilot.measure.predict import baseline_model_bytes
 
-    # The probe's budget sits above a baseline that already holds the weights (see probe.default_predictor):
-    # the planner's analytic total counts them, so the device's memory is budget + weights.
-    budget = int((state.probe or {}).get("budget_bytes") or CPU_DEFAULT_BUDGET_BYTES)
-    budget += baseline_model_bytes(probe_request(cfg, state))
+    # The probe's budget sits above a baseline that already holds the weights (measure.predict): the
+    # planner's analytic total counts them, so the device's memory is budget + weights.
+    request = probe_request(cfg, state)
     measured = FigureSource(url="measured by batchpilot tune on this machine", says="measured", dense=True)
     precision = cfg.settings.precision
     accel = AcceleratorSpec(
-        name="cpu", display_name="this machine's CPU (measured)", vendor="local", memory_bytes=budget,
+        name="cpu", display_name="this machine's CPU (measured)", vendor="local",
+        memory_bytes=request.budget_bytes + baseline_model_bytes(request),
         peak_flops={precision: state.peak_flops_per_s}, memory_bandwidth_bytes_per_s=10e9,
         intra_node_bandwidth_bytes_per_s=10e9, intra_node_link="none (one device)",
         sources={"memory_bytes": measured, f"peak_flops.{precision}": measured},
@@ -163,40 +193,46 @@ def local_cluster(cfg: TuneConfig, state: TuneState) -> Any:
     return ClusterSpec(accelerator=accel, devices_per_node=1)
 
 
+def _knee(state: TuneState, default: int = 1) -> int:
+    return state.probe.knee_micro_batch if state.probe else default
+
+
 def critical_batch_sequences(state: TuneState, cfg: TuneConfig) -> int:
     """The global batch the convergence measurement asks for: B_simple in sequences, at least the knee,
     rounded to a whole number of knee-sized micro-batches."""
-    knee = int((state.probe or {}).get("knee_micro_batch") or 1)
-    b_simple = (state.noise or {}).get("b_simple_sequences")
-    if not isinstance(b_simple, (int, float)) or not math.isfinite(b_simple) or b_simple <= 0:
+    knee = _knee(state)
+    b_simple = state.noise.b_simple_sequences if state.noise else math.nan
+    if not math.isfinite(b_simple) or b_simple <= 0:
         return knee
     return max(1, round(b_simple / knee)) * knee
 
 
-def plan_stage(cfg: TuneConfig, state: TuneState, out: Path) -> dict[str, Any]:
-    """Plan for the local device (and the target cluster), write the exports."""
-    from batchpilot.estimate.overhead import OverheadModel
-    from batchpilot.plan.planner import Pins, PlanRequest, plan
+def _target_source(state: TuneState) -> str:
+    return "noise (B_simple)" if state.noise else "probe knee (no noise measurement)"
 
-    knee = int((state.probe or {}).get("knee_micro_batch") or 1)
-    target = critical_batch_sequences(state, cfg)
+
+def plan_stage(cfg: TuneConfig, state: TuneState, out: Path) -> PlanRecord:
+    """Plan for the local device (and the target cluster), write the exports."""
+    from batchpilot.estimate.memory import OverheadModel
+    from batchpilot.plan.planner import plan
+    from batchpilot.plan.request import Pins, PlanRequest
+
     request = PlanRequest(
-        model=state.model, cluster=local_cluster(cfg, state), seq_len=cfg.seq_len, global_batch_sequences=target,
-        settings=cfg.settings, pins=Pins(micro_batch=knee), calibration=state.calibration, headroom=0.0,
+        model=state.model, cluster=local_cluster(cfg, state), seq_len=cfg.seq_len,
+        global_batch_sequences=critical_batch_sequences(state, cfg), settings=cfg.settings,
+        pins=Pins(micro_batch=_knee(state)), calibration=state.calibration, headroom=0.0,
         overhead=OverheadModel.cpu() if state.device == "cpu" else None, top=5,
     )
     result = plan(request)
-    record = result.to_dict()
-    record["target_source"] = "noise (B_simple)" if state.noise else "probe knee (no noise measurement)"
     _write_exports(result, out / "exports", "local", LOCAL_EXPORTS)
-    if cfg.gpu and cfg.gpus:
-        record["cluster_plan"] = _cluster_plan(cfg, state, out)
-    state.plan = record
-    return record
+    cluster = _cluster_plan(cfg, state, out) if cfg.gpu and cfg.gpus else None
+    state.plan = replace(result.to_record(), target_source=_target_source(state), cluster_plan=cluster)
+    return state.plan
 
 
-def _cluster_plan(cfg: TuneConfig, state: TuneState, out: Path) -> dict[str, Any]:
-    from batchpilot.plan.planner import PlanRequest, plan
+def _cluster_plan(cfg: TuneConfig, state: TuneState, out: Path) -> PlanRecord:
+    from batchpilot.plan.planner import plan
+    from batchpilot.plan.request import PlanRequest
     from batchpilot.specs.hardware import ClusterSpec, load_accelerator
 
     assert cfg.gpu is not None and cfg.gpus is not None
@@ -207,18 +243,12 @@ def _cluster_plan(cfg: TuneConfig, state: TuneState, out: Path) -> dict[str, Any
     cluster = ClusterSpec(accelerator=load_accelerator(cfg.gpu), devices_per_node=per_node, num_nodes=nodes,
                           inter_node_bandwidth_bytes_per_s=50e9 if nodes > 1 else None)
     tokens, source = _cluster_target_tokens(cfg, state)
-    settings = cfg.settings if cfg.settings.precision != "fp32" else _bf16(cfg)
+    settings = cfg.settings if cfg.settings.precision != "fp32" else replace(cfg.settings, precision="bf16")
     request = PlanRequest(model=state.model, cluster=cluster, seq_len=cfg.seq_len, global_batch_tokens=tokens,
                           settings=settings, max_deviation=0.25, top=5)
     result = plan(request)
     _write_exports(result, out / "exports", "cluster", CLUSTER_EXPORTS)
-    return {**result.to_dict(), "target_source": source}
-
-
-def _bf16(cfg: TuneConfig) -> Any:
-    from dataclasses import replace
-
-    return replace(cfg.settings, precision="bf16")
+    return replace(result.to_record(), target_source=source)
 
 
 def _cluster_target_tokens(cfg: TuneConfig, state: TuneState) -> tuple[int, str]:
@@ -236,7 +266,7 @@ def _cluster_target_tokens(cfg: TuneConfig, state: TuneState) -> tuple[int, str]
     measured = critical_batch_sequences(state, cfg)
     floor = cfg.gpus or 1
     if measured >= floor:
-        return measured * cfg.seq_len, "noise (B_simple)" if state.noise else "probe knee (no noise measurement)"
+        return measured * cfg.seq_len, _target_source(state)
     return floor * cfg.seq_len, (f"one sequence per GPU ({floor}): the measured batch ({measured} sequences, from the "
                                  "first steps of a fresh model) is below it; give --train-tokens for the "
                                  "scaling-law prior")
@@ -260,9 +290,9 @@ def _write_exports(result: Any, folder: Path, prefix: str, formats: tuple[str, .
 
 # ------------------------------------------------------------------------------------------- noise
 def _tokens_per_s_at(state: TuneState, micro_batch: int) -> float | None:
-    for trial in (state.probe or {}).get("trials", []):
-        if trial.get("micro_batch") == micro_batch and trial.get("tokens_per_s"):
-            return float(trial["tokens_per_s"])
+    for trial in state.probe.trials if state.probe else ():
+        if trial.micro_batch == micro_batch and trial.tokens_per_s:
+            return trial.tokens_per_s
     return None
 
 
@@ -273,11 +303,11 @@ def steps_within(seconds: float, tokens_per_step: int, tokens_per_s: float | Non
     return max(lo, min(hi, int(seconds * tokens_per_s / tokens_per_step)))
 
 
-def noise_stage(cfg: TuneConfig, state: TuneState, out: Path) -> dict[str, Any]:
+def noise_stage(cfg: TuneConfig, state: TuneState, out: Path) -> NoiseRecord:
     """B_simple over K real steps at micro-batch = the knee (B_small) and 2 × knee (B_big)."""
     from batchpilot.tune.noise_run import NoiseRunSettings, measure_noise
 
-    knee = int((state.probe or {}).get("knee_micro_batch") or 4)
+    knee = _knee(state, NOISE_KNEE_WITHOUT_PROBE)
     global_batch = 2 * knee
     steps = steps_within(cfg.stage_seconds("noise"), global_batch * cfg.seq_len, _tokens_per_s_at(state, knee),
                          lo=4, hi=40)
@@ -285,9 +315,8 @@ def noise_stage(cfg: TuneConfig, state: TuneState, out: Path) -> dict[str, Any]:
                                 micro_batch_sequences=knee, global_batch_sequences=global_batch, steps=steps,
                                 seed=cfg.seed, train_tokens=float(cfg.train_tokens) if cfg.train_tokens else None,
                                 out=str(_fresh_stage_dir(out / "noise-run")))
-    record = measure_noise(settings)
-    state.noise = record
-    return record
+    state.noise = measure_noise(settings)
+    return state.noise
 
 
 def _fresh_stage_dir(path: Path) -> Path:
@@ -298,29 +327,29 @@ def _fresh_stage_dir(path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- verify
-def verify_stage(cfg: TuneConfig, state: TuneState, out: Path, on_record: Any = None) -> dict[str, Any]:
+def verify_stage(cfg: TuneConfig, state: TuneState, out: Path, on_record: Any = None) -> VerifyRecord:
     """Train with the winning local plan; compare measured tokens/s and peak memory with the prediction."""
     from batchpilot.train.config import TrainConfig
     from batchpilot.train.runner import run
 
-    plans = (state.plan or {}).get("plans") or []
-    if not plans:
+    best = state.plan.best if state.plan else None
+    if best is None:
         raise BatchpilotError("no plan to verify: the plan stage found none (see plan.json)")
-    best = plans[0]
-    steps = steps_within(cfg.stage_seconds("verify"), int(best["global_batch_tokens"]),
-                         _tokens_per_s_at(state, int(best["micro_batch"])), lo=5, hi=200)
+    steps = steps_within(cfg.stage_seconds("verify"), best.global_batch_tokens,
+                         _tokens_per_s_at(state, best.micro_batch), lo=5, hi=200)
+    train_dir = _fresh_stage_dir(out / "train")
     config = TrainConfig().replace(
         model={"model": cfg.model},
         data={"data": cfg.data, "tokenizer": cfg.tokenizer, "seq_len": cfg.seq_len},
-        batch={"global_batch_sequences": int(best["global_batch_sequences"]),
-               "micro_batch_sequences": int(best["micro_batch"])},
+        batch={"global_batch_sequences": best.global_batch_sequences, "micro_batch_sequences": best.micro_batch},
         optim={"precision": cfg.settings.precision if cfg.settings.precision != "fp8" else "bf16",
                "warmup_steps": max(1, steps // 10)},
-        run={"steps": steps, "out": str(_fresh_stage_dir(out / "train")), "seed": cfg.seed, "val_every": max(1, steps // 4),
+        run={"steps": steps, "out": str(train_dir), "seed": cfg.seed, "val_every": max(1, steps // 4),
              "val_rows": 16, "device": state.device},
     )
-    summary = run(config, on_record=on_record)
-    return {"summary": summary, "predicted": {k: best.get(k) for k in ("tokens_per_s", "step_time_s", "memory")},
-            "measured": {"tokens_per_s": summary.get("tokens_per_s"),
-                         "peak_memory_bytes": summary.get("peak_memory_bytes")},
-            "steps": steps}
+    run(config, on_record=on_record)
+    summary = TrainSummary.load(train_dir / "summary.json")
+    return VerifyRecord(
+        summary=summary, steps=steps,
+        predicted=VerifyPrediction(tokens_per_s=best.tokens_per_s, step_time_s=best.step_time_s, memory=best.memory),
+        measured=VerifyMeasurement(tokens_per_s=summary.tokens_per_s, peak_memory_bytes=summary.peak_memory_bytes))

@@ -1,0 +1,105 @@
+"""``tune --reuse``: records read through their loaders, typed into the state; a record made for another model,
+sequence length, device, data, settings or probe budget is refused in one line before anything runs.
+
+The run folders are written by the records' writers (``record_samples``: tiny-llama-1m, seq 64, fp32 on CPU,
+budget 900 MiB), so these tests run no trial and no training step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import record_samples
+
+from batchpilot.cli import app
+from batchpilot.records.base import RecordError
+from batchpilot.records.tune_state import TuneRunRecord
+from batchpilot.tune.config import TuneConfig
+from batchpilot.tune.pipeline import run_tune
+from batchpilot.tune.reuse import ReuseError
+
+FILES = {"probe.json": record_samples.probe, "memory_curve.json": record_samples.memory_curve,
+         "noise.json": record_samples.noise, "plan.json": record_samples.plan}
+
+
+def _folder(tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    out.mkdir()
+    for name, sample in FILES.items():
+        sample().save(out / name)
+    return out
+
+
+def _config(out: Path, **changes: object) -> TuneConfig:
+    base: dict[str, object] = dict(model=record_samples.MODEL, seq_len=record_samples.SEQ, device="cpu", out=out,
+                                   reuse=True, skip=("verify", "report"), memory_budget_bytes=900 * record_samples.MIB)
+    base.update(changes)
+    return TuneConfig(**base)  # type: ignore[arg-type]
+
+
+def test_matching_records_are_reused_typed(tmp_path: Path) -> None:
+    out = _folder(tmp_path)
+    result = run_tune(_config(out))
+    assert [(s.name, s.status) for s in result.stages] == [
+        ("probe", "reused"), ("memory", "reused"), ("noise", "reused"), ("plan", "reused"), ("verify", "skipped"),
+        ("report", "skipped")]
+    assert result.state.probe == record_samples.probe() and result.state.plan == record_samples.plan()
+    assert result.state.noise == record_samples.noise() and result.state.memory == record_samples.memory_curve()
+    record = result.to_dict()
+    assert record["schema_version"] == 1 and record["plan"] == record_samples.plan_row().to_dict()
+    assert (record["max_micro_batch"], record["knee_micro_batch"], record["b_simple_sequences"]) == (24, 24, 21.5)
+    assert TuneRunRecord.load(out / "tune.json").stages == result.stages
+
+
+def test_without_a_budget_the_probe_records_budget_is_taken(tmp_path: Path) -> None:
+    """No --memory-budget: the reused probe's budget is the run's (one request, built once, for every stage)."""
+    result = run_tune(_config(_folder(tmp_path), memory_budget_bytes=None))
+    assert result.state.request is None or result.state.request.budget_bytes == 900 * record_samples.MIB
+    assert result.stages[0].status == "reused"
+
+
+@pytest.mark.parametrize(("changes", "found"), [
+    ({"seq_len": 128}, "seq_len 64 (now 128)"),
+    ({"model": "tiny-llama-15m"}, "model 'tiny-llama-1m' (now 'tiny-llama-15m')"),
+    ({"memory_budget_bytes": 2**30}, "budget_bytes 943718400 (now 1073741824)"),
+])
+def test_a_probe_made_for_another_run_is_refused_in_one_line(tmp_path: Path, changes, found) -> None:
+    out = _folder(tmp_path)
+    with pytest.raises(ReuseError) as info:
+        run_tune(_config(out, **changes))
+    message = str(info.value)
+    assert "\n" not in message and str(out / "probe.json") in message and found in message
+    assert "drop --reuse (or delete probe.json) to run the probe stage again" in message
+
+
+def test_each_stage_checks_its_own_record(tmp_path: Path) -> None:
+    out = _folder(tmp_path)
+    record_samples.noise(data="corpus.jsonl").save(out / "noise.json")
+    with pytest.raises(ReuseError, match=r"noise\.json' was made for data 'corpus\.jsonl' \(now 'stdlib'\)"):
+        run_tune(_config(out))
+    record_samples.noise().save(out / "noise.json")
+    record_samples.plan(settings=replace(record_samples.SETTINGS, precision="bf16")).save(out / "plan.json")
+    with pytest.raises(ReuseError, match=r"plan\.json' was made for precision 'bf16' \(now 'fp32'\); drop --reuse"):
+        run_tune(_config(out))
+
+
+def test_a_record_of_another_version_is_refused_in_one_line(tmp_path: Path) -> None:
+    out = _folder(tmp_path)
+    data = json.loads((out / "memory_curve.json").read_text())
+    data["schema_version"] = 7
+    (out / "memory_curve.json").write_text(json.dumps(data))
+    with pytest.raises(RecordError, match=r"memory_curve\.json' has schema_version 7; this batchpilot reads only "
+                                          r"schema_version 1; run the memory stage again"):
+        run_tune(_config(out))
+
+
+def test_the_cli_refuses_a_mismatch_in_one_line(cli_runner, tmp_path: Path) -> None:
+    out = _folder(tmp_path)
+    result = cli_runner.invoke(app, ["tune", "--out", str(out), "--reuse", "--skip", "verify,report", "--device", "cpu",
+                                     "--seq-len", "128", "--json"])
+    assert result.exit_code == 2, result.output
+    assert "seq_len 64 (now 128)" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""
