@@ -103,3 +103,15 @@ def test_the_cli_refuses_a_mismatch_in_one_line(cli_runner, tmp_path: Path) -> N
     assert result.exit_code == 2, result.output
     assert "seq_len 64 (now 128)" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
+
+
+def test_a_verification_run_for_another_sequence_length_is_refused(tmp_path: Path) -> None:
+    out = _folder(tmp_path)
+    verify = record_samples.verify()
+    other = replace(verify.summary, config={**verify.summary.config, "data": {"data": "stdlib", "seq_len": 32}})
+    replace(verify, summary=other).save(out / "verify.json")
+    with pytest.raises(ReuseError, match=r"verify\.json' was made for seq_len 32 \(now 64\)"):
+        run_tune(_config(out, skip=("report",)))
+    replace(verify, summary=replace(other, config={})).save(out / "verify.json")  # a config without the keys
+    with pytest.raises(ReuseError, match=r"was made for model None \(now 'tiny-llama-1m'\)"):
+        run_tune(_config(out, skip=("report",)))

@@ -35,6 +35,12 @@ def _settings(settings: RunSettings) -> dict[str, Any]:
     return asdict(settings)
 
 
+def _entry(config: dict[str, Any], section: str, key: str) -> Any:
+    """``config[section][key]`` of a training config, None where the config does not hold it."""
+    part = config.get(section)
+    return part.get(key) if isinstance(part, dict) else None
+
+
 def made_for(record: Record) -> dict[str, Any]:
     """What a stage record was made for, as comparable values."""
     if isinstance(record, ProbeResult):
@@ -49,8 +55,8 @@ def made_for(record: Record) -> dict[str, Any]:
         return {"model": record.model, "seq_len": record.seq_len, **_settings(record.settings)}
     if isinstance(record, VerifyRecord):
         config = record.summary.config
-        return {"model": config.get("model", {}).get("model"), "seq_len": config.get("data", {}).get("seq_len"),
-                "data": config.get("data", {}).get("data"), "precision": config.get("optim", {}).get("precision")}
+        return {"model": _entry(config, "model", "model"), "seq_len": _entry(config, "data", "seq_len"),
+                "data": _entry(config, "data", "data"), "precision": _entry(config, "optim", "precision")}
     raise TypeError(f"no reuse rule for a {type(record).__name__}")
 
 
