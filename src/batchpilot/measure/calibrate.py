@@ -54,12 +54,12 @@ def calibration_from_probe(result: ProbeResult, request: ProbeRequest, *, peak_f
 
 
 def check_calibration_accelerator_for(device: Device, accelerator: str | None) -> None:
-    """Before any trial: refuse ``--accelerator`` on a CPU probe (its efficiencies would be CPU throughput
+    """Before any trial: refuse ``--gpu`` on a CPU probe (its efficiencies would be CPU throughput
     divided by a GPU's peak, recorded under the GPU's name, which ``plan --calibration`` would then accept
     for that GPU), and load the named accelerator (an unknown name fails now, not after the trials)."""
     if accelerator and device == "cpu":
-        raise ProbeError(f"--accelerator {accelerator} with --device cpu: a CPU probe cannot calibrate a GPU; "
-                         "drop --accelerator (the calibration then divides by this CPU's measured matmul rate "
+        raise ProbeError(f"--gpu {accelerator} with --device cpu: a CPU probe cannot calibrate a GPU; "
+                         "drop --gpu (the calibration then divides by this CPU's measured matmul rate "
                          "and is named 'cpu') or probe on the GPU with --device cuda")
     if accelerator:
         from batchpilot.specs.hardware import load_accelerator
@@ -87,7 +87,7 @@ def write_calibration(result: ProbeResult, request: ProbeRequest, path: str | Pa
     elif request.device == "cpu":
         peak, name = measure_cpu_matmul_flops(request.settings.precision), "cpu"
     else:
-        raise ProbeError("--calibration-out on cuda needs --accelerator NAME (see `batchpilot hardware list`) "
+        raise ProbeError("--calibration-out on cuda needs --gpu NAME (see `batchpilot hardware list`) "
                          "for the peak FLOP/s the efficiencies are relative to")
     calibration = calibration_from_probe(result, request, peak_flops_per_s=peak, accelerator=name,
                                          analytic_bytes=lambda b: analytic_trial_bytes(request, b))
