@@ -48,14 +48,26 @@ def test_grows_at_most_2x_per_change_and_never_shrinks() -> None:
     assert s.decide(4, _estimate(1000.0, 2.0)) == "hold:at-max" and s.current == 64
 
 
-def test_holds_when_not_confident_or_in_cooldown_and_rounds_to_micro_times_dp() -> None:
+def test_holds_in_cooldown_and_rounds_to_micro_times_dp() -> None:
     s = _schedule(cooldown_steps=5)
     assert s.decide(0, None) == "hold:no-estimate"
-    assert s.decide(1, _estimate(100.0, 10.0)).startswith("hold:band-ratio")
     assert s.decide(2, _estimate(100.0, 2.0)) == "hold:cooldown"  # 3 steps since the start < 5
     assert s.decide(4, _estimate(14.9, 2.0)) == "grow:8->12"  # 14.9 → 12 = 3 × (micro × dp = 4)
     assert s.decide(6, _estimate(100.0, 2.0)) == "hold:cooldown"
     assert s.decide(9, _estimate(100.0, 2.0)) == "grow:12->24"
+
+
+def test_grows_when_the_band_lower_bound_exceeds_the_batch_however_wide_the_band() -> None:
+    """The old rule (band upper/lower <= 3) never grew at global = 2 × micro, where the band stays wide."""
+    s = _schedule()
+    wide = _estimate(100.0, 50.0)  # band 14.1–707: 50× wide, but B_simple > 8 at 97.5% one-sided confidence
+    assert not wide.confident and s.decide(0, wide) == "grow:8->16"
+    assert s.decide(1, wide) == "hold:band-lower-14.1<=16"  # the lower bound no longer exceeds the batch
+    assert s.decide(2, _estimate(40.0, 2.0)) == "grow:16->32"  # lower 28.3 > 16; at most 2× per change
+    noise_dominated = NoiseEstimate(steps=5, effective_steps=5.0, grad_sq_norm=-1.0, trace_cov=1.0,
+                                    tokens_per_sequence=32.0, b_simple_sequences=math.inf,
+                                    band_sequences=(0.0, math.inf), confident=False)
+    assert s.decide(3, noise_dominated).startswith("hold:band-lower-0<=")
 
 
 def test_state_round_trip_and_mismatch() -> None:

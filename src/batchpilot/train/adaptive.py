@@ -17,10 +17,14 @@ Across ranks, the micro-batch statistics are summed with one 3-element all-reduc
 the same estimate and takes the same decisions.
 
 :class:`AdaptiveBatchSchedule` grows the global batch to track B_crit ≈ B_simple (McCandlish et al.
-2018): after a step whose estimate is *confident* (95% band upper/lower ≤ ``band``), and at least
-``cooldown`` steps after the last change, the next batch becomes
-``min(max, 2 × current, B_simple rounded down to micro × dp)`` if that is larger than the current batch.
-It never shrinks. The micro-batch stays fixed; the loop re-derives accumulation; the LR follows
+2018): after a step whose 95% band has its *lower* bound above the current batch (so B_crit ≈ B_simple
+exceeds it at one-sided 97.5% confidence), and at least ``cooldown`` steps after the last change, the
+next batch becomes ``min(max, growth × current, B_simple rounded down to micro × dp)`` if that is larger
+than the current batch. It never shrinks. The earlier rule (grow only when the band's upper/lower ratio
+was at most ``band``) never grew at global = 2 × micro: with two micro-batches per step the two-batch
+estimator is noisy and the band stayed wider than 3× although its lower bound was far above the batch
+(``benchmarks/results/noise_adaptive.md``); ``band`` now only sets the ``b_simple_confident`` flag.
+Decisions carry their reason: ``grow:8->16``, ``hold:band-lower-5.2<=8``, ``hold:cooldown``, …. The micro-batch stays fixed; the loop re-derives accumulation; the LR follows
 ``--lr-scaling`` (use ``sqrt`` for Adam, Malladi et al. 2022). Every step's record carries ``b_simple``,
 its band and ``batch_decision``.
 """
@@ -160,7 +164,8 @@ class AdaptiveSettings:
     max_sequences: int
     """Largest global batch."""
     max_band_ratio: float = DEFAULT_MAX_BAND_RATIO
-    """Grow only when the 95% band's upper/lower ratio is at most this."""
+    """The noise hook's ``b_simple_confident`` flag (band upper/lower ≤ this); growth itself asks for the band's
+    lower bound above the current batch."""
     cooldown_steps: int = 10
     """Steps to wait after a change (and at the start) before the next one."""
     ema_decay: float = DEFAULT_EMA_DECAY
@@ -208,10 +213,11 @@ class AdaptiveBatchSchedule:
         s = self.settings
         if estimate is None:
             return "hold:no-estimate"
-        if not estimate.confident:
-            return f"hold:band-ratio-{estimate.band_ratio:.2g}"
         if step + 1 - self.last_change_step < s.cooldown_steps:
             return "hold:cooldown"
+        lower = estimate.band_sequences[0]
+        if not lower > self.current:  # also NaN: no estimate yet
+            return f"hold:band-lower-{lower:.3g}<={self.current}"
         target = min(s.max_sequences, int(s.max_growth * self.current), int(estimate.b_simple_sequences))
         target = target // self.multiple * self.multiple
         if target <= self.current:
