@@ -20,30 +20,39 @@ dropped). Then:
   plus fragmentation, CUDA context and workspace, i.e. closest to what ``nvidia-smi`` shows; the published
   metric (reserved / allocated / active / unstated) is reported next to each error. Runs whose published
   peak is within 5% of the GPU's capacity (or that ran out of memory) are judged by fits / does not fit only.
-- throughput: :class:`batchpilot.estimate.steptime.StepTimeModel` tokens/s per GPU against the published
-  (or derived-from-published) tokens/s per GPU; where a source publishes only executed TFLOP/s per GPU
-  (Narayanan et al., MT-NLG, BLOOM, Llama 3) against that.
+- throughput: :class:`batchpilot.estimate.steptime.StepTimeModel` (the per-op model) tokens/s per GPU against the
+  published (or derived-from-published) tokens/s per GPU; where a source publishes only executed TFLOP/s per GPU
+  (Narayanan et al., BLOOM, Llama 3) against that. Each row's kernels follow its engine's defaults, corrected where
+  the source says otherwise (:func:`row_implementation`: FlashAttention 1 in llm-foundry's tables, materialised
+  scores before FlashAttention, Megatron's fused kernels, async TP). Reported: tokens/s, MFU and step time per
+  source and split, bf16 and fp8 apart (:func:`throughput_summary`); the predicted order of alternatives a source
+  measured side by side (:func:`ranking_checks`); DeepSeek-V3 on 2048 H800 with its stated assumptions
+  (:func:`deepseek_v3_check`).
 
-The Megatron-LM check of ``benchmarks/steptime_vs_published.py`` is kept: the default efficiency curve
-fitted on the Narayanan et al. 2021 Table 1 rows of this data set (built by :func:`row_to_inputs`) must equal
-the shipped constants. Results: ``benchmarks/results/published_runs.json``, ``.md`` and ``.png``.
+The step-time model's two fitted constants (:mod:`batchpilot.estimate.fitted`) are refitted here on the FIT split
+only (:func:`fit_constants`); the run fails when they differ from the shipped ones. Results:
+``benchmarks/results/published_runs.json``, ``.md`` and ``.png``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import platform
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.estimate.calibration import DefaultCurve
+from batchpilot.estimate.fitted import FITTED, FittedConstants
+from batchpilot.estimate.kernels import KernelProfile, profile_for
+from batchpilot.estimate.layer_time import Implementation
 from batchpilot.estimate.memory import analytic_memory
-from batchpilot.estimate.steptime import StepTimeModel
+from batchpilot.estimate.steptime import StepTime, StepTimeModel, default_implementation
 from batchpilot.specs.batch import BatchTriad
 from batchpilot.specs.hardware import AcceleratorSpec, ClusterSpec, load_accelerator
 from batchpilot.specs.model import ModelSpec, from_hf_config, load_model, preset_path
@@ -137,11 +146,17 @@ def row_to_inputs(row: dict[str, Any]) -> Inputs:
     approx: list[str] = []
     fields = {f.name for f in dataclasses.fields(RunSettings)}
     model = _model(row, both, approx)
-    kwargs: dict[str, Any] = {"precision": row["precision"], "engine": _engine(row),
+    precision, recipe = _precision(row)
+    kwargs: dict[str, Any] = {"precision": precision, "engine": _engine(row),
                               "tp": row["tp"], "pp": row["pp"], "ep": row["ep"], "sp": bool(value(row, "sp"))}
-    if row["precision"] not in PRECISIONS:
+    if precision not in PRECISIONS:
         both.append(f"precision {row['precision']}")
-    if row["fp8_recipe"] and row["precision"] == "fp8":
+    elif recipe and "fp8_recipe" in fields:
+        kwargs["fp8_recipe"] = recipe
+        text = (row["fp8_recipe"] or "").lower()
+        if "all-gather" in text or "all_gather" in text:
+            kwargs["fp8_all_gather"] = kwargs["engine"] == "fsdp2" and recipe == "tensorwise"
+    elif row["fp8_recipe"] and precision == "fp8":
         approx.append(f"fp8 recipe '{row['fp8_recipe']}' modelled as generic fp8")
     if row["param_dtype"] == "bf16":
         mem_only.append("bf16 parameters and optimizer states (pure bf16 training)")
@@ -179,12 +194,30 @@ def row_to_inputs(row: dict[str, Any]) -> Inputs:
             time_only.append(name)
         else:
             approx.append(name)
-    settings = _settings(kwargs, both) if row["precision"] in PRECISIONS else None
+    settings = _settings(kwargs, both) if precision in PRECISIONS else None
     triad = _triad(row, both)
     accelerator, cluster = _cluster(row, time_only)
     return Inputs(model=model, settings=settings, triad=triad, accelerator=accelerator, cluster=cluster,
                   not_expressible_memory=tuple(both + mem_only), not_expressible_throughput=tuple(both + time_only),
                   approximations=tuple(approx), assumptions=tuple(sorted(row["assumed"])))
+
+
+#: Words of a row's ``fp8_recipe`` text -> batchpilot fp8 recipes (first match wins; Transformer Engine's current
+#: scaling is per-tensor dynamic scaling, batchpilot's ``tensorwise``; Composer's ``amp_fp8`` ran Transformer
+#: Engine's default ``DelayedScaling`` recipe).
+FP8_RECIPE_WORDS = (("mxfp8", "mxfp8"), ("mx block", "mxfp8"), ("blockwise", "blockwise"), ("rowwise", "rowwise"),
+                    ("tensorwise", "tensorwise"), ("current scaling", "tensorwise"), ("amp_fp8", "delayed"),
+                    ("delayed", "delayed"))
+
+
+def _precision(row: dict[str, Any]) -> tuple[str, str | None]:
+    """(batchpilot precision, fp8 recipe): MXFP8 is fp8 matmuls with the ``mxfp8`` recipe."""
+    text = (row["fp8_recipe"] or "").lower()
+    if row["precision"] == "mxfp8":
+        return "fp8", "mxfp8"
+    if row["precision"] != "fp8":
+        return row["precision"], None
+    return "fp8", next((recipe for word, recipe in FP8_RECIPE_WORDS if word in text), None)
 
 
 def _engine(row: dict[str, Any]) -> str:
@@ -336,7 +369,30 @@ def _memory(row: dict[str, Any], inputs: Inputs) -> dict[str, Any] | None:
     return out
 
 
-def _throughput(row: dict[str, Any], inputs: Inputs) -> dict[str, Any] | None:
+#: Attention kernels of sources whose runs did not use the engine's default (:func:`default_implementation`):
+#: llm-foundry's ``gpu`` extra pinned ``flash-attn==1.0.9`` (FlashAttention 1) at the commits that published its
+#: tables (``setup.py`` at b2a43a1 and 5e85bd6; the MPT yamls set ``attn_impl: flash``); Megatron-LM (2021),
+#: MT-NLG (2021) and BLOOM (2022, Megatron-DeepSpeed) predate FlashAttention (Dao et al., May 2022) and
+#: materialise the scores with Megatron's fused scale-mask-softmax.
+ATTENTION_BY_SOURCE = {"llm-foundry": "fa1", "megatron-lm-paper": "eager", "mt-nlg": "eager", "bloom": "eager"}
+#: Framework prefixes that run Megatron's fused kernels (fused norms, bias-GeLU, softmax) whatever the engine
+#: batchpilot models their bookkeeping with.
+FUSED_FRAMEWORKS = ("megatron", "deepspeed + megatron", "meta internal")
+
+
+def row_implementation(row: dict[str, Any], settings: RunSettings, profile: KernelProfile) -> Implementation:
+    """How a row's kernels were implemented: the settings' default, with the source's attention kernel
+    (:data:`ATTENTION_BY_SOURCE`), Megatron's fused kernels for Megatron-based frameworks and torchtitan's async
+    tensor parallelism (``async-tp``: TP collectives overlapped with the GEMMs)."""
+    base = default_implementation(settings, profile)
+    fused = base.fused or row["framework"].startswith(FUSED_FRAMEWORKS)
+    return dataclasses.replace(base, attention_kernel=ATTENTION_BY_SOURCE.get(row["source"], base.attention_kernel),
+                               fused=fused, fused_loss=base.fused_loss or fused,
+                               tp_comm_overlap="async-tp" in row["other_settings"])
+
+
+def _throughput(row: dict[str, Any], inputs: Inputs, fitted: FittedConstants = FITTED) -> dict[str, Any] | None:
+    """Predicted tokens/s per GPU (or executed TFLOP/s per GPU), MFU and step time against the published ones."""
     published = published_throughput(row)
     if published is None:
         return None
@@ -347,16 +403,35 @@ def _throughput(row: dict[str, Any], inputs: Inputs) -> dict[str, Any] | None:
             out["not_expressible"].append("inputs incomplete")
         return out
     try:
-        model = StepTimeModel(inputs.model, inputs.cluster, seq_len=inputs.triad.seq_len_tokens)
-        step = model.estimate(inputs.settings, inputs.triad)
+        step, world, bf16_peak = _step(row, inputs, fitted)
     except BatchpilotError as exc:
         out["not_expressible"].append(f"step-time estimate refused: {exc}")
         return out
-    world = inputs.triad.data_parallel_ranks * inputs.settings.tp * inputs.settings.pp * row["cp"]
-    predicted = step.tokens_per_s / world if metric == "tokens_per_s_per_gpu" else step.tflops_per_gpu
-    out.update(predicted=predicted, error=predicted / pub - 1, mfu_predicted=step.mfu,
-               bubble_share=step.bubble_s / step.step_time_s)
+    per_gpu = step.tokens_per_s / world
+    predicted = per_gpu if metric == "tokens_per_s_per_gpu" else step.tflops_per_gpu
+    published_step = step.step_time_s * predicted / pub  # the same global batch at the published rate
+    model_flops_per_token = step.model_flops_per_step / inputs.triad.global_batch_tokens
+    out.update(predicted=predicted, error=predicted / pub - 1, step_time_predicted_s=step.step_time_s,
+               step_time_published_s=published_step, step_time_error=step.step_time_s / published_step - 1,
+               mfu_predicted=per_gpu * model_flops_per_token / bf16_peak,
+               mfu_published=per_gpu * model_flops_per_token / bf16_peak * pub / predicted,
+               bubble_share=step.bubble_s / step.step_time_s, kernel_profile=step.kernel_profile,
+               attention_kernel=step.attention_kernel,
+               compute_share={k: v / step.step_time_s for k, v in step.compute_by_op_s.items() if v},
+               exposed_share={k: v / step.step_time_s for k, v in step.exposed_comm_s.items() if v})
     return out
+
+
+def _step(row: dict[str, Any], inputs: Inputs, fitted: FittedConstants) -> tuple[StepTime, int, float]:
+    """The step estimate of a complete row, its GPU count and the GPU's dense bf16 peak (the MFU denominator)."""
+    assert inputs.model and inputs.settings and inputs.triad and inputs.cluster
+    profile = profile_for(inputs.cluster.accelerator)
+    implementation = row_implementation(row, inputs.settings, profile)
+    model = StepTimeModel(inputs.model, inputs.cluster, seq_len=inputs.triad.seq_len_tokens,
+                          implementation=implementation, profile=profile, fitted=fitted)
+    step = model.estimate(inputs.settings, inputs.triad)
+    world = inputs.triad.data_parallel_ranks * inputs.settings.tp * inputs.settings.pp * row["cp"]
+    return step, world, inputs.cluster.accelerator.peak_flops_per_s("bf16")
 
 
 def evaluate(row: dict[str, Any]) -> dict[str, Any]:
@@ -416,24 +491,214 @@ def _counts(results: list[dict[str, Any]]) -> dict[str, Any]:
             "not_expressible_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
 
 
-# ------------------------------------------------------------------------------------------- Megatron check
-def megatron_fit_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Refit the default efficiency curve on the Narayanan et al. 2021 Table 1 rows (``steptime_vs_published``'s
-    grid search); it must reproduce the shipped constants."""
-    from benchmarks.steptime_vs_published import Run, fit
+# ------------------------------------------------------------------------------------------- tokens/s part
+#: Grids of the fit of :mod:`batchpilot.estimate.fitted` (coarse, then fine around the coarse optimum); the
+#: optimum must lie inside them.
+SUSTAINED_GRID = (0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95, 1.00)
+INTERFERENCE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+FINE_SUSTAINED_STEP, FINE_INTERFERENCE_STEP = 0.01, 0.05
 
-    runs = []
+#: The sources whose executed TFLOP/s per GPU (Narayanan et al. 2021, MT-NLG, BLOOM) or tokens/s (Llama 3 405B)
+#: the step-time model was first checked on (``benchmarks/steptime_vs_published.py``): listed on their own.
+TFLOPS_SOURCES = ("megatron-lm-paper", "mt-nlg", "bloom", "llama3-paper")
+
+
+def fit_rows(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], Inputs]]:
+    """The FIT-split rows with a published throughput that batchpilot can express."""
+    out = []
     for row in rows:
-        if row["source"] != "megatron-lm-paper":
+        if row["split"] != "fit" or published_throughput(row) is None:
             continue
         inputs = row_to_inputs(row)
-        assert inputs.model and inputs.cluster and inputs.settings and inputs.triad, row["id"]
-        runs.append(Run(source=row["source"], label=row["id"], model=inputs.model, cluster=inputs.cluster,
-                        settings=inputs.settings, triad=inputs.triad,
-                        published_tflops=row["measured"]["tflops_per_gpu"]))
-    curve, shipped = fit(runs), DefaultCurve()
-    return {"runs": len(runs), "fitted": dataclasses.asdict(curve), "shipped": dataclasses.asdict(shipped),
-            "reproduced": curve == shipped}
+        if not inputs.not_expressible_throughput and inputs.model and inputs.settings and inputs.triad and inputs.cluster:
+            out.append((row, inputs))
+    return out
+
+
+def _fit_loss(prepared: list[tuple[dict[str, Any], Inputs]], fitted: FittedConstants) -> float:
+    """Σ log²(predicted / published) over the prepared rows (tokens/s per GPU or executed TFLOP/s per GPU)."""
+    total = 0.0
+    for row, inputs in prepared:
+        result = _throughput(row, inputs, fitted)
+        assert result is not None and "error" in result, row["id"]
+        total += math.log(1 + result["error"]) ** 2
+    return total
+
+
+def fit_constants(rows: list[dict[str, Any]]) -> FittedConstants:
+    """Grid search of the two fitted constants on the fit split: the coarse grids, then steps of 0.01 and 0.05 within
+    one coarse step of the coarse optimum. Deterministic; raises when the optimum sits on a grid edge."""
+    prepared = fit_rows(rows)
+
+    def best(sustained: Iterable[float], interference: Iterable[float]) -> FittedConstants:
+        grid = [FittedConstants(sustained_fraction=round(s, 2), overlap_interference=round(k, 2))
+                for s in sustained for k in interference]
+        return min(grid, key=lambda c: _fit_loss(prepared, c))
+
+    coarse = best(SUSTAINED_GRID, INTERFERENCE_GRID)
+    if coarse.sustained_fraction in (SUSTAINED_GRID[0], SUSTAINED_GRID[-1]) or coarse.overlap_interference == INTERFERENCE_GRID[-1]:
+        raise SystemExit(f"fit on the grid's edge: {coarse}; widen the grid")
+    s0, k0 = coarse.sustained_fraction, coarse.overlap_interference
+    fine_s = [s0 + FINE_SUSTAINED_STEP * i for i in range(-5, 6)]
+    fine_k = [max(0.0, k0 + FINE_INTERFERENCE_STEP * i) for i in range(-5, 6)]
+    return best(fine_s, sorted(set(fine_k)))
+
+
+def fit_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Refit :mod:`batchpilot.estimate.fitted` on the fit split; the shipped constants must equal the refit."""
+    fitted = fit_constants(rows)
+    return {"rows": len(fit_rows(rows)), "fitted": dataclasses.asdict(fitted), "shipped": dataclasses.asdict(FITTED),
+            "reproduced": fitted == FITTED}
+
+
+def _precision_class(precision: str) -> str:
+    return "bf16" if precision in ("bf16", "fp16") else "fp8"
+
+
+def _token_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens/s per GPU (rows publishing it), MFU and step time of a set of results."""
+    rows = [r["throughput"] for r in results if r["throughput"] and "error" in r["throughput"]
+            and r["throughput"]["metric"] == "tokens_per_s_per_gpu"]
+    if not rows:
+        return {"rows": 0}
+    errors = [t["error"] for t in rows]
+    return {"rows": len(rows), "median_abs_error": statistics.median(abs(e) for e in errors),
+            "mean_error": statistics.fmean(errors), "within_20": sum(abs(e) <= 0.2 for e in errors) / len(rows),
+            "mfu_published_median": statistics.median(t["mfu_published"] for t in rows),
+            "mfu_predicted_median": statistics.median(t["mfu_predicted"] for t in rows),
+            "step_time_median_abs_error": statistics.median(abs(t["step_time_error"]) for t in rows)}
+
+
+def throughput_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens/s per GPU by split × precision and by source × split (every source with a compared row)."""
+    out: dict[str, Any] = {"by_split": {}, "by_source": {}}
+    for split in ("heldout", "fit", "all"):
+        chosen = [r for r in results if split == "all" or r["split"] == split]
+        out["by_split"][split] = {p: _token_stats([r for r in chosen if p == "all" or _precision_class(r["precision"]) == p])
+                                  for p in ("all", "bf16", "fp8")}
+    for source in sorted({r["source"] for r in results}):
+        mine = [r for r in results if r["source"] == source]
+        stats = {split: _token_stats([r for r in mine if split == "all" or r["split"] == split])
+                 for split in ("heldout", "fit", "all")}
+        if stats["all"]["rows"]:
+            out["by_source"][source] = stats
+    out["tflops_sources"] = [
+        {"id": r["id"], "split": r["split"], "metric": r["throughput"]["metric"], "published": r["throughput"]["published"],
+         "predicted": r["throughput"]["predicted"], "error": r["throughput"]["error"]}
+        for r in results if r["source"] in TFLOPS_SOURCES and r["throughput"] and "error" in r["throughput"]]
+    return out
+
+
+#: Settings a source measured side by side, and the row fields allowed to change with each (context parallelism
+#: changes the sequence length and the data-parallel ranks, FSDP+TP the data-parallel ranks): two rows of one
+#: published table (same document and locator) that differ in one such setting and nothing else form a pair
+#: whose predicted order must match the published one.
+RANKED_SETTINGS: dict[str, tuple[str, ...]] = {
+    "pp_schedule": ("pp_schedule", "vpp"), "tp": ("tp", "dp", "sp"), "compile": ("compile",),
+    "precision": ("precision", "fp8_recipe"), "async-tp": ("async-tp",),
+    "cp": ("cp", "seq_len", "dp", "grad_accum", "global_batch_sequences", "global_batch_tokens", "num_gpus")}
+#: The fields that make up a run's configuration (``a.b`` reads a nested field; ``async-tp`` the other setting).
+CONFIG_FIELDS = ("model", "model_overrides", "model_shape", "gpu", "num_gpus", "gpus_per_node", "precision",
+                 "fp8_recipe", "param_dtype", "seq_len", "micro_batch", "grad_accum", "global_batch_sequences",
+                 "global_batch_tokens", "dp", "tp", "pp", "vpp", "pp_schedule", "cp", "ep", "sp", "framework",
+                 "sharding.kind", "activation_checkpointing.policy", "compile", "other_settings", "async-tp")
+
+
+def _config(row: dict[str, Any], skip: tuple[str, ...]) -> str:
+    def field(key: str) -> Any:
+        if key == "async-tp":
+            return "async-tp" in row["other_settings"]
+        if key == "other_settings":
+            return sorted(s for s in row["other_settings"] if s != "async-tp")
+        return value(row, key)
+
+    return json.dumps({key: field(key) for key in CONFIG_FIELDS if key not in skip}, sort_keys=True, default=str)
+
+
+def ranking_pairs(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(setting, row a, row b): rows of one published table that differ in exactly one ranked setting
+    (:data:`RANKED_SETTINGS`) and otherwise only in the fields it moves. Rows that publish executed TFLOP/s are
+    paired only at equal sequence lengths (sources count attention FLOPs differently; tokens/s is convention-free)."""
+    tables: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        tables[(row["document"], row["locator"])].append(row)
+    pairs = []
+    for members in tables.values():
+        for a, b in itertools.combinations(members, 2):
+            for setting, moves in RANKED_SETTINGS.items():
+                if _config(a, tuple(f for f in CONFIG_FIELDS if f not in moves[:2])) == _config(
+                        b, tuple(f for f in CONFIG_FIELDS if f not in moves[:2])) or _config(a, moves) != _config(b, moves):
+                    continue
+                metrics = {(published_throughput(r) or ("", 0.0))[0] for r in (a, b)}
+                if metrics != {"tokens_per_s_per_gpu"} and value(a, "seq_len") != value(b, "seq_len"):
+                    continue
+                pairs.append((setting, a, b))
+                break
+    return pairs
+
+
+#: What the DeepSeek-V3 report does not state, assumed for :func:`deepseek_v3_check`: the values, then each reason.
+DEEPSEEK_V3_MICRO_BATCH, DEEPSEEK_V3_BATCH = 1, 15360
+DEEPSEEK_V3_ASSUMPTIONS = {
+    "micro_batch": "1: not published; DualPipe needs ≥ 2·pp micro-batches per step, and 1 sequence gives 120 per "
+                   "data-parallel rank at the final batch (Megatron-Bridge's DeepSeek-V3 recipes also run 1)",
+    "recompute": "none: the report recomputes only RMSNorm and the MLA up-projections (§3.2.3), a few % of the "
+                 "layer forward",
+    "batch": "15360 sequences: the final value of the batch ramp (3072 → 15360 over the first 469B of 14.8T tokens)",
+    "mtp": "not modelled: the depth-1 multi-token-prediction module (one more MoE layer and the shared head per token, "
+           "~2 % of the compute)",
+}
+
+
+def deepseek_v3_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """DeepSeek-V3 on 2048 H800 at its published batch: tokens/s per GPU against the rate its report implies
+    (1e12 tokens per 180K GPU hours), with DualPipe and block-wise fp8 and the stated assumptions
+    (:data:`DEEPSEEK_V3_ASSUMPTIONS`). The goal: within 20 %."""
+    row = next(r for r in rows if r["id"] == "deepseek-v3-pretrain-2048gpu")
+    accelerator = load_accelerator(row["gpu"])
+    cluster = ClusterSpec(accelerator=accelerator, devices_per_node=8, num_nodes=row["num_gpus"] // 8,
+                          inter_node_bandwidth_bytes_per_s=row["inter_node_gbit_per_s_per_gpu"] * 1e9 / 8)
+    settings = RunSettings(precision="fp8", fp8_recipe="blockwise", engine="megatron", zero_stage=1, tp=1,
+                           pp=row["pp"], ep=row["ep"], recompute="none")
+    triad = BatchTriad.from_global(global_batch_sequences=DEEPSEEK_V3_BATCH, micro_batch_sequences=DEEPSEEK_V3_MICRO_BATCH,
+                                   data_parallel_ranks=row["num_gpus"] // row["pp"], seq_len_tokens=row["seq_len"])
+    profile = profile_for(accelerator)
+    implementation = dataclasses.replace(row_implementation(row, settings, profile), dualpipe=True,
+                                         deduplicated_dispatch=True)
+    model = StepTimeModel(load_model(row["model"]), cluster, seq_len=row["seq_len"], implementation=implementation,
+                          profile=profile)
+    step = model.estimate(settings, triad)
+    predicted = step.tokens_per_s / row["num_gpus"]
+    published = published_throughput(row)
+    assert published is not None
+    return {"id": row["id"], "published": published[1], "predicted": predicted, "error": predicted / published[1] - 1,
+            "assumptions": dict(DEEPSEEK_V3_ASSUMPTIONS),
+            "compute_share": {k: v / step.step_time_s for k, v in step.compute_by_op_s.items() if v},
+            "exposed_share": {k: v / step.step_time_s for k, v in step.exposed_comm_s.items() if v},
+            "bubble_share": step.bubble_s / step.step_time_s}
+
+
+#: Published throughputs closer than this are a tie, not an order (a table republished across releases moves by a
+#: few percent).
+RANKING_NOISE = 0.05
+
+
+def ranking_checks(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every side-by-side pair both of whose rows batchpilot predicts and whose published throughputs differ by
+    more than :data:`RANKING_NOISE`: the published and the predicted faster row."""
+    by_id = {r["id"]: r for r in results}
+    checks = []
+    for setting, a, b in ranking_pairs(rows):
+        ta, tb = by_id[a["id"]]["throughput"], by_id[b["id"]]["throughput"]
+        if not (ta and tb and "error" in ta and "error" in tb):
+            continue
+        if abs(ta["published"] / tb["published"] - 1) <= RANKING_NOISE:
+            continue
+        published = ta["published"] > tb["published"]
+        predicted = ta["predicted"] > tb["predicted"]
+        checks.append({"setting": setting, "a": a["id"], "b": b["id"], "published": [ta["published"], tb["published"]],
+                       "predicted": [ta["predicted"], tb["predicted"]], "agree": published == predicted})
+    return checks
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -479,19 +744,65 @@ def _row_lines(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _token_cells(s: dict[str, Any]) -> str:
+    if not s["rows"]:
+        return "0 | — | — | — | — | — |"
+    return (f"{s['rows']} | {s['median_abs_error']:.0%} | {s['mean_error']:+.0%} | {s['within_20']:.0%} | "
+            f"{s['mfu_published_median']:.0%} / {s['mfu_predicted_median']:.0%} | {s['step_time_median_abs_error']:.0%} |")
+
+
+def _throughput_lines(result: dict[str, Any]) -> list[str]:
+    """The tokens/s part: the fit, tokens/s per split × precision and per source, the TFLOP/s sources, ranking."""
+    check, summary = result["fit_check"], result["throughput_summary"]
+    head = "| rows | median abs error | mean error | within 20% | MFU pub / pred (median) | step time median abs error |"
+    lines = ["", "## Step time (tokens/s per GPU)", "",
+             "The per-op step-time model (`batchpilot.estimate.steptime`) with kernel speeds from published "
+             "microbenchmarks (`batchpilot/data/kernel_profiles`) and two constants fitted on the fit split "
+             f"(`batchpilot.estimate.fitted`): refit on {check['rows']} fit rows gives {check['fitted']}; shipped "
+             f"{check['shipped']}: {'reproduced' if check['reproduced'] else 'NOT reproduced'}. MFU: tokens/s × "
+             "model FLOPs per token (6N + attention, non-causal) ÷ the GPU's dense bf16 peak, for the published and "
+             "the predicted tokens/s alike (fp8 runs too).", "",
+             f"| split | precision {head}", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for split, by_precision in summary["by_split"].items():
+        for precision, stats in by_precision.items():
+            lines.append(f"| {split} | {precision} | {_token_cells(stats)}")
+    lines += ["", f"| source | split {head}", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for source, by_split in summary["by_source"].items():
+        for split, stats in by_split.items():
+            if stats["rows"]:
+                lines.append(f"| {source} | {split} | {_token_cells(stats)}")
+    lines += ["", "Executed TFLOP/s per GPU (Narayanan et al. 2021 Table 1, BLOOM) or tokens/s per GPU (MT-NLG, "
+              "Llama 3 405B), the sources the model was first checked on:", "",
+              "| row | split | metric | published | predicted | error |", "|---|---|---|---:|---:|---:|"]
+    for r in summary["tflops_sources"]:
+        lines.append(f"| {r['id']} | {r['split']} | {r['metric']} | {r['published']:,.0f} | {r['predicted']:,.0f} | "
+                     f"{r['error']:+.0%} |")
+    deepseek = result["deepseek_v3"]
+    lines += ["", f"DeepSeek-V3 on 2048 H800 at its published batch (DualPipe, block-wise fp8, node-limited deduplicated "
+              f"dispatch): {deepseek['predicted']:,.0f} tokens/s per GPU predicted against {deepseek['published']:,.0f} "
+              f"implied by the report ({deepseek['error']:+.0%}). Assumed: "
+              + "; ".join(f"{k}: {v}" for k, v in deepseek["assumptions"].items()) + "."]
+    ranking = result["ranking"]
+    agree = sum(c["agree"] for c in ranking)
+    lines += ["", f"Ranking: alternatives a source measured side by side (one setting differs): the predicted order "
+              f"matches the published one in {agree} of {len(ranking)} pairs.", "",
+              "| setting | a | b | published a / b | predicted a / b | agree |", "|---|---|---|---:|---:|---|"]
+    for c in ranking:
+        lines.append(f"| {c['setting']} | {c['a']} | {c['b']} | {c['published'][0]:,.0f} / {c['published'][1]:,.0f} | "
+                     f"{c['predicted'][0]:,.0f} / {c['predicted'][1]:,.0f} | {'yes' if c['agree'] else 'NO'} |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
-    check = result["megatron_fit_check"]
     lines = ["# batchpilot vs published GPU training runs", "",
              "Generated by `python -m benchmarks.published_runs` from `benchmarks/data/published_runs.json` "
              "(sources, quotes, derived and assumed values: the data file; method: the module docstring). Error = "
              "predicted / published − 1. Memory: batchpilot's total (allocator peak + fragmentation + CUDA context) "
              "against the published peak in its own metric (column 'metric'). Throughput: tokens/s per GPU, or "
              "executed TFLOP/s per GPU where only that is published.", "",
-             f"Split rule: {result['split_rule']}", "",
-             f"Megatron-LM check: refitting the efficiency curve on the {check['runs']} Narayanan et al. 2021 rows gives "
-             f"{check['fitted']}; shipped {check['shipped']}: {'reproduced' if check['reproduced'] else 'NOT reproduced'}.",
-             "", "## Summary"]
+             f"Split rule: {result['split_rule']}", "", "## Summary"]
     lines += _summary_lines(result["summary"])
+    lines += _throughput_lines(result)
     lines += _row_lines(result["rows"])
     return "\n".join(lines) + "\n"
 
@@ -533,7 +844,9 @@ def run(data_path: Path = DATA) -> dict[str, Any]:
     results = [evaluate(row) for row in data["rows"]]
     return {"data": str(data_path.relative_to(HERE.parent)) if data_path.is_relative_to(HERE.parent) else str(data_path),
             "split_rule": data["split_rule"], "summary": summarize(results),
-            "megatron_fit_check": megatron_fit_check(data["rows"]), "rows": results, "platform": platform.platform()}
+            "throughput_summary": throughput_summary(results), "fit_check": fit_check(data["rows"]),
+            "ranking": ranking_checks(data["rows"], results), "deepseek_v3": deepseek_v3_check(data["rows"]),
+            "rows": results, "platform": platform.platform()}
 
 
 def main() -> int:
@@ -544,8 +857,9 @@ def main() -> int:
     (RESULTS / "published_runs.md").write_text(text)
     plot(result["rows"], RESULTS / "published_runs.png")
     print("\n".join(text.splitlines()[:60]))
-    if not result["megatron_fit_check"]["reproduced"]:
-        print("error: the efficiency curve refitted on Narayanan et al. 2021 Table 1 differs from the shipped default")
+    if not result["fit_check"]["reproduced"]:
+        print(f"error: the constants refitted on the fit split, {result['fit_check']['fitted']}, differ from the shipped "
+              f"{result['fit_check']['shipped']}; update batchpilot/estimate/fitted.py")
         return 1
     return 0
 

@@ -1,69 +1,43 @@
-"""Step-time model vs published large-scale training throughput (TFLOP/s per GPU).
+"""Step-time model vs the large-scale runs it was first checked on: executed TFLOP/s (or tokens/s) per GPU.
 
 Example (CPU, a few seconds)::
 
     .venv/bin/python -m benchmarks.steptime_vs_published
 
-Method: the default efficiency model (:mod:`batchpilot.estimate.calibration`) has two fitted constants,
-e_max and ω. They are fitted here on ONE source family — Narayanan et al. 2021 Table 1 (the Megatron-LM
-weak-scaling runs) — by a grid search minimising the squared log ratio predicted/published through the
-whole step-time model (:class:`batchpilot.estimate.steptime.StepTimeModel`: compute, tensor/pipeline/
-data-parallel communication, bubble, optimizer). The held-out runs (MT-NLG 530B, BLOOM-176B, Llama 3
-405B) are only predicted. "before" is the previous default, e = 0.55·t/(t + 2048) at t = b·s/tp tokens
-(tensor parallelism wrongly treated as shrinking the GEMM rows). Results:
-``benchmarks/results/steptime_vs_published.json`` and ``.md``; the fitted constants must equal the
-shipped ones (:data:`~batchpilot.estimate.calibration.DEFAULT_MAX_EFFICIENCY`,
-:data:`~batchpilot.estimate.calibration.DEFAULT_WIDTH_HALF_PER_FLOPS_PER_BYTE`), which is checked.
+The runs — Narayanan et al. 2021 Table 1 (Megatron-LM weak scaling), MT-NLG 530B, BLOOM-176B and Llama 3 405B —
+are rows of ``benchmarks/data/published_runs.json`` (sources, quotes and assumptions there), predicted by
+``benchmarks/published_runs.py`` like every other row: this module only prints their table
+(``benchmarks/results/steptime_vs_published.md``). The per-op model's constants come from published
+microbenchmarks and :mod:`batchpilot.estimate.fitted` (fitted on the data set's fit split by
+``benchmarks/published_runs.py``, which checks the shipped values). :func:`megatron_runs` rebuilds Narayanan et
+al.'s Table 1 runs from the paper's numbers alone, so a test can check that the data set's rows map onto the same
+inputs.
 
-Sources (published TFLOP/s per GPU count the FLOPs executed, recomputation included, as our
-``tflops_per_gpu``; Llama 3 runs without recomputation, so there executed = model FLOPs):
+Sources (published TFLOP/s per GPU count the FLOPs executed, recomputation included, as batchpilot's
+``tflops_per_gpu``):
 
 - Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM"
-  (arXiv:2104.04473), Table 1 and the Megatron-LM README of April 2021: GPT (vocabulary 51,200, sequence
-  2048) on Selene, DGX A100 80GB, 8 × 200 Gb/s HDR InfiniBand per node (25 GB/s per GPU), mixed
-  precision (312 TFLOP/s peak), full activation recomputation (their Eq. 3 counts it). The README notes
-  the model-parallel column is TP × PP with TP 8 above 8 GPUs. Not published: the micro-batch size
-  (assumed 1) and whether Table 1 used the interleaved schedule (assumed not: v = 1).
-- MT-NLG 530B, Smith et al. 2022 (arXiv:2201.11990) §2.4: 105 layers, h 20480, 128 heads, global batch
-  1920, sequence 2048, TP 8 × PP 35 on 280/350/420 DGX A100 40GB nodes, 60.1/50.2/44.4 s per iteration =
-  126/121/113 TFLOP/s per GPU (vocabulary 50,272 as in llm-analysis' examples/megatron-turing-nlg, which
-  reproduces these numbers). DeepSpeed pipeline (1F1B), micro-batch 1 assumed, recomputation on.
-- BLOOM-176B, BigScience tr11 (``bigscience-workshop/bigscience`` train/tr11-176B-ml/tr11-176B-ml.slurm:
-  TP 4, PP 12, micro-batch 2, global batch 2048, h 14336, 70 layers, 112 heads, sequence 2048, vocabulary
-  padded to 250,880, --checkpoint-activations, bf16 with DeepSpeed's ZeRO-1-equivalent bf16 optimizer) on
-  48 nodes × 8 A100 80GB, 4 × 100 Gb/s Omni-Path per node (6.25 GB/s per GPU); "about 150 TFLOPs" per GPU
-  (BigScience 176B model page).
-- Llama 3 405B, "The Llama 3 Herd of Models" (arXiv:2407.21783) Table 4: TP 8, PP 16, sequence 8192,
-  16M tokens per batch; DP 64 on 8,192 H100 → 430 TFLOP/s (43 % BF16 MFU), DP 128 on 16,384 → 400 (41 %);
-  400 Gb/s per GPU (RoCE). The third row (CP 16, sequence 131,072: 380 TFLOP/s) needs context
-  parallelism, which batchpilot does not model: listed, not predicted. Meta uses an interleaved 1F1B
-  schedule whose number of virtual stages v is not published: predicted with v = 1 (what ``batchpilot
-  plan`` models today, RunSettings has no v) and v = 8 (one layer per virtual stage, the most
-  interleaving its 8 layers per stage allow) as bounds. Micro-batch 1, no recomputation, Megatron-style
-  distributed optimizer (ZeRO-1).
+  (arXiv:2104.04473), Table 1: GPT (vocabulary 51,200, sequence 2048) on Selene, DGX A100 80GB, 8 × 200 Gb/s
+  HDR InfiniBand per node (25 GB/s per GPU), mixed precision, full activation recomputation. Not published:
+  the micro-batch size (assumed 1) and whether Table 1 used the interleaved schedule (assumed not). The runs
+  predate FlashAttention: modelled with materialised scores (Megatron's fused softmax).
+- MT-NLG 530B (Smith et al. 2022, arXiv:2201.11990 §2.4), BLOOM-176B (BigScience tr11) and Llama 3 405B
+  ("The Llama 3 Herd of Models", arXiv:2407.21783, Table 4): see their rows in the data file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
-import math
 import platform
 from pathlib import Path
 from typing import Any
 
-from batchpilot.estimate.calibration import (
-    DEFAULT_MAX_EFFICIENCY,
-    DEFAULT_WIDTH_HALF_PER_FLOPS_PER_BYTE,
-    Calibration,
-    DefaultCurve,
-)
-from batchpilot.estimate.steptime import StepTimeModel
 from batchpilot.specs.batch import BatchTriad
 from batchpilot.specs.hardware import ClusterSpec, load_accelerator
-from batchpilot.specs.model import ModelSpec, from_hf_config, load_model
+from batchpilot.specs.model import ModelSpec, from_hf_config
 from batchpilot.specs.settings import RunSettings
+from benchmarks.published_runs import TFLOPS_SOURCES, evaluate, load_data
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,13 +49,6 @@ MEGATRON_TABLE_1 = [
     (145.6, 96, 12288, 80, 8, 8, 1536, 2304, 148), (310.1, 128, 16384, 96, 8, 16, 1920, 2160, 155),
     (529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163), (1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163),
 ]
-
-#: The previous default curve, for the "before" column: e = 0.55·t/(t + 2048) at t = b·s/tp.
-LEGACY_MAX_EFFICIENCY, LEGACY_HALF_TOKENS = 0.55, 2048
-
-#: Grid of the fit (e_max, ω); the optimum must lie inside it, not on its edge (checked).
-E_MAX_GRID = [round(0.40 + 0.01 * i, 2) for i in range(51)]
-OMEGA_GRID = [round(0.25 * i, 2) for i in range(41)]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -126,144 +93,41 @@ def megatron_runs() -> list[Run]:
     return runs
 
 
-def held_out_runs() -> list[Run]:
-    """MT-NLG, BLOOM and Llama 3 (module docstring); never used by the fit."""
-    runs = []
-    mtnlg = _gpt(105, 20480, 128, 50272)
-    for nodes, tflops in ((280, 126), (350, 121), (420, 113)):
-        runs.append(Run(
-            source="MT-NLG 530B (held out)", label=f"TP8 PP35, {nodes * 8} A100-40GB",
-            model=mtnlg, cluster=_cluster("a100-40gb", nodes * 8, 25e9),
-            settings=RunSettings(engine="deepspeed", precision="bf16", tp=8, pp=35, zero_stage=1, recompute="full"),
-            triad=_triad(1920, 1, nodes * 8 // 280, 2048), published_tflops=tflops))
-    bloom = from_hf_config({"model_type": "gpt2", "n_layer": 70, "n_embd": 14336, "n_head": 112,
-                            "vocab_size": 250880, "n_positions": 2048}, name="bloom-176b")
-    runs.append(Run(
-        source="BLOOM-176B (held out)", label="TP4 PP12 DP8, 384 A100-80GB", model=bloom,
-        cluster=_cluster("a100-80gb", 384, 6.25e9),
-        settings=RunSettings(engine="deepspeed", precision="bf16", tp=4, pp=12, zero_stage=1, recompute="full"),
-        triad=_triad(2048, 2, 8, 2048), published_tflops=150))
-    llama = load_model("llama-3.1-405b")
-    for gpus, dp, tflops in ((8192, 64, 430), (16384, 128, 400)):
-        for v in (1, 8):
-            runs.append(Run(
-                source="Llama 3 405B (held out)", label=f"TP8 PP16 DP{dp}, {gpus} H100, v={v}", model=llama,
-                cluster=_cluster("h100-sxm", gpus, 50e9),
-                settings=RunSettings(engine="megatron", precision="bf16", tp=8, pp=16, vpp=v, zero_stage=1),
-                triad=_triad(2048, 1, dp, 8192), published_tflops=tflops))
-    return runs
+def table(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of :data:`benchmarks.published_runs.TFLOPS_SOURCES` from a ``published_runs.run()`` result."""
+    return [{"row": r["id"], "split": r["split"], "metric": r["throughput"]["metric"],
+             "published": r["throughput"]["published"], "predicted": r["throughput"].get("predicted"),
+             "error": r["throughput"].get("error"), "not_expressible": r["throughput"]["not_expressible"]}
+            for r in result["rows"] if r["source"] in TFLOPS_SOURCES and r["throughput"]]
 
 
-class _LegacyStepTimeModel(StepTimeModel):
-    """The step-time model with the previous default curve (efficiency at b·s/tp tokens)."""
-
-    def _efficiency(self, settings: RunSettings, tokens: float) -> float:
-        t = tokens / settings.tp
-        return LEGACY_MAX_EFFICIENCY * t / (t + LEGACY_HALF_TOKENS)
-
-
-def predict(run: Run, curve: DefaultCurve | None) -> dict[str, float]:
-    """TFLOP/s per GPU, MFU, bubble share and efficiency of ``run`` (curve None: the legacy default)."""
-    cls = _LegacyStepTimeModel if curve is None else StepTimeModel
-    calibration = Calibration() if curve is None else Calibration(default_curve=curve)
-    model = cls(run.model, run.cluster, seq_len=run.triad.seq_len_tokens, calibration=calibration)
-    step = model.estimate(run.settings, run.triad)
-    return {"tflops_per_gpu": step.tflops_per_gpu, "mfu": step.mfu, "efficiency": step.efficiency,
-            "bubble_share": step.bubble_s / step.step_time_s}
-
-
-def _log_error(runs: list[Run], curve: DefaultCurve) -> float:
-    return sum(math.log(predict(r, curve)["tflops_per_gpu"] / r.published_tflops) ** 2 for r in runs)
-
-
-def fit(runs: list[Run]) -> DefaultCurve:
-    """Grid search of (e_max, ω) minimising Σ log²(predicted/published) over ``runs``."""
-    grid = (DefaultCurve(max_efficiency=e, width_half_per_flops_per_byte=w)
-            for e, w in itertools.product(E_MAX_GRID, OMEGA_GRID))
-    best = min(grid, key=lambda c: _log_error(runs, c))
-    edges = (E_MAX_GRID[0], E_MAX_GRID[-1], OMEGA_GRID[0], OMEGA_GRID[-1])
-    if best.max_efficiency in edges[:2] or best.width_half_per_flops_per_byte in edges[2:]:
-        raise SystemExit(f"fit on the grid's edge: {best}; widen the grid")
-    return best
-
-
-def _row(run: Run, curve: DefaultCurve) -> dict[str, Any]:
-    before, after = predict(run, None), predict(run, curve)
-    return {"source": run.source, "run": run.label, "published_tflops": run.published_tflops,
-            "before_tflops": round(before["tflops_per_gpu"], 1),
-            "before_ratio": round(before["tflops_per_gpu"] / run.published_tflops, 3),
-            "after_tflops": round(after["tflops_per_gpu"], 1),
-            "after_ratio": round(after["tflops_per_gpu"] / run.published_tflops, 3),
-            "after_efficiency": round(after["efficiency"], 3), "after_bubble_share": round(after["bubble_share"], 3)}
-
-
-def _mean_abs_error(rows: list[dict[str, Any]], key: str) -> float:
-    return sum(abs(r[key] - 1) for r in rows) / len(rows)
-
-
-def _summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    groups = {"fit (Megatron Table 1)": [r for r in rows if "fit" in r["source"]],
-              "held out, all": [r for r in rows if "held out" in r["source"]],
-              "held out, Llama 3 at v=1": [r for r in rows if "Llama" in r["source"] and "v=1" in r["run"]],
-              "held out, Llama 3 at v=8": [r for r in rows if "Llama" in r["source"] and "v=8" in r["run"]],
-              "held out, A100 (MT-NLG, BLOOM)": [r for r in rows if "held out" in r["source"]
-                                                  and "Llama" not in r["source"]]}
-    return {name: {"runs": len(g), "before_mean_abs_error": round(_mean_abs_error(g, "before_ratio"), 3),
-                   "after_mean_abs_error": round(_mean_abs_error(g, "after_ratio"), 3)} for name, g in groups.items()}
-
-
-def _markdown(result: dict[str, Any]) -> str:
-    c = result["fitted"]
-    lines = [
-        "# Step-time model vs published TFLOP/s per GPU",
-        "",
-        "Generated by `python -m benchmarks.steptime_vs_published` (sources and assumptions: its docstring).",
-        f"Fitted on Megatron Table 1 only: e_max = {c['max_efficiency']}, ω = {c['width_half_per_flops_per_byte']} "
-        f"(w_half = ω·r: {c['width_half_a100']:.0f} on A100, {c['width_half_h100']:.0f} on H100 at bf16); implied "
-        f"memory-bound traffic c = 72·ω/e_max = {c['implied_bytes_per_token_layer_hidden']:.0f} bytes per token, "
-        "layer and hidden unit. Before: e = 0.55·t/(t + 2048) at t = b·s/tp.",
-        "",
-        "| source | run | published | before | before/pub | after | after/pub | efficiency | bubble |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        lines.append(f"| {r['source']} | {r['run']} | {r['published_tflops']:g} | {r['before_tflops']} | "
-                     f"{r['before_ratio']:.2f} | {r['after_tflops']} | {r['after_ratio']:.2f} | "
-                     f"{r['after_efficiency']:.2f} | {r['after_bubble_share']:.0%} |")
-    lines += ["", "Not predicted: Llama 3 405B, 16,384 H100, TP8 CP16 PP16 DP4, sequence 131,072 → 380 TFLOP/s "
-              "(context parallelism is not modelled).", "",
-              "| set | runs | mean abs error before | after |", "|---|---:|---:|---:|"]
-    for name, s in result["summary"].items():
-        lines.append(f"| {name} | {s['runs']} | {s['before_mean_abs_error']:.1%} | {s['after_mean_abs_error']:.1%} |")
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["# Step-time model vs published large-scale runs", "",
+             "Generated by `python -m benchmarks.steptime_vs_published` (rows of `benchmarks/data/published_runs.json`, "
+             "predicted by `benchmarks/published_runs.py`; sources and assumptions: this module's docstring and the "
+             "data file). Error = predicted / published − 1.", "",
+             "| row | split | metric | published | predicted | error |", "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        if r["predicted"] is None:
+            lines.append(f"| {r['row']} | {r['split']} | {r['metric']} | {r['published']:,.0f} | — | "
+                         f"not expressible: {'; '.join(r['not_expressible'])} |")
+        else:
+            lines.append(f"| {r['row']} | {r['split']} | {r['metric']} | {r['published']:,.0f} | "
+                         f"{r['predicted']:,.0f} | {r['error']:+.1%} |")
+    errors = [abs(r["error"]) for r in rows if r["error"] is not None]
+    lines += ["", f"Mean absolute error over {len(errors)} rows: {sum(errors) / len(errors):.1%}."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
-    fit_runs, held_out = megatron_runs(), held_out_runs()
-    curve = fit(fit_runs)
-    shipped = DefaultCurve()
-    a100, h100 = load_accelerator("a100-80gb"), load_accelerator("h100-sxm")
-    r_a100 = a100.peak_flops_per_s("bf16") / a100.memory_bandwidth_bytes_per_s
-    r_h100 = h100.peak_flops_per_s("bf16") / h100.memory_bandwidth_bytes_per_s
-    w = curve.width_half_per_flops_per_byte
-    result: dict[str, Any] = {
-        "fitted": {"max_efficiency": curve.max_efficiency, "width_half_per_flops_per_byte": w,
-                   "width_half_a100": w * r_a100, "width_half_h100": w * r_h100,
-                   "implied_bytes_per_token_layer_hidden": 72 * w / curve.max_efficiency,
-                   "tokens_half_a100": 2 * curve.max_efficiency * r_a100, "tokens_half_h100": 2 * curve.max_efficiency * r_h100},
-        "shipped": {"max_efficiency": DEFAULT_MAX_EFFICIENCY,
-                    "width_half_per_flops_per_byte": DEFAULT_WIDTH_HALF_PER_FLOPS_PER_BYTE},
-        "rows": [_row(r, curve) for r in fit_runs + held_out],
-        "platform": platform.platform(),
-    }
-    result["summary"] = _summary(result["rows"])
+    data = load_data()
+    rows = table({"rows": [evaluate(row) for row in data["rows"]]})
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "steptime_vs_published.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "steptime_vs_published.md").write_text(_markdown(result))
-    print(_markdown(result))
-    if curve != shipped:
-        print(f"error: fitted {curve} differs from the shipped default {shipped}; update calibration.py")
-        return 1
+    (RESULTS / "steptime_vs_published.json").write_text(
+        json.dumps({"rows": rows, "platform": platform.platform()}, indent=2) + "\n")
+    text = _markdown(rows)
+    (RESULTS / "steptime_vs_published.md").write_text(text)
+    print(text)
     return 0
 
 

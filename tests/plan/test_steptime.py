@@ -1,5 +1,6 @@
-"""Step-time model: FLOPs pinned to Narayanan et al. 2021 (Eq. 2 and 3), communication and bubble
-formulas derived independently here, and the MFU definition of PaLM (App. B)."""
+"""Step-time model: FLOPs pinned to Narayanan et al. 2021 (Eq. 2 and 3), the assembly of a step from its
+parts (compute, exposed communication, bubble, optimizer) derived independently here, the MFU definition of
+PaLM (App. B), and the calibration path. The per-op compute and the collectives: test_steptime_ops.py."""
 
 from __future__ import annotations
 
@@ -127,31 +128,36 @@ def test_single_gpu_step_is_compute_plus_optimizer_and_mfu_is_palm():
     model = _single_gpu()
     triad = BatchTriad(micro_batch_sequences=4, grad_accum_steps=2, data_parallel_ranks=1, seq_len_tokens=S)
     step = model.estimate(RunSettings(), triad)
-    assert step.dp_comm_s == step.tp_comm_s == step.bubble_s == step.ep_comm_s == 0.0
+    assert step.dp_comm_s == step.tp_comm_s == step.bubble_s == step.ep_comm_s == step.cp_comm_s == 0.0
     assert step.step_time_s == pytest.approx(step.compute_s + step.optimizer_s)
-    # compute: FLOPs / (peak × efficiency) at 4·2048 tokens per micro-batch
-    assert step.compute_s == pytest.approx(step.flops_per_step / (312e12 * step.efficiency))
+    # the compute is the sum of its op classes; the efficiency is what it implies: FLOPs / (peak × compute)
+    assert sum(step.compute_by_op_s.values()) == pytest.approx(step.compute_s)
+    assert step.efficiency == pytest.approx(step.flops_per_step / (312e12 * step.compute_s))
     # PaLM App. B: tokens/s × model FLOPs per token / peak
     flops_per_token = model.model.flops_per_token(S)
     assert step.mfu == pytest.approx(step.tokens_per_s * flops_per_token / 312e12)
     assert step.tflops_per_gpu == pytest.approx(step.flops_per_step / step.step_time_s / 1e12)
+    assert step.kernel_profile == "ampere"  # the fixture's display name is an A100's
 
 
 def test_optimizer_step_is_memory_bound_adamw():
+    """32 bytes per parameter at the profile's achieved DRAM bandwidth (88 % of the A100's 2.039 TB/s)."""
     model = _single_gpu()
     triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=1, data_parallel_ranks=1, seq_len_tokens=S)
     step = model.estimate(RunSettings(), triad)
-    assert step.optimizer_s == pytest.approx(model.model.params_total * 32 / 2.039e12)
+    assert step.optimizer_s == pytest.approx(model.model.params_total * 32 / (2.039e12 * 0.88))
 
 
-def test_calibration_replaces_the_default_curve():
+def test_calibration_replaces_the_compute_and_keeps_its_split():
     flat = Calibration(points=(EfficiencyPoint(tokens_per_micro_batch=1, efficiency=0.25),))
     base = _single_gpu()
     calibrated = StepTimeModel(base.model, base.cluster, seq_len=S, calibration=flat)
     triad = BatchTriad(micro_batch_sequences=2, grad_accum_steps=1, data_parallel_ranks=1, seq_len_tokens=S)
-    step = calibrated.estimate(RunSettings(), triad)
+    step, default = calibrated.estimate(RunSettings(), triad), base.estimate(RunSettings(), triad)
     assert step.efficiency == 0.25
     assert step.compute_s == pytest.approx(step.flops_per_step / (312e12 * 0.25))
+    for op, seconds in default.compute_by_op_s.items():  # the per-op model's proportions, scaled
+        assert step.compute_by_op_s[op] / step.compute_s == pytest.approx(seconds / default.compute_s)
 
 
 def test_pipeline_bubble_is_p_minus_1_stage_times():
@@ -160,32 +166,10 @@ def test_pipeline_bubble_is_p_minus_1_stage_times():
     for m in (4, 16):
         triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=m, data_parallel_ranks=1, seq_len_tokens=S)
         step = model.estimate(settings, triad)
-        stage = (step.compute_s + step.tp_comm_s) / m
+        stage = (step.compute_s + step.tp_comm_s) / m  # TP collectives are exposed: part of a stage-time
         assert step.bubble_s == pytest.approx(3 * stage)
         pipelined = m * stage + step.bubble_s
         assert step.bubble_s / pipelined == pytest.approx(pipeline_bubble_fraction(4, m))
-
-
-def test_data_parallel_all_reduce_over_nodes():
-    """ZeRO-0, 8 nodes × 1 GPU, accumulation 1: ring all-reduce of fp32 grads (torch engine) at 25 GB/s."""
-    model = gpt(layers=24, hidden=2304, heads=24)
-    step_model = StepTimeModel(model, a100_cluster(8, per_node=1), seq_len=S)
-    triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=1, data_parallel_ranks=8, seq_len_tokens=S)
-    step = step_model.estimate(RunSettings(engine="torch"), triad)
-    expected = 2 * 7 / 8 * model.params_total * 4 / 25e9
-    assert step.dp_comm_s == pytest.approx(expected)
-    backward = step.compute_s * 2 / 3
-    assert step.dp_exposed_s == pytest.approx(max(0.0, expected - backward))
-
-
-def test_zero3_gathers_every_micro_batch():
-    model = gpt(layers=24, hidden=2304, heads=24)
-    step_model = StepTimeModel(model, a100_cluster(8, per_node=1), seq_len=S)
-    triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=4, data_parallel_ranks=8, seq_len_tokens=S)
-    step = step_model.estimate(RunSettings(engine="deepspeed", zero_stage=3), triad)
-    psi = model.params_total
-    per_micro = (2 * 7 / 8 * psi * 2 + 7 / 8 * psi * 2) / 25e9  # two bf16 all-gathers + one reduce-scatter
-    assert step.dp_comm_s == pytest.approx(4 * per_micro)
 
 
 def test_recompute_costs_time_and_more_tp_costs_communication():
@@ -193,69 +177,76 @@ def test_recompute_costs_time_and_more_tp_costs_communication():
     triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=32, data_parallel_ranks=4, seq_len_tokens=S)
     plain = model.estimate(RunSettings(tp=8), triad)
     full = model.estimate(dataclasses.replace(RunSettings(tp=8), recompute="full"), triad)
-    assert full.step_time_s > plain.step_time_s
-    assert full.tp_comm_s == pytest.approx(plain.tp_comm_s * 6 / 4)
+    selective = model.estimate(dataclasses.replace(RunSettings(tp=8), recompute="selective"), triad)
+    assert plain.step_time_s < selective.step_time_s < full.step_time_s
+    assert full.tp_comm_s == pytest.approx(plain.tp_comm_s * 6 / 4)  # 2 more collectives per layer
+    # full recomputation repeats every forward op of the layers: 1/3 more GEMM time in the layers
+    assert full.compute_by_op_s["attention"] > plain.compute_by_op_s["attention"]
     assert full.mfu < plain.mfu and full.tflops_per_gpu > plain.tflops_per_gpu * 0.99
-
-
-def test_zero1_moves_the_data_parallel_volume_of_the_zero_paper():
-    """ZeRO paper §7: ZeRO-1/2 move 2Ψ per rank like plain DP (reduce-scatter Ψ + all-gather Ψ, bf16 both)."""
-    model = gpt(layers=24, hidden=2304, heads=24)
-    step_model = StepTimeModel(model, a100_cluster(8, per_node=1), seq_len=S)
-    triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=1, data_parallel_ranks=8, seq_len_tokens=S)
-    zero0 = step_model.estimate(RunSettings(engine="deepspeed", zero_stage=0), triad)
-    zero1 = step_model.estimate(RunSettings(engine="deepspeed", zero_stage=1), triad)
-    psi = model.params_total
-    assert zero0.dp_comm_s == pytest.approx(2 * 7 / 8 * psi * 2 / 25e9)
-    assert zero1.dp_comm_s == pytest.approx(zero0.dp_comm_s)
-    torch_zero1 = step_model.estimate(RunSettings(engine="torch", zero_stage=1), triad)  # DDP all-reduce (fp32)
-    assert torch_zero1.dp_comm_s == pytest.approx((2 * 7 / 8 * psi * 4 + 7 / 8 * psi * 2) / 25e9)
-
-
-def test_hybrid_shard_gathers_inside_the_node():
-    """2 nodes × 8 GPUs, ZeRO-3 hybrid: gathers over 8 ranks at NVLink speed, gradient slices all-reduced
-    over 2 replicas at the network speed."""
-    model = gpt(layers=24, hidden=2304, heads=24)
-    step_model = StepTimeModel(model, a100_cluster(2), seq_len=S)
-    triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=2, data_parallel_ranks=16, seq_len_tokens=S)
-    hybrid = step_model.estimate(RunSettings(engine="fsdp2", zero_stage=3, hybrid_shard=True), triad)
-    psi = model.params_total
-    per_micro = (2 * 7 / 8 * psi * 2 + 7 / 8 * psi * 4) / 300e9
-    replicas = 2 * 1 / 2 * (psi * 4 / 8) / 25e9
-    assert hybrid.dp_comm_s == pytest.approx(2 * per_micro + replicas)
-    flat = step_model.estimate(RunSettings(engine="fsdp2", zero_stage=3), triad)
-    assert flat.dp_comm_s > hybrid.dp_comm_s
-
-
-def test_tensor_parallel_splits_the_gemm_width_not_its_rows():
-    """t-way TP: the GEMMs keep M = b·s rows and run at the per-GPU width h/t (calibration module)."""
-    from batchpilot.estimate.calibration import MatmulShape, default_efficiency
-
-    model = StepTimeModel(gpt(layers=24, hidden=2304, heads=24), a100_cluster(1), seq_len=S)
-    triad = BatchTriad(micro_batch_sequences=2, grad_accum_steps=1, data_parallel_ranks=2, seq_len_tokens=S)
-    balance = 312e12 / 2.039e12  # plan_fixtures' A100: bf16 dense peak ÷ HBM bandwidth
-    for tp in (1, 4):
-        step = model.estimate(RunSettings(tp=tp), dataclasses.replace(triad, data_parallel_ranks=8 // tp))
-        expected = default_efficiency(MatmulShape(tokens=2 * S, width=2304 / tp, flops_per_byte=balance))
-        assert step.efficiency == pytest.approx(expected)
-    # by hand: e_max·M/(M + 2·e_max·r)·w/(w + r) with e_max 0.68, M 4096, w 576, r 153.0
-    r = balance
-    assert expected == pytest.approx(0.68 * 4096 / (4096 + 1.36 * r) * 576 / (576 + r))
 
 
 def test_interleaved_schedule_divides_the_bubble_by_v():
     """Narayanan et al. 2021 §2.2.2: v model chunks per rank (settings ``vpp``) cut the bubble to (p − 1)/v
-    stage-times and multiply the pipeline sends by v; vpp = 1 (the default) is plain 1F1B."""
+    stage-times and multiply the pipeline sends by v (overlapped with compute under interleaving); vpp = 1 (the
+    default) is plain 1F1B."""
     model = StepTimeModel(gpt(layers=48, hidden=8192, heads=64), a100_cluster(4), seq_len=S)
     triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=8, data_parallel_ranks=1, seq_len_tokens=S)
     plain = model.estimate(RunSettings(tp=8, pp=4), triad)
     assert model.estimate(RunSettings(tp=8, pp=4, vpp=1), triad) == plain
     inter = model.estimate(RunSettings(tp=8, pp=4, vpp=4), triad)
     assert inter.bubble_s == pytest.approx(plain.bubble_s / 4)
-    assert inter.pp_comm_s == pytest.approx(plain.pp_comm_s * 4)
     assert inter.compute_s == pytest.approx(plain.compute_s)
     assert inter.step_time_s < plain.step_time_s
     with pytest.raises(SpecError, match="--vpp 0 must be a positive integer"):
         RunSettings(tp=8, pp=4, vpp=0)
     with pytest.raises(SpecError, match="needs --pp > 1"):
         RunSettings(vpp=2)
+
+
+def test_dualpipe_bubble_is_deepseek_v3_table_2():
+    """DeepSeek-V3 (arXiv:2412.19437) Table 2: DualPipe's bubble is (p/2 − 1)·(F&B + B − 3W). With F&B = F + B
+    (overlapped chunks still compute both) and W = B/2: (p/2 − 1)·(F + B/2) against 1F1B's (p − 1)·(F + B)."""
+    from batchpilot.estimate.steptime import default_implementation
+
+    model = gpt(layers=48, hidden=8192, heads=64)
+    settings = RunSettings(tp=8, pp=8)
+    base = StepTimeModel(model, a100_cluster(8), seq_len=S)
+    dual = StepTimeModel(model, a100_cluster(8), seq_len=S, implementation=dataclasses.replace(
+        default_implementation(settings, base.profile), dualpipe=True))
+    triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=32, data_parallel_ranks=1, seq_len_tokens=S)
+    one_f_one_b, dualpipe = base.estimate(settings, triad), dual.estimate(settings, triad)
+    micro = base._micro(settings, 1)
+    stage = (one_f_one_b.compute_s + one_f_one_b.tp_comm_s) / 32
+    assert one_f_one_b.bubble_s == pytest.approx(7 * stage)
+    share = (micro.forward_s + micro.backward_s / 2) / (micro.forward_s + micro.backward_s)
+    assert dualpipe.bubble_s == pytest.approx(3 * share * stage)
+    assert dualpipe.step_time_s < one_f_one_b.step_time_s
+
+
+def test_step_record_is_flat_numbers_with_the_parts():
+    model = StepTimeModel(gpt(layers=24, hidden=2304, heads=24), a100_cluster(2), seq_len=S)
+    triad = BatchTriad(micro_batch_sequences=2, grad_accum_steps=2, data_parallel_ranks=4, seq_len_tokens=S)
+    step = model.estimate(RunSettings(tp=4, zero_stage=1), triad)
+    record = step.to_dict()
+    assert all(isinstance(v, float) for v in record.values())
+    assert {"compute_gemm_s", "compute_attention_s", "compute_elementwise_s", "exposed_tp_s", "exposed_dp_s",
+            "bubble_s", "step_time_s"} <= set(record)
+    assert record["exposed_tp_s"] == step.tp_comm_s and record["exposed_dp_s"] == step.dp_exposed_s
+    parts = sum(v for k, v in record.items() if k.startswith(("compute_", "exposed_")) and k != "compute_s")
+    assert parts + step.bubble_s + step.optimizer_s == pytest.approx(step.step_time_s)
+
+
+def test_gradient_reduction_hides_behind_the_backward_but_pays_the_fitted_interference():
+    """ZeRO-0 across 8 nodes × 1 GPU: the bucketed all-reduce runs during the last micro-batch's backward; what
+    it hides still costs ``overlap_interference`` of its time (batchpilot.estimate.fitted)."""
+    from batchpilot.estimate.fitted import FittedConstants
+
+    model = gpt(layers=24, hidden=2304, heads=24)
+    triad = BatchTriad(micro_batch_sequences=8, grad_accum_steps=1, data_parallel_ranks=8, seq_len_tokens=S)
+    free = FittedConstants(sustained_fraction=1.0, overlap_interference=0.0)
+    costly = FittedConstants(sustained_fraction=1.0, overlap_interference=1.0)
+    steps = [StepTimeModel(model, a100_cluster(8, per_node=1), seq_len=S, fitted=f).estimate(RunSettings(), triad)
+             for f in (free, costly)]
+    assert steps[0].dp_comm_s == pytest.approx(steps[1].dp_comm_s)
+    hidden = steps[0].dp_comm_s - steps[0].dp_exposed_s
+    assert hidden > 0 and steps[1].dp_exposed_s == pytest.approx(steps[0].dp_comm_s)  # interference 1: all of it

@@ -1,12 +1,18 @@
 """Compute efficiency vs micro-batch size, and the calibration file the probe writes.
 
-The step-time model (:mod:`batchpilot.estimate.steptime`) turns FLOPs into seconds as
-``FLOPs / (peak FLOP/s × efficiency)``. Efficiency is the fraction of the accelerator's dense peak that
-the training step's matmuls reach; it rises with the tokens one forward/backward processes (bigger
-GEMMs, fewer kernel launches per FLOP) and saturates. Two sources:
+Efficiency is the fraction of the accelerator's dense peak that a training step's compute reaches
+(executed FLOPs ÷ (peak × compute time)). Two sources:
 
-- :func:`default_efficiency` (:data:`DEFAULT_CALIBRATION`, :class:`DefaultCurve`) — a documented default
-  that depends on the shape of one GPU's GEMMs, not only on their FLOPs (:class:`MatmulShape`):
+- A :class:`Calibration` measured by ``batchpilot probe`` on the real device: efficiency at several
+  tokens-per-micro-batch points (piecewise-linear in log tokens between them, clamped at both ends)
+  and the memory overhead the analytic model missed. The step-time model
+  (:mod:`batchpilot.estimate.steptime`) then takes the compute of a micro-batch as
+  ``FLOPs / (peak FLOP/s × efficiency)`` and keeps its per-op split (:mod:`batchpilot.estimate.layer_time`)
+  only as proportions. Without points (:data:`DEFAULT_CALIBRATION`) the step-time model times every op from
+  the GPU generation's published microbenchmarks (:mod:`batchpilot.estimate.kernels`) instead.
+- :func:`default_efficiency` (:class:`DefaultCurve`) — a one-formula efficiency for quick compute estimates
+  that need no op inventory (the RL phases, :mod:`batchpilot.rl`); it depends on the shape of one GPU's
+  GEMMs, not only on their FLOPs (:class:`MatmulShape`):
 
       e = e_max · M/(M + M_half) · w/(w + w_half),   M_half = 2·e_max·r,   w_half = ω·r
 
@@ -28,17 +34,11 @@ GEMMs, fewer kernel launches per FLOP) and saturates. Two sources:
   * e_max: the fraction of dense peak the large GEMMs, attention and fused kernels reach. Fitted.
 
   e_max = :data:`DEFAULT_MAX_EFFICIENCY` and ω = :data:`DEFAULT_WIDTH_HALF_PER_FLOPS_PER_BYTE` were
-  fitted (least squares in log throughput) through the whole step-time model on ONE source, Narayanan
-  et al. 2021 Table 1 (GPT 1.7B–1T on 32–3072 A100s, 137–163 TFLOP/s per GPU), and checked on held-out
-  runs: MT-NLG 530B (Smith et al. 2022 §2.4), BLOOM-176B (BigScience tr11) and Llama 3 405B (Llama 3
-  Herd of Models, Table 4) — the fit, the data and the errors are ``benchmarks/steptime_vs_published.py``
-  and ``benchmarks/results/steptime_vs_published.md``. The implied memory-bound traffic c = 72·ω/e_max
-  bytes per token per layer per hidden unit is printed there as a plausibility check. Known error: the
-  held-out errors in that file (large LLM runs, tuned Megatron/DeepSpeed stacks); small models pay
-  launch overheads the curve does not see. Calibrate with the probe.
-- A :class:`Calibration` measured by ``batchpilot probe`` on the real device: efficiency at several
-  tokens-per-micro-batch points (piecewise-linear in log tokens between them, clamped at both ends)
-  and the memory overhead the analytic model missed.
+  fitted (least squares in log throughput) through the step-time model of commit 1336b38 on ONE source,
+  Narayanan et al. 2021 Table 1 (GPT 1.7B–1T on 32–3072 A100s, 137–163 TFLOP/s per GPU): 4.6 % mean absolute
+  error there, 16 % on MT-NLG 530B, BLOOM-176B and Llama 3 405B (``benchmarks/results/steptime_vs_published.md``
+  at that commit). Known error: small models pay launch and memory-bound overheads the curve does not see.
+  Calibrate with the probe.
 
 File format (JSON, ``format_version`` 1)::
 
@@ -161,7 +161,8 @@ class Calibration:
     source: str = "default curve"
     """Where the numbers come from (probe version and time, or "default curve")."""
     default_curve: DefaultCurve = DefaultCurve()
-    """The model used when ``points`` is empty (not part of the file; fitted constants by default)."""
+    """The curve :meth:`efficiency_at` reads when ``points`` is empty (not part of the file; the step-time model
+    uses its per-op model instead)."""
 
     def __post_init__(self) -> None:
         tokens = [p.tokens_per_micro_batch for p in self.points]

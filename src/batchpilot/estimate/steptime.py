@@ -1,4 +1,4 @@
-"""Step-time model: FLOPs, compute time, communication, pipeline bubble and optimizer step per training step.
+"""Step-time model: a per-op time model of the layers, communication at achieved bandwidth, bubble, optimizer.
 
 Example (CPU, instant)::
 
@@ -11,77 +11,86 @@ Example (CPU, instant)::
     >>> model = StepTimeModel(load_model("llama-3-8b"), cluster, seq_len=8192)
     >>> triad = BatchTriad(micro_batch_sequences=1, grad_accum_steps=8, data_parallel_ranks=64, seq_len_tokens=8192)
     >>> step = model.estimate(RunSettings(zero_stage=1), triad)
+    >>> step.kernel_profile, step.attention_kernel
+    ('hopper', 'fa2')
     >>> round(step.mfu, 2), round(step.tokens_per_s / 1e6, 2)
-    (0.54, 0.59)
+    (0.5, 0.55)
+    >>> sorted(step.compute_by_op_s, key=step.compute_by_op_s.get, reverse=True)[:3]
+    ['gemm', 'attention', 'elementwise']
 
-Formulas (per optimizer step; b micro-batch sequences, s sequence length, m accumulation steps,
-t/p/e tensor/pipeline/expert-parallel sizes, d data-parallel ranks, world = d·t·p GPUs):
+What a step is made of (per optimizer step; b micro-batch sequences, s sequence length, m accumulation
+steps, t/cp/p/e tensor/context/pipeline/expert-parallel sizes, d data-parallel ranks, world = d·t·cp·p):
 
-- FLOPs. Model FLOPs per token are :meth:`ModelSpec.flops_per_token` (6·N_matmul + attention; for a GPT
-  block Narayanan et al. 2021 Eq. 3 without recomputation: 72·l·h²·(1 + s/(6h) + V/(12·l·h)) per
-  sequence-token — note the head term is V/(12lh) with the factor 72, so the head stays 6·V·h). Full
-  recomputation repeats the forward of every transformer layer (not the head): + (6·N_layers + attn)/3,
-  which gives exactly Eq. 3's 96·l·h²·(1 + s/(6h) + V/(16·l·h)). Selective recomputation repeats the
-  attention core's forward: + attn/3 (Korthikanti et al. 2022 §5). Both sums are
-  :func:`training_flops_per_token`, which the probe's calibration also divides by (one count).
-- Compute time. Hardware FLOPs per GPU ÷ (dense peak at the run's precision × efficiency), efficiency
-  from :mod:`batchpilot.estimate.calibration` for the GEMM shape one GPU runs: M = b·s rows (tensor
-  parallelism does not shrink the rows, it splits every GEMM's N or K by t) at the per-GPU width h/t,
-  on this accelerator's machine balance (peak ÷ DRAM bandwidth). A measured calibration is read at
-  M = b·s. Routed-expert GEMMs (MoE) have the rows one expert receives, e·b·s·k/E (k of E experts per
-  token, e-way expert parallelism gathers the tokens of e ranks): this is what expert parallelism buys.
-  The slowest pipeline stage holds ⌈L/p⌉ of the L layers (uneven splits cost time).
+- Compute (:mod:`batchpilot.estimate.layer_time`): every GEMM, the attention kernel and every
+  memory-bound op of the slowest pipeline stage's ⌈L/p⌉ layers plus the output head, forward, backward
+  and what the recomputation policy repeats, timed with the GPU generation's published kernel speeds
+  (:mod:`batchpilot.estimate.kernels`). A probe calibration replaces the total with the measured
+  efficiency — executed FLOPs ÷ (dense peak × efficiency) — and keeps the per-op split as proportions.
 - Tensor parallelism (Megatron, Narayanan et al. 2021 §3.3): per layer and micro-batch 2 all-reduces of
-  b·s·h activations forward and 2 backward (+2 with full recompute); with sequence parallelism the
-  all-reduce becomes reduce-scatter + all-gather, same bytes. Not overlapped.
+  b·s·h activations forward and 2 backward (+2 with full recompute); with sequence parallelism each is a
+  reduce-scatter + all-gather of the same volume. Exposed (not overlapped).
+- Context parallelism (ring attention): per layer each rank passes its K/V chunk around the ring, cp − 1
+  sends forward and twice that backward (K/V and their gradients), overlapped with the attention kernel;
+  what exceeds it is exposed.
 - Expert parallelism: per MoE layer and micro-batch, dispatch and combine all-to-alls of b·s·k·h
-  activations (k experts per token), forward and backward (+2 with full recompute), fraction (e−1)/e
-  leaves the rank. Not overlapped (DeepSeek-V3's DualPipe hides it; we do not assume that).
-- Data-parallel gradient reduction (ring: 2·(N−1)/N·G bytes per rank for an all-reduce of G bytes,
-  (N−1)/N·G for a reduce-scatter or an all-gather): ZeRO-0 all-reduces once per step, ZeRO-1
-  reduce-scatters once per step (together with the parameter all-gather the 2Ψ of plain data
-  parallelism, ZeRO paper §7; the ``torch`` engine's ZeroRedundancyOptimizer all-reduces), both
-  overlapped with the last micro-batch's backward; ZeRO-2 reduce-scatters every micro-batch
-  (DeepSpeed keeps no full gradient) overlapped with that backward; ZeRO-3 gathers parameters forward and backward and
-  reduce-scatters gradients every micro-batch, overlapped with that micro-batch's compute; ZeRO-1/2
-  gather updated parameters after the step (overlapped with the first forward). Only what exceeds the
-  overlap window counts. Expert gradients reduce over d/e ranks. A group spanning nodes runs at the
-  per-GPU inter-node bandwidth, otherwise at the intra-node bandwidth. ``hybrid_shard`` shards within
-  a node and all-reduces each shard's gradient slice across nodes once per step.
-- Pipeline bubble (1F1B): the step takes (m + p − 1) stage-times instead of m, i.e. a fraction
-  (p − 1)/(m + p − 1) is idle (Narayanan et al. 2021 §2.2.1); plus point-to-point sends of b·s·h
-  activations between stages. With the interleaved schedule (settings ``vpp`` = v > 1, §2.2.2: each rank
-  holds v model chunks) the bubble shrinks to (p − 1)/v stage-times and the sends grow v-fold.
-- Optimizer step: memory-bound, bytes touched per parameter (:data:`OPTIMIZER_BYTES_PER_PARAM`) ÷ DRAM
-  bandwidth over the parameters this rank updates (÷ d with ZeRO ≥ 1). With ``offload`` the update runs
-  on the CPU (:data:`HOST_BANDWIDTH_BYTES_PER_S`, an assumption) after moving gradients down and
-  parameters up over PCIe (:data:`PCIE_BANDWIDTH_BYTES_PER_S`, an assumption).
-- Outputs: tokens/s = global tokens ÷ step time; TFLOP/s per GPU counts the FLOPs executed (with
-  recomputation, as Narayanan et al. report); MFU (PaLM, Chowdhery et al. 2022 App. B) = tokens/s ×
-  (6N + 12·L·H·Q·T) ÷ (world × peak), i.e. model FLOPs without recomputation.
+  activations forward and backward (+2 with full recompute). Exposed.
+- Data parallelism and ZeRO (gradients in :data:`GRADIENT_REDUCE_BYTES`, parameters in the activation
+  dtype; groups of d·cp ranks, stride t): ZeRO-0 all-reduces once per step and ZeRO-1 reduce-scatters once
+  per step, both overlapped with the last micro-batch's backward; ZeRO-1/2 all-gather the updated
+  parameters once per step, overlapped with the first forward; ZeRO-2 reduce-scatters every micro-batch
+  inside its backward; ZeRO-3 / FSDP all-gathers every layer's parameters forward and again backward and
+  reduce-scatters its gradients, each prefetched one layer ahead: per layer only what exceeds that
+  layer's compute is exposed, plus the first gather and the last reduce-scatter. Bucketed reductions
+  expose their last bucket (one layer's worth). Expert parameters reduce over d·cp/e ranks.
+  ``hybrid_shard`` shards within a node and all-reduces the shards' gradient slices across nodes once per
+  step. All at achieved bus bandwidth (:mod:`batchpilot.estimate.collectives`).
+- Pipeline (1F1B): (p − 1) stage-times of fill and drain, ÷ v with the interleaved schedule (settings
+  ``vpp``, Narayanan et al. 2021 §2.2.2), plus point-to-point sends of b·s·h/t activations (v-fold when
+  interleaved) on the critical path.
+- Optimizer step: memory-bound, :data:`OPTIMIZER_BYTES_PER_PARAM` per parameter this rank updates ÷ the
+  achieved DRAM bandwidth; with ``offload`` on the CPU (:data:`HOST_BANDWIDTH_BYTES_PER_S`) after PCIe
+  transfers (:data:`PCIE_BANDWIDTH_BYTES_PER_S`).
+- Outputs: tokens/s = global tokens ÷ step time; TFLOP/s per GPU counts the FLOPs executed (the
+  recomputation convention of Narayanan et al., :func:`training_flops_per_token`); MFU (PaLM, Chowdhery
+  et al. 2022 App. B) = tokens/s × (6N + 12·L·H·Q·T) ÷ (world × dense peak at the run's precision).
 
-Known error: the efficiency model dominates. Against published runs
-(``benchmarks/results/steptime_vs_published.md``; constants fitted on Narayanan et al. 2021 Table 1 only)
-it is within 4.6 % mean absolute error on that table, 6 % on Llama 3 405B (H100) if its interleaving is
-v = 8 but 29 % low at v = 1, and 9–20 % high on MT-NLG 530B and BLOOM-176B (A100). Communication assumes
-bus bandwidth equals the per-GPU link bandwidth (real NCCL reaches ~70–90 %) and no compute slowdown from
-overlapped communication. Rank placement is Megatron's: tensor-parallel ranks adjacent, then data, then
-pipeline.
+How it does: ``benchmarks/published_runs.py`` compares it with 271 published, measured GPU runs
+(``benchmarks/results/published_runs.md``: tokens/s per GPU by source, split, precision). Known
+errors: kernel speeds are those of published microbenchmarks on the reference GPU of each generation
+(power limits, clocks and software versions move them); the implementation of each framework (fusion,
+attention kernel, fp8 recipe) is a default per engine unless given (:class:`Implementation`); communication
+hidden behind compute does not slow the compute down; load imbalance between experts is not modelled.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, NamedTuple, get_args
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import NamedTuple
 
-from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration, MatmulShape
+from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration
+from batchpilot.estimate.collectives import Fabric
 from batchpilot.estimate.dtypes import (
     ACTIVATION_BYTES,  # also the bytes per element TP/EP/PP collectives send
+)
+from batchpilot.estimate.fitted import FITTED, FittedConstants
+from batchpilot.estimate.kernels import KernelProfile, profile_for
+from batchpilot.estimate.layer_time import (
+    Implementation,
+    LayerTimes,
+    Parts,
+    Shape,
+    dense_layer,
+    head,
+    layers_on_stage,
+    moe_layer,
+    recompute_parts,
 )
 from batchpilot.specs.batch import BatchTriad
 from batchpilot.specs.hardware import ClusterSpec
 from batchpilot.specs.model import ModelSpec
+from batchpilot.specs.network import NetworkSpec
 from batchpilot.specs.settings import Recompute, RunSettings
 
 PEAK_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}
@@ -106,22 +115,28 @@ PCIE_BANDWIDTH_BYTES_PER_S = 25e9
 """Assumed host↔GPU bandwidth per GPU for offload (PCIe Gen4 x16: 32 GB/s peak, ~25 GB/s achieved)."""
 
 
+COLLECTIVES: tuple[str, ...] = ("tp", "cp", "ep", "pp", "dp")
+"""Communication patterns the step reports its exposed time for."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StepTime:
-    """Time and throughput of one optimizer step (all GPUs together)."""
+    """Time and throughput of one optimizer step (all GPUs together), and what the time is made of."""
 
     flops_per_step: float
     """FLOPs the cluster executes per step, recomputation included."""
     model_flops_per_step: float
     """Model FLOPs per step without recomputation (the MFU numerator)."""
     compute_s: float
-    """Forward/backward time of the slowest pipeline stage for all micro-batches, without bubble."""
+    """Forward/backward (and recomputation) time of the slowest pipeline stage for all micro-batches."""
     bubble_s: float
-    """Pipeline fill and drain: (p − 1) stage-times."""
+    """Pipeline fill and drain: (p − 1)/v stage-times."""
     tp_comm_s: float
-    """Tensor-parallel collectives per step (not overlapped)."""
+    """Tensor-parallel collectives per step (exposed)."""
+    cp_comm_s: float
+    """Context-parallel K/V exchange per step, before overlap with the attention kernel."""
     ep_comm_s: float
-    """Expert-parallel all-to-alls per step (not overlapped)."""
+    """Expert-parallel all-to-alls per step (exposed)."""
     pp_comm_s: float
     """Pipeline point-to-point activation sends on the critical path."""
     dp_comm_s: float
@@ -138,27 +153,53 @@ class StepTime:
     mfu: float
     """Model FLOPs utilisation (PaLM App. B): model FLOPs per second ÷ (GPUs × dense peak)."""
     efficiency: float
-    """Matmul efficiency used for the compute time (calibration or default curve)."""
+    """Executed FLOPs ÷ (dense peak × compute time): the measured calibration's, or what the per-op model implies."""
+    compute_by_op_s: MappingProxyType[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    """``compute_s`` by op class (:data:`batchpilot.estimate.layer_time.OP_CLASSES`)."""
+    exposed_comm_s: MappingProxyType[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    """Communication on the critical path by pattern (:data:`COLLECTIVES`), seconds per step."""
+    kernel_profile: str = ""
+    """The GPU generation's kernel profile the compute was timed with (``generic``: no microbenchmarks)."""
+    attention_kernel: str = ""
+    """The attention kernel timed (``eager`` or a flash kernel)."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def to_dict(self) -> dict[str, float]:
+        """Every time as a flat number (the ``plans[i].step`` object of ``plan --json``): the fields above, then
+        ``compute_<op class>_s`` and ``exposed_<pattern>_s``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), float)}
+        out.update({f"compute_{k}_s": v for k, v in self.compute_by_op_s.items()})
+        out.update({f"exposed_{k}_s": v for k, v in self.exposed_comm_s.items()})
+        return out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _Comm:
-    """Traffic of one collective pattern: seconds on the critical path and seconds that may overlap."""
+    """Traffic of one collective pattern: seconds on the critical path and seconds in total."""
 
     exposed_s: float = 0.0
     total_s: float = 0.0
 
 
+class _Micro(NamedTuple):
+    """One micro-batch on the slowest stage (seconds)."""
+
+    compute: Parts
+    forward_s: float
+    backward_s: float
+    """Backward plus recomputation (what a gradient reduction can hide behind)."""
+    layer_s: float
+    """Average compute of one layer, forward + backward (the FSDP prefetch window)."""
+    layers: int
+    tp: _Comm
+    cp: _Comm
+    ep: _Comm
+    pp_s: float
+
+
 class _Terms(NamedTuple):
     """The pieces of one step estimate (seconds unless noted)."""
 
-    micro_compute_s: float
-    tp_micro_s: float
-    ep_micro_s: float
-    pp_micro_s: float
+    micro: _Micro
     bubble_s: float
     dp: _Comm
     optimizer_s: float
@@ -183,7 +224,7 @@ def pipeline_bubble_fraction(pp: int, micro_batches: int) -> float:
     return (pp - 1) / (micro_batches + pp - 1)
 
 
-def recompute_flops_per_token(model: ModelSpec, seq_len: int, recompute: Recompute) -> int:
+def recompute_flops_per_token(model: ModelSpec, seq_len: int, recompute: Recompute, every: int = 1) -> int:
     """Extra training FLOPs per token from activation recomputation: one more forward of what is recomputed.
 
     ``full`` repeats the forward of every transformer layer — its matmuls (2·N_layers, N_layers = the
@@ -192,8 +233,10 @@ def recompute_flops_per_token(model: ModelSpec, seq_len: int, recompute: Recompu
     layers: (6·N_layers + attention) / 3. For a GPT block this turns Narayanan et al. 2021 Eq. 3 without
     recomputation, 72·l·h²·(1 + s/(6h) + V/(12·l·h)) per token, into Eq. 3 with it,
     96·l·h²·(1 + s/(6h) + V/(16·l·h)): the head term stays 6·V·h (96/16 = 72/12 = 6). ``selective``
-    repeats only the attention core's forward, attention / 3 (Korthikanti et al. 2022 §5).
-    Both are exact integers (every term is a multiple of 3).
+    repeats only the attention core's forward, attention / 3 (Korthikanti et al. 2022 §5). ``op``
+    (torchtitan's per-op policy: every second matmul of a layer is recomputed, attention is saved) repeats
+    half the layers' matmul forward, N_layers. With ``every`` = N only one layer in N is checkpointed:
+    ⌊L/N⌋/L of the above (floored to an integer).
 
     Known error: this is the convention of Narayanan et al. (the whole layer forward). PyTorch's
     non-reentrant checkpointing stops recomputing once every tensor backward needs exists, so it skips
@@ -205,47 +248,70 @@ def recompute_flops_per_token(model: ModelSpec, seq_len: int, recompute: Recompu
     if recompute == "none":
         return 0
     attention = model.attention_flops_per_token(seq_len)
-    if recompute == "selective":
-        return attention // 3
     layers = model.matmul_params_per_token - model.vocab_size * model.hidden_size
-    return (6 * layers + attention) // 3
+    if recompute == "selective":
+        extra = attention // 3
+    elif recompute == "op":
+        extra = layers
+    else:
+        extra = (6 * layers + attention) // 3
+    if every == 1:
+        return extra
+    return extra * (model.num_layers // every) // model.num_layers
 
 
-def training_flops_per_token(model: ModelSpec, seq_len: int, recompute: Recompute) -> int:
+def training_flops_per_token(model: ModelSpec, seq_len: int, recompute: Recompute, every: int = 1) -> int:
     """FLOPs a device executes per trained token: model FLOPs (:meth:`ModelSpec.flops_per_token`) plus
     :func:`recompute_flops_per_token`. The one count that both the step-time model's compute time and the
     probe's measured efficiency (:func:`batchpilot.measure.probe.calibration_from_probe`) use."""
-    return model.flops_per_token(seq_len) + recompute_flops_per_token(model, seq_len, recompute)
+    return model.flops_per_token(seq_len) + recompute_flops_per_token(model, seq_len, recompute, every)
+
+
+def default_implementation(settings: RunSettings, profile: KernelProfile) -> Implementation:
+    """What the settings imply about the kernels: Megatron's fused kernels (Transformer Engine), or eager
+    PyTorch ops fused only under ``--compile``; the settings' fp8 recipe (or the engine's default); a fused
+    loss where the settings' loss path is Megatron's or compiled; the profile's attention kernel for the
+    engine (``eager`` when the settings ask for it)."""
+    megatron = settings.engine == "megatron"
+    kernel = "eager" if settings.attention == "eager" else profile.default_attention_kernel(settings.engine)
+    return Implementation(fused=megatron or settings.compile, attention_kernel=kernel,
+                          fp8_recipe=settings.resolved_fp8_recipe or "tensorwise", compiled=settings.compile,
+                          fused_loss=settings.resolved_loss in ("fused", "compiled"))
 
 
 class StepTimeModel:
     """Step-time estimates for one model on one cluster at one sequence length.
 
-    Model-dependent quantities are computed once here, so :meth:`estimate` is cheap enough for the
-    planner to call thousands of times. The interleaved schedule's v (model chunks per pipeline rank,
-    Narayanan et al. 2021 §2.2.2) is the settings' ``vpp``; 1 is plain 1F1B.
+    Per-layer times are computed once per (settings, micro-batch) and cached, so :meth:`estimate` is cheap
+    enough for the planner to call thousands of times. ``implementation`` pins how the kernels are
+    implemented (fusion, attention kernel, fp8 recipe) for every estimate; by default it follows the
+    engine (:func:`default_implementation`). ``network`` is the scale-out fabric whose measured achieved
+    fraction applies between nodes (default: 400 Gb/s InfiniBand's); ``profile`` overrides the kernel
+    profile chosen from the accelerator.
     """
 
     def __init__(self, model: ModelSpec, cluster: ClusterSpec, *, seq_len: int,
-                 calibration: Calibration = DEFAULT_CALIBRATION) -> None:
+                 calibration: Calibration = DEFAULT_CALIBRATION, implementation: Implementation | None = None,
+                 network: NetworkSpec | None = None, profile: KernelProfile | None = None,
+                 fitted: FittedConstants = FITTED) -> None:
         self.model, self.cluster, self.seq_len, self.calibration = model, cluster, seq_len, calibration
+        self.implementation, self.fitted = implementation, fitted
+        self.profile = profile or profile_for(cluster.accelerator)
+        self.fabric = Fabric.of(cluster, self.profile, network)
         self.flops_per_token = model.flops_per_token(seq_len)
-        self._hw_flops_per_token = {r: training_flops_per_token(model, seq_len, r) for r in get_args(Recompute)}
-        routed = model.num_moe_layers * model.num_experts * model.params_expert
-        self.expert_params = routed
-        routed_per_token = 6 * model.num_moe_layers * model.num_experts_per_token * model.params_expert
-        self._routed_flops_per_token = {"none": routed_per_token, "selective": routed_per_token,
-                                        "full": routed_per_token * 4 // 3}
-        self.dense_params = model.params_total - routed
+        self._hw_flops: dict[tuple[str, int], int] = {}
+        self.expert_params = model.num_moe_layers * model.num_experts * model.params_expert
+        self.dense_params = model.params_total - self.expert_params
         self._peak: dict[str, float] = {}
-        self.intra_bw = cluster.accelerator.intra_node_bandwidth_bytes_per_s
-        self.inter_bw = cluster.inter_node_bandwidth_bytes_per_s or self.intra_bw
+        self._micro_cache: dict[tuple[RunSettings, int], _Micro] = {}
 
-    # ------------------------------------------------------------------ helpers
-    def _bandwidth(self, group: int, stride: int) -> float:
-        """Per-GPU bandwidth of a group of ``group`` ranks spaced ``stride`` apart in rank order."""
-        within_node = group * stride <= self.cluster.devices_per_node
-        return self.intra_bw if within_node else self.inter_bw
+    def hw_flops_per_token(self, settings: RunSettings) -> int:
+        """:func:`training_flops_per_token` of the settings' recomputation (cached)."""
+        key = (settings.recompute, settings.recompute_every)
+        if key not in self._hw_flops:
+            self._hw_flops[key] = training_flops_per_token(self.model, self.seq_len, settings.recompute,
+                                                           settings.recompute_every)
+        return self._hw_flops[key]
 
     def peak_flops_per_s(self, settings: RunSettings) -> float:
         """Dense peak FLOP/s of the run's precision (unsupported precision → one-line SpecError)."""
@@ -255,145 +321,281 @@ class StepTimeModel:
                 PEAK_DTYPE[settings.precision])
         return peak
 
+    def implementation_for(self, settings: RunSettings) -> Implementation:
+        return self.implementation or default_implementation(settings, self.profile)
+
     # ------------------------------------------------------------------ the estimate
     def estimate(self, settings: RunSettings, triad: BatchTriad) -> StepTime:
         """Step time and throughput of ``settings`` (layout, ZeRO, recompute) at ``triad``."""
         m, b, dp = triad.grad_accum_steps, triad.micro_batch_sequences, triad.data_parallel_ranks
         t = self._terms(settings, b, m, dp)
-        world = dp * settings.tp * settings.pp
+        world = dp * settings.tp * settings.pp * settings.cp
         tokens = triad.global_batch_tokens
-        flops = float(tokens * self._hw_flops_per_token[settings.recompute])
+        flops = float(tokens * self.hw_flops_per_token(settings))
         model_flops = float(tokens * self.flops_per_token)
+        micro = t.micro
+        exposed = {"tp": m * micro.tp.exposed_s, "cp": m * micro.cp.exposed_s, "ep": m * micro.ep.exposed_s,
+                   "pp": m * micro.pp_s, "dp": t.dp.exposed_s}
         return StepTime(
-            flops_per_step=flops, model_flops_per_step=model_flops, compute_s=m * t.micro_compute_s,
-            bubble_s=t.bubble_s, tp_comm_s=m * t.tp_micro_s, ep_comm_s=m * t.ep_micro_s, pp_comm_s=m * t.pp_micro_s,
-            dp_comm_s=t.dp.total_s, dp_exposed_s=t.dp.exposed_s, optimizer_s=t.optimizer_s, step_time_s=t.step_s,
-            tokens_per_s=tokens / t.step_s, tflops_per_gpu=flops / t.step_s / world / 1e12,
+            flops_per_step=flops, model_flops_per_step=model_flops, compute_s=m * micro.compute.total_s,
+            bubble_s=t.bubble_s, tp_comm_s=m * micro.tp.total_s, cp_comm_s=m * micro.cp.total_s,
+            ep_comm_s=m * micro.ep.total_s,
+            pp_comm_s=m * micro.pp_s, dp_comm_s=t.dp.total_s, dp_exposed_s=t.dp.exposed_s, optimizer_s=t.optimizer_s,
+            step_time_s=t.step_s, tokens_per_s=tokens / t.step_s, tflops_per_gpu=flops / t.step_s / world / 1e12,
             mfu=model_flops / t.step_s / (world * t.peak), efficiency=t.efficiency,
+            compute_by_op_s=MappingProxyType({k: m * v for k, v in micro.compute.as_dict().items()}),
+            exposed_comm_s=MappingProxyType(exposed), kernel_profile=self.profile.name,
+            attention_kernel=self._attention_kernel(settings),
         )
 
     def tokens_per_s(self, settings: RunSettings, *, micro_batch: int, grad_accum: int, dp: int) -> float:
         """Only the throughput of :meth:`estimate` (the planner's bound; no records built)."""
         return micro_batch * grad_accum * dp * self.seq_len / self._terms(settings, micro_batch, grad_accum, dp).step_s
 
+    def _attention_kernel(self, settings: RunSettings) -> str:
+        kernel = self.implementation_for(settings).attention_kernel
+        return kernel if kernel == "eager" else self.profile.attention_curve(kernel)[0]
+
     def _terms(self, settings: RunSettings, b: int, m: int, dp: int) -> _Terms:
-        s = self.seq_len
-        peak = self.peak_flops_per_s(settings)
-        efficiency = self._efficiency(settings, b * s)
-        # the slowest stage holds ceil(L/p) layers; the head and embedding sit on the end stages
-        stage_share = math.ceil(self.model.num_layers / settings.pp) / self.model.num_layers if settings.pp > 1 else 1.0
-        routed = self._routed_flops_per_token[settings.recompute]
-        hw_flops_per_token = self._hw_flops_per_token[settings.recompute]
-        dense_s = b * s * (hw_flops_per_token - routed) / (peak * efficiency)
-        routed_s = b * s * routed / (peak * self._expert_efficiency(settings, b)) if routed else 0.0
-        micro_compute_s = (dense_s + routed_s) / settings.tp * stage_share
-        tp_s, ep_s, pp_s = self._tp_micro_s(settings, b), self._ep_micro_s(settings, b), self._pp_micro_s(settings, b)
-        micro_stage_s = micro_compute_s + tp_s + ep_s
-        dp_comm = self._dp_comm(settings, m, dp, micro_compute_s)
+        micro = self._micro(settings, b)
+        stage_s = micro.compute.total_s + micro.tp.exposed_s + micro.cp.exposed_s + micro.ep.exposed_s
+        pp = self._pp_s(settings, b, dp)
+        dualpipe = self.implementation_for(settings).dualpipe
+        overlapped = settings.vpp > 1 or dualpipe  # sends hidden behind compute (Megatron overlap_p2p_comm, DualPipe)
+        pp_s = self.fitted.overlap_interference * pp if overlapped else pp
+        micro = micro._replace(pp_s=pp_s)
+        bubble_s = self._bubble_s(settings, micro, stage_s, dualpipe)
+        dp_comm = self._dp_comm(settings, m, dp, micro)
         optimizer_s = self._optimizer_s(settings, dp)
-        bubble_s = (settings.pp - 1) * micro_stage_s / settings.vpp
-        step = m * micro_stage_s + bubble_s + m * pp_s + dp_comm.exposed_s + optimizer_s
-        return _Terms(micro_compute_s=micro_compute_s, tp_micro_s=tp_s, ep_micro_s=ep_s, pp_micro_s=pp_s,
-                      bubble_s=bubble_s, dp=dp_comm, optimizer_s=optimizer_s, step_s=step, peak=peak,
+        step = m * (stage_s + pp_s) + bubble_s + dp_comm.exposed_s + optimizer_s
+        peak = self.peak_flops_per_s(settings)
+        if self.calibration.is_default:
+            efficiency = self._micro_flops(settings, b) / (peak * micro.compute.total_s)
+        else:
+            efficiency = self.calibration.efficiency(b * self.seq_len)
+        return _Terms(micro=micro, bubble_s=bubble_s, dp=dp_comm, optimizer_s=optimizer_s, step_s=step, peak=peak,
                       efficiency=efficiency)
 
-    def _efficiency(self, settings: RunSettings, tokens: float) -> float:
-        """Efficiency of GEMMs with ``tokens`` rows at this layout's per-GPU width h/t (calibration module)."""
-        peak = self.peak_flops_per_s(settings)
-        shape = MatmulShape(tokens=max(tokens, 1.0), width=self.model.hidden_size / settings.tp,
-                            flops_per_byte=peak / self.cluster.accelerator.memory_bandwidth_bytes_per_s)
-        return self.calibration.efficiency_at(shape)
+    @staticmethod
+    def _bubble_s(settings: RunSettings, micro: _Micro, stage_s: float, dualpipe: bool) -> float:
+        """1F1B: (p − 1)/v stage-times. DualPipe: (p/2 − 1)·(F&B + B − 3W) (DeepSeek-V3 Table 2) with F&B the
+        overlapped forward and backward chunks' compute F + B and the weight-gradient half of the backward W = B/2,
+        i.e. (p/2 − 1)·(F + B/2), the stage's exposed communication scaled alike."""
+        if settings.pp == 1:
+            return 0.0
+        if not dualpipe:
+            return (settings.pp - 1) * stage_s / settings.vpp
+        compute = micro.forward_s + micro.backward_s
+        per_stage = (micro.forward_s + micro.backward_s / 2) * stage_s / compute
+        return max(0.0, settings.pp / 2 - 1) * per_stage
 
-    def _expert_efficiency(self, settings: RunSettings, b: int) -> float:
-        """Efficiency of the routed-expert GEMMs: each local expert sees ep·b·s·k/E tokens on average."""
-        m = self.model
-        return self._efficiency(settings, settings.ep * b * self.seq_len * m.num_experts_per_token / m.num_experts)
+    # ------------------------------------------------------------------ one micro-batch
+    def _micro_flops(self, settings: RunSettings, b: int) -> float:
+        """FLOPs one GPU of the slowest stage executes per micro-batch (the calibration's convention)."""
+        model = self.model
+        share = math.ceil(model.num_layers / settings.pp) / model.num_layers if settings.pp > 1 else 1.0
+        per_gpu = settings.tp * settings.cp
+        return b * self.seq_len * self.hw_flops_per_token(settings) * share / per_gpu
 
-    def _activation_bytes(self, settings: RunSettings, b: int) -> float:
-        return b * self.seq_len * self.model.hidden_size * ACTIVATION_BYTES[settings.precision]
+    def _shape(self, settings: RunSettings, b: int) -> Shape:
+        cp = settings.cp
+        return Shape(tokens=b * self.seq_len / cp, seq=max(1, self.seq_len // cp), sequences=b, tp=settings.tp,
+                     sp=settings.sp, ep=settings.ep, cp=cp, precision=settings.precision)
 
-    def _tp_micro_s(self, settings: RunSettings, b: int) -> float:
+    def _micro(self, settings: RunSettings, b: int) -> _Micro:
+        key = (settings, b)
+        cached = self._micro_cache.get(key)
+        if cached is None:
+            cached = self._micro_cache[key] = self._compute_micro(settings, b)
+        return cached
+
+    def _compute_micro(self, settings: RunSettings, b: int) -> _Micro:
+        model, sh = self.model, self._shape(settings, b)
+        impl, accel = self.implementation_for(settings), self.cluster.accelerator
+        n_dense, n_moe = layers_on_stage(model, settings.pp)
+        layers: list[tuple[LayerTimes, float]] = []
+        sustained = self.fitted.sustained_fraction
+        if n_dense:
+            layers.append((dense_layer(accel, self.profile, impl, model, sh, sustained=sustained), n_dense))
+        if n_moe:
+            layers.append((moe_layer(accel, self.profile, impl, model, sh, sustained=sustained), n_moe))
+        forward, backward = Parts(), Parts()
+        checkpointed = (math.ceil(model.num_layers / settings.pp) // settings.recompute_every) / math.ceil(
+            model.num_layers / settings.pp)
+        for times, n in layers:
+            forward.add(times.forward, n)
+            backward.add(times.backward, n).add(recompute_parts(times, settings.recompute), n * checkpointed)
+        body_s = forward.total_s + backward.total_s
+        top = head(accel, self.profile, impl, model, sh, sustained=sustained)
+        forward.add(top.forward)
+        backward.add(top.backward)
+        compute = Parts().add(forward).add(backward)
+        if not self.calibration.is_default:
+            measured = self._micro_flops(settings, b) / (
+                self.peak_flops_per_s(settings) * self.calibration.efficiency(b * self.seq_len))
+            compute = compute.scaled(measured / compute.total_s)
+        scale = compute.total_s / (forward.total_s + backward.total_s)
+        n_layers = math.ceil(model.num_layers / settings.pp)
+        tp = self._overlapped(self._tp_s(settings, sh, n_layers), compute.gemm, impl.tp_comm_overlap)
+        ep = self._overlapped(self._ep_s(settings, sh, n_moe), compute.total_s, impl.ep_comm_overlap or impl.dualpipe)
+        cp = self._cp_comm(settings, sh, layers)
+        cp = _Comm(exposed_s=cp.exposed_s + self.fitted.overlap_interference * (cp.total_s - cp.exposed_s),
+                   total_s=cp.total_s)
+        return _Micro(compute=compute, forward_s=forward.total_s * scale, backward_s=backward.total_s * scale,
+                      layer_s=body_s * scale / n_layers, layers=n_layers, tp=tp, cp=cp, ep=ep, pp_s=0.0)
+
+    def _overlapped(self, seconds: float, window: float, overlap: bool) -> _Comm:
+        """Communication exposed in full, or (``overlap``) what exceeds ``window`` of compute plus the fitted
+        interference of the hidden part (:mod:`batchpilot.estimate.fitted`)."""
+        if not overlap:
+            return _Comm(exposed_s=seconds, total_s=seconds)
+        exposed = max(0.0, seconds - window)
+        return _Comm(exposed_s=exposed + self.fitted.overlap_interference * (seconds - exposed), total_s=seconds)
+
+    def _activation_bytes(self, settings: RunSettings, sh: Shape) -> float:
+        return sh.tokens * self.model.hidden_size * ACTIVATION_BYTES[settings.precision]
+
+    def _tp_s(self, settings: RunSettings, sh: Shape, layers: int) -> float:
         if settings.tp == 1:
             return 0.0
         per_layer = 6 if settings.recompute == "full" else 4
-        layers = math.ceil(self.model.num_layers / settings.pp)
-        volume = per_layer * layers * ring_all_reduce_bytes(self._activation_bytes(settings, b), settings.tp)
-        return volume / self._bandwidth(settings.tp, 1)
+        size = self._activation_bytes(settings, sh)
+        if settings.sp:
+            one = 2 * self.fabric.gather_s(size, settings.tp, 1)
+        else:
+            one = self.fabric.all_reduce_s(size, settings.tp, 1)
+        return per_layer * layers * one
 
-    def _ep_micro_s(self, settings: RunSettings, b: int) -> float:
+    def _cp_comm(self, settings: RunSettings, sh: Shape, layers: list[tuple[LayerTimes, float]]) -> _Comm:
+        """Ring attention: cp − 1 K/V sends per layer forward (twice that backward), hidden behind the kernel."""
+        if sh.cp == 1:
+            return _Comm()
+        model = self.model
+        kv_heads = model.num_kv_heads / min(settings.tp, model.num_kv_heads)
+        if model.family == "mla":
+            kv_heads = model.num_heads / settings.tp
+        kv = sh.tokens * kv_heads * (model.head_dim_qk + model.head_dim_v) * ACTIVATION_BYTES[settings.precision]
+        send = (sh.cp - 1) * self.fabric.p2p_s(kv, settings.tp)
+        passes = 2 if settings.recompute == "full" else 1
+        exposed = total = 0.0
+        for times, n in layers:
+            attention_f = times.attention_forward.attention
+            attention_b = times.backward.attention
+            total += n * (passes * send + 2 * send)
+            exposed += n * (passes * max(0.0, send - attention_f) + max(0.0, 2 * send - attention_b))
+        return _Comm(exposed_s=exposed, total_s=total)
+
+    def _ep_s(self, settings: RunSettings, sh: Shape, moe_layers: float) -> float:
+        """Dispatch and combine all-to-alls of b·s·k·h activations, forward and backward (+2 with full recompute).
+        With a deduplicating dispatcher each token crosses the network once per remote node it is routed to —
+        E[nodes hit] = N·(1 − (1 − 1/N)^k) of N nodes for k uniformly routed experts, at most the model's
+        node-limited routing (``topk_group`` of DeepSeek-V3) — and is dispatched in fp8 in fp8 runs."""
         if settings.ep == 1 or not self.model.is_moe:
             return 0.0
         per_layer = 6 if settings.recompute == "full" else 4
-        layers = math.ceil(self.model.num_moe_layers / settings.pp)
-        routed = self._activation_bytes(settings, b) * self.model.num_experts_per_token
-        volume = per_layer * layers * routed * (settings.ep - 1) / settings.ep
-        return volume / self._bandwidth(settings.ep, settings.tp)
+        k = self.model.num_experts_per_token
+        size = self._activation_bytes(settings, sh) * k
+        stride = settings.tp * sh.cp
+        if not self.implementation_for(settings).deduplicated_dispatch:
+            return per_layer * moe_layers * self.fabric.all_to_all_s(size, settings.ep, stride)
+        _, nodes = self.fabric.placement(settings.ep, stride)
+        hit = nodes * (1 - (1 - 1 / nodes) ** k)
+        limit = self.model.hf_config.get("topk_group")
+        if isinstance(limit, int) and limit > 0:
+            hit = min(hit, float(limit))
+        remote = hit * (nodes - 1) / nodes * sh.tokens * self.model.hidden_size
+        token_bytes = ACTIVATION_BYTES[settings.precision]
+        dispatch_bytes = 1 if settings.precision == "fp8" else token_bytes
+        one_way = (self.fabric.all_to_all_s(size * dispatch_bytes / token_bytes, settings.ep, stride,
+                                            remote_bytes=remote * dispatch_bytes)
+                   + self.fabric.all_to_all_s(size, settings.ep, stride, remote_bytes=remote * token_bytes))
+        return per_layer / 2 * moe_layers * one_way
 
-    def _pp_micro_s(self, settings: RunSettings, b: int) -> float:
+    def _pp_s(self, settings: RunSettings, b: int, dp: int) -> float:
         if settings.pp == 1:
             return 0.0
-        stride = settings.tp * (self.cluster.total_devices // (settings.tp * settings.pp))
+        sh = self._shape(settings, b)
+        stride = settings.tp * sh.cp * dp
         sends = 2 * settings.vpp  # interleaving multiplies the stage boundaries by v (§2.2.2)
-        return sends * self._activation_bytes(settings, b) / settings.tp / self._bandwidth(2, stride)
+        return sends * self.fabric.p2p_s(self._activation_bytes(settings, sh) / settings.tp, stride)
 
-    def _dp_comm(self, settings: RunSettings, m: int, dp: int, micro_compute_s: float) -> _Comm:
+    # ------------------------------------------------------------------ data parallelism and the optimizer
+    def _stage_share(self, settings: RunSettings) -> float:
+        return math.ceil(self.model.num_layers / settings.pp) / self.model.num_layers if settings.pp > 1 else 1.0
+
+    def _dp_comm(self, settings: RunSettings, m: int, dp: int, micro: _Micro) -> _Comm:
         """Gradient reduction and ZeRO gathers of dense and expert parameters (module docstring)."""
-        ep, tp = settings.ep, settings.tp
-        shard = settings.tp * settings.pp
-        groups = [(self.dense_params / shard, dp, tp)]
+        ep, tp, cp = settings.ep, settings.tp, settings.cp
+        share = self._stage_share(settings)
+        groups = [(self.dense_params * share / tp, dp * cp, tp)]
         if self.expert_params:
-            groups.append((self.expert_params / (shard * ep), dp // ep, tp * ep))
+            groups.append((self.expert_params * share / (tp * ep), dp * cp // ep, tp * ep))
         exposed = total = 0.0
         for params, ranks, stride in groups:
             if ranks <= 1:
                 continue
-            comm = self._group_comm(settings, m, micro_compute_s, params, ranks, stride)
+            comm = self._group_comm(settings, m, micro, params, ranks, stride)
             exposed, total = exposed + comm.exposed_s, total + comm.total_s
+        hidden = total - exposed
+        return _Comm(exposed_s=exposed + self.fitted.overlap_interference * hidden, total_s=total)
+
+    def _group_comm(self, settings: RunSettings, m: int, micro: _Micro, params: float, ranks: int,
+                    stride: int) -> _Comm:
+        """One data-parallel group of ``ranks`` ranks, ``stride`` apart, holding ``params`` per model shard."""
+        z, fabric, layers = settings.zero_stage, self.fabric, micro.layers
+        grad_bytes = 4 if settings.precision == "fp32" else GRADIENT_REDUCE_BYTES[settings.engine]
+        if settings.param_dtype == "bf16":
+            grad_bytes = 2
+        weight_bytes = 1 if settings.fp8_all_gather else ACTIVATION_BYTES[settings.precision]
+        g, w = params * grad_bytes, params * weight_bytes
+        shard, replicas = ranks, 1
+        if settings.hybrid_shard and z >= 1:
+            shard = max(1, min(ranks, self.cluster.devices_per_node // stride))
+            replicas = ranks // shard
+
+        def bucketed(seconds: float, window: float) -> float:
+            """A reduction issued layer by layer behind ``window`` of compute: the excess and the last bucket."""
+            return max(0.0, seconds - window) + seconds / layers
+
+        def gather(size: float) -> float:
+            """All-gather or reduce-scatter of ``size`` bytes issued one layer's buffer at a time."""
+            return layers * fabric.gather_s(size / layers, shard, stride)
+
+        exposed = total = 0.0
+        if z == 3:  # per layer: gather forward, gather backward, reduce-scatter; prefetched one layer ahead
+            gathers = 1 if settings.reshard_after_forward == "never" else 2
+            per_layer = gathers * gather(w) / layers + gather(g) / layers
+            exposed = m * (layers * max(0.0, per_layer - micro.layer_s) + per_layer)
+            total = m * layers * per_layer
+        elif z == 2:
+            rs = gather(g)
+            exposed, total = m * bucketed(rs, micro.backward_s), m * rs
+        elif z == 0 or settings.engine == "torch":  # DDP all-reduce (ZeroRedundancyOptimizer too)
+            ar = layers * fabric.all_reduce_s(g / layers, shard, stride)
+            exposed, total = bucketed(ar, micro.backward_s), ar
+        else:
+            rs = gather(g)
+            exposed, total = bucketed(rs, micro.backward_s), rs
+        if z in (1, 2):  # updated parameters gathered once, behind the first forward
+            ag = gather(w)
+            exposed, total = exposed + bucketed(ag, micro.forward_s), total + ag
+        if replicas > 1:  # hybrid: all-reduce of this rank's gradient slice across the replicas
+            ar = layers * fabric.all_reduce_s(g / shard / layers, replicas, stride * shard)
+            exposed, total = exposed + bucketed(ar, micro.backward_s), total + ar
         return _Comm(exposed_s=exposed, total_s=total)
 
-    def _group_comm(self, settings: RunSettings, m: int, micro_compute_s: float, params: float, ranks: int,
-                    stride: int) -> _Comm:
-        """One data-parallel group of ``ranks`` ranks, ``stride`` apart, holding ``params`` per model shard.
-
-        With ``hybrid_shard`` ZeRO shards within a node (intra-node bandwidth) and the shards all-reduce
-        their gradient slice across nodes once per step (FSDP HYBRID_SHARD, ZeRO++ hpZ)."""
-        z = settings.zero_stage
-        grad_bytes = 4 if settings.precision == "fp32" else GRADIENT_REDUCE_BYTES[settings.engine]
-        g, w = params * grad_bytes, params * ACTIVATION_BYTES[settings.precision]
-        shard_ranks, replicas = ranks, 1
-        if settings.hybrid_shard and z >= 1:
-            shard_ranks = max(1, min(ranks, self.cluster.devices_per_node // stride))
-            replicas = ranks // shard_ranks
-        bw = self._bandwidth(shard_ranks, stride)
-        backward_s, forward_s = micro_compute_s * 2 / 3, micro_compute_s / 3
-        if z == 0 or (z == 1 and settings.engine == "torch"):  # DDP all-reduce (ZeroRedundancyOptimizer too)
-            per_step, per_micro = ring_all_reduce_bytes(g, shard_ranks) / bw, 0.0
-        elif z == 1:  # reduce-scatter once per step (ZeRO paper §7: same 2Ψ volume as DP with the gather)
-            per_step, per_micro = ring_gather_bytes(g, shard_ranks) / bw, 0.0
-        elif z == 2:
-            per_step, per_micro = 0.0, ring_gather_bytes(g, shard_ranks) / bw
-        else:
-            per_step, per_micro = 0.0, (2 * ring_gather_bytes(w, shard_ranks) + ring_gather_bytes(g, shard_ranks)) / bw
-        gather_s = ring_gather_bytes(w, shard_ranks) / bw if z in (1, 2) else 0.0
-        if replicas > 1:  # hybrid: all-reduce of this rank's gradient slice across the replicas
-            slice_bytes = g / shard_ranks
-            per_step += ring_all_reduce_bytes(slice_bytes, replicas) / self._bandwidth(replicas, stride * shard_ranks)
-        window = micro_compute_s if z == 3 else backward_s
-        exposed = (max(0.0, per_step - backward_s) + m * max(0.0, per_micro - window)
-                   + max(0.0, gather_s - forward_s))
-        return _Comm(exposed_s=exposed, total_s=per_step + m * per_micro + gather_s)
-
     def _optimizer_s(self, settings: RunSettings, dp: int) -> float:
-        shard = settings.tp * settings.pp
-        dense = self.dense_params / shard
-        experts = self.expert_params / (shard * settings.ep)
+        share, cp = self._stage_share(settings), settings.cp
+        dense = self.dense_params * share / settings.tp
+        experts = self.expert_params * share / (settings.tp * settings.ep)
         if settings.zero_stage >= 1:
-            dense /= dp
-            experts /= max(1, dp // settings.ep)
+            dense /= dp * cp
+            experts /= max(1, dp * cp // settings.ep)
         params = dense + experts
         touched = params * OPTIMIZER_BYTES_PER_PARAM[settings.optimizer]
+        accelerator = self.cluster.accelerator
         if not settings.offload:
-            return touched / self.cluster.accelerator.memory_bandwidth_bytes_per_s
+            return touched / (accelerator.memory_bandwidth_bytes_per_s * self.profile.memory_efficiency)
         host_bw = HOST_BANDWIDTH_BYTES_PER_S / self.cluster.devices_per_node
         transfer = params * (4 + ACTIVATION_BYTES[settings.precision]) / PCIE_BANDWIDTH_BYTES_PER_S
         return touched / host_bw + transfer
