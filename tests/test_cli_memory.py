@@ -41,7 +41,8 @@ def test_every_settings_flag_reaches_the_settings(cli_runner: Any) -> None:
     record = _json(cli_runner, "--precision", "fp16", "--optimizer", "sgd-momentum", "--engine", "deepspeed",
                    "--zero", "2", "--tp", "2", "--pp", "2", "--vpp", "2", "--sp", "--recompute", "selective",
                    "--attention", "eager", "--offload", "--hybrid-shard", "--gpus", "16", "--grad-accum", "4")
-    assert record["settings"] == {
+    assert record["settings"] == {  # the flags given; every other setting at its default
+        **RunSettings().to_dict(),
         "precision": "fp16", "optimizer": "sgd-momentum", "engine": "deepspeed", "zero_stage": 2,
         "hybrid_shard": True, "tp": 2, "pp": 2, "vpp": 2, "ep": 1, "sp": True, "recompute": "selective",
         "attention": "eager", "offload": True,

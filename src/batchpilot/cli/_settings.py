@@ -37,10 +37,12 @@ DEFAULTS = RunSettings()
 
 CPU_PRECISION = "fp32"
 """The precision of steps run on a CPU when ``--precision`` is not given. bf16 autocast is only fast on
-CPUs with bf16 matrix units (AVX512-BF16 or AMX): elsewhere oneDNN converts to fp32 and back around every
-matmul. Measured on a 2-core Xeon with AMX, tiny-llama-15m at seq 256, 6 training steps on one thread:
-bf16 2.1-2.2K tokens/s vs fp32 0.7-1.2K; the same run with AMX and AVX512-BF16 masked off
-(``ONEDNN_MAX_CPU_ISA=AVX2``, what a CPU without them runs) is in the ``--precision`` help below."""
+CPUs with bf16 matrix units (AVX512-BF16, AMX); elsewhere oneDNN converts around every matmul. Measured on
+a shared 2-core Xeon with AMX (torch 2.13 CPU; ``batchpilot train --model tiny-llama-15m --seq-len 256
+--global-batch 8 --steps 6 --threads 1 --no-noise``, tokens/s of two runs each): bf16 2,124 and 2,219 vs
+fp32 738 and 1,247; with the bf16 units masked off (``ONEDNN_MAX_CPU_ISA=AVX512_CORE``) bf16 101 and 62
+vs fp32 564 and 217; with ``ONEDNN_MAX_CPU_ISA=AVX2`` bf16 29 and 9 vs fp32 787 and 508. fp32 is the
+default that is never the slow one; ``--precision bf16`` is the faster choice on an AMX CPU."""
 
 _PANEL = "Run settings"
 _PRECISION_HELP = "Compute precision (fp8 is modelled by memory and plan; probe, train and tune run fp32, bf16, fp16)."
