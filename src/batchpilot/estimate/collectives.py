@@ -79,7 +79,7 @@ class Fabric:
             ring, reduce = _measured_fractions(load_network(profile.intra_node_network))
         else:
             ring = reduce = profile.intra_node_bus_efficiency or 0.0
-        scale_out = network or load_network(DEFAULT_SCALE_OUT)
+        scale_out = network or cluster.network or load_network(DEFAULT_SCALE_OUT)
         fraction = scale_out.achieved_fraction
         if fraction is None:
             fraction = load_network(DEFAULT_SCALE_OUT).achieved_fraction or 1.0

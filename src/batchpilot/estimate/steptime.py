@@ -286,7 +286,7 @@ class StepTimeModel:
     enough for the planner to call thousands of times. ``implementation`` pins how the kernels are
     implemented (fusion, attention kernel, fp8 recipe) for every estimate; by default it follows the
     engine (:func:`default_implementation`). ``network`` is the scale-out fabric whose measured achieved
-    fraction applies between nodes (default: 400 Gb/s InfiniBand's); ``profile`` overrides the kernel
+    fraction applies between nodes (default: the cluster's, else 400 Gb/s InfiniBand's); ``profile`` overrides the kernel
     profile chosen from the accelerator.
     """
 

@@ -44,11 +44,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from batchpilot.errors import SpecError
 from batchpilot.io import path_is, read_json_object
 from batchpilot.names import resolve
+
+if TYPE_CHECKING:
+    from batchpilot.specs.network import NetworkSpec
 
 Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8"]
 DTYPES: tuple[Dtype, ...] = ("fp32", "tf32", "bf16", "fp16", "fp8")
@@ -172,6 +175,9 @@ class ClusterSpec:
     inter_node_bandwidth_bytes_per_s: float | None = None
     """Per-GPU unidirectional network bandwidth between nodes (one 400 Gb/s NIC per GPU = 50e9 B/s).
     Required when ``num_nodes > 1``."""
+    network: NetworkSpec | None = None
+    """The scale-out fabric between nodes (:mod:`batchpilot.specs.network`), whose measured achieved bandwidth
+    the step-time model uses; None: not named (the model then states which network's figure it assumes)."""
 
     def __post_init__(self) -> None:
         for what, value in (("devices_per_node", self.devices_per_node), ("num_nodes", self.num_nodes)):
@@ -200,6 +206,7 @@ class ClusterSpec:
             "total_devices": self.total_devices,
             "inter_node_bandwidth_bytes_per_s": self.inter_node_bandwidth_bytes_per_s,
             "intra_node_bandwidth_bytes_per_s": self.accelerator.intra_node_bandwidth_bytes_per_s,
+            "network": None if self.network is None else self.network.name,
         }
 
 
