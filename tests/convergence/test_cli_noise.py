@@ -7,6 +7,7 @@ import math
 from typer.testing import CliRunner
 
 from batchpilot.cli import app
+from batchpilot.records.noise import NoiseRecord
 from batchpilot.train.data import stdlib_root
 
 RUNNER = CliRunner()
@@ -20,6 +21,8 @@ def test_noise_json_keys_and_values() -> None:
     result = RUNNER.invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
+    assert record["schema_version"] == NoiseRecord.SCHEMA_VERSION  # what `plan --noise FILE` reads back:
+    assert NoiseRecord.from_dict(record).to_dict() == record  # the same object through the record's loader
     for key in ("b_simple_sequences", "b_simple_tokens", "band", "steps_measured", "tradeoff", "priors"):
         assert key in record
     assert record["steps_measured"] == 4 and len(record["trajectory"]) == 4

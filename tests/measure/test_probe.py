@@ -26,7 +26,7 @@ from batchpilot.measure.predict import Prediction
 from batchpilot.measure.probe import find_knee, knee_ladder, run_probe
 from batchpilot.measure.probe_types import ProbeError, ProbeRequest, worst_case_seq_len
 from batchpilot.measure.trace import TRACE_ENV, trace
-from batchpilot.records.probe import ProbeTrial
+from batchpilot.records.probe import ProbeResult, ProbeTrial
 from batchpilot.specs.model import load_model
 from batchpilot.specs.settings import RunSettings
 
@@ -93,6 +93,7 @@ def test_json_contract() -> None:
         assert key in record
     assert set(record["trials"][0]) >= {"micro_batch", "fits", "peak_bytes", "tokens_per_s", "seconds"}
     assert record["budget_bytes"] == 1024 * MIB and record["device"] == "cpu"
+    assert record["schema_version"] == ProbeResult.SCHEMA_VERSION and ProbeResult.from_dict(record) == result
 
 
 def test_nothing_fits_is_a_one_line_infeasible_error() -> None:

@@ -10,6 +10,7 @@ import record_samples
 
 from batchpilot.cli import app
 from batchpilot.estimate.calibration import Calibration, EfficiencyPoint, save_calibration
+from batchpilot.records.plan import PlanRecord
 
 BASE = ["plan", "--model", "tiny-llama-15m", "--gpu", "h100-sxm", "--gpus", "16", "--seq-len", "1024"]
 PLAN_KEYS = {"micro_batch", "grad_accum", "dp", "tp", "pp", "ep", "zero_stage", "recompute",
@@ -27,6 +28,8 @@ def _json(cli_runner, *args: str) -> dict:
 def test_json_contract(cli_runner):
     record = _json(cli_runner, "--global-batch", "64", "--top", "3", "--engine", "deepspeed")
     assert len(record["plans"]) == 3
+    assert record["schema_version"] == PlanRecord.SCHEMA_VERSION
+    assert PlanRecord.from_dict(record).to_dict() == record  # the plan record's loader reads what --json prints
     for plan in record["plans"]:
         assert set(plan) >= PLAN_KEYS
         assert set(plan["memory"]) == MEMORY_KEYS
