@@ -132,7 +132,7 @@ NO_JSON = {("serve",): "a long-running web server: its JSON is the page's API (t
 @pytest.mark.parametrize("path", list(COMMANDS), ids=IDS)
 def test_every_command_has_json_and_plain_help(path: tuple[str, ...]) -> None:
     command = COMMANDS[path]
-    assert isinstance(command, PlainHelpCommand), f"{' '.join(path)} is registered without cls=PlainHelpCommand"
+    assert getattr(command, "_plain_help", False), f"{' '.join(path)}: help texts not escaped (batchpilot.cli._common)"
     if path in NO_JSON:
         return
     json_flag = _options(command).get("--json")
@@ -142,7 +142,23 @@ def test_every_command_has_json_and_plain_help(path: tuple[str, ...]) -> None:
 
 def test_groups_print_plain_help_too() -> None:
     assert isinstance(ROOT, PlainHelpGroup)
-    assert all(isinstance(ROOT.commands[g], PlainHelpGroup) for g in ("model", "hardware"))
+    assert all(getattr(ROOT.commands[g], "_plain_help", False) for g in ("model", "hardware"))
+
+
+def test_plain_help_escapes_once_and_covers_commands_below_a_group() -> None:
+    """A command registered without ``cls=PlainHelpCommand`` under the root group is escaped by the group; a
+    command escaped by its class is not escaped twice (``\\[`` would print a backslash)."""
+    bare = typer.Typer(cls=PlainHelpGroup)
+
+    @bare.command("a")
+    def a(x: int = typer.Option(1, "--x", help="Global batch [default 16].")) -> None: ...
+
+    @bare.command("b", cls=PlainHelpCommand)
+    def b(x: int = typer.Option(1, "--x", help="Global batch [default 16].")) -> None: ...
+
+    group = typer.main.get_command(bare)
+    helps = {name: command.params[0].help for name, command in group.commands.items()}
+    assert helps == {"a": "Global batch \\[default 16].", "b": "Global batch \\[default 16]."}
 
 
 @pytest.mark.parametrize("path", list(COMMANDS), ids=IDS)

@@ -1,8 +1,9 @@
 """The ``batchpilot`` command line. Thin: each command parses, calls one library function, renders.
 
 Register a command group here with ``app.add_typer`` or a command with ``app.command``; each lives in
-its own module under ``batchpilot.cli``. Every command is a :class:`~batchpilot.cli._common.PlainHelpCommand`
-(its help prints as written) and shares its flags through ``batchpilot.cli._options`` and ``_settings``.
+its own module under ``batchpilot.cli``. The root group is a :class:`~batchpilot.cli._common.PlainHelpGroup`
+(every help text below it prints as written, brackets included); commands share their flags through
+``batchpilot.cli._options`` and ``_settings`` (``tests/cli/test_cli_contract.py`` holds every command to them).
 ``--help`` lists the commands in the order a user meets them: ``tune`` first.
 """
 

@@ -56,31 +56,41 @@ def _plain(text: str | None) -> str | None:
     return None if text is None else escape(text)
 
 
-class PlainHelpCommand(TyperCommand):
-    """A command whose help texts are plain text: ``[default 16]`` or ``hf:NAME[:SPLIT]`` print as written.
+def plain_help(command: Any) -> None:
+    """Make the help texts of ``command`` (and of every command below a group) plain text, once.
 
     Typer's default ``rich_markup_mode="rich"`` (whenever rich is installed) parses every help string with
     ``rich.text.Text.from_markup``, so text in square brackets that looks like a markup tag (``[default 16]``)
-    was silently dropped from ``--help``. The texts are escaped once here, for every command; defaults come
-    from typer's own ``[default: …]`` (the option's default, or its ``show_default`` text).
+    was silently dropped from ``--help``. Escaping the texts here prints them as written; defaults come from
+    typer's own ``[default: …]`` (the option's default, or its ``show_default`` text).
     """
+    if getattr(command, "_plain_help", False):
+        return
+    command._plain_help = True
+    command.help = _plain(command.help)
+    command.short_help = _plain(command.short_help)
+    for param in command.params:
+        if isinstance(getattr(param, "help", None), str):
+            param.help = escape(param.help)
+    for sub in getattr(command, "commands", {}).values():
+        plain_help(sub)
+
+
+class PlainHelpCommand(TyperCommand):
+    """A command whose help texts print as written (see :func:`plain_help`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.help = _plain(self.help)
-        self.short_help = _plain(self.short_help)
-        for param in self.params:
-            if isinstance(getattr(param, "help", None), str):
-                param.help = escape(param.help)  # type: ignore[attr-defined]
+        plain_help(self)
 
 
 class PlainHelpGroup(TyperGroup):
-    """A command group whose own help is plain text (see :class:`PlainHelpCommand`)."""
+    """A command group whose help texts, and those of every command below it, print as written: the root
+    ``batchpilot`` group is one, so a command registered without ``cls=PlainHelpCommand`` is covered too."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.help = _plain(self.help)
-        self.short_help = _plain(self.short_help)
+        plain_help(self)
 
 
 def deprecated_alias(old_flag: str, old_value: Any, new_flag: str, new_value: Any) -> Any:
