@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import pkgutil
 
 import pytest
 
 import batchpilot
 
+OPTIONAL = {"batchpilot.serve.app": "starlette"}
+"""Modules of an optional extra, walked where the extra is installed (``.ci/run`` installs ``serve``)."""
 MODULES = sorted(m.name for m in pkgutil.walk_packages(batchpilot.__path__, "batchpilot.")
-                 if not m.name.endswith("__main__"))
+                 if not m.name.endswith("__main__")
+                 and (m.name not in OPTIONAL or importlib.util.find_spec(OPTIONAL[m.name]) is not None))
 
 
 def test_the_library_has_examples() -> None:

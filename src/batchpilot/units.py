@@ -99,6 +99,37 @@ def parse_seconds(text: str | float, what: str = "duration") -> float:
     return total
 
 
+def parse_whole(value: object, what: str = "value") -> int:
+    """A whole number, ``-3`` to ``12``, as text or int (at most 30 digits); its range is the caller's to check,
+    where the rule and the fix are known."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.lstrip("+-").isdigit() or len(text) > _EXACT_DIGITS:
+        raise BatchpilotError(f"{what} {value!r} is not a whole number")
+    return int(text)
+
+
+def parse_fraction(value: object, what: str = "fraction") -> float:
+    """A fraction in [0, 1): ``0.1`` or ``10%``."""
+    raw = str(value).strip()
+    try:
+        fraction = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise BatchpilotError(f"{what} {value!r} is not a fraction; use e.g. 10% or 0.1") from None
+    if not 0.0 <= fraction < 1.0:
+        raise BatchpilotError(f"{what} {value!r} must be in [0, 1) as a fraction or [0%, 100%) as a percentage, "
+                              "e.g. 10%")
+    return fraction
+
+
+def parse_choice(value: object, what: str, choices: Iterable[str]) -> str:
+    """One of ``choices``, case-insensitive, returned in lower case."""
+    text = str(value).strip().lower()
+    allowed = tuple(choices)
+    if text not in allowed:
+        raise BatchpilotError(f"{what} {value!r} is not one of: {', '.join(allowed)}")
+    return text
+
+
 def format_bytes(num_bytes: float) -> str:
     """Binary units, labelled exactly: ``1.50 GiB``."""
     for unit, size in (("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
