@@ -378,17 +378,30 @@ ATTENTION_BY_SOURCE = {"llm-foundry": "fa1", "megatron-lm-paper": "eager", "mt-n
 #: Framework prefixes that run Megatron's fused kernels (fused norms, bias-GeLU, softmax) whatever the engine
 #: batchpilot models their bookkeeping with.
 FUSED_FRAMEWORKS = ("megatron", "deepspeed + megatron", "meta internal")
+#: Megatron-Bridge's MoE performance recipes (``src/megatron/bridge/perf_recipes/{qwen,deepseek}/<gpu>/*.py`` at
+#: 067f987, the commit of its performance summary): the ``flex`` dispatcher (HybridEP / DeepEP, one copy per
+#: destination node) everywhere except Qwen3-235B-A22B on H100 and B200 (``moe_token_dispatcher_type =
+#: "alltoall"``); ``overlap_moe_expert_parallel_comm`` for Qwen3-235B-A22B on H100 and DeepSeek-V3 in MXFP8.
+MOE_ALLTOALL = (("Qwen3-235B-A22B", "h100-sxm"), ("Qwen3-235B-A22B", "b200"))
+MOE_OVERLAP = (("Qwen3-235B-A22B", "h100-sxm", None), ("deepseek-v3", None, "mxfp8"))
 
 
 def row_implementation(row: dict[str, Any], settings: RunSettings, profile: KernelProfile) -> Implementation:
     """How a row's kernels were implemented: the settings' default, with the source's attention kernel
-    (:data:`ATTENTION_BY_SOURCE`), Megatron's fused kernels for Megatron-based frameworks and torchtitan's async
-    tensor parallelism (``async-tp``: TP collectives overlapped with the GEMMs)."""
+    (:data:`ATTENTION_BY_SOURCE`), Megatron's fused kernels for Megatron-based frameworks, torchtitan's async
+    tensor parallelism (``async-tp``: TP collectives overlapped with the GEMMs) and Megatron-Bridge's MoE
+    dispatcher and all-to-all overlap (:data:`MOE_ALLTOALL`, :data:`MOE_OVERLAP`)."""
     base = default_implementation(settings, profile)
     fused = base.fused or row["framework"].startswith(FUSED_FRAMEWORKS)
+    model = str(row["model"] or (row["model_shape"] or {}).get("name", ""))
+    bridge_moe = row["source"] == "nvidia-megatron" and row["ep"] > 1
+    dedup = bridge_moe and (model, row["gpu"]) not in MOE_ALLTOALL
+    overlap = bridge_moe and any(model == m and row["gpu"] == (g or row["gpu"]) and row["precision"] == (p or row["precision"])
+                                 for m, g, p in MOE_OVERLAP)
     return dataclasses.replace(base, attention_kernel=ATTENTION_BY_SOURCE.get(row["source"], base.attention_kernel),
                                fused=fused, fused_loss=base.fused_loss or fused,
-                               tp_comm_overlap="async-tp" in row["other_settings"])
+                               tp_comm_overlap="async-tp" in row["other_settings"], deduplicated_dispatch=dedup,
+                               ep_comm_overlap=overlap)
 
 
 def _throughput(row: dict[str, Any], inputs: Inputs, fitted: FittedConstants = FITTED) -> dict[str, Any] | None:

@@ -33,5 +33,5 @@ class FittedConstants:
             raise ValueError(f"fitted constants out of range: {self}")
 
 
-FITTED = FittedConstants(sustained_fraction=0.83, overlap_interference=0.8)
+FITTED = FittedConstants(sustained_fraction=0.8, overlap_interference=0.6)
 """The shipped constants (see the module docstring for the fit and ``benchmarks/results/published_runs.md``)."""

@@ -346,11 +346,12 @@ def _layer(timer: _Timer, model: ModelSpec, sh: Shape, *, moe: bool) -> LayerTim
     else:
         k, experts = model.num_experts_per_token, model.num_experts
         router_f, router_b = Parts(), Parts()
-        timer.gemm(router_f, router_b, m, experts, h)
+        routed = m / t  # each tensor-parallel rank routes its sequence-parallel share (experts are not TP-split)
+        timer.gemm(router_f, router_b, routed, experts, h)
         local = experts / sh.ep
-        per_expert = m * k / local  # the tokens of ep ranks, spread over this rank's experts
-        timer.memory(router_f, "moe_routing", m * k * h, 8.0, 4)
-        timer.memory(router_b, "moe_routing", m * k * h, 8.0, 4)
+        per_expert = routed * k / local  # the tokens of ep ranks, spread over this rank's experts
+        timer.memory(router_f, "moe_routing", routed * k * h, 8.0, 4)
+        timer.memory(router_b, "moe_routing", routed * k * h, 8.0, 4)
         for src, dst in ((router_f, fwd), (router_b, bwd)):
             dst.moe_routing += src.gemm + src.moe_routing
             dst.kernels += src.kernels
@@ -371,7 +372,10 @@ def dense_layer(accelerator: AcceleratorSpec, profile: KernelProfile, impl: Impl
 def moe_layer(accelerator: AcceleratorSpec, profile: KernelProfile, impl: Implementation, model: ModelSpec,
               sh: Shape, *, sustained: float = 1.0) -> LayerTimes:
     """One mixture-of-experts layer: router GEMM (bf16), permute/unpermute, the local experts' grouped GEMMs
-    at the tokens each receives (b·s·k·ep/E, balanced routing), shared experts."""
+    at the tokens each receives (b·s·k·ep/(E·t), balanced routing), shared experts (tensor-parallel like a dense
+    MLP). Routed experts are not tensor-parallel (Megatron-Core's expert tensor parallelism 1, its default): with
+    t > 1 each rank routes the b·s/t tokens of its sequence-parallel share (Megatron requires sequence
+    parallelism for MoE with tensor parallelism)."""
     return _finish(_layer(_Timer(accelerator, profile, impl, sh.precision, sustained), model, sh, moe=True), impl)
 
 

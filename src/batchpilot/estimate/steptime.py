@@ -14,7 +14,7 @@ Example (CPU, instant)::
     >>> step.kernel_profile, step.attention_kernel
     ('hopper', 'fa2')
     >>> round(step.mfu, 2), round(step.tokens_per_s / 1e6, 2)
-    (0.5, 0.55)
+    (0.49, 0.54)
     >>> sorted(step.compute_by_op_s, key=step.compute_by_op_s.get, reverse=True)[:3]
     ['gemm', 'attention', 'elementwise']
 
@@ -32,8 +32,11 @@ steps, t/cp/p/e tensor/context/pipeline/expert-parallel sizes, d data-parallel r
 - Context parallelism (ring attention): per layer each rank passes its K/V chunk around the ring, cp − 1
   sends forward and twice that backward (K/V and their gradients), overlapped with the attention kernel;
   what exceeds it is exposed.
-- Expert parallelism: per MoE layer and micro-batch, dispatch and combine all-to-alls of b·s·k·h
-  activations forward and backward (+2 with full recompute). Exposed.
+- Expert parallelism: per MoE layer and micro-batch, dispatch and combine all-to-alls of b·s·k·h/t
+  activations (each tensor-parallel rank dispatches its sequence-parallel share; expert-parallel ranks are
+  adjacent) forward and backward (+2 with full recompute); exposed, or overlapped with another micro-batch's
+  compute (:class:`~batchpilot.estimate.layer_time.Implementation`). A deduplicating dispatcher (DeepEP) sends a
+  token once per destination node.
 - Data parallelism and ZeRO (gradients in :data:`GRADIENT_REDUCE_BYTES`, parameters in the activation
   dtype; groups of d·cp ranks, stride t): ZeRO-0 all-reduces once per step and ZeRO-1 reduce-scatters once
   per step, both overlapped with the last micro-batch's backward; ZeRO-1/2 all-gather the updated
@@ -41,7 +44,7 @@ steps, t/cp/p/e tensor/context/pipeline/expert-parallel sizes, d data-parallel r
   inside its backward; ZeRO-3 / FSDP all-gathers every layer's parameters forward and again backward and
   reduce-scatters its gradients, each prefetched one layer ahead: per layer only what exceeds that
   layer's compute is exposed, plus the first gather and the last reduce-scatter. Bucketed reductions
-  expose their last bucket (one layer's worth). Expert parameters reduce over d·cp/e ranks.
+  expose their last bucket (one layer's worth). Expert parameters (not tensor-parallel) reduce over d·cp·t/e ranks.
   ``hybrid_shard`` shards within a node and all-reduces the shards' gradient slices across nodes once per
   step. All at achieved bus bandwidth (:mod:`batchpilot.estimate.collectives`).
 - Pipeline (1F1B): (p − 1) stage-times of fill and drain, ÷ v with the interleaved schedule (settings
@@ -494,8 +497,8 @@ class StepTimeModel:
             return 0.0
         per_layer = 6 if settings.recompute == "full" else 4
         k = self.model.num_experts_per_token
-        size = self._activation_bytes(settings, sh) * k
-        stride = settings.tp * sh.cp
+        size = self._activation_bytes(settings, sh) * k / settings.tp  # each TP rank dispatches its share
+        stride = 1  # expert-parallel ranks are adjacent (expert tensor parallelism 1: Megatron-Core's expert grid)
         if not self.implementation_for(settings).deduplicated_dispatch:
             return per_layer * moe_layers * self.fabric.all_to_all_s(size, settings.ep, stride)
         _, nodes = self.fabric.placement(settings.ep, stride)
@@ -503,7 +506,7 @@ class StepTimeModel:
         limit = self.model.hf_config.get("topk_group")
         if isinstance(limit, int) and limit > 0:
             hit = min(hit, float(limit))
-        remote = hit * (nodes - 1) / nodes * sh.tokens * self.model.hidden_size
+        remote = hit * (nodes - 1) / nodes * sh.tokens / settings.tp * self.model.hidden_size
         token_bytes = ACTIVATION_BYTES[settings.precision]
         dispatch_bytes = 1 if settings.precision == "fp8" else token_bytes
         one_way = (self.fabric.all_to_all_s(size * dispatch_bytes / token_bytes, settings.ep, stride,
@@ -529,7 +532,7 @@ class StepTimeModel:
         share = self._stage_share(settings)
         groups = [(self.dense_params * share / tp, dp * cp, tp)]
         if self.expert_params:
-            groups.append((self.expert_params * share / (tp * ep), dp * cp // ep, tp * ep))
+            groups.append((self.expert_params * share / ep, dp * cp * tp // ep, ep))
         exposed = total = 0.0
         for params, ranks, stride in groups:
             if ranks <= 1:
@@ -587,10 +590,10 @@ class StepTimeModel:
     def _optimizer_s(self, settings: RunSettings, dp: int) -> float:
         share, cp = self._stage_share(settings), settings.cp
         dense = self.dense_params * share / settings.tp
-        experts = self.expert_params * share / (settings.tp * settings.ep)
+        experts = self.expert_params * share / settings.ep  # routed experts are not tensor-parallel
         if settings.zero_stage >= 1:
             dense /= dp * cp
-            experts /= max(1, dp * cp // settings.ep)
+            experts /= max(1, dp * cp * settings.tp // settings.ep)
         params = dense + experts
         touched = params * OPTIMIZER_BYTES_PER_PARAM[settings.optimizer]
         accelerator = self.cluster.accelerator
