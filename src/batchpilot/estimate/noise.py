@@ -37,6 +37,7 @@ test (tests/convergence) the 95% band covers the true value.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,3 +231,32 @@ class NoiseScaleEstimator:
         self.ema_decay, self.z = float(state["ema_decay"]), float(state["z"])
         self.max_band_ratio, self.steps = float(state["max_band_ratio"]), int(state["steps"])
         self._m = {k: float(state["moments"][k]) for k in _MOMENTS}
+
+
+def windowed_b_simple(grad_sq_running: Sequence[float], trace_running: Sequence[float], window: int) -> list[float]:
+    """B_simple over a sliding window of steps, from the plain running means (β = 1) a measurement logs.
+
+    Step t's own unbiased estimates are recovered exactly from the running means M_t of steps 1…t:
+    x_t = t·M_t − (t−1)·M_{t−1}. The window's B_simple is Σ tr(Σ) / Σ |G|² over its last ``window`` steps
+    (the ratio of the two averages, as in :class:`NoiseScaleEstimator`); nan while fewer than ``window``
+    steps exist or while the window's |G|² or tr(Σ) is not positive. This is the *local* noise scale a
+    short run passes through, which the running mean over all steps lags behind (it weighs the first
+    steps, at the highest loss, as much as the last).
+    """
+    if window < 1:
+        raise BatchpilotError(f"window must be >= 1 step, got {window}")
+    if len(grad_sq_running) != len(trace_running):
+        raise BatchpilotError(f"running |G|² and tr(Σ) differ in length: {len(grad_sq_running)} vs {len(trace_running)}")
+
+    def own(running: Sequence[float]) -> list[float]:
+        return [(t + 1) * m - t * (running[t - 1] if t else 0.0) for t, m in enumerate(running)]
+
+    grads, traces = own(grad_sq_running), own(trace_running)
+    out = []
+    for t in range(len(grads)):
+        if t + 1 < window:
+            out.append(math.nan)
+            continue
+        g, tr = sum(grads[t + 1 - window:t + 1]), sum(traces[t + 1 - window:t + 1])
+        out.append(tr / g if g > 0 and tr > 0 else math.nan)
+    return out
