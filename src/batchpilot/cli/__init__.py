@@ -15,7 +15,7 @@ try:  # Ctrl-C while the commands import (torch, transformers: ~0.2 s): one line
     import typer
 
     from batchpilot import __version__
-    from batchpilot.cli import hardware, known, model, report
+    from batchpilot.cli import hardware, known, model, report, serve
     from batchpilot.cli import memory as memory_cli
     from batchpilot.cli import noise as noise_cli
     from batchpilot.cli import plan as plan_cli
@@ -39,7 +39,7 @@ app = typer.Typer(
 for _name, _command in (
     ("tune", tune_cli.tune), ("plan", plan_cli.plan_command), ("memory", memory_cli.memory),
     ("probe", probe_cli.probe), ("noise", noise_cli.noise), ("train", train_cli.train_command),
-    ("report", report.report), ("known", known.known),
+    ("report", report.report), ("known", known.known), ("serve", serve.serve),
 ):
     app.command(_name, cls=PlainHelpCommand)(_command)
 app.add_typer(model.app, name="model")  # groups are listed after the commands

@@ -23,7 +23,14 @@ import typer
 
 from batchpilot.cli._common import fail
 from batchpilot.errors import BatchpilotError
-from batchpilot.units import parse_bytes, parse_count, parse_seconds
+from batchpilot.units import (
+    parse_bytes,
+    parse_choice,
+    parse_count,
+    parse_fraction,
+    parse_seconds,
+    parse_whole,
+)
 
 DEMO_MODEL = "tiny-llama-1m"
 """The model of the commands that run steps here (probe, noise, train, tune) when none is given."""
@@ -44,13 +51,6 @@ def _parser(flag: str, parse: Callable[[Any, str], Any], metavar: str) -> Callab
 
     parser.__name__ = metavar  # what typer would show as the value's type
     return parser
-
-
-def _whole(value: Any, flag: str) -> int:
-    text = str(value).strip()
-    if isinstance(value, bool) or not text.lstrip("+-").isdigit() or len(text) > 30:
-        raise BatchpilotError(f"{flag} {value!r} is not a whole number")
-    return int(text)
 
 
 def _number(value: Any, flag: str) -> float:
@@ -77,7 +77,7 @@ def duration(flag: str) -> Callable[[Any], float]:
 
 def whole(flag: str) -> Callable[[Any], int]:
     """A whole number (its range is the library's to check: the rule and the fix are known there)."""
-    return _parser(flag, _whole, "INT")
+    return _parser(flag, parse_whole, "INT")
 
 
 def number(flag: str) -> Callable[[Any], float]:
@@ -85,31 +85,16 @@ def number(flag: str) -> Callable[[Any], float]:
     return _parser(flag, _number, "FLOAT")
 
 
-def _fraction(value: Any, flag: str) -> float:
-    raw = str(value).strip()
-    try:
-        fraction = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
-    except ValueError:
-        raise BatchpilotError(f"{flag} {value!r} is not a fraction; use e.g. 10% or 0.1") from None
-    if not 0.0 <= fraction < 1.0:
-        raise BatchpilotError(f"{flag} {value!r} must be in [0, 1) as a fraction or [0%, 100%) as a percentage, "
-                              "e.g. 10%")
-    return fraction
-
-
 def fraction(flag: str) -> Callable[[Any], float]:
     """A fraction in [0, 1): ``0.1`` or ``10%``."""
-    return _parser(flag, _fraction, "FRACTION")
+    return _parser(flag, parse_fraction, "FRACTION")
 
 
 def choice(flag: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
     """One of ``choices`` (case-insensitive), in the library's words when it is not."""
 
     def parse(value: Any, flag: str) -> str:
-        text = str(value).strip().lower()
-        if text not in choices:
-            raise BatchpilotError(f"{flag} {value!r} is not one of: {', '.join(choices)}")
-        return text
+        return parse_choice(value, flag, choices)
 
     listed = "|".join(choices)
     parser = _parser(flag, parse, listed if len(listed) <= _MAX_METAVAR else "NAME")
