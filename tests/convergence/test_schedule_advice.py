@@ -78,3 +78,10 @@ def test_refusals() -> None:
     with pytest.raises(BatchpilotError, match="does not grow as the loss falls"):
         advise_schedule(_run(b_simple=[8 * (v / 2.2) ** 5 for v in LOSSES]), train_tokens=4e6, multiple=8,
                         max_batch=512)
+
+
+def test_schedule_after_shifts_the_thresholds_for_a_continuing_run() -> None:
+    advice = advise_schedule(_run(), train_tokens=4e6, multiple=8, max_batch=512)
+    assert advice.schedule_after(0) == advice.schedule
+    assert advice.schedule_after(892_800) == "steps:0=16,1999872=32"  # 2,892,800 − 892,800 = 1953.1 × 1024 → 1953
+    assert advice.schedule_after(3e6) == "steps:0=32"

@@ -96,6 +96,19 @@ class ScheduleAdvice:
     extrapolation: str
     """How far beyond the measured losses and tokens the advice reaches."""
 
+    def schedule_after(self, tokens: float) -> str:
+        """The schedule for a new run that continues the whole run after its first ``tokens`` (e.g. ``batchpilot
+        train --model RUN_DIR`` from the measurement's checkpoint): thresholds shifted, earlier stages dropped."""
+        current = self.stages[0][1]
+        later = []
+        for start, batch in self.stages:
+            if start <= tokens:
+                current = batch
+            else:
+                later.append((round((start - tokens) / 1024) * 1024, batch))
+        stages = [(0, current), *[(t, b) for t, b in later if t > 0]]
+        return "steps:" + ",".join(f"{int(t)}={b}" for t, b in stages)
+
 
 def _pow2_at_least(value: float, multiple: int, cap: int) -> int:
     batch = multiple
