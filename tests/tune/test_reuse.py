@@ -15,7 +15,9 @@ import pytest
 import record_samples
 
 from batchpilot.cli import app
+from batchpilot.estimate.calibration import Calibration, EfficiencyPoint
 from batchpilot.records.base import RecordError
+from batchpilot.records.plan import PlanRecord
 from batchpilot.records.tune_state import TuneRunRecord
 from batchpilot.tune.config import TuneConfig
 from batchpilot.tune.pipeline import run_tune
@@ -54,11 +56,22 @@ def test_matching_records_are_reused_typed(tmp_path: Path) -> None:
     assert TuneRunRecord.load(out / "tune.json").stages == result.stages
 
 
-def test_without_a_budget_the_probe_records_budget_is_taken(tmp_path: Path) -> None:
-    """No --memory-budget: the reused probe's budget is the run's (one request, built once, for every stage)."""
-    result = run_tune(_config(_folder(tmp_path), memory_budget_bytes=None))
-    assert result.state.request is None or result.state.request.budget_bytes == 900 * record_samples.MIB
-    assert result.stages[0].status == "reused"
+def test_without_a_budget_the_probe_records_budget_and_calibration_are_taken(tmp_path: Path) -> None:
+    """No --memory-budget: the reused probe's budget is the run's, and its embedded calibration is the local
+    device's; the plan stage (run again here) plans on budget + weights with that calibration."""
+    out = _folder(tmp_path)
+    calibration = Calibration(points=(EfficiencyPoint(tokens_per_micro_batch=24 * 64, efficiency=0.25),),
+                              accelerator="cpu", model=record_samples.MODEL, seq_len=64, source="sample probe")
+    record_samples.probe(calibration=calibration.to_dict(), peak_flops_per_s=2e11).save(out / "probe.json")
+    (out / "plan.json").unlink()
+    result = run_tune(_config(out, memory_budget_bytes=None))
+    assert [s.status for s in result.stages[:4]] == ["reused", "reused", "reused", "ok"], result.stages
+    assert result.state.request is not None and result.state.request.budget_bytes == 900 * record_samples.MIB
+    assert result.state.calibration == calibration and result.state.peak_flops_per_s == 2e11
+    plan = PlanRecord.load(out / "plan.json")
+    assert plan.calibration == "sample probe" and plan.target_source == "noise (B_simple)"
+    assert plan.best is not None and plan.best.micro_batch == 24  # the knee, pinned
+    assert plan.budget_bytes > 900 * record_samples.MIB  # the weights on top of the probe's budget
 
 
 @pytest.mark.parametrize(("changes", "found"), [
