@@ -10,12 +10,12 @@ Examples (Python)::
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from batchpilot.records.train_summary import TrainSummary
 from batchpilot.train.checkpoint import check_fresh_start
 from batchpilot.train.config import TrainConfig
 from batchpilot.train.distributed import LaunchError, init_distributed, launch_torchrun, shutdown
@@ -58,5 +58,4 @@ def _launch(config: TrainConfig, on_record: RecordCallback | None) -> dict[str, 
                           + (f" after {config.run.max_restarts} restarts" if config.run.max_restarts else "")
                           + "; see the workers' output above")
     error_file.unlink(missing_ok=True)  # an attempt that failed before a restart succeeded
-    summary: dict[str, Any] = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    return summary
+    return TrainSummary.load(out / "summary.json").to_dict()  # rank 0 wrote it; read through its loader
