@@ -153,13 +153,14 @@ class Calibration:
     memory_overhead_bytes: int | None = None
     """Per-GPU bytes to add to the analytic memory estimate; None keeps the analytic model's default."""
     accelerator: str = ""
-    """Catalog name of the accelerator the points were measured on ("" for the default curve)."""
+    """Catalog name of the accelerator the points were measured on ("" without a measurement)."""
     model: str = ""
     """Model the probe ran (informational)."""
     seq_len: int | None = None
     """Sequence length of the probe (informational)."""
-    source: str = "default curve"
-    """Where the numbers come from (probe version and time, or "default curve")."""
+    source: str = "per-op model (published kernel microbenchmarks)"
+    """Where the numbers come from: probe version and time, or, without points, the step-time model's per-op
+    model (:mod:`batchpilot.estimate.kernels`)."""
     default_curve: DefaultCurve = DefaultCurve()
     """The curve :meth:`efficiency_at` reads when ``points`` is empty (not part of the file; the step-time model
     uses its per-op model instead)."""

@@ -118,6 +118,11 @@ PCIE_BANDWIDTH_BYTES_PER_S = 25e9
 """Assumed host↔GPU bandwidth per GPU for offload (PCIe Gen4 x16: 32 GB/s peak, ~25 GB/s achieved)."""
 
 
+MIN_BUCKET_BYTES = 25 * 2**20
+"""Smallest gradient bucket of a bucketed reduction: PyTorch DDP's default ``bucket_cap_mb=25``
+(``torch/nn/parallel/distributed.py``); Megatron's (40M parameters) and DeepSpeed's buckets are larger. A
+reduction goes out one layer at a time, never in buffers smaller than this."""
+
 COLLECTIVES: tuple[str, ...] = ("tp", "cp", "ep", "pp", "dp")
 """Communication patterns the step reports its exposed time for."""
 
@@ -556,35 +561,41 @@ class StepTimeModel:
             shard = max(1, min(ranks, self.cluster.devices_per_node // stride))
             replicas = ranks // shard
 
-        def bucketed(seconds: float, window: float) -> float:
-            """A reduction issued layer by layer behind ``window`` of compute: the excess and the last bucket."""
-            return max(0.0, seconds - window) + seconds / layers
+        def buckets(size: float) -> float:
+            """How many buckets a bucketed reduction of ``size`` bytes issues: one per layer, none below
+            :data:`MIN_BUCKET_BYTES`."""
+            return max(1.0, min(float(layers), size / MIN_BUCKET_BYTES))
 
-        def gather(size: float) -> float:
-            """All-gather or reduce-scatter of ``size`` bytes issued one layer's buffer at a time."""
-            return layers * fabric.gather_s(size / layers, shard, stride)
+        def bucketed(seconds: float, window: float, count: float) -> float:
+            """A reduction issued bucket by bucket behind ``window`` of compute: the excess and the last bucket."""
+            return max(0.0, seconds - window) + seconds / count
+
+        def gather(size: float, count: float) -> float:
+            """All-gather or reduce-scatter of ``size`` bytes issued in ``count`` equal buffers."""
+            return count * fabric.gather_s(size / count, shard, stride)
 
         exposed = total = 0.0
         if z == 3:  # per layer: gather forward, gather backward, reduce-scatter; prefetched one layer ahead
             gathers = 1 if settings.reshard_after_forward == "never" else 2
-            per_layer = gathers * gather(w) / layers + gather(g) / layers
+            per_layer = gathers * gather(w, layers) / layers + gather(g, layers) / layers
             exposed = m * (layers * max(0.0, per_layer - micro.layer_s) + per_layer)
             total = m * layers * per_layer
         elif z == 2:
-            rs = gather(g)
-            exposed, total = m * bucketed(rs, micro.backward_s), m * rs
+            rs = gather(g, buckets(g))
+            exposed, total = m * bucketed(rs, micro.backward_s, buckets(g)), m * rs
         elif z == 0 or settings.engine == "torch":  # DDP all-reduce (ZeroRedundancyOptimizer too)
-            ar = layers * fabric.all_reduce_s(g / layers, shard, stride)
-            exposed, total = bucketed(ar, micro.backward_s), ar
+            ar = buckets(g) * fabric.all_reduce_s(g / buckets(g), shard, stride)
+            exposed, total = bucketed(ar, micro.backward_s, buckets(g)), ar
         else:
-            rs = gather(g)
-            exposed, total = bucketed(rs, micro.backward_s), rs
+            rs = gather(g, buckets(g))
+            exposed, total = bucketed(rs, micro.backward_s, buckets(g)), rs
         if z in (1, 2):  # updated parameters gathered once, behind the first forward
-            ag = gather(w)
-            exposed, total = exposed + bucketed(ag, micro.forward_s), total + ag
+            ag = gather(w, buckets(w))
+            exposed, total = exposed + bucketed(ag, micro.forward_s, buckets(w)), total + ag
         if replicas > 1:  # hybrid: all-reduce of this rank's gradient slice across the replicas
-            ar = layers * fabric.all_reduce_s(g / shard / layers, replicas, stride * shard)
-            exposed, total = exposed + bucketed(ar, micro.backward_s), total + ar
+            part = g / shard
+            ar = buckets(part) * fabric.all_reduce_s(part / buckets(part), replicas, stride * shard)
+            exposed, total = exposed + bucketed(ar, micro.backward_s, buckets(part)), total + ar
         return _Comm(exposed_s=exposed, total_s=total)
 
     def _optimizer_s(self, settings: RunSettings, dp: int) -> float:
