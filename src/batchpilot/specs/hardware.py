@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from batchpilot.errors import SpecError
 from batchpilot.io import path_is, read_json_object
 from batchpilot.names import resolve
+from batchpilot.specs.figures import MAX_DEVICES, FigureSource
 
 if TYPE_CHECKING:
     from batchpilot.specs.network import NetworkSpec
@@ -70,26 +71,7 @@ DTYPE_ALIASES: Mapping[str, Dtype] = MappingProxyType({
 _MEMORY_RANGE = (2**20, 2**44)           # 1 MiB .. 16 TiB
 _FLOPS_RANGE = (1e9, 1e18)               # 1 GFLOP/s .. 1 EFLOP/s
 _BANDWIDTH_RANGE = (1e6, 1e14)           # 1 MB/s .. 100 TB/s
-MAX_DEVICES = 2**20
-"""Most GPUs in a job (and per cluster dimension): several times the largest clusters announced (~2·10^5 GPUs)."""
 _MAX_DEVICES = MAX_DEVICES
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class FigureSource:
-    """Where one hardware figure comes from."""
-
-    url: str
-    """The vendor document (datasheet, whitepaper) the figure is taken from."""
-    says: str
-    """What that document states, verbatim or nearly (e.g. "BFLOAT16 Tensor Core 1,979 teraFLOPS*")."""
-    dense: bool | None = None
-    """For FLOP/s figures: True when the stored value is the dense (non-sparse) rate."""
-    verified_via: str = ""
-    """An independent copy of the figure that was checked (URL + what it shows), if any."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"url": self.url, "says": self.says, "dense": self.dense, "verified_via": self.verified_via}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -48,7 +48,7 @@ from typing import Any, Literal, get_args
 from batchpilot.errors import SpecError
 from batchpilot.io import path_is, read_json_object
 from batchpilot.names import resolve
-from batchpilot.specs.hardware import MAX_DEVICES, FigureSource
+from batchpilot.specs.figures import MAX_DEVICES, FigureSource
 
 NetworkKind = Literal["infiniband", "roce", "efa", "gpudirect-tcp", "nvlink"]
 Scope = Literal["scale-out", "scale-up"]
