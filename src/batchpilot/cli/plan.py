@@ -48,7 +48,7 @@ from batchpilot.cli._settings import (
 from batchpilot.plan.exports import FORMATS, export_text
 from batchpilot.plan.options import DEFAULT_INTER_NODE_BANDWIDTH, PlanOptions, plan_record, prepare_plan
 from batchpilot.plan.planner import DEFAULT_HEADROOM, Pins, PlanResult, plan
-from batchpilot.report.present import plan_table
+from batchpilot.report.present import plan_table, step_parts
 from batchpilot.specs.settings import RECOMPUTES
 from batchpilot.units import format_count
 
@@ -73,11 +73,23 @@ def _render(result: PlanResult, source: str) -> None:
         table.add_row(*(cell.text for cell in row))
     console.print(table)
     console.print(f"[bold]winner[/]: {result.rationale}")
+    _render_step(result)
     memory = sum(1 for x in result.rejected if x.kind == "memory")
     batch = len(result.rejected) - memory
     console.print(f"searched {result.layouts} layouts ({result.memory_evaluations} memory evaluations, "
                   f"{result.pruned} pruned by throughput bound); rejected: {memory} do not fit, "
                   f"{batch} cannot reach the batch; efficiency: {r.calibration.source}")
+
+
+def _render_step(result: PlanResult) -> None:
+    """The winner's step by part (compute by op class, exposed communication by pattern, bubble, optimizer)."""
+    best = result.plans[0]
+    parts = step_parts(best.to_record())
+    table = Table("winner's step", "s", "share", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    for part in parts:
+        table.add_row(part.label, part.text.removesuffix(" s"), f"{part.value / best.step.step_time_s:.0%}")
+    console.print(table)
+    console.print(f"kernel speeds: {best.step.kernel_profile} profile, attention {best.step.attention_kernel}")
 
 
 @handle_errors
@@ -104,6 +116,10 @@ def plan_command(
         "--inter-node-bandwidth", size("--inter-node-bandwidth"),
         help="Per-GPU network bandwidth between nodes, one direction, in bytes/s (50GB = 50·10^9)."),
     ] = DEFAULT_INTER_NODE_BANDWIDTH,  # type: ignore[assignment]  # parsed by size()
+    network: Annotated[str | None, option(
+        "--network", show_default="400 Gb/s InfiniBand's measured fraction",
+        help="Network between nodes (`batchpilot hardware networks`): its per-GPU link peak and measured achieved "
+             "all-reduce bandwidth (unless --inter-node-bandwidth gives another peak).")] = None,
     micro_batch: Annotated[int | None, option(
         "--micro-batch", count("--micro-batch"), help="Sequences per GPU per forward/backward.",
         show_default=_SEARCHED, rich_help_panel=_PINS)] = None,
@@ -147,7 +163,7 @@ def plan_command(
     """Rank feasible (micro-batch, accumulation, dp, tp, pp, ep, ZeRO, recompute) by tokens/s."""
     options = PlanOptions(
         model=model, gpu=gpu, seq_len=seq_len, gpus=gpus, gpus_per_node=gpus_per_node,
-        inter_node_bandwidth_bytes_per_s=inter_node_bandwidth, global_batch_tokens=global_batch_tokens,
+        inter_node_bandwidth_bytes_per_s=inter_node_bandwidth, network=network, global_batch_tokens=global_batch_tokens,
         global_batch=global_batch, like=like, train_tokens=train_tokens, noise=noise,
         pins=Pins(micro_batch=micro_batch, grad_accum=grad_accum, tp=tp, pp=pp, vpp=vpp, ep=ep, zero_stage=zero,
                   recompute=recompute),

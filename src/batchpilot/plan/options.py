@@ -38,6 +38,7 @@ from batchpilot.records.noise import NoiseRecord
 from batchpilot.records.plan import PlanRecord
 from batchpilot.specs.hardware import AcceleratorSpec, ClusterSpec, check_device_count, load_accelerator
 from batchpilot.specs.model import ModelSpec, load_model
+from batchpilot.specs.network import load_network
 from batchpilot.specs.settings import RunSettings
 from batchpilot.units import format_count, parse_bytes
 
@@ -71,6 +72,9 @@ class PlanOptions:
     gpus_per_node: int = DEFAULT_GPUS_PER_NODE
     inter_node_bandwidth_bytes_per_s: int = parse_bytes(DEFAULT_INTER_NODE_BANDWIDTH)
     """Per GPU, one direction."""
+    network: str | None = None
+    """The scale-out network between nodes (``batchpilot hardware networks``): its per-GPU link peak replaces the
+    default ``inter_node_bandwidth_bytes_per_s`` and the step-time model uses its measured achieved fraction."""
     global_batch_tokens: int | None = None
     """Target global batch in tokens (one target of the five)."""
     global_batch: int | None = None
@@ -113,8 +117,10 @@ class PreparedPlan:
 
 
 def build_cluster(gpu: str | AcceleratorSpec, gpus: int, gpus_per_node: int,
-                  inter_node_bandwidth_bytes_per_s: int) -> ClusterSpec:
-    """The cluster the flags describe: ``gpus`` GPUs in nodes of ``gpus_per_node`` (a smaller job: part of one)."""
+                  inter_node_bandwidth_bytes_per_s: int, network: str | None = None) -> ClusterSpec:
+    """The cluster the flags describe: ``gpus`` GPUs in nodes of ``gpus_per_node`` (a smaller job: part of one),
+    joined by ``network`` (a scale-out catalog network or file; its per-GPU link peak is the inter-node bandwidth
+    unless ``inter_node_bandwidth_bytes_per_s`` differs from the default)."""
     check_device_count(gpus)
     per_node = gpus_per_node
     if isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1:
@@ -126,9 +132,18 @@ def build_cluster(gpu: str | AcceleratorSpec, gpus: int, gpus_per_node: int,
                         f"use --gpus {' or '.join(map(str, fixes))}")
     nodes = gpus // per_node
     bandwidth = float(inter_node_bandwidth_bytes_per_s)
+    fabric = None
+    if network is not None:
+        fabric = load_network(network)
+        if fabric.scope != "scale-out":
+            raise SpecError(f"--network {network} is a {fabric.scope} NVLink domain of {fabric.gpus_per_node} GPUs, "
+                            f"not a network between nodes; give its size as --gpus-per-node {fabric.gpus_per_node} "
+                            f"and name the fabric between domains (batchpilot hardware networks)")
+        if inter_node_bandwidth_bytes_per_s == parse_bytes(DEFAULT_INTER_NODE_BANDWIDTH):
+            bandwidth = fabric.per_gpu_bandwidth_bytes_per_s
     accelerator = gpu if isinstance(gpu, AcceleratorSpec) else load_accelerator(gpu)
     return ClusterSpec(accelerator=accelerator, devices_per_node=per_node, num_nodes=nodes,
-                       inter_node_bandwidth_bytes_per_s=bandwidth if nodes > 1 else None)
+                       inter_node_bandwidth_bytes_per_s=bandwidth if nodes > 1 else None, network=fabric)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -208,7 +223,7 @@ def prepare_plan(options: PlanOptions) -> PreparedPlan:
     target = _target(o, spec)
     deviation = o.max_deviation if o.max_deviation is not None else SOFT_TARGET_DEVIATION if target.soft else 0.0
     settings = plan_settings(o)
-    cluster = build_cluster(o.gpu, o.gpus, o.gpus_per_node, o.inter_node_bandwidth_bytes_per_s)
+    cluster = build_cluster(o.gpu, o.gpus, o.gpus_per_node, o.inter_node_bandwidth_bytes_per_s, o.network)
     measured, calibration_warnings = _calibration(o.calibration, cluster)
     request = PlanRequest(
         model=spec, cluster=cluster, seq_len=o.seq_len, global_batch_sequences=target.sequences,
