@@ -54,11 +54,19 @@ class StepMemory:
 
 
 def measure_step(model: ModelSpec, *, micro_batch: int, seq_len: int, attention: str = "flash",
-                 precision: str = "fp32", foreach: bool = True, seed: int = 0) -> StepMemory:
-    """Build, train two iterations, and return the second iteration's phase-wise allocator peaks."""
+                 precision: str = "fp32", foreach: bool = True, seed: int = 0, recompute: str = "none",
+                 recompute_every: int = 1, param_dtype: str = "fp32", compile_layers: bool = False) -> StepMemory:
+    """Build, train two iterations, and return the second iteration's phase-wise allocator peaks.
+
+    ``recompute``/``recompute_every``: :func:`batchpilot.measure.recompute.apply_recompute`.
+    ``param_dtype="bf16"``: the module, gradients and AdamW states in bf16, no autocast (pure bf16 training).
+    ``compile_layers``: ``torch.compile`` each decoder layer (inductor), as torchtitan and torchtune do.
+    """
     import torch
     import transformers
     from torch.profiler import ProfilerActivity, profile, record_function
+
+    from batchpilot.measure.recompute import apply_recompute, checkpointed_layers
 
     torch.manual_seed(seed)
     config = transformers.AutoConfig.for_model(**dict(model.hf_config))
@@ -66,7 +74,7 @@ def measure_step(model: ModelSpec, *, micro_batch: int, seq_len: int, attention:
 
     def iteration(module: Any, optimizer: Any, ids: Any, mark: bool) -> None:
         with record_function("bp.fwd_bwd" if mark else "bp.warm"):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16" and param_dtype == "fp32"):
                 loss = module(input_ids=ids, labels=ids).loss
             loss.backward()
             del loss
@@ -78,7 +86,13 @@ def measure_step(model: ModelSpec, *, micro_batch: int, seq_len: int, attention:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         module = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn,
                                                                dtype=torch.float32)
+        if param_dtype == "bf16":
+            module.to(torch.bfloat16)
         module.train()
+        apply_recompute(module, recompute, every=recompute_every)
+        if compile_layers:
+            for layer in checkpointed_layers(module):
+                layer.compile()
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, foreach=foreach)
         ids = torch.randint(0, model.vocab_size, (micro_batch, seq_len), dtype=torch.long)
         iteration(module, optimizer, ids, mark=False)

@@ -52,6 +52,7 @@ from batchpilot.estimate.fitted import FITTED, FittedConstants
 from batchpilot.estimate.kernels import KernelProfile, profile_for
 from batchpilot.estimate.layer_time import Implementation
 from batchpilot.estimate.memory import analytic_memory
+from batchpilot.estimate.overhead import OverheadModel
 from batchpilot.estimate.steptime import StepTime, StepTimeModel, default_implementation
 from batchpilot.specs.batch import BatchTriad
 from batchpilot.specs.hardware import AcceleratorSpec, ClusterSpec, load_accelerator
@@ -69,18 +70,40 @@ UNIT_BYTES = {"GiB": 2**30, "GB": 10**9, "MiB": 2**20}
 #: such runs filled the memory the allocator was allowed to take, so the peak says little about the need.
 NEAR_CAPACITY_FRACTION = 0.05
 
+#: The published memory metric -> the analytic estimate's matching figure (``MemoryBreakdown.details``):
+#: ``reserved`` = ``torch.cuda.max_memory_reserved`` (torchtitan's log), ``allocated``/``active`` = the caching
+#: allocator's allocated/active peak; any other metric (``unstated``, nvidia-smi) = the total with the CUDA context
+#: and NCCL buffers.
+METRIC_DETAIL = {"reserved": "reserved_bytes", "allocated": "allocated_bytes", "active": "allocated_bytes"}
+
 #: Sources summarised on their own need at least this many compared rows.
 MIN_ROWS_PER_SOURCE = 5
 
 #: Published ``other_settings`` that block both predictions.
 BLOCKERS = {"unpacked-variable-length", "inconsistent-as-published"}
 #: Published ``other_settings`` that change memory in ways batchpilot cannot express yet.
-MEMORY_BLOCKERS = {"chunked-cross-entropy", "optimizer-in-backward", "activation-offloading"}
+MEMORY_BLOCKERS = {"optimizer-in-backward", "activation-offloading"}
 #: Published ``other_settings`` that change the step time in ways batchpilot cannot express yet.
 THROUGHPUT_BLOCKERS = {"dualpipe", "batch-size-ramp"}
 #: Row activation-checkpointing policies -> batchpilot ``recompute`` values (when batchpilot has them).
 RECOMPUTE_NAMES = {"none": "none", "full": "full", "selective-attention": "selective", "selective-op": "op",
-                   "selective-layer": "every-n"}
+                   "selective-layer": "full"}
+#: torchtitan's memory behaviour by the document a row comes from (the torchtitan commit its runs used):
+#: ``reshard_after_forward`` — before ``83e69410`` (2025-07-28) torchtitan's default kept the last block and the
+#: root unit (embedding, final norm, output) unsharded (``apply_fsdp`` in ``parallelize_llama.py`` @ ``9dec370a``
+#: and ``e7c0cae9``), batchpilot's ``last``; since then only ``[norm, output]`` (``default``, @ ``6fc499f6``);
+#: ``loss`` — before ``bbb1b616`` (2025-04) ``training.compile`` did not compile the loss ("TODO: compiling loss
+#: function causes CUDA errors", ``train.py`` @ ``9dec370a``), later it does (``components/loss.py`` @ ``e7c0cae9``).
+TORCHTITAN_VERSIONS: dict[str, dict[str, str]] = {
+    "torchtitan-llama3-h100-202412": {"reshard_after_forward": "last", "loss": "uncompiled"},
+    "torchtitan-asynctp-h100-202506": {"reshard_after_forward": "last"},
+    "torchtitan-llama3-8b-h200-202506-trainy": {"reshard_after_forward": "last"},
+    "torchtitan-performance-202404": {"reshard_after_forward": "last", "loss": "uncompiled"},
+    "torchtitan-performance-202408": {"reshard_after_forward": "last", "loss": "uncompiled"},
+}
+#: Published ``other_settings`` -> batchpilot ``loss`` (torchtune's ``CEWithChunkedOutputLoss``; Megatron's
+#: ``--cross-entropy-loss-fusion`` keeps its vocab-parallel loss's memory).
+LOSS_SETTINGS = {"chunked-cross-entropy": "chunked", "cross-entropy-loss-fusion": "fused"}
 #: Row ``framework`` prefixes -> batchpilot engines (whose mixed-precision bookkeeping the run follows).
 ENGINES = (("torchtitan", "fsdp2"), ("composer", "fsdp2"), ("torchtune", "torch"), ("deepspeed", "deepspeed"),
            ("colossal-ai", "deepspeed"), ("megatron-deepspeed", "deepspeed"))
@@ -159,8 +182,9 @@ def row_to_inputs(row: dict[str, Any]) -> Inputs:
     elif row["fp8_recipe"] and precision == "fp8":
         approx.append(f"fp8 recipe '{row['fp8_recipe']}' modelled as generic fp8")
     if row["param_dtype"] == "bf16":
-        mem_only.append("bf16 parameters and optimizer states (pure bf16 training)")
+        kwargs["param_dtype"] = "bf16"
     kwargs["zero_stage"] = (value(row, "sharding") or {}).get("zero_stage") or 0
+    kwargs.update(_memory_settings(row, kwargs, approx))
     policy = value(row, "activation_checkpointing.policy")
     recompute = RECOMPUTE_NAMES.get(policy) if policy else None
     if policy is None:
@@ -186,6 +210,8 @@ def row_to_inputs(row: dict[str, Any]) -> Inputs:
     for name in row["other_settings"]:
         if name == "adamw-8bit":
             kwargs["optimizer"] = "adamw-8bit"
+        elif name in LOSS_SETTINGS:
+            kwargs["loss"] = LOSS_SETTINGS[name]
         elif name in BLOCKERS:
             both.append(name)
         elif name in MEMORY_BLOCKERS:
@@ -218,6 +244,41 @@ def _precision(row: dict[str, Any]) -> tuple[str, str | None]:
     if row["precision"] != "fp8":
         return row["precision"], None
     return "fp8", next((recipe for word, recipe in FP8_RECIPE_WORDS if word in text), None)
+
+
+def _memory_settings(row: dict[str, Any], kwargs: dict[str, Any], approx: list[str]) -> dict[str, Any]:
+    """Settings that change memory only: every-N checkpointing, FSDP2's reshard policy and the loss path of the
+    torchtitan version a row ran (:data:`TORCHTITAN_VERSIONS`), Megatron's block recomputation."""
+    out: dict[str, Any] = {}
+    ac = row["activation_checkpointing"] or {}
+    if ac.get("policy") == "selective-layer" and ac.get("every_n_layers"):
+        out["recompute_every"] = ac["every_n_layers"]  # torchtitan's integer option: full AC on every N-th block
+    if ac.get("recompute_method") == "block" and ac.get("recompute_num_layers"):
+        stage_layers = math.ceil(row_layers(row) / row["pp"])
+        out["recompute_every"] = max(1, round(stage_layers / ac["recompute_num_layers"]))
+        approx.append(f"Megatron block recomputation of the first {ac['recompute_num_layers']} layers per stage "
+                      f"modelled as 1 layer in {out['recompute_every']}")
+    version = TORCHTITAN_VERSIONS.get(row["document"], {}) if row["framework"].startswith("torchtitan") else {}
+    sharding = value(row, "sharding") or {}
+    if kwargs["engine"] == "fsdp2" and kwargs["zero_stage"] == 3:
+        if sharding.get("reshard_after_forward") is False:
+            out["reshard_after_forward"] = "never"
+        elif "reshard_after_forward" in version:
+            out["reshard_after_forward"] = version["reshard_after_forward"]
+    if version.get("loss") == "uncompiled" and row["compile"]:
+        out["loss"] = "parallel" if row["tp"] > 1 else "eager"
+    if row["framework"].startswith("torchtune") and row["compile"]:
+        # ``training.compile_loss(self._loss_fn)`` discards its result, which compiles only a chunked loss in
+        # place (``recipes/full_finetune_single_device.py``, ``torchtune/training/_compile.py`` @ ``1814feb1``)
+        out["loss"] = "eager"
+    return out
+
+
+def row_layers(row: dict[str, Any]) -> int:
+    """Transformer layers of a row's model (preset or published shape)."""
+    if row["model"]:
+        return load_model(row["model"]).num_layers
+    return int(row["model_shape"]["num_layers"])
 
 
 def _engine(row: dict[str, Any]) -> str:
@@ -336,6 +397,16 @@ def published_throughput(row: dict[str, Any]) -> tuple[str, float] | None:
     return None
 
 
+#: Frameworks whose optimizer is the fused kernel (``torch.optim.AdamW(fused=True)``): torchtune's configs
+#: (``recipes/configs/llama3_2/3B_full.yaml`` @ ``1814feb1``: ``fused: True``).
+FUSED_OPTIMIZER_FRAMEWORKS = ("torchtune",)
+
+
+def row_overhead(row: dict[str, Any]) -> OverheadModel:
+    """The CUDA overhead model of a row: the default, with the fused optimizer where the framework uses it."""
+    return OverheadModel(optimizer_fused=row["framework"].startswith(FUSED_OPTIMIZER_FRAMEWORKS))
+
+
 def _memory(row: dict[str, Any], inputs: Inputs) -> dict[str, Any] | None:
     published = published_memory_bytes(row)
     oom = row["measured"]["oom"]
@@ -354,16 +425,22 @@ def _memory(row: dict[str, Any], inputs: Inputs) -> dict[str, Any] | None:
         return out
     triad, per_node = inputs.triad, min(row["gpus_per_node"], row["num_gpus"])
     try:
-        predicted = analytic_memory(inputs.model, inputs.settings, micro_batch=triad.micro_batch_sequences,
-                                    seq_len=triad.seq_len_tokens, dp=triad.data_parallel_ranks,
-                                    grad_accum=triad.grad_accum_steps, gpus_per_node=per_node).total_bytes
+        memory = analytic_memory(inputs.model, inputs.settings, micro_batch=triad.micro_batch_sequences,
+                                 seq_len=triad.seq_len_tokens, dp=triad.data_parallel_ranks,
+                                 grad_accum=triad.grad_accum_steps, gpus_per_node=per_node,
+                                 overhead=row_overhead(row))
     except BatchpilotError as exc:
         out["not_expressible"].append(f"memory estimate refused: {exc}")
         return out
-    out["predicted_bytes"] = predicted
+    predicted = memory.details[METRIC_DETAIL.get(out["metric"], "total")] if out["metric"] in METRIC_DETAIL \
+        else memory.total_bytes
+    out.update(predicted_bytes=predicted, predicted_total_bytes=memory.total_bytes,
+               predicted_allocated_bytes=memory.details["allocated_bytes"],
+               predicted_reserved_bytes=memory.details["reserved_bytes"])
+    if capacity is not None:
+        out["fits_predicted"] = memory.total_bytes <= capacity  # reserved + CUDA context + NCCL must fit
     if out["near_capacity"]:
         out["fits_published"] = not oom
-        out["fits_predicted"] = None if capacity is None else predicted <= capacity
     elif published:
         out["error"] = predicted / published - 1
     return out
@@ -479,13 +556,19 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             groups[f"split {r['split']}"].append(r)
             groups[f"precision {precision_class.get(r['precision'], 'fp8 (fp8, mxfp8, nvfp4)')}"].append(r)
             groups[f"source {r['source']}"].append(r)
+            groups[f"source {r['source']} · split {r['split']}"].append(r)
         table = {name: _stats(_errors(rs, quantity)) for name, rs in sorted(groups.items())}
         out[quantity] = {k: v for k, v in table.items()
-                         if not k.startswith("source ") or v["rows"] >= MIN_ROWS_PER_SOURCE}
-    judged = [r for r in results if r["memory"] and r["memory"].get("fits_predicted") is not None]
+                         if not k.startswith("source ") or v["rows"] >= MIN_ROWS_PER_SOURCE
+                         or (" · split " in k and table[k.split(" · ")[0]]["rows"] >= MIN_ROWS_PER_SOURCE and v["rows"])}
+    judged = [r for r in results if r["memory"] and "fits_published" in r["memory"]
+              and r["memory"].get("fits_predicted") is not None]
     out["memory_near_capacity"] = {
         "rows": len(judged), "agree": sum(r["memory"]["fits_predicted"] == r["memory"]["fits_published"] for r in judged),
         "ids": [r["id"] for r in judged]}
+    ran = [r for r in results if r["memory"] and not r["memory"]["oom"] and r["memory"].get("fits_predicted") is not None]
+    out["memory_false_does_not_fit"] = {"rows": len(ran),
+                                        "ids": [r["id"] for r in ran if not r["memory"]["fits_predicted"]]}
     out["counts"] = _counts(results)
     return out
 
@@ -734,6 +817,9 @@ def _summary_lines(summary: dict[str, Any]) -> list[str]:
     near = summary["memory_near_capacity"]
     lines += ["", f"Near capacity (judged by fits / does not fit): {near['agree']} of {near['rows']} agree "
               f"({', '.join(near['ids']) or 'none'})."]
+    false_oom = summary["memory_false_does_not_fit"]
+    lines += ["", f"Published runs that ran, predicted not to fit their GPU (reserved + CUDA context + NCCL > "
+              f"capacity): {len(false_oom['ids'])} of {false_oom['rows']} ({', '.join(false_oom['ids']) or 'none'})."]
     counts = summary["counts"]
     lines += ["", f"Rows: {counts['rows']}; memory published {counts['memory_published']}, compared "
               f"{counts['memory_compared']}; throughput published {counts['throughput_published']}, compared "
@@ -747,7 +833,7 @@ def _row_lines(results: list[dict[str, Any]]) -> list[str]:
              "not expressible |", "|---|---|---|---|---:|---|---:|---|"]
     for r in results:
         m, t = r["memory"] or {}, r["throughput"] or {}
-        fits = f" fits {m['fits_predicted']} vs {m['fits_published']}" if "fits_predicted" in m else ""
+        fits = f" fits {m['fits_predicted']} vs {m['fits_published']}" if "fits_published" in m else ""
         unit = "tok/s" if t.get("metric") == "tokens_per_s_per_gpu" else "TFLOP/s"
         thr = f"{t['published']:,.0f} / {t.get('predicted', 0):,.0f} {unit}" if t else "—"
         why = sorted(set(m.get("not_expressible", []) + t.get("not_expressible", [])))

@@ -1,4 +1,5 @@
-"""Analytic per-GPU training memory: model states, activations and overhead as explicit terms.
+"""Analytic per-GPU training memory: model states, activations and overhead as explicit terms, allocated and
+reserved.
 
 Examples::
 
@@ -9,40 +10,62 @@ Examples::
     >>> m.total_bytes > m.activations_bytes > 0
     True
 
-The step's peak is the largest of three moments (each total is in ``details``):
+The step's peak is the largest of four moments (each total is in ``details``):
 
-- ``backward_start`` (end of forward / start of backward): weights (plus 16-bit compute copies),
-  optimizer states, the gradients alive then and every tensor saved for backward plus the logits/loss
-  buffers (:func:`activation_terms`, :func:`logits_terms`).
+- ``backward_start`` (the start of the loss's backward on the last stage): weights (plus 16-bit compute
+  copies and FSDP2's unsharded units), optimizer states, the gradients alive then, every tensor the
+  layers saved (:func:`~batchpilot.estimate.activations.activation_terms`) and the loss buffers
+  (:func:`~batchpilot.estimate.activations.logits_terms`).
+- ``layer_backward``: the backward of one layer, swept over the stage's layers: what the layers below
+  saved, this layer's backward working set (its recomputed activations and gradient temporaries,
+  :func:`~batchpilot.estimate.activations.backward_working_terms`), the gradients produced so far (all of
+  them when an engine keeps a persistent gradient buffer) and FSDP2's gathered blocks and reduce buffers.
 - ``backward_end``: all gradients (activations freed), plus the tied input embedding's dense gradient
-  before it is added into the head's.
-- ``optimizer_step``: weights, all gradients, optimizer states and the step's temporaries
-  (``torch.optim.AdamW(foreach=True)`` materialises one fp32 state-sized list, ``sqrt(v)``:
-  :data:`OPTIMIZER_STEP_TRANSIENT_BYTES`, measured).
+  before it is added into the output head's.
+- ``optimizer_step``: weights, all gradients, optimizer states and the step's temporaries.
 
-Categories of the returned :class:`MemoryBreakdown` are those *of the peak moment*, so they always sum
-to the peak; ``details["activations_peak"]`` keeps the activation peak even when a later moment wins and
-``details["peak_phase"]`` says which won (0 backward start, 1 backward end, 2 optimizer step).
+Allocated vs reserved (``details["allocated_bytes"]``, ``details["reserved_bytes"]``): on a GPU
+(:attr:`OverheadModel.caching_allocator`) the CUDA caching allocator reserves more than is allocated, by
+structural terms (``c10/cuda/CUDACachingAllocator.cpp`` @ ``001074d2``): freed blocks are cached per stream
+and reused only on their stream, and reserved memory never shrinks. Counted: the freed 16-bit logits at the
+loss's peak (:func:`~batchpilot.estimate.activations.loss_hole_bytes`), one layer's forward transients
+(:func:`~batchpilot.estimate.activations.forward_transient_bytes`), and FSDP2's two side-stream pools — the
+all-gather copy-in stream holds the largest two consecutive all-gather buffers, the reduce-scatter stream
+the sharded fp32 gradients (freed by ``zero_grad(set_to_none=True)`` but still reserved at the next step's
+activation peak; ``torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py``, torch 2.13). The CUDA context
+and NCCL's buffers live outside the allocator (``details["outside_allocator_bytes"]``). ``total_bytes`` =
+reserved + outside: what must fit in the GPU (``fits`` is judged on it); frameworks such as torchtitan log
+``reserved``.
 
 The parts: model states per engine × precision × optimizer and ZeRO stage
 (:mod:`batchpilot.estimate.model_states`), activations per layer and the logits/loss buffers
 (:mod:`batchpilot.estimate.activations`), and what neither counts (:mod:`batchpilot.estimate.overhead`).
-This module lays them out over the pipeline stages and phases of one step.
+This module lays them out over the pipeline stages and moments of one step.
 
-Known error: checked against measured CPU peaks of real steps (tests/estimate/test_memory_crosscheck.py,
-within 10 %); kernels that fuse more (Megatron/TE fused norms, fused cross-entropy) save less.
+Known error: checked against measured CPU peaks of real steps (tests/estimate/test_memory_crosscheck.py:
+within 2 % for ``none``, ``op``, ``full`` and every-N checkpointing on the tiny Llama presets) and against
+published GPU runs (``benchmarks/published_runs.py``); kernels that fuse more (Megatron/TE fused norms,
+fused cross-entropy) save less.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from batchpilot.errors import SpecError
-from batchpilot.estimate.activations import activation_terms, dropout_enabled, logits_terms
+from batchpilot.estimate.activations import (
+    LayerBytes,
+    Policy,
+    block_style,
+    dropout_enabled,
+    layer_bytes,
+    layer_policies,
+    logits_terms,
+    loss_hole_bytes,
+)
 from batchpilot.estimate.breakdown import MemoryBreakdown
 from batchpilot.estimate.dtypes import ACTIVATION_BYTES
 from batchpilot.estimate.model_states import (
@@ -58,6 +81,20 @@ from batchpilot.specs.hardware import MAX_DEVICES
 from batchpilot.specs.model import ModelSpec
 from batchpilot.specs.settings import RunSettings, check_interleaving, validate_for_model
 
+#: The moments of a step, in the order of ``details["peak_phase"]``.
+MOMENTS = ("backward_start", "backward_end", "optimizer_step", "layer_backward")
+
+#: DeepSpeed ZeRO's gradient reduce bucket: ``reduce_bucket_size`` 5e8 elements of the 16-bit gradient
+#: dtype, allocated once (``deepspeed/runtime/zero/config.py`` defaults, ``stage_1_and_2.py``/``stage3.py``
+#: ``ipg_buffer`` @ ``edaa7221``).
+DEEPSPEED_REDUCE_BUCKET_ELEMENTS = 500_000_000
+#: ZeRO-3's optimizer step upcasts the gradient partition per sub-group of at most ``sub_group_size`` 1e9
+#: elements (``_prepare_fp32_grad_for_sub_group``); ZeRO-1/2 upcast the whole partition
+#: (``single_grad_partition = flat.to(fp32)``).
+DEEPSPEED_SUB_GROUP_ELEMENTS = 1_000_000_000
+#: ZeRO-3 keeps at most ``stage3_max_live_parameters`` 1e9 gathered parameters alive.
+DEEPSPEED_MAX_LIVE_PARAMETERS = 1_000_000_000
+
 
 # ---------------------------------------------------------------------------------------------- layout
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -67,10 +104,11 @@ class _StageLayout:
     tp: int
     pp: int
     ep: int
+    cp: int
     sp: bool
     dp: int
     shard: int
-    """Ranks one dense parameter's states are sharded over (ZeRO/FSDP group)."""
+    """Ranks one dense parameter's states are sharded over (ZeRO/FSDP group: dp × cp)."""
     expert_shard: int
     """Ranks one routed expert's states are sharded over (the expert data-parallel group)."""
     layers_per_stage: int
@@ -80,14 +118,15 @@ class _StageLayout:
 
 
 def _stage_layout(model: ModelSpec, settings: RunSettings, dp: int, grad_accum: int, gpus_per_node: int) -> _StageLayout:
-    shard = min(dp, gpus_per_node) if settings.hybrid_shard else dp
+    group = dp * settings.cp
+    shard = min(group, gpus_per_node) if settings.hybrid_shard else group
     if settings.ep > dp or dp % settings.ep:
         raise SpecError(
             f"--ep {settings.ep} must divide the {dp} data-parallel ranks experts are spread over; "
             f"use a divisor of {dp} or more GPUs"
         )
     return _StageLayout(
-        tp=settings.tp, pp=settings.pp, ep=settings.ep, sp=settings.sp and settings.tp > 1, dp=dp,
+        tp=settings.tp, pp=settings.pp, ep=settings.ep, cp=settings.cp, sp=settings.sp and settings.tp > 1, dp=dp,
         shard=max(1, shard), expert_shard=max(1, shard // settings.ep),
         layers_per_stage=math.ceil(model.num_layers / settings.pp),
         in_flight=first_stage_in_flight(settings.pp, settings.vpp, grad_accum),
@@ -125,6 +164,16 @@ class _StageParams:
     """The largest layer's parameters on this GPU (ZeRO-3 gathers one at a time)."""
     matmul: float
     """Parameters that are matmul weights (autocast keeps 16-bit copies of these)."""
+    layer: float
+    """One average transformer layer on this GPU (dense and MoE layers mixed, experts ÷ ep): an FSDP unit."""
+    layer_norms: float
+    """The norm weights of one layer (FSDP's fp8 all-gather leaves them in 16 bits)."""
+    ends: float
+    """Parameters outside the layers on this stage: embedding, final norm, output head (torchtitan's root
+    FSDP unit before 2025-07-28)."""
+    head: float
+    """The final norm and the output head on this stage (torchtitan's ``[norm, output]`` FSDP unit; with
+    tied embeddings the shared table)."""
 
 
 def _stage_params(model: ModelSpec, lay: _StageLayout, first: bool, last: bool) -> _StageParams:
@@ -148,47 +197,86 @@ def _stage_params(model: ModelSpec, lay: _StageLayout, first: bool, last: bool) 
         if last:
             embed += table + model.params_final_norm
     largest = max(dense_layer, moe_layer + routed_here if model.is_moe else 0.0)
+    head = table + model.params_final_norm if last else 0.0
     return _StageParams(dense=layers_dense + embed, expert=expert, largest_layer=largest,
-                        matmul=layers_dense + expert - layers * norms + embed)
+                        matmul=layers_dense + expert - layers * norms + embed,
+                        layer=(layers_dense + expert) / layers, layer_norms=float(norms), ends=embed, head=head)
 
 
-# ---------------------------------------------------------------------------------------------- assembly
-def _layer_bytes_per_token(model: ModelSpec, settings: RunSettings, seq_len: int, moe_layer: bool) -> float:
-    """Sum of :func:`activation_terms`, cached (the planner evaluates thousands of micro-batch sizes).
-
-    ``ModelSpec`` equality ignores ``hf_config``, so the config fields the terms read (dropout rates, the
-    GELU variant) are part of the cache key.
-    """
-    config_key = (dropout_enabled(model), str(model.hf_config.get("activation_function")))
-    return _cached_layer_bytes(model, settings, seq_len, moe_layer, config_key)
+# ---------------------------------------------------------------------------------------------- layers
+@functools.lru_cache(maxsize=8192)
+def _cached_layer(model: ModelSpec, settings: RunSettings, seq_len: int, moe_layer: bool, policy: Policy,
+                  imbalance: float, config_key: tuple[bool, str]) -> LayerBytes:
+    return layer_bytes(model, settings, seq_len=seq_len, moe_layer=moe_layer, policy=policy, imbalance=imbalance)
 
 
-@functools.lru_cache(maxsize=4096)
-def _cached_layer_bytes(model: ModelSpec, settings: RunSettings, seq_len: int, moe_layer: bool,
-                        config_key: tuple[bool, str]) -> float:
-    return sum(activation_terms(model, settings, seq_len=seq_len, moe_layer=moe_layer).values())
+def _layer(model: ModelSpec, settings: RunSettings, seq_len: int, policy: Policy, imbalance: float) -> LayerBytes:
+    """One average layer (dense and MoE layers mixed by their share) under ``policy``, cached (the planner
+    evaluates thousands of micro-batch sizes). ``ModelSpec`` equality ignores ``hf_config``, so the config
+    fields the terms read (dropout rates, the GELU variant) are part of the cache key."""
+    key = (dropout_enabled(model), str(model.hf_config.get("activation_function")))
+    dense = _cached_layer(model, settings, seq_len, False, policy, imbalance, key)
+    if not model.is_moe:
+        return dense
+    moe = _cached_layer(model, settings, seq_len, True, policy, imbalance, key)
+    share = model.num_moe_layers / model.num_layers
+    return LayerBytes(saved=(1 - share) * dense.saved + share * moe.saved,
+                      backward=(1 - share) * dense.backward + share * moe.backward,
+                      forward_transient=max(dense.forward_transient, moe.forward_transient))
 
 
-def _activation_bytes(model: ModelSpec, settings: RunSettings, lay: _StageLayout, *, micro_batch: int,
-                      seq_len: int, first: bool, last: bool) -> dict[str, float]:
-    """Activation terms (bytes) of one GPU of a pipeline stage at the fwd/bwd peak."""
-    tokens = float(micro_batch * seq_len)
-    moe_share = model.num_moe_layers / model.num_layers
-    in_flight = lay.in_flight if first else 1
-    dense = _layer_bytes_per_token(model, settings, seq_len, False)
-    moe = _layer_bytes_per_token(model, settings, seq_len, True) if model.is_moe else 0.0
-    per_layer = (1 - moe_share) * dense + moe_share * moe
-    out: dict[str, float] = {"layers": per_layer * lay.layers_per_stage * tokens * in_flight}
-    if settings.recompute == "full":
-        none = dataclasses.replace(settings, recompute="none")
-        working = max(_layer_bytes_per_token(model, none, seq_len, m)
-                      for m in ((False, True) if model.is_moe else (False,)))
-        out["recompute_working_layer"] = working * tokens
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Activations:
+    """Activation bytes of one GPU of a pipeline stage at each moment (tokens already multiplied in)."""
+
+    saved_all: float
+    """Every layer's saved tensors of the current micro-batch."""
+    held: float
+    """Other micro-batches' saved tensors the first pipeline stage holds (1F1B warm-up)."""
+    loss: float
+    """The loss buffers and the final norm (last stage), or the incoming gradient (other stages)."""
+    layer_backward: list[float]
+    """Per layer i (forward order): the layers below i's saved tensors + i's backward working set."""
+    embedding_mask: float
+    forward_hole: float
+    """The largest forward transient of one layer (reserved, not allocated, after the forward)."""
+    loss_hole: float
+    terms: dict[str, float]
+    """Named terms for ``details``."""
+
+
+def _activations(model: ModelSpec, settings: RunSettings, lay: _StageLayout, overhead: OverheadModel, *,
+                 micro_batch: int, seq_len: int, first: bool, last: bool) -> _Activations:
+    tokens = micro_batch * seq_len / lay.cp
+    imbalance = overhead.moe_token_imbalance
+    policies = layer_policies(settings, lay.layers_per_stage)
+    per_policy = {p: _layer(model, settings, seq_len, p, imbalance) for p in set(policies)}
+    layers = [per_policy[p] for p in policies]
+    saved = [lb.saved * tokens for lb in layers]
+    saved_all = sum(saved)
+    held = (lay.in_flight - 1) * saved_all if first else 0.0
+    below = 0.0
+    sweep = []
+    for lb, s in zip(layers, saved, strict=True):
+        sweep.append(below + lb.backward * tokens)
+        below += s
+    d = block_style(settings)
     if last:
-        out["logits_loss"] = sum(logits_terms(model, settings).values()) * tokens
-    if first and dropout_enabled(model):
-        out["embedding_dropout_mask"] = model.hidden_size * tokens
-    return out
+        loss = sum(logits_terms(model, settings).values()) * tokens
+    else:
+        loss = model.hidden_size * d.resid * tokens / (lay.tp if lay.sp else 1)
+    mask = model.hidden_size * tokens if first and dropout_enabled(model) else 0.0
+    terms = {"layers": saved_all, "logits_loss" if last else "incoming_grad": loss}
+    if held:
+        terms["other_micro_batches"] = held
+    if mask:
+        terms["embedding_dropout_mask"] = mask
+    terms["layer_backward_working"] = max(lb.backward for lb in layers) * tokens
+    return _Activations(
+        saved_all=saved_all, held=held, loss=loss, layer_backward=sweep, embedding_mask=mask,
+        forward_hole=max(lb.forward_transient for lb in layers) * tokens,
+        loss_hole=loss_hole_bytes(model, settings) * tokens if last else 0.0, terms=terms,
+    )
 
 
 def _check_sizes(micro_batch: int, seq_len: int, dp: int, grad_accum: int) -> None:
@@ -206,16 +294,19 @@ def _check_sizes(micro_batch: int, seq_len: int, dp: int, grad_accum: int) -> No
 def analytic_memory(model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int, dp: int = 1,
                     grad_accum: int = 1, overhead: OverheadModel | None = None,
                     gpus_per_node: int = 8) -> MemoryBreakdown:
-    """Peak memory of the busiest GPU during one training step (bytes, per category of the peak phase).
+    """Peak memory of the busiest GPU during one training step (bytes, per category of the peak moment).
 
-    ``dp`` data-parallel ranks (ZeRO/FSDP shard over them; with ``hybrid_shard`` over
-    ``min(dp, gpus_per_node)``), ``grad_accum`` micro-batches per step (the first pipeline stage holds
+    ``dp`` data-parallel ranks (ZeRO/FSDP shard over ``dp × cp``; with ``hybrid_shard`` over at most
+    ``gpus_per_node``), ``grad_accum`` micro-batches per step (the first pipeline stage holds
     :func:`first_stage_in_flight` of them). With pipeline parallelism the first and the last stage
     are both evaluated and the larger is returned.
     """
     _check_sizes(micro_batch, seq_len, dp, grad_accum)
     validate_for_model(settings, model)
     check_interleaving(settings, grad_accum)
+    if seq_len % settings.cp:
+        raise SpecError(f"--seq-len {seq_len} must be a multiple of --cp {settings.cp} (each context-parallel "
+                        f"rank holds an equal share); use --seq-len {(seq_len // settings.cp + 1) * settings.cp}")
     overhead = OverheadModel() if overhead is None else overhead
     lay = _stage_layout(model, settings, dp, grad_accum, gpus_per_node)
     stages = [(True, True)] if settings.pp == 1 else [(True, False), (False, True)]
@@ -224,46 +315,161 @@ def analytic_memory(model: ModelSpec, settings: RunSettings, *, micro_batch: int
     return max(results, key=lambda r: r.total_bytes)
 
 
+# ---------------------------------------------------------------------------------------------- moments
 @dataclass(frozen=True, kw_only=True, slots=True)
-class _Phase:
+class _Moment:
     """What one GPU holds at one moment of the step (bytes per category)."""
 
     weights: float
     gradients: float
     activations: float
     extra: float
-    """Transient buffers counted as overhead (ZeRO-3 gathers, optimizer temporaries, embedding gradient)."""
+    """Transient buffers counted as overhead (gathered parameters, reduce buffers, optimizer temporaries,
+    the embedding gradient)."""
+    slack: float = 0.0
+    """Reserved by the caching allocator but not allocated at this moment (holes)."""
 
-    def total(self, optimizer: float) -> float:
+    def allocated(self, optimizer: float) -> float:
         return self.weights + self.gradients + self.activations + self.extra + optimizer
 
+    def reserved(self, optimizer: float) -> float:
+        return self.allocated(optimizer) + self.slack
 
-def _phases(model: ModelSpec, settings: RunSettings, lay: _StageLayout, overhead: OverheadModel,
-            params: _StageParams, states: ModelStates, activations: float) -> dict[str, _Phase]:
-    """The three candidate peaks of a step (see the module docstring).
 
-    ``backward_start``: activations and loss buffers, plus the gradients that exist already — persistent
-    buffers (DDP buckets, DeepSpeed/Megatron/FSDP reduce buffers) hold them all; a single-process torch
-    step with ``zero_grad(set_to_none=True)`` has none yet. ``backward_end``: every gradient, plus — with
-    tied embeddings on one stage — the input embedding's dense gradient before it is added into the
-    output head's (V·h). ``optimizer``: every gradient plus the optimizer step's temporaries.
-    """
-    grads_early = 0.0 if (settings.engine == "torch" and lay.dp == 1) else states.gradients_bytes
-    gather = 0.0
-    if settings.zero_stage >= 3 and settings.engine != "megatron":
-        gather = overhead.gather_layers * params.largest_layer * ACTIVATION_BYTES[settings.precision]
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Weights:
+    """Weight-side terms beyond the model states (bytes on this GPU)."""
+
+    resident: float
+    """Alive through forward and backward: autocast's 16-bit copies, FSDP2's units not resharded after
+    forward (:attr:`RunSettings.reshard_after_forward`), Megatron/TE's fp8 weight caches."""
+    forward_gather: float
+    """Gathered only around the loss's moment (DeepSpeed ZeRO-3's live parameters)."""
+    backward_gather: float
+    """Gathered and produced while a layer's backward runs: ZeRO-3/FSDP2 unsharded blocks (the current one
+    and the prefetched one) with FSDP2's unsharded 16-bit gradients and fp32 reduce-scatter input."""
+    pools: float
+    """FSDP2's all-gather and reduce-scatter stream pools (reserved only)."""
+    unsharded_grads: float
+    """FSDP2 under pipeline parallelism: gradient sync is off for every micro-batch's backward
+    (``torch/distributed/pipelining/stage.py`` ``backward_maybe_with_nosync``), so each parameter's
+    unsharded gradient accumulates in the fp32 reduce dtype (``FSDPParam.unsharded_accumulated_grad``)."""
+
+
+def _fsdp_block_bytes(settings: RunSettings, params: _StageParams) -> float:
+    """One unsharded FSDP2 block: 16-bit, or 1 byte per matmul weight with fp8 all-gather (norms 16-bit)."""
+    c = ACTIVATION_BYTES[settings.precision]
+    if settings.fp8_all_gather:
+        return (params.layer - params.layer_norms) * 1 + params.layer_norms * c
+    return params.layer * c
+
+
+def _weights(settings: RunSettings, lay: _StageLayout, overhead: OverheadModel, params: _StageParams,
+             states: ModelStates) -> _Weights:
+    c = ACTIVATION_BYTES[settings.precision]
+    resident, forward_gather, backward_gather, pools, accumulated = states.compute_copies_bytes, 0.0, 0.0, 0.0, 0.0
+    if _autocast_copies(settings):
+        # autocast's cast cache is cleared when the forward leaves autocast; a 16-bit weight copy survives
+        # only where a matmul saved it, which a checkpointed layer (op, full) does not: its backward casts
+        # the layer's weights again (one layer at a time)
+        checkpointed = sum(p in ("op", "full") for p in layer_policies(settings, lay.layers_per_stage))
+        layer_matmul = (params.layer - params.layer_norms) * c
+        resident -= checkpointed * layer_matmul
+        backward_gather += layer_matmul if checkpointed else 0.0
+    if settings.zero_stage >= 3 and settings.engine == "fsdp2":
+        block, root = _fsdp_block_bytes(settings, params), params.ends * c
+        policy = settings.reshard_after_forward
+        if policy == "never" or lay.pp > 1:
+            resident += root + block * lay.layers_per_stage
+        else:
+            resident += {"last": root + block, "default": params.head * c, "always": 0.0}[policy]
+            backward_gather += 2 * block
+        backward_gather += params.layer * (c + 4)  # unsharded 16-bit grads + fp32 reduce-scatter input
+        if lay.pp > 1:
+            accumulated = 4 * (params.dense + params.expert)
+        if overhead.caching_allocator:  # two consecutive all-gather buffers + the sharded fp32 gradients
+            first_unit = root if policy == "last" else max(params.head, params.ends - params.head) * c
+            pools = first_unit + block + states.gradients_bytes
+    elif settings.zero_stage >= 3 and settings.engine != "megatron":
+        gathered = min(overhead.gather_layers * params.largest_layer, DEEPSPEED_MAX_LIVE_PARAMETERS) * c
+        forward_gather = backward_gather = gathered
+    return _Weights(resident=resident, forward_gather=forward_gather, backward_gather=backward_gather,
+                    pools=pools, unsharded_grads=accumulated)
+
+
+def _autocast_copies(settings: RunSettings) -> bool:
+    """``torch.autocast`` over fp32 parameters: 16-bit weight copies live from forward to backward."""
+    return (settings.engine in ("torch", "fsdp2") and settings.precision != "fp32" and settings.zero_stage < 3
+            and settings.param_dtype == "fp32")
+
+
+def _grads_growing(settings: RunSettings, lay: _StageLayout) -> bool:
+    """Gradients appear layer by layer during backward (no persistent buffer): a single ``torch`` process
+    with ``zero_grad(set_to_none=True)``, and FSDP2's sharded gradients (``None`` until reduce-scattered)."""
+    return (settings.engine == "torch" and lay.dp * lay.cp == 1) or settings.engine == "fsdp2"
+
+
+def _moments(model: ModelSpec, settings: RunSettings, lay: _StageLayout, overhead: OverheadModel,
+             params: _StageParams, states: ModelStates, acts: _Activations, w: _Weights) -> dict[str, _Moment]:
+    """The four candidate peaks of a step (see the module docstring)."""
+    grads = states.gradients_bytes
+    growing = _grads_growing(settings, lay)
+    grads_early = 0.0 if growing else grads
+    weights = states.weights_bytes + w.resident
+    slack_allowed = overhead.caching_allocator
     tied = 0.0
-    if model.tie_word_embeddings and lay.pp == 1 and grads_early == 0.0:
+    if model.tie_word_embeddings and lay.pp == 1 and growing:
         tied = model.vocab_size * model.hidden_size / lay.tp * bytes_per_param(settings).gradients
     transient = 0.0 if settings.offload else _optimizer_transient(model, settings, params, lay, overhead)
-    weights = states.weights_bytes
+    start = _Moment(weights=weights, gradients=grads_early + w.unsharded_grads,
+                    activations=acts.saved_all + acts.held + acts.loss + acts.embedding_mask,
+                    extra=w.forward_gather + _deepspeed_bucket(settings, lay),
+                    slack=(acts.loss_hole + acts.forward_hole) if slack_allowed else 0.0)
+    layer = _layer_backward_moment(model, settings, lay, params, states, acts, w, weights, growing)
     return {
-        "backward_start": _Phase(weights=weights + states.compute_copies_bytes, gradients=grads_early,
-                                 activations=activations, extra=gather),
-        "backward_end": _Phase(weights=weights, gradients=states.gradients_bytes, activations=0.0, extra=tied),
-        "optimizer_step": _Phase(weights=weights, gradients=states.gradients_bytes, activations=0.0,
-                                 extra=transient),
+        "backward_start": start,
+        "backward_end": _Moment(weights=states.weights_bytes,
+                                gradients=grads + w.unsharded_grads, activations=0.0,
+                                extra=tied + _deepspeed_bucket(settings, lay)),
+        "optimizer_step": _Moment(weights=states.weights_bytes, gradients=grads, activations=0.0,
+                                  extra=transient),
+        "layer_backward": layer,
     }
+
+
+def _layer_backward_moment(model: ModelSpec, settings: RunSettings, lay: _StageLayout, params: _StageParams,
+                           states: ModelStates, acts: _Activations, w: _Weights, weights: float,
+                           growing: bool) -> _Moment:
+    """The largest of the per-layer backward moments: the layers below's saved tensors + this layer's
+    working set, plus the gradients produced so far (the output head and final norm, the layers above, this
+    layer's down projection) when they appear layer by layer, else all of them."""
+    grads = states.gradients_bytes
+    total_params = params.dense + params.expert
+    per_param = grads / total_params if total_params else 0.0
+    n = lay.layers_per_stage
+    ffn_last = model.hidden_size * max(model.intermediate_size, model.moe_intermediate_size) / lay.tp
+    best_total, best = -1.0, (0.0, 0.0)
+    for i, live in enumerate(acts.layer_backward):
+        above = params.head + (n - 1 - i) * params.layer + min(ffn_last, params.layer)
+        produced = min(total_params, above) * per_param if growing else grads
+        total = live + produced
+        if total > best_total:
+            best_total, best = total, (live, produced)
+    live, produced = best
+    return _Moment(weights=weights, gradients=produced + w.unsharded_grads, activations=live + acts.held,
+                   extra=w.backward_gather + _deepspeed_bucket(settings, lay))
+
+
+def _deepspeed_bucket(settings: RunSettings, lay: _StageLayout) -> float:
+    """DeepSpeed ZeRO's gradient reduce bucket (:data:`DEEPSPEED_REDUCE_BUCKET_ELEMENTS` 16-bit elements)."""
+    if settings.engine != "deepspeed" or settings.zero_stage == 0 or lay.dp * lay.cp == 1:
+        return 0.0
+    return DEEPSPEED_REDUCE_BUCKET_ELEMENTS * bytes_per_param(settings).gradients
+
+
+def _communicators(lay: _StageLayout) -> int:
+    """Process groups (NCCL communicators) a GPU takes part in: data/FSDP, tensor, pipeline, context, expert."""
+    return sum(size > 1 for size in (lay.dp, lay.tp, lay.pp, lay.cp, lay.ep))
 
 
 def _stage_memory(model: ModelSpec, settings: RunSettings, lay: _StageLayout, overhead: OverheadModel,
@@ -271,42 +477,51 @@ def _stage_memory(model: ModelSpec, settings: RunSettings, lay: _StageLayout, ov
     params = _stage_params(model, lay, first, last)
     states = model_state_bytes(settings, params=params.dense, expert_params=params.expert, dp=lay.dp,
                                matmul_params=params.matmul, shard=lay.shard)
-    acts = _activation_bytes(model, settings, lay, micro_batch=micro_batch, seq_len=seq_len,
-                             first=first, last=last)
-    activations = sum(acts.values())
-    phases = _phases(model, settings, lay, overhead, params, states, activations)
+    acts = _activations(model, settings, lay, overhead, micro_batch=micro_batch, seq_len=seq_len,
+                        first=first, last=last)
+    w = _weights(settings, lay, overhead, params, states)
+    moments = _moments(model, settings, lay, overhead, params, states, acts, w)
     optimizer = states.optimizer_bytes
-    name, peak_phase = max(phases.items(), key=lambda item: item[1].total(optimizer))
-    peak = peak_phase.total(optimizer)
-    fixed = overhead.cuda_context_bytes + overhead.workspace_bytes
-    if lay.dp * lay.tp * lay.pp > 1:
-        fixed += overhead.comm_buffer_bytes
-    frag = overhead.fragmentation_fraction * peak
-    details = {f"activations_{k}": round(v) for k, v in acts.items()}
-    details.update({f"{phase}_peak": round(p.total(optimizer)) for phase, p in phases.items()})
+    allocated = max(m.allocated(optimizer) for m in moments.values()) + overhead.workspace_bytes
+    name, peak = max(moments.items(), key=lambda item: item[1].reserved(optimizer))
+    slack = peak.slack + w.pools + overhead.fragmentation_fraction * allocated
+    reserved = max(peak.reserved(optimizer) + overhead.workspace_bytes + w.pools
+                   + overhead.fragmentation_fraction * allocated, allocated)
+    outside = overhead.cuda_context_bytes + _communicators(lay) * overhead.comm_buffer_bytes
+    details = {f"activations_{k}": round(v) for k, v in acts.terms.items()}
+    details.update({f"{moment}_peak": round(m.allocated(optimizer)) for moment, m in moments.items()})
+    fwd_bwd = max(moments[k].allocated(optimizer) for k in ("backward_start", "backward_end", "layer_backward"))
     details.update(
-        resident_states=round(states.weights_bytes + optimizer), activations_peak=round(activations),
-        fwd_bwd_peak=round(max(phases["backward_start"].total(optimizer), phases["backward_end"].total(optimizer))),
-        compute_weight_copies=round(states.compute_copies_bytes), zero3_gather_buffer=round(phases["backward_start"].extra),
-        optimizer_step_transient=round(phases["optimizer_step"].extra), fixed_overhead=round(fixed),
-        fragmentation=round(frag), peak_phase=list(phases).index(name),
+        resident_states=round(states.weights_bytes + optimizer),
+        activations_peak=round(max(m.activations for m in moments.values())),
+        fwd_bwd_peak=round(fwd_bwd), compute_weight_copies=round(w.resident),
+        zero3_gather_buffer=round(max(w.forward_gather, w.backward_gather)),
+        optimizer_step_transient=round(moments["optimizer_step"].extra), fixed_overhead=round(outside),
+        allocator_slack=round(slack), fsdp_stream_pools=round(w.pools), fragmentation=round(
+            overhead.fragmentation_fraction * allocated),
+        allocated_bytes=round(allocated), reserved_bytes=round(reserved), outside_allocator_bytes=round(outside),
+        peak_phase=MOMENTS.index(name),
     )
-    return MemoryBreakdown(
-        weights_bytes=round(peak_phase.weights), gradients_bytes=round(peak_phase.gradients),
-        optimizer_bytes=round(optimizer), activations_bytes=round(peak_phase.activations),
-        overhead_bytes=round(peak_phase.extra + frag + fixed), details=details,
-    )
+    total = round(reserved + outside)
+    cats = [round(peak.weights), round(peak.gradients), round(optimizer), round(peak.activations)]
+    return MemoryBreakdown(weights_bytes=cats[0], gradients_bytes=cats[1], optimizer_bytes=cats[2],
+                           activations_bytes=cats[3], overhead_bytes=total - sum(cats), details=details)
 
 
 def _optimizer_transient(model: ModelSpec, settings: RunSettings, params: _StageParams, lay: _StageLayout,
                          overhead: OverheadModel) -> float:
-    """The optimizer step's temporary buffers for unfused ``torch`` optimizers (other engines' fused
-    kernels update in place): :data:`OPTIMIZER_STEP_TRANSIENT_BYTES` per parameter this GPU updates for
-    ``foreach``, :data:`LOOP_STEP_TRANSIENT_TENSORS` × its largest fp32 parameter tensor for the loop."""
-    if settings.engine != "torch":
-        return 0.0
+    """The optimizer step's temporary buffers. Unfused ``torch`` optimizers:
+    :data:`OPTIMIZER_STEP_TRANSIENT_BYTES` per parameter this GPU updates for ``foreach``,
+    :data:`LOOP_STEP_TRANSIENT_TENSORS` × its largest fp32 parameter tensor for the loop. DeepSpeed ZeRO:
+    the fp32 upcast of the gradient partition (:data:`DEEPSPEED_SUB_GROUP_ELEMENTS` per sub-group at
+    stage 3). Fused kernels (:attr:`OverheadModel.optimizer_fused`, Megatron's and FSDP2 users' optimizers)
+    update in place: 0."""
     sharded = settings.zero_stage >= 1
     local = params.dense / (lay.shard if sharded else 1) + params.expert / (lay.expert_shard if sharded else 1)
+    if settings.engine == "deepspeed" and sharded:
+        return 4 * (min(local, DEEPSPEED_SUB_GROUP_ELEMENTS) if settings.zero_stage == 3 else local)
+    if settings.engine != "torch" or overhead.optimizer_fused:
+        return 0.0
     if overhead.optimizer_foreach:
         return OPTIMIZER_STEP_TRANSIENT_BYTES[settings.optimizer] * local
     widths = (model.vocab_size, model.intermediate_size, model.moe_intermediate_size,

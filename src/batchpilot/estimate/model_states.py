@@ -68,9 +68,13 @@ class ParamBytes:
         return self.weights + self.gradients + self.optimizer
 
 
-def _param_bytes(engine: str, precision: str, optimizer: str) -> ParamBytes:
+def _param_bytes(engine: str, precision: str, optimizer: str, param_dtype: str = "fp32") -> ParamBytes:
     """One cell of the engine × precision × optimizer table (sources per engine in :data:`PARAM_BYTES`)."""
     state = OPTIMIZER_STATE_BYTES[optimizer]
+    if param_dtype == "bf16":
+        # pure bf16 training (torchtune ``dtype: bf16``; torchtitan ``training.dtype = "bfloat16"``): the
+        # parameters, their gradients and the optimizer states (created ``zeros_like(param)``) are bf16.
+        return ParamBytes(weights=2, gradients=2, master=0, optimizer_state=state // 2)
     if precision == "fp32":
         return ParamBytes(weights=4, gradients=4, master=0, optimizer_state=state)
     if engine in ("torch", "fsdp2"):
@@ -95,9 +99,22 @@ PARAM_BYTES: dict[tuple[str, str, str], ParamBytes] = {
     for o in OPTIMIZER_STATE_BYTES
 }
 
+#: Pure bf16 training (``--param-dtype bf16``), keyed by optimizer: 2 + 2 + (AdamW m, v in bf16) 4.
+PURE_BF16_PARAM_BYTES: dict[str, ParamBytes] = {o: _param_bytes("torch", "bf16", o, "bf16")
+                                                for o in OPTIMIZER_STATE_BYTES}
+
+#: Transformer Engine's cached fp8 weight per local linear weight (``TransformerEngineBaseModule.
+#: get_weight_workspace``, ``transformer_engine/pytorch/module/base.py`` @ ``d0067d0d``): kept across
+#: micro-batches when Megatron passes ``is_first_microbatch``; on Hopper row-wise and column-wise
+#: (transposed) fp8 data, 2 bytes per parameter; MXFP8 adds one 1-byte scale per 32 elements each.
+TE_FP8_WEIGHT_CACHE_BYTES: dict[str, float] = {"delayed": 2.0, "tensorwise": 2.0, "blockwise": 2.0 * (1 + 4 / 128),
+                                               "rowwise": 2.0, "mxfp8": 2.0 * (1 + 1 / 32)}
+
 
 def bytes_per_param(settings: RunSettings) -> ParamBytes:
-    """The :data:`PARAM_BYTES` row for these settings."""
+    """The :data:`PARAM_BYTES` row for these settings (:data:`PURE_BF16_PARAM_BYTES` for ``--param-dtype bf16``)."""
+    if settings.param_dtype == "bf16":
+        return PURE_BF16_PARAM_BYTES[settings.optimizer]
     return PARAM_BYTES[(settings.engine, settings.precision, settings.optimizer)]
 
 
@@ -144,11 +161,16 @@ def model_state_bytes(settings: RunSettings, *, params: float, dp: int, expert_p
 
     fsdp_unsharded = settings.engine == "fsdp2" and zero in (1, 2)
     copies = 0.0
-    if fsdp_unsharded:
+    if settings.engine == "megatron" and settings.precision == "fp8":
+        # TE's cached fp8 weights (row- and column-wise) of every local matmul weight
+        matmul = params + expert_params if matmul_params is None else matmul_params
+        copies = TE_FP8_WEIGHT_CACHE_BYTES[settings.resolved_fp8_recipe or "delayed"] * matmul
+    elif fsdp_unsharded:
         # fully_shard(reshard_after_forward=False): parameters stay sharded in fp32, and the unsharded
         # compute-dtype copies all-gathered in forward are kept until backward has used them.
         copies = ACTIVATION_BYTES[settings.precision] * (params + expert_params)
-    elif settings.engine in ("torch", "fsdp2") and settings.precision != "fp32" and zero < 3:
+    elif settings.engine in ("torch", "fsdp2") and settings.precision != "fp32" and zero < 3 \
+            and settings.param_dtype == "fp32":
         # autocast's cast cache: 16-bit copies of the matmul weights, saved for backward.
         matmul = params + expert_params if matmul_params is None else matmul_params
         copies = ACTIVATION_BYTES[settings.precision] * matmul

@@ -30,7 +30,7 @@ Engine = Literal["torch", "fsdp2", "deepspeed", "megatron"]
 Recompute = Literal["none", "selective", "op", "full"]
 Attention = Literal["eager", "flash"]
 FP8Recipe = Literal["tensorwise", "rowwise", "delayed", "mxfp8", "blockwise"]
-Reshard = Literal["default", "always", "never"]
+Reshard = Literal["default", "last", "always", "never"]
 Loss = Literal["auto", "eager", "compiled", "parallel", "fused", "chunked"]
 ParamDtype = Literal["fp32", "bf16"]
 
@@ -120,10 +120,12 @@ class RunSettings:
     unsharded block weights take 1 byte per parameter instead of 2. Needs fsdp2, fp8 and tensorwise scaling."""
     reshard_after_forward: Reshard = "default"
     """FSDP2 (``--engine fsdp2 --zero 3``) ``fully_shard(reshard_after_forward=...)`` policy, torchtitan's
-    ``parallelism.fsdp_reshard_after_forward``: ``default`` frees each block's unsharded weights after its
-    forward except the last block, and the root unit (embedding, final norm, output) stays unsharded
-    (all units stay unsharded with pipeline parallelism); ``always`` reshards every unit; ``never`` keeps
-    every unit unsharded from forward to backward (as ``--zero 2``)."""
+    ``parallelism.fsdp_reshard_after_forward``. ``default`` (torchtitan since ``83e69410``, 2025-07-28,
+    ``apply_fsdp``): the embedding and every block are resharded after forward, the ``[norm, output]`` unit
+    is not. ``last`` (torchtitan's default before that, e.g. ``9dec370a`` and ``e7c0cae9``): every block but
+    the last is resharded, and the root unit (embedding, final norm, output) stays unsharded (torch keeps
+    the root unit). ``always``: every unit. ``never``: no unit (as ``--zero 2``). With pipeline
+    parallelism torchtitan reshards nothing whatever the policy."""
     loss: Loss = "auto"
     """The cross-entropy path. ``eager``: ``cross_entropy(logits.float())`` (Hugging Face, torchtitan before
     2025-04, torchtune): fp32 log-softmax and two fp32 vocabulary-wide gradients; ``compiled``: the same
