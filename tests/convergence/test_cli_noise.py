@@ -31,6 +31,11 @@ def test_noise_json_keys_and_values() -> None:
     assert b > 0 and (hi is None or lo <= b <= hi)
     assert math.isclose(record["b_simple_tokens"], b * record["tokens_per_sequence"], rel_tol=1e-9)
     assert "deepseek_b_opt_tokens" in record["priors"] and "kaplan_b_crit_tokens" in record["priors"]
+    # every published law side by side for --train-tokens, and a whole-run schedule or the reason there is none
+    assert [law["law"] for law in record["priors"]["laws"]] == [
+        "deepseek-llm-2024", "step-law-2025", "zhang-cbs-2024", "kaplan-2020"]
+    assert math.isclose(record["priors"]["laws"][0]["batch_tokens"], record["priors"]["deepseek_b_opt_tokens"])
+    assert ("schedule" in record) != ("schedule_error" in record)
     for row in record["tradeoff"]:  # McCandlish Eq. 2.11 at B_crit = B_simple
         assert math.isclose(row["steps_vs_min"], 1 + b / row["batch_sequences"], rel_tol=1e-9)
 

@@ -90,3 +90,32 @@ def _render(r: dict[str, Any]) -> None:
         console.print(f"Kaplan prior B_crit(L): {format_count(priors['kaplan_b_crit_tokens'])} tokens — {priors['kaplan_note']}")
     if "deepseek_b_opt_tokens" in priors:
         console.print(f"DeepSeek prior B_opt(C): {format_count(priors['deepseek_b_opt_tokens'])} tokens — {priors['deepseek_note']}")
+    _render_laws(priors.get("laws") or [], r["seq_len"])
+    _render_schedule(r)
+
+
+def _render_laws(laws: list[dict[str, Any]], seq_len: int) -> None:
+    """The published batch laws side by side (plan.batch_laws), and how far apart they are."""
+    if not laws:
+        return
+    table = Table("law", "batch (tokens)", "batch (seq)", "LR", "fitted range", title="Published batch laws (--train-tokens)")
+    for law in laws:
+        lr = f"{law['learning_rate']:.2e}" if law["learning_rate"] else "—"
+        table.add_row(law["law"], format_count(law["batch_tokens"]), f"{law['batch_tokens'] / seq_len:,.1f}", lr,
+                      "inside" if law["in_range"] else law["note"])
+    console.print(table)
+    values = sorted((law["batch_tokens"], law["law"]) for law in laws)
+    console.print(f"the laws disagree by {values[-1][0] / values[0][0]:.1f}× ({values[0][1]} smallest, "
+                  f"{values[-1][1]} largest); benchmarks/results/batch_laws.md checks them on published runs")
+
+
+def _render_schedule(r: dict[str, Any]) -> None:
+    advice = r.get("schedule")
+    if advice is None:
+        if r.get("schedule_error"):
+            console.print(f"no whole-run schedule: {r['schedule_error']}", markup=False)
+        return
+    console.print(f"whole-run schedule ({advice['source']}): --batch-schedule {advice['schedule']} "
+                  f"--lr {advice['lr_first']:.3g} --lr-scaling sqrt — {advice['lr_anchor']}", markup=False)
+    costs = ", ".join(f"{c['name']} {c['steps']:,.0f} steps / {format_count(c['tokens'])} tokens" for c in advice["costs"])
+    console.print(f"to the predicted loss {advice['target_loss']:.3f}: {costs} ({advice['extrapolation']})", markup=False)

@@ -77,6 +77,63 @@ class TradeoffRow(JsonValue):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class LawRow(JsonValue):
+    """One published batch-size law's prediction for the planned run (:mod:`batchpilot.plan.batch_laws`)."""
+
+    law: str
+    """The law's key (``deepseek-llm-2024``, ``step-law-2025``, ``zhang-cbs-2024``, ``kaplan-2020``)."""
+    batch_tokens: float
+    """Its global batch, in tokens."""
+    learning_rate: float | None
+    """Its peak LR, where the law has one."""
+    in_range: bool
+    """Whether the run lies inside the law's fitted range."""
+    note: str
+    """What lies outside the fitted range, or the loss the law assumed."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BatchLR(JsonValue):
+    """The learning rate that goes with one batch of a schedule."""
+
+    batch_sequences: int
+    learning_rate: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleCost(JsonValue):
+    """Steps and tokens a batch policy needs to reach the whole run's predicted loss (McCandlish et al. 2018)."""
+
+    name: str
+    """``schedule`` or ``fixed-B``."""
+    steps: float
+    tokens: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleAdviceRecord(JsonValue):
+    """A whole-run batch schedule fitted from the measurement (:mod:`batchpilot.plan.schedule_advice`)."""
+
+    schedule: str
+    """``--batch-schedule`` text (``steps:TOKENS=SEQUENCES,…``) for the run still to train."""
+    starts_after_tokens: float
+    """Tokens of the whole run already trained before ``schedule`` starts (a run folder's; 0 for a fresh run)."""
+    source: str
+    """What the fits were made on (the K measured steps, or a run folder's logged trajectory)."""
+    lr_first: float
+    """``--lr`` for the first batch, with ``--lr-scaling sqrt``."""
+    lr_anchor: str
+    """Where the LR comes from and the rule when the batch changes."""
+    lr_by_batch: tuple[BatchLR, ...]
+    target_loss: float
+    """The loss a run at the measured batch reaches after the planned tokens (loss-curve fit)."""
+    extrapolation: str
+    """How far the advice reaches beyond the measurement."""
+    costs: tuple[ScheduleCost, ...]
+    """The schedule and fixed batches in steps and tokens to that loss."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class NoisePriors(JsonValue):
     """Scaling-law priors beside the measurement (:mod:`batchpilot.plan.priors`); each is absent when it does not
     apply."""
@@ -89,6 +146,8 @@ class NoisePriors(JsonValue):
     """DeepSeek LLM 2024 §3.1 B_opt(C) for the planned training tokens (``--train-tokens``)."""
     deepseek_note: str | None = field(default=None, metadata=EXTRA)
     """The formula."""
+    laws: tuple[LawRow, ...] | None = field(default=None, metadata=EXTRA)
+    """Every published law of :mod:`batchpilot.plan.batch_laws` for the planned run (``--train-tokens``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -145,3 +204,7 @@ class NoiseRecord(Record, NoiseScale):
     """Seconds the gradient-norm measurement added to the run."""
     elapsed_s: float | None
     """Wall time of the training steps."""
+    schedule: ScheduleAdviceRecord | None = field(default=None, metadata=EXTRA)
+    """The whole-run schedule fitted from this measurement (``--train-tokens``)."""
+    schedule_error: str | None = field(default=None, metadata=EXTRA)
+    """Why no schedule could be fitted from this measurement."""

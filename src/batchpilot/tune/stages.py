@@ -198,16 +198,29 @@ def _knee(state: TuneState, default: int = 1) -> int:
 
 
 def critical_batch_sequences(state: TuneState, cfg: TuneConfig) -> int:
-    """The global batch the convergence measurement asks for: B_simple in sequences, at least the knee,
-    rounded to a whole number of knee-sized micro-batches."""
+    """The global batch the convergence measurement asks for, at least the knee, rounded to a whole number of
+    knee-sized micro-batches: the longest stage of the whole-run schedule fitted from the measurement when
+    ``--train-tokens`` gave one (:mod:`batchpilot.plan.schedule_advice`), else B_simple in sequences."""
     knee = _knee(state)
+    advice = state.noise.schedule if state.noise else None
     b_simple = state.noise.b_simple_sequences if state.noise else math.nan
+    if advice is not None and cfg.train_tokens:
+        b_simple = float(_longest_stage(advice.schedule, cfg.train_tokens - advice.starts_after_tokens))
     if not math.isfinite(b_simple) or b_simple <= 0:
         return knee
     return max(1, round(b_simple / knee)) * knee
 
 
+def _longest_stage(schedule: str, tokens: float) -> int:
+    """The batch of the ``steps:T=B,…`` stage that covers the most of ``tokens``."""
+    stages = [(float(t), int(b)) for t, _, b in (p.partition("=") for p in schedule.partition(":")[2].split(","))]
+    ends = [t for t, _ in stages[1:]] + [max(tokens, stages[-1][0])]
+    return max(zip(stages, ends, strict=True), key=lambda se: se[1] - se[0][0])[0][1]
+
+
 def _target_source(state: TuneState) -> str:
+    if state.noise and state.noise.schedule:
+        return f"noise → whole-run schedule {state.noise.schedule.schedule} (its longest stage)"
     return "noise (B_simple)" if state.noise else "probe knee (no noise measurement)"
 
 
