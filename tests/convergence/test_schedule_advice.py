@@ -51,7 +51,7 @@ def test_fixed_measuring_batch_costs_exactly_the_planned_tokens() -> None:
 
 def test_schedule_doubles_where_b_crit_reaches_twice_the_batch_and_parses() -> None:
     advice = advise_schedule(_run(), train_tokens=4e6, multiple=8, max_batch=512)
-    assert advice.schedule == "steps:0=16,2892800=32"
+    assert advice.schedule == "steps:0=16,2850816=32"
     schedule = parse_batch_schedule(advice.schedule, global_batch_sequences=32, seq_len_tokens=128)
     assert schedule.planned_batches() == [16, 32]
     # LR: square-root rule anchored at the short run's 3e-3 at B = 8
@@ -83,5 +83,5 @@ def test_refusals() -> None:
 def test_schedule_after_shifts_the_thresholds_for_a_continuing_run() -> None:
     advice = advise_schedule(_run(), train_tokens=4e6, multiple=8, max_batch=512)
     assert advice.schedule_after(0) == advice.schedule
-    assert advice.schedule_after(892_800) == "steps:0=16,1999872=32"  # 2,892,800 − 892,800 = 1953.1 × 1024 → 1953
+    assert advice.schedule_after(892_800) == "steps:0=16,1957888=32"  # 2,850,816 − 892,800 = 1912.1 × 1024 → 1912
     assert advice.schedule_after(3e6) == "steps:0=32"

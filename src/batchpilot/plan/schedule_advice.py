@@ -5,14 +5,15 @@
     ...                b_simple=[8 * (loss / 2.2) ** -18 for loss in losses], batch_sequences=8, seq_len=128)
     >>> advice = advise_schedule(run, train_tokens=4e6, multiple=8, max_batch=512)
     >>> advice.schedule, round(advice.lr_first, 5), [(c.name, round(c.steps)) for c in advice.costs]
-    ('steps:0=16,2892800=32', 0.00424, [('schedule', 2050), ('fixed-8', 3906), ('fixed-32', 1602)])
+    ('steps:0=16,2850816=32', 0.00424, [('schedule', 2043), ('fixed-8', 3906), ('fixed-32', 1602)])
 
 Inputs: a short run at batch B_m (its per-step tokens, smoothed training loss and running B_simple), the
 tokens D of the whole run, the batch multiple (micro-batch × data-parallel ranks) and the largest batch.
 
-1. **B_simple(L)**: Kaplan et al. 2020's form B(L) = B*/L^(1/α_B) (Eq. 5.1) fitted to the short run's
-   (loss, B_simple) pairs (:func:`batchpilot.estimate.critical_batch.fit_noise_vs_loss`).
-2. **The loss curve** L(D) = L_∞ + A·D^(−α) fitted to the short run
+1. **B_simple(L)**: Kaplan et al. 2020's form B(L) = B*/L^(1/α_B) (Eq. 5.1) fitted to the (loss, B_simple)
+   pairs of the short run's second half (:data:`NOISE_FIT_FROM`;
+   :func:`batchpilot.estimate.critical_batch.fit_noise_vs_loss`).
+2. **The loss curve** L(D) = L_∞ + A·D^(−α) fitted to the short run from a quarter on
    (:func:`batchpilot.estimate.loss_curve.fit_loss_curve`): the loss a fixed-B_m run reaches at D.
 3. **Cost along the curve** (McCandlish et al. 2018, Eq. 2.11): to make the progress that costs dE_m
    examples at B_m, batch B needs dE = dE_m·(1 + B/B_crit)/(1 + B_m/B_crit) examples and dE/B steps,
@@ -45,6 +46,13 @@ from batchpilot.plan.priors import deepseek_batch_tokens, deepseek_learning_rate
 
 INTEGRATION_POINTS = 400
 """Log-spaced steps of the cost integral along the B_m run's examples."""
+NOISE_FIT_FROM = 0.5
+"""B_simple(L) is fitted on the measurement's second half (by tokens): the first steps from random weights
+pass through a transient where B_simple does not follow the loss (measured on the CPU task: ≈ 1–1.3 sequences
+while the loss fell from 6.3 to 3.0, then 1.2 → 5.7 as it fell to 2.4), and the later points are the ones
+the rest of the run continues from."""
+LOSS_FIT_FROM = 0.25
+"""The loss curve is fitted from a quarter of the measurement on (the first, fastest drop has another shape)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -174,8 +182,11 @@ def advise_schedule(run: ShortRun, *, train_tokens: float, multiple: int, max_ba
                               f"({max(run.tokens):.3g}); pass --train-tokens")
     if max_batch < multiple or multiple < 1:
         raise BatchpilotError(f"max batch {max_batch} must be >= the batch multiple {multiple} (micro × dp) >= 1")
-    loss_fit = fit_loss_curve(run.tokens, run.losses)
-    pairs = [(v, b) for v, b in zip(run.losses, run.b_simple, strict=True) if math.isfinite(b) and b > 0]
+    last = max(run.tokens)
+    curve = [(t, v) for t, v in zip(run.tokens, run.losses, strict=True) if t >= LOSS_FIT_FROM * last]
+    loss_fit = fit_loss_curve([t for t, _ in curve], [v for _, v in curve])
+    pairs = [(v, b) for t, v, b in zip(run.tokens, run.losses, run.b_simple, strict=True)
+             if t >= NOISE_FIT_FROM * last and math.isfinite(b) and b > 0]
     noise_fit = fit_noise_vs_loss([v for v, _ in pairs], [b for _, b in pairs])
     target = loss_fit.loss(train_tokens)
     b_m, start = run.batch_sequences, min(run.tokens)

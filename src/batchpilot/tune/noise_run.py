@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.estimate.noise import NoiseEstimate, examples_factor, steps_factor, windowed_b_simple
+from batchpilot.estimate.noise import (
+    DEFAULT_EMA_DECAY,
+    NoiseEstimate,
+    examples_factor,
+    steps_factor,
+    windowed_b_simple,
+)
 from batchpilot.plan.batch_laws import law_inputs, predict_all
 from batchpilot.plan.priors import (
     deepseek_batch_tokens,
@@ -202,8 +208,9 @@ def _is_folder(model: str) -> bool:
 
 def folder_short_run(model: str) -> tuple[ShortRun, float] | None:
     """A ``batchpilot train`` run folder's logged trajectory as the short run, and the tokens it trained (None for
-    any other model): its running B_simple (EMA, logged by default) at each new measurement against the loss
-    averaged over the last 10 steps. The run must have kept one global batch."""
+    any other model): its running B_simple (bias-corrected EMA, β = 0.95 over the measured steps, as the runner
+    logs it) at each new measurement, against the loss averaged with the same weights over the same steps. The
+    run must have kept one global batch."""
     from batchpilot.train.metrics import read_metrics
 
     if not _is_folder(model):
@@ -214,12 +221,13 @@ def folder_short_run(model: str) -> tuple[ShortRun, float] | None:
         raise BatchpilotError(f"run folder {model!r} changed its global batch ({sorted(b for b in batches if b)}); "
                               "the short run must keep one batch (a --batch-schedule constant run)")
     summary = TrainSummary.load(Path(model) / "summary.json")
-    points, last = [], None
-    for i, r in enumerate(records):
+    points, last, loss_ema, weight = [], None, 0.0, 0.0
+    for r in records:
         b = r.get("b_simple")
-        if isinstance(b, (int, float)) and math.isfinite(b) and b > 0 and b != last:
-            window = [x["loss"] for x in records[max(0, i - 9):i + 1] if isinstance(x.get("loss"), (int, float))]
-            points.append((float(r["tokens"]), sum(window) / len(window), float(b)))
+        if isinstance(b, (int, float)) and math.isfinite(b) and b > 0 and b != last and \
+                isinstance(r.get("loss"), (int, float)):  # a new measurement: average the loss like B_simple
+            loss_ema, weight = DEFAULT_EMA_DECAY * loss_ema + r["loss"], DEFAULT_EMA_DECAY * weight + 1.0
+            points.append((float(r["tokens"]), loss_ema / weight, float(b)))
             last = b
     run = ShortRun(tokens=[t for t, _, _ in points], losses=[v for _, v, _ in points], b_simple=[b for _, _, b in points],
                    batch_sequences=int(batches.pop() or 1), seq_len=int(summary.config["data"]["seq_len"]),
