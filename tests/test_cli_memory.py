@@ -32,7 +32,11 @@ def test_json_contract(cli_runner: Any) -> None:
     assert record["gpu"] == {"name": "h100-sxm", "memory_bytes": gpu_bytes}
     assert record["headroom_bytes"] == gpu_bytes - record["memory"]["total"]
     assert record["fits"] is True
-    assert record["peak_phase"] in ("backward start", "backward end", "optimizer step")
+    assert record["peak_phase"] in ("backward start", "backward end", "optimizer step", "backward of a layer")
+    # reserved (what frameworks log) vs allocated; total = reserved + CUDA context + NCCL, what must fit
+    details = record["memory"]["details"]
+    assert record["reserved_bytes"] == details["reserved_bytes"] >= record["allocated_bytes"]
+    assert record["memory"]["total"] == details["reserved_bytes"] + details["outside_allocator_bytes"]
     expected = analytic_memory(load_model("tiny-llama-1m"), RunSettings(), micro_batch=2, seq_len=128)
     assert record["memory"]["total"] == expected.total_bytes
 
@@ -49,6 +53,32 @@ def test_every_settings_flag_reaches_the_settings(cli_runner: Any) -> None:
     }
     assert record["dp"] == 4 and record["grad_accum"] == 4
     assert record["memory"]["optimizer"] == 0  # offloaded
+
+
+def test_memory_settings_flags_reach_the_settings(cli_runner: Any) -> None:
+    record = _json(cli_runner, "--engine", "fsdp2", "--zero", "3", "--precision", "fp8", "--fp8-recipe", "tensorwise",
+                   "--fp8-all-gather", "--recompute", "op", "--recompute-every", "2", "--cp", "2", "--compile",
+                   "--reshard-after-forward", "last", "--loss", "chunked", "--loss-chunks", "4", "--gpus", "4")
+    assert record["settings"] == {
+        **RunSettings().to_dict(), "engine": "fsdp2", "zero_stage": 3, "precision": "fp8", "fp8_recipe": "tensorwise",
+        "fp8_all_gather": True, "recompute": "op", "recompute_every": 2, "cp": 2, "compile": True,
+        "reshard_after_forward": "last", "loss": "chunked", "loss_chunks": 4,
+    }
+    assert record["dp"] == 2  # 4 GPUs / cp 2
+    pure = _json(cli_runner, "--param-dtype", "bf16")
+    assert pure["settings"]["param_dtype"] == "bf16"
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--recompute-every", "2"], "--recompute-every 2 checkpoints 1 layer in 2 and needs --recompute"),
+    (["--fp8-recipe", "mxfp8"], "--fp8-recipe mxfp8 needs --precision fp8"),
+    (["--loss", "fancy"], "--loss"),
+    (["--cp", "3"], "--seq-len 128 must be a multiple of --cp 3"),
+])
+def test_memory_settings_errors_are_one_line(cli_runner: Any, flags: list[str], needle: str) -> None:
+    result = cli_runner.invoke(app, [*BASE, *flags, "--gpus", "3" if "--cp" in flags else "1"])
+    assert result.exit_code == 2
+    assert needle in result.output and result.output.count("\n") <= 1
 
 
 def test_ep_flag(cli_runner: Any) -> None:

@@ -1,4 +1,6 @@
-"""The run-settings flags (``--precision --optimizer --engine --zero … --offload``) — one definition.
+"""The run-settings flags (``--precision --optimizer --engine --zero … --offload``, and the memory settings
+``--cp --recompute-every --compile --fp8-recipe --fp8-all-gather --reshard-after-forward --loss --loss-chunks
+--param-dtype``) — one definition.
 
 ``memory`` and ``plan`` model any of them; ``probe``, ``train`` and ``tune`` run real steps on one device
 and offer only those they honour (no flag a command would refuse or ignore). Use the ``Annotated``
@@ -26,9 +28,13 @@ from batchpilot.cli._options import choice, option, whole
 from batchpilot.specs.settings import (
     ATTENTIONS,
     ENGINES,
+    FP8_RECIPES,
+    LOSSES,
     OPTIMIZERS,
+    PARAM_DTYPES,
     PRECISIONS,
     RECOMPUTES,
+    RESHARDS,
     RunSettings,
 )
 
@@ -83,6 +89,38 @@ AttentionOpt = Annotated[str, option(
 OffloadOpt = Annotated[bool, option(
     "--offload", help="Optimizer states and master weights in CPU memory (ZeRO-Offload).",
     rich_help_panel=_PANEL)]
+CpOpt = Annotated[int, option(
+    "--cp", whole("--cp"), help="Context-parallel size: each sequence split over this many GPUs (ring attention).",
+    rich_help_panel=_PANEL)]
+RecomputeEveryOpt = Annotated[int, option(
+    "--recompute-every", whole("--recompute-every"),
+    help="Checkpoint 1 layer in N with --recompute (torchtitan's integer selective_ac_option; 1 = every layer).",
+    rich_help_panel=_PANEL)]
+CompileOpt = Annotated[bool, option(
+    "--compile", help="torch.compile each transformer block (inductor saves fewer tensors; the loss too with "
+                      "--loss auto).", rich_help_panel=_PANEL)]
+Fp8RecipeOpt = Annotated[str | None, option(
+    "--fp8-recipe", choice("--fp8-recipe", FP8_RECIPES), show_default="tensorwise (torchao); delayed with megatron",
+    help="Scaling recipe of --precision fp8.", rich_help_panel=_PANEL)]
+Fp8AllGatherOpt = Annotated[bool, option(
+    "--fp8-all-gather", help="FSDP2 all-gathers weights in fp8 (tensorwise; torchtitan "
+                             "enable_fsdp_float8_all_gather).", rich_help_panel=_PANEL)]
+ReshardOpt = Annotated[str, option(
+    "--reshard-after-forward", choice("--reshard-after-forward", RESHARDS),
+    help="FSDP2 --zero 3 units freed after forward: default = all but [norm, output] (torchtitan since 2025-07), "
+         "last = all but the last block and the root unit (torchtitan before), always, never.",
+    rich_help_panel=_PANEL)]
+LossOpt = Annotated[str, option(
+    "--loss", choice("--loss", LOSSES),
+    help="Cross-entropy path: auto = fused (megatron), parallel (fsdp2 with --tp), compiled (--compile), else eager.",
+    rich_help_panel=_PANEL)]
+LossChunksOpt = Annotated[int, option(
+    "--loss-chunks", whole("--loss-chunks"), help="Chunks of --loss chunked (torchtune's default 8).",
+    rich_help_panel=_PANEL)]
+ParamDtypeOpt = Annotated[str, option(
+    "--param-dtype", choice("--param-dtype", PARAM_DTYPES),
+    help="Stored parameter dtype: fp32 = mixed precision, bf16 = pure bf16 (weights, gradients, optimizer states).",
+    rich_help_panel=_PANEL)]
 
 
 def step_precision(precision: str | None, device: str) -> str:
@@ -107,14 +145,25 @@ def settings_from_options(
     zero: int = DEFAULTS.zero_stage, hybrid_shard: bool = DEFAULTS.hybrid_shard, tp: int = DEFAULTS.tp,
     pp: int = DEFAULTS.pp, ep: int = DEFAULTS.ep, sp: bool = DEFAULTS.sp, recompute: str = DEFAULTS.recompute,
     attention: str = DEFAULTS.attention, offload: bool = DEFAULTS.offload, vpp: int = DEFAULTS.vpp,
+    cp: int = DEFAULTS.cp, recompute_every: int = DEFAULTS.recompute_every, compile: bool = DEFAULTS.compile,
+    fp8_recipe: str | None = DEFAULTS.fp8_recipe, fp8_all_gather: bool = DEFAULTS.fp8_all_gather,
+    reshard_after_forward: str = DEFAULTS.reshard_after_forward, loss: str = DEFAULTS.loss,
+    loss_chunks: int = DEFAULTS.loss_chunks, param_dtype: str = DEFAULTS.param_dtype,
 ) -> RunSettings:
     """The :class:`RunSettings` the shared flags describe (raises ``SpecError`` on a bad value)."""
     return RunSettings(
         precision=precision.lower(),  # type: ignore[arg-type]  # checked by RunSettings
         optimizer=optimizer.lower(),  # type: ignore[arg-type]
         engine=engine.lower(),  # type: ignore[arg-type]
-        zero_stage=zero, hybrid_shard=hybrid_shard, tp=tp, pp=pp, vpp=vpp, ep=ep, sp=sp,
+        zero_stage=zero, hybrid_shard=hybrid_shard, tp=tp, pp=pp, vpp=vpp, ep=ep, sp=sp, cp=cp,
         recompute=recompute.lower(),  # type: ignore[arg-type]
+        recompute_every=recompute_every,
         attention=attention.lower(),  # type: ignore[arg-type]
-        offload=offload,
+        offload=offload, compile=compile,
+        fp8_recipe=fp8_recipe.lower() if fp8_recipe else None,  # type: ignore[arg-type]
+        fp8_all_gather=fp8_all_gather,
+        reshard_after_forward=reshard_after_forward.lower(),  # type: ignore[arg-type]
+        loss=loss.lower(),  # type: ignore[arg-type]
+        loss_chunks=loss_chunks,
+        param_dtype=param_dtype.lower(),  # type: ignore[arg-type]
     )

@@ -19,14 +19,23 @@ from batchpilot.cli._options import GpuOpt, JsonOpt, ModelOpt, SeqLenOpt, choice
 from batchpilot.cli._settings import (
     DEFAULTS,
     AttentionOpt,
+    CompileOpt,
+    CpOpt,
     EngineOpt,
     EpOpt,
+    Fp8AllGatherOpt,
+    Fp8RecipeOpt,
     HybridShardOpt,
+    LossChunksOpt,
+    LossOpt,
     OffloadOpt,
     OptimizerOpt,
+    ParamDtypeOpt,
     PpOpt,
     PrecisionOpt,
+    RecomputeEveryOpt,
     RecomputeOpt,
+    ReshardOpt,
     SpOpt,
     TpOpt,
     VppOpt,
@@ -42,15 +51,15 @@ from batchpilot.specs.settings import RunSettings, validate_for_model
 from batchpilot.units import GIB
 
 METHODS = ("analytic", "traced")
-PEAK_PHASES = ("backward start", "backward end", "optimizer step")
+PEAK_PHASES = ("backward start", "backward end", "optimizer step", "backward of a layer")
 
 
 def data_parallel_ranks(gpus: int, settings: RunSettings) -> int:
-    """Data-parallel ranks of ``gpus`` GPUs under ``tp × pp`` model parallelism (one-line error if not whole)."""
+    """Data-parallel ranks of ``gpus`` GPUs under ``tp × pp × cp`` model parallelism (one-line error if not whole)."""
     check_device_count(gpus)
     if gpus % settings.model_parallel_size:
         raise SpecError(
-            f"--gpus {gpus} is not a multiple of tp {settings.tp} × pp {settings.pp} = "
+            f"--gpus {gpus} is not a multiple of tp {settings.tp} × pp {settings.pp} × cp {settings.cp} = "
             f"{settings.model_parallel_size}; use a multiple of {settings.model_parallel_size}"
         )
     return gpus // settings.model_parallel_size
@@ -85,6 +94,8 @@ def memory_record(model: ModelSpec, settings: RunSettings, memory: MemoryBreakdo
         "gpu": {"name": gpu_name, "memory_bytes": gpu_memory_bytes},
         "memory": memory.to_dict(),
         "peak_phase": _peak_phase(memory),
+        "allocated_bytes": memory.details.get("allocated_bytes"),
+        "reserved_bytes": memory.details.get("reserved_bytes"),
         "fits": memory.total_bytes <= gpu_memory_bytes,
         "headroom_bytes": gpu_memory_bytes - memory.total_bytes,
     }
@@ -108,6 +119,11 @@ def _render(record: dict[str, Any]) -> None:
     if record["peak_phase"]:
         console.print(f"peak at the {record['peak_phase']}; activation peak "
                       f"{mem['details']['activations_peak'] / GIB:,.3f} GiB")
+    details = mem.get("details", {})
+    if "reserved_bytes" in details:
+        console.print(f"caching allocator: {details['allocated_bytes'] / GIB:,.2f} GiB allocated, "
+                      f"{details['reserved_bytes'] / GIB:,.2f} GiB reserved; outside it (CUDA context, NCCL) "
+                      f"{details['outside_allocator_bytes'] / GIB:,.2f} GiB")
     verdict = "fits" if record["fits"] else "does NOT fit"
     console.print(f"{verdict}: {mem['total'] / GIB:,.2f} GiB of {gpu_bytes / GIB:,.2f} GiB "
                   f"(headroom {record['headroom_bytes'] / GIB:,.2f} GiB)")
@@ -120,7 +136,7 @@ def memory(
     seq_len: SeqLenOpt,
     micro_batch: Annotated[int, option("--micro-batch", count("--micro-batch"), help=(
         "Sequences per GPU per forward/backward."))],
-    gpus: Annotated[int, option("--gpus", whole("--gpus"), help="GPUs in the job (dp = gpus / (tp × pp)).")] = 1,
+    gpus: Annotated[int, option("--gpus", whole("--gpus"), help="GPUs in the job (dp = gpus / (tp × pp × cp)).")] = 1,
     grad_accum: Annotated[int, option("--grad-accum", whole("--grad-accum"), help=(
         "Micro-batches per step (pipeline in flight)."))] = 1,
     method: Annotated[str, option("--method", choice("--method", METHODS), help=(
@@ -131,12 +147,20 @@ def memory(
     vpp: VppOpt = DEFAULTS.vpp,
     ep: EpOpt = DEFAULTS.ep, sp: SpOpt = DEFAULTS.sp, recompute: RecomputeOpt = DEFAULTS.recompute,
     attention: AttentionOpt = DEFAULTS.attention, offload: OffloadOpt = DEFAULTS.offload,
+    cp: CpOpt = DEFAULTS.cp, recompute_every: RecomputeEveryOpt = DEFAULTS.recompute_every,
+    compile: CompileOpt = DEFAULTS.compile, fp8_recipe: Fp8RecipeOpt = DEFAULTS.fp8_recipe,
+    fp8_all_gather: Fp8AllGatherOpt = DEFAULTS.fp8_all_gather,
+    reshard_after_forward: ReshardOpt = DEFAULTS.reshard_after_forward, loss: LossOpt = DEFAULTS.loss,
+    loss_chunks: LossChunksOpt = DEFAULTS.loss_chunks, param_dtype: ParamDtypeOpt = DEFAULTS.param_dtype,
     json_output: JsonOpt = False,
 ) -> None:
     """Per-GPU memory of one training step: weights, gradients, optimizer, activations, overhead."""
     settings = settings_from_options(precision=precision, optimizer=optimizer, engine=engine, zero=zero,
                                      hybrid_shard=hybrid_shard, tp=tp, pp=pp, vpp=vpp, ep=ep, sp=sp,
-                                     recompute=recompute, attention=attention, offload=offload)
+                                     recompute=recompute, attention=attention, offload=offload, cp=cp,
+                                     recompute_every=recompute_every, compile=compile, fp8_recipe=fp8_recipe,
+                                     fp8_all_gather=fp8_all_gather, reshard_after_forward=reshard_after_forward,
+                                     loss=loss, loss_chunks=loss_chunks, param_dtype=param_dtype)
     spec, accelerator = load_model(model), load_accelerator(gpu)
     validate_for_model(settings, spec)
     dp = data_parallel_ranks(gpus, settings)

@@ -38,11 +38,19 @@ from batchpilot.cli._options import (
 from batchpilot.cli._settings import (
     DEFAULTS,
     AttentionOpt,
+    CompileOpt,
     EngineOpt,
+    Fp8AllGatherOpt,
+    Fp8RecipeOpt,
     HybridShardOpt,
+    LossChunksOpt,
+    LossOpt,
     OffloadOpt,
     OptimizerOpt,
+    ParamDtypeOpt,
     PrecisionOpt,
+    RecomputeEveryOpt,
+    ReshardOpt,
     SpOpt,
 )
 from batchpilot.plan.exports import FORMATS, export_text
@@ -143,6 +151,10 @@ def plan_command(
     precision: PrecisionOpt = DEFAULTS.precision, optimizer: OptimizerOpt = DEFAULTS.optimizer,
     engine: EngineOpt = DEFAULTS.engine, hybrid_shard: HybridShardOpt = DEFAULTS.hybrid_shard,
     sp: SpOpt = DEFAULTS.sp, attention: AttentionOpt = DEFAULTS.attention, offload: OffloadOpt = DEFAULTS.offload,
+    recompute_every: RecomputeEveryOpt = DEFAULTS.recompute_every, compile: CompileOpt = DEFAULTS.compile,
+    fp8_recipe: Fp8RecipeOpt = DEFAULTS.fp8_recipe, fp8_all_gather: Fp8AllGatherOpt = DEFAULTS.fp8_all_gather,
+    reshard_after_forward: ReshardOpt = DEFAULTS.reshard_after_forward, loss: LossOpt = DEFAULTS.loss,
+    loss_chunks: LossChunksOpt = DEFAULTS.loss_chunks, param_dtype: ParamDtypeOpt = DEFAULTS.param_dtype,
     headroom: Annotated[float, option("--headroom", fraction("--headroom"), help=(
         "Memory kept free per GPU, a fraction (0.1) or a percentage (10%)."))
     ] = f"{DEFAULT_HEADROOM:.0%}",  # type: ignore[assignment]  # parsed by fraction()
@@ -168,7 +180,9 @@ def plan_command(
         pins=Pins(micro_batch=micro_batch, grad_accum=grad_accum, tp=tp, pp=pp, vpp=vpp, ep=ep, zero_stage=zero,
                   recompute=recompute),
         precision=precision, optimizer=optimizer, engine=engine, hybrid_shard=hybrid_shard, sp=sp,
-        attention=attention, offload=offload, headroom=headroom, max_deviation=max_deviation,
+        attention=attention, offload=offload, recompute_every=recompute_every, compile=compile, fp8_recipe=fp8_recipe,
+        fp8_all_gather=fp8_all_gather, reshard_after_forward=reshard_after_forward, loss=loss,
+        loss_chunks=loss_chunks, param_dtype=param_dtype, headroom=headroom, max_deviation=max_deviation,
         calibration=calibration, top=top)
     prepared = prepare_plan(options)
     request = prepared.request

@@ -94,6 +94,15 @@ class PlanOptions:
     sp: bool = _DEFAULT_SETTINGS.sp
     attention: str = _DEFAULT_SETTINGS.attention
     offload: bool = _DEFAULT_SETTINGS.offload
+    recompute_every: int = _DEFAULT_SETTINGS.recompute_every
+    """Checkpoint 1 layer in N (applies to the searched or pinned recompute policies other than none)."""
+    compile: bool = _DEFAULT_SETTINGS.compile
+    fp8_recipe: str | None = _DEFAULT_SETTINGS.fp8_recipe
+    fp8_all_gather: bool = _DEFAULT_SETTINGS.fp8_all_gather
+    reshard_after_forward: str = _DEFAULT_SETTINGS.reshard_after_forward
+    loss: str = _DEFAULT_SETTINGS.loss
+    loss_chunks: int = _DEFAULT_SETTINGS.loss_chunks
+    param_dtype: str = _DEFAULT_SETTINGS.param_dtype
     headroom: float = DEFAULT_HEADROOM
     """Fraction of device memory kept free."""
     max_deviation: float | None = None
@@ -209,10 +218,17 @@ def _calibration(path: Path | None, cluster: ClusterSpec) -> tuple[Calibration, 
 def plan_settings(options: PlanOptions) -> RunSettings:
     """The run settings of the flags (the layout comes from the search or the pins)."""
     o = options
+    every = o.recompute_every
     return RunSettings(precision=o.precision.lower(), optimizer=o.optimizer.lower(),  # type: ignore[arg-type]
                        engine=o.engine.lower(), hybrid_shard=o.hybrid_shard, sp=o.sp,  # type: ignore[arg-type]
                        attention=o.attention.lower(), offload=o.offload,  # type: ignore[arg-type]
-                       zero_stage=1 if o.offload else 0)
+                       zero_stage=3 if o.reshard_after_forward != "default" else 1 if o.offload else 0,
+                       recompute="full" if every > 1 else "none", recompute_every=every, compile=o.compile,
+                       fp8_recipe=o.fp8_recipe.lower() if o.fp8_recipe else None,  # type: ignore[arg-type]
+                       fp8_all_gather=o.fp8_all_gather,
+                       reshard_after_forward=o.reshard_after_forward.lower(),  # type: ignore[arg-type]
+                       loss=o.loss.lower(), loss_chunks=o.loss_chunks,  # type: ignore[arg-type]
+                       param_dtype=o.param_dtype.lower())  # type: ignore[arg-type]
 
 
 def prepare_plan(options: PlanOptions) -> PreparedPlan:
