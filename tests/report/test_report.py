@@ -78,9 +78,10 @@ def test_report_says_which_stage_is_missing(tmp_path: Path) -> None:
 
 def test_report_shows_each_record(tmp_path: Path) -> None:
     page = build_report(_write_run(tmp_path / "run")).html_path.read_text()
-    for text in ("max micro-batch (measured)</th><td class='l'>24", "critical batch ≈ B_simple</th><td class='l'>21.5",
-                 "(1.38K tokens)", "verification run: steps</th><td class='l'>10", "<td class='l'>verify</td>",
-                 "zero_stage=0, recompute=full, kind=batch: no micro-batch"):
+    for text in ("largest micro-batch that fits (measured)</th><td>24 sequences",
+                 "critical batch ≈ B_simple (gradient noise scale)</th><td>21.5 sequences (1.38K tokens)",
+                 "verification run: optimizer steps</th><td>10</td>", "data-key='stage'>verify</td>",
+                 "data-key='kind'>cannot reach the batch</td>", "data-key='reason'>no micro-batch"):
         assert text in page, text
 
 

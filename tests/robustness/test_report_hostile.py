@@ -25,7 +25,8 @@ from batchpilot.report.html import build_report
 HOSTILE = ("<script>alert(1)</script>", "\"><img src=x onerror=alert(2)>", "'><svg onload=alert(3)>",
            "javascript:alert(4)", "</table><iframe src=//evil>", "&lt;already&gt;", "\x1b[31m", "<!--")
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "p", "table", "tr", "th", "td",
-                "ul", "li", "div", "img", "pre"}
+                "ul", "li", "div", "img", "pre", "thead", "tbody", "caption", "figure", "figcaption", "span", "strong",
+                "details", "summary", "svg", "rect", "line"}
 
 
 class _Collector(HTMLParser):

@@ -64,15 +64,20 @@ def test_nothing_fits_lists_the_checked_fixes(server: Server) -> None:
     assert answer["suggestions"] and all(s in answer["error"] for s in answer["suggestions"])
 
 
-@pytest.mark.parametrize(("fmt", "engine", "parse"), [
-    ("deepspeed", "deepspeed", json.loads),
-    pytest.param("hf", "torch", json.loads, marks=pytest.mark.slow),  # imports transformers' TrainingArguments
-    pytest.param("lightning", "fsdp2", json.loads, marks=pytest.mark.slow),
-    ("torchtitan", "fsdp2", tomllib.loads), ("megatron", "megatron", shlex.split), ("torchrun", "torch", shlex.split),
+PLAIN_DDP = {"engine": "torch", "zero": "0", "tp": "1", "pp": "1"}
+"""A layout every launcher runs as it is (ZeRO-0 data parallel)."""
+
+
+@pytest.mark.parametrize(("fmt", "settings", "parse"), [
+    ("deepspeed", {"engine": "deepspeed"}, json.loads),
+    pytest.param("hf", PLAIN_DDP, json.loads, marks=pytest.mark.slow),  # imports transformers' TrainingArguments
+    pytest.param("lightning", {"engine": "fsdp2"}, json.loads, marks=pytest.mark.slow),
+    ("torchtitan", {"engine": "fsdp2"}, tomllib.loads), ("megatron", {"engine": "megatron"}, shlex.split),
+    ("torchrun", PLAIN_DDP, shlex.split),
 ])
-def test_exports_download_as_files_that_parse(server: Server, fmt: str, engine: str, parse) -> None:
+def test_exports_download_as_files_that_parse(server: Server, fmt: str, settings: dict[str, str], parse) -> None:
     fields = {"model": "tiny-llama-15m", "gpu": "a100-80gb", "gpus": "8", "seq-len": "512", "global-batch": "64",
-              "engine": engine, "export": fmt}
+              **settings, "export": fmt}
     status, headers, body = server.request(f"/api/export?{_query(fields)}")
     assert status == 200, body
     assert headers["Content-Disposition"].startswith(f'attachment; filename="{fmt}.')
@@ -140,10 +145,12 @@ def test_run_folders_list_and_open(server: Server) -> None:
     status, _, body = server.request("/api/run?path=demo")
     view = json.loads(body)
     assert status == 200 and view["path"] == "demo"
-    facts = {f["label"]: f["text"] for f in view["facts"]}
-    assert facts["largest micro-batch that fits (measured)"] == "24 sequences"  # record_samples: 100 + 30·b MiB ≤ 900
-    assert facts["critical batch ≈ B_simple (gradient noise scale)"] == "21.5 sequences (1.38K tokens)"
-    assert view["plan"]["table"]["rows"][0][0]["text"] == "24×1×1"
+    page = view["html"]  # the static report's own presentation
+    assert "<th scope='row'>largest micro-batch that fits (measured)</th><td>24 sequences</td>" in page  # 100 + 30·b MiB ≤ 900
+    assert "<td>21.5 sequences (1.38K tokens)</td>" in page
+    assert "data-key='triad'>24×1×1</td>" in page
+    assert page.count("data:image/png;base64,") == 3  # memory, throughput, noise; no metrics.jsonl: no loss plot
+    assert not (server.runs / "demo" / "plots").exists()  # nothing written into the run folder
 
 
 def test_the_server_keeps_serving_after_hostile_requests(server: Server) -> None:
@@ -158,11 +165,24 @@ def test_the_server_keeps_serving_after_hostile_requests(server: Server) -> None
 def test_the_page_and_its_assets_ship_in_the_package(server: Server) -> None:
     status, _, page = server.request("/")
     assert status == 200 and b"<label for=\"f-gpus\">" in page
-    for asset in ("present.js", "page.js", "present.css", "page.css"):
+    for asset in ("page.js", "present.css", "page.css"):
         status, _, body = server.request(f"/static/{asset}")
         body = body.replace(b"http://www.w3.org/2000/svg", b"")  # the SVG namespace names, it fetches nothing
         assert status == 200 and b"http://" not in body and b"https://" not in body, asset  # offline: no CDN
     assert b"http://" not in page and b"https://" not in page
     static = Path(__import__("batchpilot.serve.app", fromlist=["STATIC"]).STATIC)
-    assert sorted(p.name for p in static.iterdir()) == ["index.html", "page.css", "page.js", "present.css",
-                                                        "present.js"]
+    assert sorted(p.name for p in static.iterdir()) == ["index.html", "page.css", "page.js"]
+
+
+def test_package_data_ships_the_page_and_the_style_sheet() -> None:
+    """pyproject's package-data patterns cover every asset (an installed wheel serves the page offline)."""
+    from fnmatch import fnmatch
+
+    import batchpilot
+
+    root = Path(batchpilot.__file__).parent
+    pyproject = tomllib.loads((root.parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["batchpilot"]
+    assets = [*(root / "serve" / "static").iterdir(), root / "report" / "present.css"]
+    for asset in assets:
+        assert any(fnmatch(asset.relative_to(root).as_posix(), p) for p in patterns), asset

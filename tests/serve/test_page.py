@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_helpers import Server
+from serve_helpers import Server, write_run
 
 from batchpilot.cli import app
+from batchpilot.report.html import build_report
 
 pytest.importorskip("websockets", reason="the optional extra 'serve' is not installed")
 from serve_browser import CHROMIUM, Browser
@@ -79,12 +80,12 @@ def _wait_plan(browser: Browser, gpus: int) -> list[list[dict[str, str]]]:
 def _check_numbers(page: list[list[dict[str, str]]], record: dict[str, Any], terminal: list[list[str]]) -> None:
     assert len(page) == len(record["plans"]) == len(terminal) > 0
     for cells, plan, shown in zip(page, record["plans"], terminal, strict=True):
-        values = {c["key"]: c["value"] for c in cells}
+        values = {c["key"]: c.get("value") for c in cells}
         assert float(values["memory"]) == plan["memory"]["total"]
         assert float(values["step_time_s"]) == plan["step_time_s"]
         assert float(values["tokens_per_s"]) == plan["tokens_per_s"]
         assert float(values["mfu"]) == plan["mfu"]
-        assert values["triad"] == f"{plan['micro_batch']}×{plan['grad_accum']}×{plan['dp']}"
+        assert cells[0]["text"] == f"{plan['micro_batch']}×{plan['grad_accum']}×{plan['dp']}"
         assert [c["text"] for c in cells] == shown  # formatted as the terminal prints them
 
 
@@ -163,9 +164,23 @@ def test_a_run_folder_opens_in_the_page(browser: Browser, server: Server, tmp_pa
     browser.goto(f"{server.base}/#runs")
     browser.wait("!!document.querySelector('#run-list button[data-run=demo]')")
     browser.evaluate("document.querySelector('#run-list button[data-run=demo]').click()")
-    browser.wait("document.getElementById('run-title')?.textContent === 'Run demo'")
+    browser.wait("document.getElementById('run-title')?.textContent === 'batchpilot report — demo' && "
+                 "[...document.querySelectorAll('#run-view img')].every(i => i.complete && i.naturalWidth > 0)")
     text = browser.evaluate("document.getElementById('run-view').innerText")
     assert "largest micro-batch that fits (measured)\t24 sequences" in text
-    assert browser.evaluate("document.querySelectorAll('#run-view .bp-line').length") == 2  # memory, tokens/s
+    assert browser.evaluate("document.querySelectorAll('#run-view figure.plot img').length") == 3
     assert browser.evaluate(OVERFLOW) == []  # the long export command wraps
     browser.screenshot(tmp_path / "run.png")
+
+
+def test_the_static_report_fits_1280_px(browser: Browser, tmp_path: Path) -> None:
+    """The report as ``batchpilot report`` writes it: no table or code block cut off at the page's edge."""
+    files = build_report(write_run(tmp_path / "run"))
+    browser.goto(files.html_path.as_uri())
+    assert browser.evaluate("document.querySelectorAll('table').length") >= 4  # summary, plans, rejected, stages
+    assert browser.evaluate("document.querySelectorAll('pre').length") == 1
+    assert browser.evaluate(OVERFLOW) == []
+    assert browser.evaluate("document.documentElement.scrollWidth") <= WIDTH
+    shot = (DOCS if os.environ.get("BATCHPILOT_DOCS") else tmp_path) / "report.png"
+    browser.screenshot(shot)
+    assert shot.stat().st_size > 20_000

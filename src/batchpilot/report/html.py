@@ -1,43 +1,64 @@
-"""A self-contained HTML report: opens offline, plots inlined as base64 PNGs, every value escaped.
+"""The HTML of a run's report and of a plan, for the static report and the web page alike.
 
-``build_report(run_dir)`` writes ``report.html`` and ``plots/*.png`` into the run directory and returns
-a :class:`ReportFiles` record. No value from a record reaches the page unescaped (configs and data
-are user input).
+``build_report(run_dir)`` writes ``report.html`` (self-contained: opens offline, plots inlined as base64 PNGs)
+and ``plots/*.png`` into the run directory and returns a :class:`ReportFiles` record; :func:`report_body`
+is the same report as a fragment (the page shows a run folder with it) and :func:`plan_html` one plan (the
+page's planner shows it). The values, labels and number formats come from :mod:`batchpilot.report.present`,
+the look from ``present.css`` (inlined here, served to the page): one presentation. No value from a record
+reaches the page unescaped (configs and data are user input); tables and code wrap to the page's width.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
-
-from batchpilot.records.plan import PlanRejection, PlanRow
-from batchpilot.report.plots import PLOTS
+from batchpilot.records.plan import PlanRecord
+from batchpilot.report.present import (
+    Fact,
+    Part,
+    Table,
+    format_gib,
+    format_seconds,
+    memory_parts,
+    plan_table,
+    rejected_rows,
+    run_facts,
+    stages_table,
+    step_parts,
+)
 from batchpilot.report.records import RunRecords, load_run
-from batchpilot.units import format_bytes, format_count
+from batchpilot.units import format_count
+
+CSS_PATH = Path(__file__).with_name("present.css")
+"""The presentation's style sheet (the page serves the same file)."""
+_REPORT_CSS = "body{max-width:76rem;margin:1.5rem auto;padding:0 1.2rem}"
 
 PLOT_TITLES = {
-    "memory": "Memory vs micro-batch (analytic, traced, measured)",
-    "throughput": "Tokens/s vs micro-batch, with the knee",
-    "noise": "Gradient noise scale / critical batch over steps",
-    "loss": "Loss vs tokens and vs wall time",
+    "memory": "Peak memory per GPU vs micro-batch: predicted and measured",
+    "throughput": "Throughput vs micro-batch, with the knee",
+    "noise": "Critical batch (gradient noise scale) over training steps",
+    "loss": "Loss of the verification run, vs tokens and vs wall time",
 }
-PLAN_COLUMNS = ("micro_batch", "grad_accum", "dp", "tp", "pp", "vpp", "ep", "zero_stage", "recompute",
-                "global_batch_sequences", "global_batch_tokens", "tokens_per_s", "mfu")
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:70rem;color:#222}
-h1{font-size:1.6rem}h2{font-size:1.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
-table{border-collapse:collapse;font-size:.85rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}
-th{background:#f4f4f4}td.l,th.l{text-align:left}.plot img{max-width:100%;border:1px solid #eee}
-pre{background:#f7f7f7;padding:.6rem;overflow-x:auto;font-size:.8rem}.missing{color:#a00}
-.rationale{background:#eef6ee;padding:.6rem;border-left:4px solid #4a4}
-"""
+PLOT_CAPTIONS = {
+    "memory": "Each measured point is one real training step at that micro-batch; lines are the analytic and the "
+              "traced (the real module under fake tensors) predictions. A micro-batch fits when its peak stays "
+              "under the memory budget (dashed); crosses mark sizes that ran out of memory.",
+    "throughput": "Tokens per second of real steps at each micro-batch. The knee (star) is the smallest "
+                  "micro-batch within 3% of the best throughput: larger ones only cost memory.",
+    "noise": "B_simple estimates the critical batch (McCandlish et al. 2018): below it, a larger batch cuts the "
+             "steps needed almost proportionally; above it, extra samples per step buy little. It grows as the "
+             "loss falls.",
+    "loss": "Training loss (and validation loss where measured) of the short run with the chosen plan: it "
+            "should fall; the right panel shows the same run against wall-clock time.",
+}
+COLORS = ("#4477aa", "#66ccee", "#228833", "#ccbb44", "#ee6677", "#aa3377", "#bbbbbb", "#332288", "#88ccee",
+          "#44aa99", "#999933", "#882255", "#117733", "#dd7788", "#555555")
+"""Paul Tol's qualitative colours (distinguishable by colour-blind readers), then greys."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -55,134 +76,170 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _number(value: Any) -> str:
-    """Four significant digits for floats, thousands separators for integers."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
+def _id(value: str | None) -> str:
+    return f" id='{_e(value)}'" if value else ""
 
 
-def _cell(key: str, value: Any) -> str:
-    if isinstance(value, float):
-        shown = f"{value:.3f}" if key == "mfu" else f"{value:,.1f}"
-    elif isinstance(value, int) and not isinstance(value, bool):
-        shown = f"{value:,}"
-    else:
-        shown = str(value)
-    return f"<td>{_e(shown)}</td>"
+# ---------------------------------------------------------------------------------------------- pieces
+def table_html(table: Table, *, table_id: str | None = None) -> str:
+    """A table whose numeric cells carry their raw value (``data-value``, as in ``--json``) beside the text shown."""
+    def cls(align: str) -> str:
+        return " class='l'" if align == "left" else ""
+
+    def raw(value: float | int | str) -> str:  # numbers only: text is shown as it is
+        return f" data-value='{value!r}'" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+
+    head = "".join(f"<th scope='col'{cls(c.align)} title='{_e(c.header)}'>{_e(c.label)}</th>" for c in table.columns)
+    rows = "".join(
+        f"<tr data-row='{i}'>" + "".join(
+            f"<td{cls(c.align)} data-key='{_e(c.key)}'{raw(cell.value)}>{_e(cell.text)}</td>"
+            for c, cell in zip(table.columns, row, strict=True)) + "</tr>"
+        for i, row in enumerate(table.rows))
+    caption = f"<caption>{_e(table.caption)}</caption>" if table.caption else ""
+    return (f"<div class='bp-table-wrap'><table class='bp-table'{_id(table_id)}>{caption}<thead><tr>{head}</tr>"
+            f"</thead><tbody>{rows}</tbody></table></div>")
 
 
-def _plans_table(plans: tuple[PlanRow, ...]) -> str:
-    head = "".join(f"<th>{_e(c)}</th>" for c in PLAN_COLUMNS) + "<th>memory/GPU</th>"
-    rows = []
-    for plan in plans:
-        row = plan.to_dict()
-        rows.append("<tr>" + "".join(_cell(c, row[c]) for c in PLAN_COLUMNS)
-                    + f"<td>{_e(format_bytes(plan.memory.total))}</td></tr>")
-    return f"<div style='overflow-x:auto'><table><tr>{head}</tr>{''.join(rows)}</table></div>"
+def facts_html(facts: tuple[Fact, ...]) -> str:
+    """Labelled values as a two-column table."""
+    rows = "".join(f"<tr><th scope='row'>{_e(f.label)}</th><td>{_e(f.text)}</td></tr>" for f in facts)
+    return f"<table class='bp-facts'><tbody>{rows}</tbody></table>"
 
 
-def _plan_section(records: RunRecords) -> str:
-    plan = records.plan
-    if plan is None:
-        return "<h2>Plan</h2><p class='missing'>The plan stage did not run.</p>"
-    parts = ["<h2>Chosen plan</h2>"]
-    if plan.rationale:
-        parts.append(f"<p class='rationale'>{_e(plan.rationale)}</p>")
-    parts.append(_plans_table(plan.plans[:10]) if plan.plans else "<p class='missing'>No feasible plan.</p>")
-    if plan.rejected:
-        items = "".join(f"<li>{_e(_describe_rejected(r))}</li>" for r in plan.rejected[:30])
-        parts.append(f"<h2>Rejected alternatives</h2><ul>{items}</ul>")
+def bars_html(parts: tuple[Part, ...], *, title: str, total: str = "", limit: float | None = None,
+              limit_text: str = "", chart_id: str | None = None) -> str:
+    """One stacked bar of ``parts`` (each named, with its share, in the legend); ``limit`` draws a dashed line."""
+    width = 1000.0
+    whole = sum(p.value for p in parts)
+    scale = max(whole, limit or 0.0) or 1.0
+    shapes, x = [], 0.0
+    for i, p in enumerate(parts):
+        w = max(p.value, 0.0) / scale * width
+        shapes.append(f"<rect x='{x:.2f}' y='6' width='{w:.2f}' height='32' fill='{COLORS[i % len(COLORS)]}' "
+                      f"data-key='{_e(p.key)}'><title>{_e(p.label)}: {_e(p.text)}</title></rect>")
+        x += w
+    if limit:
+        lx = limit / scale * width
+        shapes.append(f"<line x1='{lx:.2f}' x2='{lx:.2f}' y1='0' y2='44' stroke='#000' stroke-width='3' "
+                      f"stroke-dasharray='6 4'><title>{_e(limit_text)}</title></line>")
+    label = f"{title}: {total}" if total else title
+    legend = "".join(
+        f"<li data-key='{_e(p.key)}' data-value='{p.value!r}'><span class='swatch' aria-hidden='true' "
+        f"style='background:{COLORS[i % len(COLORS)]}'></span>{_e(p.label)}: {_e(p.text)} "
+        f"({p.value / (whole or 1.0):.0%})</li>" for i, p in enumerate(parts))
+    note = f"<p class='hint'>dashed line: {_e(limit_text)}</p>" if limit_text else ""
+    return (f"<figure class='bp-chart'{_id(chart_id)}><figcaption>{_e(title)}"
+            + (f"<span class='total'> — {_e(total)}</span>" if total else "") + "</figcaption>"
+            f"<svg class='bp-bar' viewBox='0 0 1000 44' preserveAspectRatio='none' role='img' "
+            f"aria-label='{_e(label)}'>{''.join(shapes)}</svg>{note}"
+            f"<ul class='bp-legend'>{legend}</ul></figure>")
+
+
+def code_html(name: str, text: str) -> str:
+    """A file's text (an export), wrapped to the page's width rather than cut off at its edge."""
+    return f"<figure class='bp-code'><figcaption>{_e(name)}</figcaption><pre>{_e(text)}</pre></figure>"
+
+
+# ---------------------------------------------------------------------------------------------- a plan
+def plan_html(record: PlanRecord, *, rejected_open: bool = False) -> str:
+    """One plan: what was asked, the winner and why, the ranked plans, the winner's memory per GPU and step
+    time by part, and the rejected layouts with why."""
+    c, t = record.cluster, record.target
+    parts = [f"<h3 id='plan-title'>{_e(record.model)} on {_e(c.get('total_devices'))} × {_e(c.get('accelerator'))} "
+             f"({_e(c.get('devices_per_node'))} per node), seq {record.seq_len}</h3>",
+             f"<p class='target'>target {t.global_batch_sequences:.6g} sequences = "
+             f"{format_count(t.global_batch_tokens)} tokens per optimizer step"
+             + (f" — {_e(t.source)}" if t.source else "") + "</p>"]
+    parts += [f"<p class='warning'>warning: {_e(w)}</p>" for w in record.warnings or ()]
+    if record.rationale:
+        parts.append(f"<p class='rationale' id='rationale'><strong>winner: </strong>{_e(record.rationale)}</p>")
+    if not record.plans:
+        return "".join([*parts, "<p class='missing'>No feasible plan.</p>"])
+    parts.append(table_html(plan_table(record.plans), table_id="plan-table"))
+    best = record.plans[0]
+    parts.append(bars_html(memory_parts(best), title="Memory per GPU of the winner, by term",
+                           total=f"{format_gib(best.memory.total)} GiB", limit=record.budget_bytes,
+                           limit_text=f"{format_gib(record.budget_bytes)} GiB usable per GPU "
+                                      f"({record.headroom:.0%} kept free)", chart_id="memory-chart"))
+    parts.append(bars_html(step_parts(best), title="Step time of the winner, by part (critical path)",
+                           total=f"{format_seconds(best.step_time_s)} s per optimizer step", chart_id="step-chart"))
+    if record.rejected:
+        shown = f" (the first {len(record.rejected)})" if len(record.rejected) < record.rejected_total else ""
+        parts.append(f"<details id='rejected'{' open' if rejected_open else ''}><summary>{record.rejected_total} "
+                     f"layouts rejected, each with why{shown}</summary>"
+                     f"{table_html(rejected_rows(record.rejected), table_id='rejected-table')}</details>")
     return "".join(parts)
 
 
-def _describe_rejected(row: PlanRejection) -> str:
-    layout = ", ".join(f"{k}={v}" for k, v in row.to_dict().items() if k != "reason")
-    return f"{layout}: {row.reason}"
-
-
+# ---------------------------------------------------------------------------------------------- a run
 def _summary_section(records: RunRecords) -> str:
-    facts: list[tuple[str, str]] = []
-    probe, summary = records.probe, records.summary
-    if probe is not None:
-        facts += [("device", probe.device), ("max micro-batch (measured)", str(probe.max_micro_batch)),
-                  ("throughput knee", str(probe.knee_micro_batch)),
-                  ("predicted max micro-batch", str(probe.predicted_max_micro_batch))]
-    scale = records.noise_scale  # noise.json, else measured during the training run (train/noise_default.py)
-    if scale is not None:
-        tokens = records.noise.b_simple_tokens if records.noise else None
-        facts.append(("critical batch ≈ B_simple",
-                      f"{_number(scale[0])} sequences"
-                      + (f" ({format_count(tokens)} tokens)" if tokens is not None and math.isfinite(tokens) else "")))
-    if summary is not None:
-        values = {"steps": summary.steps, "tokens": summary.tokens, "final_loss": summary.final_loss,
-                  "val_loss": summary.val_loss, "tokens_per_s": summary.tokens_per_s,
-                  "padding_fraction": summary.padding_fraction, "peak_memory_bytes": summary.peak_memory_bytes,
-                  "elapsed_s": summary.elapsed_s}
-        facts += [(f"verification run: {k}", format_bytes(v) if k.endswith("_bytes") else _number(v))
-                  for k, v in values.items() if v is not None]
-    rows = "".join(f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_e(v)}</td></tr>" for k, v in facts)
-    return f"<h2>Summary</h2><table>{rows}</table>" if rows else ""
+    facts = run_facts(records)
+    return f"<h2>Summary</h2>{facts_html(facts)}" if facts else ""
+
+
+def _plan_section(records: RunRecords) -> str:
+    if records.plan is None:
+        return "<h2>Plan</h2><p class='missing'>The plan stage did not run.</p>"
+    return f"<h2>Chosen plan</h2>{plan_html(records.plan, rejected_open=True)}"
 
 
 def _stages_section(records: RunRecords) -> str:
-    if records.tune is None or not records.tune.stages:
-        return ""
-    rows = "".join(
-        f"<tr><td class='l'>{_e(s.name)}</td><td class='l'>{_e(s.status)}</td><td>{_e(s.seconds)}</td></tr>"
-        for s in records.tune.stages
-    )
-    return f"<h2>Stages</h2><table><tr><th class='l'>stage</th><th class='l'>status</th><th>seconds</th></tr>{rows}</table>"
+    table = stages_table(records)
+    return f"<h2>Stages</h2>{table_html(table)}" if table.rows else ""
 
 
 def _exports_section(records: RunRecords) -> str:
     if not records.exports:
         return ""
-    blocks = "".join(f"<h3>{_e(name)}</h3><pre>{_e(text)}</pre>" for name, text in records.exports.items())
-    return f"<h2>Exports</h2>{blocks}"
+    return "<h2>Exports</h2>" + "".join(code_html(name, text) for name, text in records.exports.items())
 
 
-def _plot_block(name: str, path: Path | None) -> str:
+def _plot_block(name: str, png: bytes | None) -> str:
     title = PLOT_TITLES[name]
-    if path is None:
+    if png is None:
         return f"<h2>{_e(title)}</h2><p class='missing'>No data: this stage did not run.</p>"
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f"<h2>{_e(title)}</h2><div class='plot' id='plot-{name}'>"
-            f"<img alt='{_e(title)}' src='data:image/png;base64,{data}'></div>")
+    data = base64.b64encode(png).decode("ascii")
+    return (f"<h2>{_e(title)}</h2><figure class='plot' id='plot-{name}'>"
+            f"<img alt='{_e(title)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption class='hint'>{_e(PLOT_CAPTIONS[name])}</figcaption></figure>")
 
 
-def _draw(draw: Any, records: RunRecords, path: Path) -> Path | None:
-    """One plot; values matplotlib cannot lay out (records are user files) leave it out, not the report."""
-    try:
-        result: Path | None = draw(records, path)
-        return result
-    except (ValueError, OverflowError, TypeError):
-        plt.close("all")
-        path.unlink(missing_ok=True)
-        return None
+def report_body(records: RunRecords, plots: Mapping[str, bytes | None]) -> str:
+    """The report of a run as an HTML fragment; ``plots`` maps each plot name to its PNG (None: not drawn)."""
+    return "".join([
+        f"<h1>batchpilot report — {_e(records.run_dir.name)}</h1>",
+        _summary_section(records),
+        _plan_section(records),
+        *(_plot_block(name, png) for name, png in plots.items()),
+        _stages_section(records),
+        _exports_section(records),
+    ])
+
+
+def draw_plots(records: RunRecords, folder: Path) -> dict[str, Path | None]:
+    """Every plot of the run as a PNG in ``folder`` (None where its stage has no data or values cannot be drawn)."""
+    from batchpilot.report.plots import PLOTS, draw  # matplotlib: imported only where plots are drawn
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return {name: draw(plot, records, folder / f"{name}.png") for name, plot in PLOTS.items()}
+
+
+def page_html(body: str, *, title: str = "batchpilot report") -> str:
+    """A self-contained page around ``body`` (the style sheet inlined)."""
+    css = CSS_PATH.read_text(encoding="utf-8")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{_e(title)}</title>"
+            f"<style>{css}{_REPORT_CSS}</style></head><body>{body}</body></html>")
 
 
 def build_report(run_dir: str | Path) -> ReportFiles:
     """Render ``RUN_DIR/report.html`` and ``RUN_DIR/plots/*.png`` from the run's records."""
     records = load_run(run_dir)
-    plot_dir = records.run_dir / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    drawn = {name: _draw(draw, records, plot_dir / f"{name}.png") for name, draw in PLOTS.items()}
-    body = "".join([
-        f"<h1>batchpilot report — {_e(records.run_dir.name)}</h1>",
-        _summary_section(records),
-        _plan_section(records),
-        *(_plot_block(name, path) for name, path in drawn.items()),
-        _stages_section(records),
-        _exports_section(records),
-    ])
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>batchpilot report</title>"
-            f"<style>{_CSS}</style></head><body>{body}</body></html>")
+    drawn = draw_plots(records, records.run_dir / "plots")
+    body = report_body(records, {n: p.read_bytes() if p is not None else None for n, p in drawn.items()})
     html_path = records.run_dir / "report.html"
     tmp = html_path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
+    tmp.write_text(page_html(body), encoding="utf-8")
     tmp.replace(html_path)
     return ReportFiles(
         html_path=html_path,

@@ -1,4 +1,5 @@
-"""How a plan is shown to people — one presentation for the terminal, the HTML report and the web page.
+"""How a plan and a run are shown to people — one presentation for the terminal, the HTML report and the web page
+(:mod:`batchpilot.report.html` renders it; ``batchpilot plan`` prints :func:`plan_table`).
 
 Each value keeps its raw number (what ``--json`` holds) beside the text shown, formatted as ``batchpilot
 plan`` prints it: memory in GiB (2^30 bytes) to 0.1, step time to 3 significant digits, tokens/s as
@@ -16,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from batchpilot.records.plan import PlanRecord, PlanRejection, PlanRow
+from batchpilot.records.plan import PlanRejection, PlanRow
 from batchpilot.records.train_summary import TrainSummary
 from batchpilot.report.records import RunRecords
 from batchpilot.units import GIB, format_bytes, format_count
@@ -137,9 +138,9 @@ MEMORY_PARTS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer"
 
 
 def memory_parts(row: PlanRow) -> tuple[Part, ...]:
-    """Per-GPU memory of a plan by term, in GiB (they add up to its total)."""
+    """Per-GPU memory of a plan by term, in binary units as ``memory`` prints them (they add up to its total)."""
     return tuple(Part(key=key, label=label, value=getattr(row.memory, key),
-                      text=f"{format_gib(getattr(row.memory, key))} GiB") for key, label in MEMORY_PARTS)
+                      text=format_bytes(getattr(row.memory, key))) for key, label in MEMORY_PARTS)
 
 
 STEP_PARTS = (
@@ -182,26 +183,6 @@ def rejected_rows(rejected: tuple[PlanRejection, ...]) -> Table:
                   Cell(text=r.recompute, value=r.recompute), Cell(text=kinds.get(r.kind, r.kind), value=r.kind),
                   Cell(text=r.reason, value=r.reason)) for r in rejected)
     return Table(columns=columns, rows=rows)
-
-
-def plan_view(record: PlanRecord) -> dict[str, Any]:
-    """Everything the page shows of a plan record: the table, the winner's memory and step-time parts, the
-    rejected layouts and the search, each value with its raw number."""
-    best = record.plans[0] if record.plans else None
-    cluster = record.cluster
-    return {
-        "title": (f"{record.model} on {cluster.get('total_devices')} × {cluster.get('accelerator')} "
-                  f"({cluster.get('devices_per_node')} per node), seq {record.seq_len}"),
-        "table": plan_table(record.plans).to_dict(),
-        "memory": [p.to_dict() for p in memory_parts(best)] if best else [],
-        "budget_bytes": record.budget_bytes,
-        "budget_text": f"{format_gib(record.budget_bytes)} GiB usable per GPU ({record.headroom:.0%} kept free)",
-        "step": [p.to_dict() for p in step_parts(best)] if best else [],
-        "step_text": f"{format_seconds(best.step_time_s)} s per optimizer step" if best else "",
-        "rejected": rejected_rows(record.rejected).to_dict(),
-        "rejected_total": record.rejected_total,
-        "rationale": record.rationale,
-    }
 
 
 # ------------------------------------------------------------------------------------------ a run
@@ -265,13 +246,14 @@ def run_facts(records: RunRecords) -> tuple[Fact, ...]:
 
 
 def _summary_facts(s: TrainSummary) -> list[Fact]:
+    """The verification run, formatted as ``batchpilot train`` prints its summary."""
     run = "verification run"
     values: list[tuple[str, str | None]] = [
         ("optimizer steps", format_number(s.steps)),
         ("tokens trained", format_count(s.tokens)),
-        ("final training loss", format_number(s.final_loss) if s.final_loss is not None else None),
-        ("final validation loss", format_number(s.val_loss) if s.val_loss is not None else None),
-        ("throughput (tokens/s)", format_rate(s.tokens_per_s) if s.tokens_per_s is not None else None),
+        ("final training loss (nats/token)", f"{s.final_loss:.4f}" if s.final_loss is not None else None),
+        ("final validation loss (nats/token)", f"{s.val_loss:.4f}" if s.val_loss is not None else None),
+        ("throughput (tokens/s)", format_count(s.tokens_per_s) if s.tokens_per_s is not None else None),
         ("padding (share of tokens)", f"{s.padding_fraction:.1%}" if s.padding_fraction is not None else None),
         ("peak memory", format_bytes(s.peak_memory_bytes)),
         ("wall time", format_duration(s.elapsed_s)),
@@ -290,34 +272,3 @@ def stages_table(records: RunRecords) -> Table:
     rows = tuple((Cell(text=s.name, value=s.name), Cell(text=s.status, value=s.status),
                   Cell(text=format_duration(s.seconds), value=s.seconds)) for s in stages)
     return Table(columns=STAGE_COLUMNS, rows=rows)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def run_series(records: RunRecords) -> dict[str, list[list[float]]]:
-    """The curves of a run as (x, y) points: measured peak memory (GiB) and tokens/s vs micro-batch, and the
-    training loss vs tokens."""
-    trials = sorted((t for t in (records.probe.trials if records.probe else ()) if t.fits),
-                    key=lambda t: t.micro_batch)
-    return {
-        "memory_gib": [[t.micro_batch, t.peak_bytes / GIB] for t in trials if t.peak_bytes is not None
-                       and _finite(t.peak_bytes)],
-        "tokens_per_s": [[t.micro_batch, t.tokens_per_s] for t in trials if t.tokens_per_s is not None
-                         and _finite(t.tokens_per_s)],
-        "loss": [[r["tokens"], r["loss"]] for r in records.metrics if _finite(r.get("tokens"))
-                 and _finite(r.get("loss"))],
-    }
-
-
-def run_view(records: RunRecords) -> dict[str, Any]:
-    """Everything the page shows of a run folder."""
-    return {
-        "name": records.run_dir.name,
-        "facts": [f.to_dict() for f in run_facts(records)],
-        "plan": plan_view(records.plan) if records.plan is not None and records.plan.plans else None,
-        "stages": stages_table(records).to_dict(),
-        "series": run_series(records),
-        "exports": dict(records.exports),
-    }

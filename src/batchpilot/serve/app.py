@@ -6,9 +6,9 @@ Routes::
     GET  /api/fields         the fields, their defaults and choices (presets, accelerators, published batches)
     GET  /api/plan?FIELDS    = ``batchpilot plan … --json`` for the same flags
     POST /api/plan?FIELDS    the same with an uploaded config.json as the body (the model)
-    GET  /api/view?FIELDS    {"plan": the record, "view": how the page shows it (batchpilot.report.present)}
+    GET  /api/view?FIELDS    {"plan": the record, "html": the plan as the report shows it (batchpilot.report.html)}
     GET  /api/export?FIELDS&export=deepspeed   the winner's export as a file (POST: with an upload)
-    GET  /api/runs           the run folders under the runs root; /api/run?path=NAME one run's report
+    GET  /api/runs           the run folders under the runs root; /api/run?path=NAME one run's report (HTML)
 
 Every bad request is answered ``{"error": "<the CLI's one line>"}`` with status 400 (413 for a body over
 :data:`MAX_UPLOAD_BYTES`), and the server goes on serving. Plans run in worker threads, at most
@@ -36,7 +36,7 @@ from batchpilot.plan.exports import FORMATS, export_text
 from batchpilot.plan.options import PreparedPlan, plan_record, prepare_plan
 from batchpilot.plan.planner import plan
 from batchpilot.plan.registry import names as registry_names
-from batchpilot.report.present import plan_view
+from batchpilot.report.html import CSS_PATH, plan_html
 from batchpilot.serve.params import (
     DEFAULTS,
     EXPORT_SUFFIXES,
@@ -152,7 +152,10 @@ class App:
     async def view(self, request: Request) -> Response:
         prepared, result = await self._plan(request)
         record = plan_record(prepared, result)
-        return JSONResponse({"plan": record.to_dict(), "view": {**plan_view(record), "source": prepared.source}})
+        return JSONResponse({"plan": record.to_dict(), "html": plan_html(record)})
+
+    async def css(self, request: Request) -> Response:
+        return FileResponse(CSS_PATH, media_type="text/css", headers={"Cache-Control": "no-cache"})
 
     async def export(self, request: Request) -> Response:
         fmt = export_format(request.query_params.get("export"))
@@ -203,6 +206,7 @@ def create_app(*, runs_root: Path | None = None) -> Starlette:
         Route("/api/export", _guarded(app.export), methods=["GET", "POST"]),
         Route("/api/runs", _guarded(app.run_list)),
         Route("/api/run", _guarded(app.run_view)),
+        Route("/static/present.css", _guarded(app.css)),  # the report's style sheet: one presentation
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _http_error})

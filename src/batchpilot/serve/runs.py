@@ -9,12 +9,17 @@ folders and links.
 from __future__ import annotations
 
 import os
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.report.present import run_view
+from batchpilot.report.html import draw_plots, report_body
 from batchpilot.report.records import load_run
+
+_PLOTS = threading.Lock()
+"""matplotlib's pyplot keeps global state: one run's plots are drawn at a time."""
 
 MAX_DEPTH = 3
 """Folder levels below the root that the listing looks at."""
@@ -87,9 +92,14 @@ class RunFolders:
         return path
 
     def view(self, relative: str) -> dict[str, Any]:
-        """What the page shows of one run (:func:`batchpilot.report.present.run_view`)."""
+        """One run's report as an HTML fragment (:func:`batchpilot.report.html.report_body`); its plots are
+        drawn in a temporary folder, nothing is written into the run folder."""
         path = self.resolve(relative)
-        return {"path": path.relative_to(self._root()).as_posix(), **run_view(load_run(path))}
+        records = load_run(path)
+        with _PLOTS, tempfile.TemporaryDirectory(prefix="batchpilot-plots-") as folder:
+            drawn = draw_plots(records, Path(folder))
+            plots = {name: p.read_bytes() if p is not None else None for name, p in drawn.items()}
+        return {"path": path.relative_to(self._root()).as_posix(), "html": report_body(records, plots)}
 
 
 def _subfolders(folder: Path) -> list[Path]:

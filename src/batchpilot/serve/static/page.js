@@ -1,8 +1,19 @@
-/* The planner page: the form ⇄ the URL, /api/view for the plan, /api/export for files, /api/run for run folders. */
+/* The planner page: the form ⇄ the URL, /api/view for the plan, /api/export for files, /api/run for run folders.
+   The plan and the run reports arrive as HTML made by batchpilot.report.html (the static report's own
+   presentation, every value escaped by the server); this script only builds the form and fetches. */
 "use strict";
 (() => {
   const $ = id => document.getElementById(id);
-  const {el} = bp;
+
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) {
+      if (v === null || v === undefined || v === false) continue;
+      node.setAttribute(k, v === true ? "" : String(v));
+    }
+    node.append(...children.flat().filter(c => c !== null && c !== undefined));
+    return node;
+  }
   const TARGETS = ["global-batch-tokens", "global-batch", "like", "train-tokens"];
   const FORM_FIELDS = ["model", "gpu", "gpus", "gpus-per-node", "inter-node-bandwidth", "seq-len", "max-deviation",
                        "micro-batch", "grad-accum", "tp", "pp", "vpp", "ep", "zero", "recompute", "precision",
@@ -102,38 +113,11 @@
     if (!response.ok) { showError(body); setStatus(""); return; }
     $("error").hidden = true;
     lastQuery = q;
-    renderPlan($("result"), body.view, body.plan);
+    $("result").innerHTML = body.html;  // made and escaped by batchpilot.report.html
     $("result").hidden = false;
     $("exports").hidden = false;
     setStatus(`planned in ${((performance.now() - started) / 1000).toFixed(1)} s: ` +
               `${body.plan.search.layouts} layouts searched`);
-  }
-
-  function renderPlan(root, view, record) {
-    const winner = record.plans[0];
-    const parts = [el("h3", {id: "plan-title"}, view.title)];
-    const target = record.target;
-    parts.push(el("p", {class: "target"}, `target ${target.global_batch_sequences.toLocaleString("en-US")} sequences`
-      + ` = ${target.global_batch_tokens.toLocaleString("en-US")} tokens per optimizer step`
-      + (view.source ? ` — ${view.source}` : "")));
-    for (const w of record.warnings ?? []) parts.push(el("p", {class: "warning"}, `warning: ${w}`));
-    parts.push(el("p", {class: "rationale", id: "rationale"}, el("strong", {}, "winner: "), view.rationale));
-    parts.push(bp.table(view.table, {id: "plan-table"}));
-    if (winner) {
-      parts.push(bp.bars(view.memory, {title: "Memory per GPU of the winner, by term", id: "memory-chart",
-                                       total: `${(winner.memory.total / 2 ** 30).toFixed(1)} GiB`,
-                                       limit: view.budget_bytes, limitText: view.budget_text}));
-      parts.push(bp.bars(view.step, {title: "Step time of the winner, by part (critical path)", id: "step-chart",
-                                     total: view.step_text}));
-    }
-    const rejected = view.rejected;
-    if (rejected.rows.length) {
-      const shown = rejected.rows.length < view.rejected_total ? ` (the first ${rejected.rows.length})` : "";
-      parts.push(el("details", {id: "rejected"},
-        el("summary", {}, `${view.rejected_total} layouts rejected, each with why${shown}`),
-        bp.table(rejected, {id: "rejected-table"})));
-    }
-    root.replaceChildren(...parts);
   }
 
   function filename(response, fallback) {
@@ -192,26 +176,8 @@
       return;
     }
     $("run-error").hidden = true;
-    const parts = [el("h3", {id: "run-title"}, `Run ${body.path}`)];
-    if (body.facts.length) parts.push(el("h4", {}, "Summary"), bp.facts(body.facts));
-    if (body.plan) {
-      const plan = el("div", {class: "run-plan"}, el("p", {class: "rationale"}, el("strong", {}, "winner: "),
-                                                      body.plan.rationale), bp.table(body.plan.table));
-      plan.append(bp.bars(body.plan.memory, {title: "Memory per GPU of the winner, by term",
-                                             limit: body.plan.budget_bytes, limitText: body.plan.budget_text}));
-      parts.push(el("h4", {}, "Plan"), plan);
-    }
-    const s = body.series;
-    if (s.memory_gib.length) parts.push(bp.line(s.memory_gib, {title: "Measured peak memory vs micro-batch",
-                                                               xLabel: "micro-batch (sequences)", yLabel: "GiB"}));
-    if (s.tokens_per_s.length) parts.push(bp.line(s.tokens_per_s, {title: "Measured throughput vs micro-batch",
-                                                                   xLabel: "micro-batch (sequences)",
-                                                                   yLabel: "tokens/s"}));
-    if (s.loss.length) parts.push(bp.line(s.loss, {title: "Training loss vs tokens", xLabel: "tokens trained",
-                                                   yLabel: "loss"}));
-    if (body.stages.rows.length) parts.push(el("h4", {}, "Stages"), bp.table(body.stages));
-    for (const [name, text] of Object.entries(body.exports)) parts.push(bp.code(text, name));
-    $("run-view").replaceChildren(...parts);
+    $("run-view").innerHTML = body.html;  // the run's report, made and escaped by batchpilot.report.html
+    $("run-view").querySelector("h1").id = "run-title";
   }
 
   function showTab() {
