@@ -350,13 +350,13 @@ def _generalisation(traces: list[RunTrace], target: float) -> dict[str, Any]:
 
 
 def lr_check(bench: Bench, state: dict[str, Any], sweep: dict[str, Any], batches: list[int]) -> list[dict[str, Any]]:
-    """Steps to the same target at 0.5×, 1× and 2× the rule's LR (seed 0), for a few batches."""
+    """Steps to the same target at 0.5×, 1× and 2× the rule's LR (seed 0; 1× is the sweep's own run)."""
     s, out = bench.setup, []
     for batch in batches:
-        row: dict[str, Any] = {"batch": batch, "rule_lr": s.lr(batch)}
-        for mult in (0.5, 1.0, 2.0):
-            lr = s.lr(batch) * mult
-            trace = sweep_run(bench, state, batch=batch, seed=0, lr=lr, start_loss=sweep["loss"],
+        own = next(r for r in sweep["runs"] if r["batch"] == batch and r["seed"] == 0)
+        row: dict[str, Any] = {"batch": batch, "rule_lr": s.lr(batch), "steps_x1": own["steps"]}
+        for mult in (0.5, 2.0):
+            trace = sweep_run(bench, state, batch=batch, seed=0, lr=s.lr(batch) * mult, start_loss=sweep["loss"],
                               target=sweep["target_loss"], base_steps=sweep["target_after_steps"])
             crossing = trace.crossing(sweep["target_loss"])
             row[f"steps_x{mult:g}"] = None if crossing is None else crossing / batch
@@ -366,13 +366,19 @@ def lr_check(bench: Bench, state: dict[str, Any], sweep: dict[str, Any], batches
 
 
 # ---------------------------------------------------------------------------------------- whole benchmark
-def measure(setup: Setup) -> dict[str, Any]:
+def measure(setup: Setup, partial: Path | None = None) -> dict[str, Any]:
+    """The whole measurement; with ``partial``, the results so far are written there after every checkpoint."""
     torch.set_num_threads(setup.threads)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bp-critical-") as tmp:
         bench = Bench(setup, Path(tmp))
         states, base = base_run(bench)
-        checkpoints = [sweep_checkpoint(bench, k, states[c], base) for k, c in enumerate(setup.checkpoints)]
+        checkpoints: list[dict[str, Any]] = []
+        for k, c in enumerate(setup.checkpoints):
+            checkpoints.append(sweep_checkpoint(bench, k, states[c], base))
+            if partial is not None:
+                partial.write_text(json.dumps({"setup": dataclasses.asdict(setup), "base_run": base,
+                                               "checkpoints": checkpoints}, indent=1) + "\n", encoding="utf-8")
         checks = []
         if setup.lr_check:
             mid = len(checkpoints) // 2
@@ -454,7 +460,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
                         textcoords="offset points")
         fit = c["fit"]
         if "b_crit" in fit:
-            bs = [2 ** (i / 8) for i in range(-16, 8 * 12)]
+            lo, hi = min(p["batch"] for p in c["points"]) / 2, max(p["batch"] for p in c["points"]) * 4
+            bs = [lo * (hi / lo) ** (i / 100) for i in range(101)]
             ax.loglog([fit["e_min"] + fit["s_min"] * b for b in bs], [fit["s_min"] + fit["e_min"] / b for b in bs],
                       "-", color="grey", label=f"fit: B_crit = {fit['b_crit']:.3g}")
             _mark(ax, fit, fit["b_crit"], "s", "tab:red", "B_crit (fit)")
@@ -492,8 +499,10 @@ def main(argv: list[str]) -> int:
     setup = QUICK if args.quick else Setup()
     if args.seeds:
         setup = dataclasses.replace(setup, seeds=args.seeds)
-    data = measure(setup)
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = measure(setup, partial=args.out / "critical_batch.partial.json")
     write(data, args.out)
+    (args.out / "critical_batch.partial.json").unlink(missing_ok=True)
     print(tables(data))
     return 0
 
