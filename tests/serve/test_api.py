@@ -33,10 +33,16 @@ def _error(server: Server, path: str, **kwargs: object) -> tuple[int, str]:
     return status, json.loads(body)["error"]
 
 
-def test_the_api_answers_what_plan_json_prints(server: Server, cli_runner) -> None:
-    cli = cli_runner.invoke(app, ["plan", *_cli_args(FLAGS), "--json"])
+PUBLISHED = {"model": "llama-2-7b", "gpu": "a100-80gb", "gpus": "32", "seq-len": "4Ki", "like": "llama-2-7b",
+             "engine": "deepspeed", "zero": "3", "recompute": "selective", "headroom": "15%", "top": "2"}
+"""A published batch (--like), settings and pins."""
+
+
+@pytest.mark.parametrize("fields", [FLAGS, PUBLISHED], ids=["tokens", "like-settings-pins"])
+def test_the_api_answers_what_plan_json_prints(server: Server, cli_runner, fields: dict[str, str]) -> None:
+    cli = cli_runner.invoke(app, ["plan", *_cli_args(fields), "--json"])
     assert cli.exit_code == 0, cli.stderr
-    status, headers, body = server.request(f"/api/plan?{_query(FLAGS)}")
+    status, headers, body = server.request(f"/api/plan?{_query(fields)}")
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert json.loads(body) == json.loads(cli.stdout)
 

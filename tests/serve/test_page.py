@@ -18,6 +18,7 @@ from serve_helpers import Server, write_run
 
 from batchpilot.cli import app
 from batchpilot.report.html import build_report
+from batchpilot.specs.model import preset_path
 
 pytest.importorskip("websockets", reason="the optional extra 'serve' is not installed")
 from serve_browser import CHROMIUM, Browser
@@ -157,6 +158,24 @@ def test_bad_values_show_the_cli_line_and_fixes(browser: Browser, server: Server
     _set(browser, "f-model", "llama-3-8b")  # the server still serves
     _set(browser, "f-gpu", "h100-sxm")
     _wait_plan(browser, 8)
+    assert browser.evaluate("document.getElementById('error').hidden")
+
+
+def test_an_uploaded_config_plans_in_the_page(browser: Browser, server: Server, tmp_path: Path) -> None:
+    big = tmp_path / "huge-config.json"
+    big.write_text(" " * (256 * 1024 + 1))
+    config = tmp_path / "my-llama.json"
+    config.write_bytes(preset_path("llama-3-8b").read_bytes())
+    browser.goto(f"{server.base}/?model=gpt2&gpu=h100-sxm&gpus=16&seq-len=8192&global-batch-tokens=4Mi&top=3")
+    _wait_plan(browser, 16)
+    browser.evaluate("document.querySelector('input[name=model-source][value=upload]').click()")
+    node = browser.send("DOM.getDocument")["root"]["nodeId"]
+    file_input = browser.send("DOM.querySelector", {"nodeId": node, "selector": "#f-config"})["nodeId"]
+    browser.send("DOM.setFileInputFiles", {"nodeId": file_input, "files": [str(big)]})
+    assert "the limit is 262,144" in browser.wait("!document.getElementById('error').hidden && "
+                                                  "document.getElementById('error-text').textContent")
+    browser.send("DOM.setFileInputFiles", {"nodeId": file_input, "files": [str(config)]})
+    browser.wait("document.getElementById('plan-title')?.textContent.startsWith('my-llama.json on 16 ×')")
     assert browser.evaluate("document.getElementById('error').hidden")
 
 
