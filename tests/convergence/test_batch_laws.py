@@ -79,3 +79,15 @@ def test_bad_inputs() -> None:
         predict("nope", _x(1e9, 1e10))
     with pytest.raises(BatchpilotError, match="train tokens"):
         law_inputs(load_model("llama-7b"), train_tokens=0, seq_len=2048)
+
+
+def test_plan_train_tokens_shows_every_law_beside_the_deepseek_target() -> None:
+    from batchpilot.plan.options import PlanOptions, prepare_plan
+
+    prepared = prepare_plan(PlanOptions(model="llama-3-8b", gpu="h100-sxm", gpus=64, seq_len=8192,
+                                        train_tokens=15 * 10**12))
+    prior = prepared.target_record["prior"]
+    laws = {law["law"]: law for law in prior["laws"]}
+    assert list(laws) == list(LAWS)
+    assert laws["deepseek-llm-2024"]["batch_tokens"] == pytest.approx(prior["batch_tokens"])  # the planned target
+    assert "other published laws: step-law-2025" in prepared.source and "apart" in prepared.source

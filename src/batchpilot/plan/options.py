@@ -19,6 +19,7 @@ preset or file; the server: presets, the catalog and uploaded configs only).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from batchpilot.estimate.calibration import (
     check_calibration_accelerator,
     load_calibration,
 )
+from batchpilot.plan.batch_laws import law_inputs, predict_all, spread
 from batchpilot.plan.priors import global_batch_from_noise, global_batch_from_prior
 from batchpilot.plan.registry import target_global_batch
 from batchpilot.plan.request import DEFAULT_HEADROOM, Pins, PlanRequest, PlanResult
@@ -186,9 +188,14 @@ def _target(options: PlanOptions, model: ModelSpec) -> _Target:
         prior = global_batch_from_prior(num_layers=model.num_layers, hidden_size=model.hidden_size,
                                         seq_len=o.seq_len, train_tokens=o.train_tokens)
         lr = f", peak LR {prior.learning_rate:.2e}" if prior.learning_rate else ""
-        return _Target(sequences=prior.batch_sequences, soft=True, record={"prior": prior.to_dict()},
+        laws = predict_all(law_inputs(model, train_tokens=o.train_tokens, seq_len=o.seq_len))
+        others = ", ".join(f"{p.law} {format_count(p.batch_tokens)}" for p in laws if p.law != "deepseek-llm-2024")
+        ratio, lo, hi = spread(laws)
+        return _Target(sequences=prior.batch_sequences, soft=True,
+                       record={"prior": {**prior.to_dict(), "laws": [dataclasses.asdict(p) for p in laws]}},
                        source=f"DeepSeek LLM prior B_opt = 0.2920·C^0.3271 = {format_count(prior.batch_tokens)} "
-                              f"tokens at C = {prior.compute_flops:.2e} FLOPs{lr}")
+                              f"tokens at C = {prior.compute_flops:.2e} FLOPs{lr}; other published laws: {others} "
+                              f"tokens ({ratio:.1f}× apart, {lo} … {hi}; benchmarks/results/batch_laws.md)")
     assert o.noise is not None  # one target is given (checked above)
     return _noise_target(o.noise, o.seq_len)
 
