@@ -25,6 +25,8 @@ from ._checks import assert_one_line_error
 from ._train import latest_step, load_latest, metrics, run, start, stop, train_args, wait_for, write_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+SHARD = "dcp/__0_0.distcp"
+"""The model and optimizer file a one-process run writes (torch.distributed.checkpoint's first rank's file)."""
 
 
 @pytest.fixture()
@@ -81,8 +83,8 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path: P
     first = run(train_args(corpus, out, steps=3))
     assert first.returncode == 0, first.stderr
     assert latest_step(out) == 3
-    size = (out / "checkpoints" / "step-00000003" / "train.pt").stat().st_size
-    # Resume with files capped at a quarter of a checkpoint: metrics lines fit, the next checkpoint does not.
+    size = (out / "checkpoints" / "step-00000003" / SHARD).stat().st_size
+    # Resume with files capped at a quarter of the model shard: metrics lines fit, the next checkpoint does not.
     full = run(train_args(corpus, out, steps=6, checkpoint_every=1, resume=True), preexec_fn=_file_size_limit(size // 4))
     assert full.returncode == 2, full.stderr
     assert_one_line_error(full.stderr, "cannot write checkpoint", ".tmp-step-00000004",
@@ -98,12 +100,12 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path: P
 def test_truncated_checkpoint_is_detected_with_one_line(tmp_path: Path, corpus: Path) -> None:
     out = tmp_path / "run"
     assert run(train_args(corpus, out, steps=2)).returncode == 0
-    ckpt = out / "checkpoints" / "step-00000002" / "train.pt"
+    ckpt = out / "checkpoints" / "step-00000002" / SHARD
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     resumed = run(train_args(corpus, out, steps=4, resume=True))  # the only checkpoint: nothing to fall back on
     assert resumed.returncode == 2
-    assert_one_line_error(resumed.stderr, "none of the 1 checkpoints", "step-00000002", "train.pt has")
+    assert_one_line_error(resumed.stderr, "none of the 1 checkpoints", "step-00000002", f"{SHARD} has")
 
 
 def _flip_bytes(path: Path, count: int, seed: int) -> None:
@@ -115,13 +117,13 @@ def _flip_bytes(path: Path, count: int, seed: int) -> None:
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, corpus: Path) -> None:
-    """64 bytes flipped inside the newest ``train.pt`` (it would still unpickle: checked by hand before the
-    manifest existed): the SHA-256 catches it, resume says so on one warning line and continues from the
+    """64 bytes flipped inside the newest checkpoint's model shard (``dcp/__0_0.distcp``, tensor data that
+    would still load): the SHA-256 catches it, resume says so on one warning line and continues from the
     previous checkpoint, reproducing the uninterrupted run's losses from there."""
     out = tmp_path / "run"
     assert run(train_args(corpus, out, steps=6, checkpoint_every=2)).returncode == 0  # keeps steps 4 and 6
     before = metrics(out)
-    _flip_bytes(out / "checkpoints" / "step-00000006" / "train.pt", 64, seed=7)
+    _flip_bytes(out / "checkpoints" / "step-00000006" / SHARD, 64, seed=7)
     resumed = run(train_args(corpus, out, steps=6, resume=True))
     assert resumed.returncode == 0, resumed.stderr
     warnings = [line for line in resumed.stderr.splitlines() if line.strip()]
@@ -132,7 +134,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Pa
     assert [r["loss"] for r in rows] == [r["loss"] for r in before]  # exactly as before the corruption
     # Every kept checkpoint is corrupt: one line, exit 2.
     for step in (4, 6):
-        path = out / "checkpoints" / f"step-{step:08d}" / "train.pt"
+        path = out / "checkpoints" / f"step-{step:08d}" / SHARD
         if path.exists():
             _flip_bytes(path, 64, seed=step)
     again = run(train_args(corpus, out, steps=8, resume=True))

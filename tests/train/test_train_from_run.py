@@ -25,6 +25,7 @@ from batchpilot.cli import app
 from batchpilot.errors import BatchpilotError
 from batchpilot.train import run
 from batchpilot.train.config import DataConfig, ModelConfig
+from batchpilot.train.dcp_io import read_model_state, read_tensors
 from batchpilot.train.model import build_model
 from batchpilot.train.run_folder import RunFolder, base_model, check_run_tokenizer
 
@@ -39,7 +40,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     corpus = write_corpus(root / "corpus")
     run_dir = root / "base"
     run(small_config(corpus, run_dir, run={"steps": BASE_STEPS, "checkpoint_every": 2}))
-    tensors = torch.load(run_dir / "checkpoints" / "step-00000004" / "train.pt", weights_only=True)["model"]
+    tensors = read_model_state(run_dir / "checkpoints" / "step-00000004")
     module: Any = build_model(ModelConfig(), seed=0).module  # a transformers PreTrainedModel
     module.load_state_dict(tensors, strict=True)
     module.save_pretrained(root / "pretrained", safe_serialization=True)
@@ -47,8 +48,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _checkpoint_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    blob = torch.load(run_dir / "checkpoints" / f"step-{step:08d}" / "train.pt", weights_only=True)
-    return dict(blob["model"])
+    return read_model_state(run_dir / "checkpoints" / f"step-{step:08d}")
 
 
 def _noise(model: Path | str, corpus: Path, *extra: str) -> Any:
@@ -112,7 +112,8 @@ def test_train_from_a_run_folder_is_a_new_run_not_a_resume(base: dict[str, Path]
     assert len(ours) == 2 and all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(ours, theirs, strict=True))
     blob = torch.load(new / "checkpoints" / "step-00000002" / "train.pt", weights_only=True)
     assert blob["state"]["train"]["step"] == 2
-    assert {float(s["step"]) for s in blob["optimizer"]["state"].values()} == {2.0}  # not 4 + 2
+    optimizer = read_tensors(new / "checkpoints" / "step-00000002", "optimizer")
+    assert {float(v) for k, v in optimizer.items() if k.endswith(".step")} == {2.0}  # not 4 + 2
     # a run started from a run: its architecture is followed back to the base run's preset
     assert base_model(str(new)) == "tiny-llama-1m"
     chained = build_model(ModelConfig(model=str(new)), seed=0).module.state_dict()
@@ -129,14 +130,14 @@ def test_a_damaged_newest_checkpoint_falls_back_with_the_warning(base: dict[str,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     copy = tmp_path / "run"
     shutil.copytree(base["run"], copy)
-    _flip_a_byte(copy / "checkpoints" / "step-00000004" / "train.pt")
+    _flip_a_byte(copy / "checkpoints" / "step-00000004" / "dcp" / "__0_0.distcp")
     with caplog.at_level(logging.WARNING, logger="batchpilot.train"):
         built = build_model(ModelConfig(model=str(copy)), seed=0)
     assert built.source == f"run:{copy}@step-00000002"
     assert "step-00000004" in caplog.text and "SHA-256" in caplog.text and "loading weights from" in caplog.text
     state = built.module.state_dict()
     assert all(torch.equal(state[k], v) for k, v in _checkpoint_tensors(copy, 2).items())
-    _flip_a_byte(copy / "checkpoints" / "step-00000002" / "train.pt")
+    _flip_a_byte(copy / "checkpoints" / "step-00000002" / "dcp" / "__0_0.distcp")
     _one_line_exit_2(_noise(copy, base["corpus"]), "none of the 2 checkpoints", "is usable")
 
 

@@ -120,7 +120,7 @@ def _plan(config: TrainConfig, world: int) -> Any:
     ({"global_batch_sequences": 8, "micro_batch_sequences": 8}, {}, 1, False, "use --micro-batch 4 or smaller"),
     ({"global_batch_sequences": 8, "micro_batch_sequences": 4}, {}, 2, True, "one step in 4"),  # accum 1 × dp 2
     ({"global_batch_sequences": 8, "micro_batch_sequences": 4}, {"noise_every": 0}, 1, False, "off (--noise-every 0"),
-    ({"global_batch_sequences": 8, "micro_batch_sequences": 4}, {"fsdp": True}, 2, False, "FSDP2 shards"),
+    ({"global_batch_sequences": 8, "micro_batch_sequences": 4}, {"fsdp": True}, 2, True, "one step in 4"),  # FSDP2: norms of unsharded and sharded grads
     ({"global_batch_sequences": 16, "micro_batch_sequences": 4, "batch_schedule": "ramp:start=4,increment=4,over=1K"},
      {}, 1, True, "one step in 4"),  # the ramp's first step is one micro-batch: that step is left out
     ({"global_batch_sequences": 8, "micro_batch_sequences": 4, "batch_schedule": "adaptive"}, {}, 1, False,
@@ -135,6 +135,14 @@ def test_install_rules(tmp_path: Path, batch: dict[str, Any], run_fields: dict[s
     assert (setup.hook is not None) == installed and note in setup.note
     if setup.hook is not None:
         assert setup.hook.every == DEFAULT_NOISE_EVERY and setup.hook.skip_single_micro_batch
+
+
+def test_tensor_parallel_runs_do_not_measure(tmp_path: Path) -> None:
+    """Tensor parallelism splits each rank's micro-batch gradient: off, with the reason."""
+    cfg = TrainConfig().replace(data={"seq_len": 32}, batch={"global_batch_sequences": 8, "micro_batch_sequences": 4},
+                                run={"out": str(tmp_path)}, parallel={"zero_stage": 3, "tp": 2})
+    setup = default_noise_hook(cfg, _plan(cfg, 4), 2, [])
+    assert setup.hook is None and "tensor parallelism (--tp 2)" in setup.note
 
 
 def test_a_caller_noise_hook_is_never_doubled(corpus_dir: Path, tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ Examples (CPU-sized)::
 :class:`NoiseScaleHook` is a :class:`~batchpilot.train.hooks.TrainHook`. A tensor hook on every
 parameter (:class:`~batchpilot.train.grad_norms.MicroGradNorms`) sees each micro-step's own gradient
 before it is added into ``p.grad`` — the rank-local micro-batch gradient, also under DDP, where the
-parameter hooks run before DDP's all-reduce — so B_small = one micro-batch, B_big = the global batch
+parameter hooks run before DDP's all-reduce, and under FSDP2, where they sit on the unsharded parameters and
+run before the reduce-scatter (:func:`~batchpilot.train.grad_norms.gradient_leaves`; the global |g|² is the
+all-reduced sum of the per-shard squares) — so B_small = one micro-batch, B_big = the global batch
 (``p.grad`` in ``on_gradients``: synchronised, unscaled token-mean), and no gradient copy is kept and
 DDP keeps overlapping communication with backward. Batch sizes are counted in target tokens (the loss
 is a token mean) and converted to sequences with the step's mean target tokens per sequence. Micro-steps
@@ -49,7 +51,7 @@ from batchpilot.estimate.noise import (
     NoiseSample,
     NoiseScaleEstimator,
 )
-from batchpilot.train.grad_norms import MicroGradNorms, grads_sq_norm
+from batchpilot.train.grad_norms import MicroGradNorms, gradient_leaves, grads_sq_norm
 from batchpilot.train.hooks import BaseHook, MicroStepInfo, StepInfo
 from batchpilot.train.schedule import Progress, ScheduleError
 from batchpilot.units import parse_count
@@ -84,9 +86,10 @@ class NoiseScaleHook(BaseHook):
         # × N_global/(world·loss_scale) → ∇ of the micro-batch loss sum; ÷ its targets → its token-mean gradient
         scale = info.grad_to_sum_factor / max(1, info.micro_target_tokens)
         if self._meter is None:  # attach on first use (also after a resume): this backward ran unseen, but on
-            self._meter = MicroGradNorms(model.parameters())  # micro-step 0 p.grad is its gradient alone
+            leaves, fsdp = gradient_leaves(model)  # micro-step 0 p.grad is its gradient alone (not under FSDP2,
+            self._meter = MicroGradNorms(leaves)  # which keeps it unsharded: that step is left out)
             self._meter.enabled = info.step % self.every == 0
-            self._valid = info.micro_index == 0 and not info.grads_synced and self._meter.enabled
+            self._valid = info.micro_index == 0 and not info.grads_synced and self._meter.enabled and not fsdp
             self._stats = [0.0, 0.0, 0.0]
             value = grads_sq_norm(model.parameters()) * scale * scale if self._valid else 0.0
         else:

@@ -2,16 +2,34 @@
 
 Layout under ``OUT/checkpoints/``::
 
-    step-00000040/train.pt        model + optimizer (full state dicts), GradScaler, trainer state
-                                  (counters, data position, batch-schedule and hook states)
+    step-00000040/dcp/            model + optimizer in torch.distributed.checkpoint (DCP) format: each rank
+                                  writes its own shards (FSDP2, tensor parallelism; DDP's replicated tensors
+                                  are written once), ``.metadata`` says where every piece lives
+    step-00000040/train.pt        GradScaler, trainer state (counters, data position, batch-schedule and hook
+                                  states)
     step-00000040/rng-rank0.pt    each rank's torch (and CUDA) and Python RNG states
-    step-00000040/manifest.json   SHA-256 and size of every other file, written last, before the rename
+    step-00000040/manifest.json   SHA-256 and size of every other file (``dcp/`` included), written last
     latest                        the name of the newest complete checkpoint
 
 Atomicity: files are written into ``.tmp-step-…`` and the directory is renamed (``os.replace``) only
 once every rank has written; ``latest`` is replaced the same way. A crash (even ``kill -9``) leaves
 either the previous checkpoint or the new one, never a half-written one. Multi-node runs need
-``OUT`` on a shared filesystem.
+``OUT`` on a shared filesystem (every rank writes into the same ``.tmp-step-…``; rank 0 renames it).
+
+Sharded and resharded: model and optimizer go through ``torch.distributed.checkpoint.state_dict``
+(``get_state_dict``: DTensor shards under FSDP2/TP, whole tensors otherwise) and ``dcp.save``, so no rank
+ever gathers the whole model to save it; ``dcp.load`` reads each rank's part of whatever layout wrote it, so
+a checkpoint resumes on another world size or layout (2 FSDP2 ranks → 1 process, DDP → FSDP2, …; the
+trainer state is the same, and the data stream is a function of the global batch, not of the ranks).
+``--async-checkpoint`` writes with ``dcp.async_save`` on a separate gloo group (torchtitan's
+``async_mode = "async"``): the state is copied to host memory, training goes on, and the checkpoint is
+published (manifest, rename, ``latest``) by :meth:`PendingCheckpoint.publish` before the next one starts or
+the run ends — a crash meanwhile leaves the previous checkpoint.
+
+Reading is safe on untrusted files: ``train.pt`` and the RNG files with ``weights_only=True``, DCP's
+``.metadata`` with an unpickler that only admits DCP's metadata classes (``dcp.FileSystemReader`` uses plain
+``pickle.load``), its non-tensor items with ``weights_only=True`` (``DefaultLoadPlanner.load_bytes`` does not).
+Checkpoints written before DCP (``train.pt`` with full model and optimizer state dicts) still load.
 
 Integrity: on resume the manifest is checked (a flipped bit or a cut file changes the SHA-256); a
 checkpoint that fails it, or cannot be unpickled, is skipped with a warning (logger ``batchpilot.train``)
@@ -19,8 +37,6 @@ and the next older ``step-*`` is tried; none good is a one-line error. Checkpoin
 manifests existed are loaded unchecked. The same selection serves ``--model RUN_DIR``
 (:func:`load_model_weights`: the model weights only, for a new run or ``batchpilot noise``).
 
-Model and optimizer go through ``torch.distributed.checkpoint.state_dict`` (``full_state_dict``), so
-the same file restores a single process, DDP or FSDP2 run. Files are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -39,9 +55,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.train import dcp_io
 from batchpilot.train.distributed import DistEnv, elastic_restart_count
 
 CHECKPOINTS = "checkpoints"
@@ -58,8 +75,8 @@ def _sha256(path: Path) -> str:
 
 
 def _write_manifest(directory: Path) -> None:
-    files = {p.name: {"sha256": _sha256(p), "size_bytes": p.stat().st_size}
-             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {p.relative_to(directory).as_posix(): {"sha256": _sha256(p), "size_bytes": p.stat().st_size}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"files": files}, indent=1), encoding="utf-8")
     os.replace(tmp, directory / MANIFEST)
@@ -107,11 +124,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(out: Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, state: dict[str, Any], env: DistEnv, keep: int,
-                    unchanged: bool = False) -> Path:
+                    unchanged: bool = False, asynchronous: bool = False,
+                    group: Any = None) -> Path | PendingCheckpoint:
     """Write checkpoint ``step`` atomically (a collective: every rank must call it). ``unchanged``: this
-    run already saved or resumed from exactly this state; an existing complete ``step`` is then kept."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    run already saved or resumed from exactly this state; an existing complete ``step`` is then kept.
+    ``asynchronous``: the model and optimizer files are written by ``dcp.async_save`` on ``group`` (a process
+    group of its own) in the background, and the returned :class:`PendingCheckpoint` publishes them."""
     root = out / CHECKPOINTS
     name = f"step-{step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
@@ -123,28 +141,54 @@ def save_checkpoint(out: Path, step: int, *, model: nn.Module, optimizer: torch.
             _point_latest(root, name)
         _barrier(env)
         return final
+    future = None
     try:
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            torch.save({"model": model_sd, "optimizer": optim_sd, "scaler": scaler.state_dict(), "state": state},
-                       tmp / "train.pt")
+            torch.save({"scaler": scaler.state_dict(), "state": state}, tmp / "train.pt")
         _agree(env, None, tmp, out)
         torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")
-        _agree(env, None, tmp, out)
-        if env.is_main:
-            _write_manifest(tmp)
-    except (OSError, RuntimeError) as exc:
+        if asynchronous:
+            future = dcp_io.start_async_save(tmp, model, optimizer, group)
+        else:
+            dcp_io.save(tmp, model, optimizer)
+    except (OSError, RuntimeError, ValueError) as exc:
         _agree(env, exc, tmp, out)
-    _agree(env, None, tmp, out)
-    if env.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _point_latest(root, name)
-        _prune(root, keep)
-    _barrier(env)
-    return final
+    pending = PendingCheckpoint(out=out, tmp=tmp, final=final, env=env, keep=keep, future=future)
+    return pending if future is not None else pending.publish()
+
+
+class PendingCheckpoint:
+    """A checkpoint written into ``.tmp-step-…`` that is not yet published (manifest, rename, ``latest``)."""
+
+    def __init__(self, *, out: Path, tmp: Path, final: Path, env: DistEnv, keep: int, future: Any) -> None:
+        self.out, self.tmp, self.final, self.env, self.keep, self.future = out, tmp, final, env, keep, future
+
+    def publish(self) -> Path:
+        """Wait for the background write (if any), agree that every rank wrote, then manifest, rename and
+        ``latest`` on rank 0 (a collective)."""
+        error: BaseException | None = None
+        if self.future is not None:
+            try:
+                self.future.result()
+            except Exception as exc:  # the writer thread's OSError/RuntimeError, re-raised by the future
+                error = exc
+        _agree(self.env, error, self.tmp, self.out)
+        try:
+            if self.env.is_main:
+                _write_manifest(self.tmp)
+        except OSError as exc:
+            error = exc
+        _agree(self.env, error, self.tmp, self.out)
+        if self.env.is_main:
+            if self.final.exists():
+                shutil.rmtree(self.final)
+            os.replace(self.tmp, self.final)
+            _point_latest(self.final.parent, self.final.name)
+            _prune(self.final.parent, self.keep)
+        _barrier(self.env)
+        return self.final
 
 
 def _point_latest(root: Path, name: str) -> None:
@@ -212,7 +256,8 @@ def _read(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
         rng_state = torch.load(rng if rng.exists() else path / "rng-rank0.pt", weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise BatchpilotError(f"checkpoint {str(path)!r} cannot be read: {' '.join(str(exc).split())[:160]}") from None
-    if not isinstance(blob, dict) or not {"model", "optimizer", "scaler", "state"} <= blob.keys():
+    legacy = {"model", "optimizer"} <= blob.keys() if isinstance(blob, dict) else False
+    if not isinstance(blob, dict) or not {"scaler", "state"} <= blob.keys() or not (legacy or (path / dcp_io.DCP).is_dir()):
         raise BatchpilotError(f"checkpoint {str(path)!r} cannot be read: train.pt is not a batchpilot checkpoint")
     return blob, rng_state
 
@@ -264,7 +309,7 @@ def load_latest(out: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
     (one warning line names what was skipped and why). Returns (the checkpoint used, the trainer state)."""
     path, blob, rng_state = _newest_good(out, env.rank, warn=env.is_main, who="--resume",
                                          fix="run without --resume to start fresh", action="resuming from")
-    _apply(blob, rng_state, model=model, optimizer=optimizer, scaler=scaler)
+    _apply(path, blob, rng_state, model=model, optimizer=optimizer, scaler=scaler)
     return path, dict(blob["state"])
 
 
@@ -278,7 +323,7 @@ def load_model_weights(out: Path, module: nn.Module, *, warn: bool = True) -> Pa
                                  fix="train that run with a checkpoint (any run that ends or is stopped by a "
                                      "signal writes one), or pass another run folder")
     try:
-        module.load_state_dict(blob["model"], strict=True)
+        module.load_state_dict(blob["model"] if "model" in blob else dcp_io.read_model_state(path), strict=True)
     except (RuntimeError, ValueError) as exc:
         detail = " ".join(str(exc).split())[:200]
         raise BatchpilotError(f"{who}: the weights in {str(path)!r} do not fit the model built from the run's "
@@ -286,10 +331,13 @@ def load_model_weights(out: Path, module: nn.Module, *, warn: bool = True) -> Pa
     return path
 
 
-def _apply(blob: dict[str, Any], rng_state: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,
-           scaler: torch.amp.GradScaler) -> None:
-    set_state_dict(model, optimizer, model_state_dict=blob["model"], optim_state_dict=blob["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
+def _apply(path: Path, blob: dict[str, Any], rng_state: dict[str, Any], *, model: nn.Module,
+           optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    if "model" in blob:  # written before DCP: full state dicts in train.pt
+        set_state_dict(model, optimizer, model_state_dict=blob["model"], optim_state_dict=blob["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        dcp_io.load_into(path, model, optimizer)
     scaler.load_state_dict(blob["scaler"]) if blob["scaler"] else None
     _set_rng_state(rng_state)
 
@@ -299,5 +347,5 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     """Restore model, optimizer, scaler and this rank's RNG from ``path`` (checked against its manifest);
     returns the trainer state."""
     blob, rng_state = _read(path, env.rank)
-    _apply(blob, rng_state, model=model, optimizer=optimizer, scaler=scaler)
+    _apply(path, blob, rng_state, model=model, optimizer=optimizer, scaler=scaler)
     return dict(blob["state"])

@@ -16,8 +16,19 @@ from batchpilot.errors import BatchpilotError
 BatchingMode = Literal["fixed", "token-budget", "packed"]
 BATCHING_MODES: tuple[BatchingMode, ...] = ("fixed", "token-budget", "packed")
 
-Precision = Literal["fp32", "bf16", "fp16"]
-LRDecay = Literal["cosine", "linear", "constant"]
+Precision = Literal["fp32", "bf16", "fp16", "fp8"]
+LRDecay = Literal["cosine", "linear", "constant", "wsd"]
+LR_DECAYS: tuple[LRDecay, ...] = ("cosine", "linear", "constant", "wsd")
+Recompute = Literal["none", "op", "full"]
+RECOMPUTES: tuple[Recompute, ...] = ("none", "op", "full")
+"""Recomputation policies the runner applies (:mod:`batchpilot.measure.recompute`, the memory model's own)."""
+Reshard = Literal["default", "last", "always", "never"]
+RESHARDS: tuple[Reshard, ...] = ("default", "last", "always", "never")
+FP8Recipe = Literal["tensorwise", "rowwise"]
+FP8_RECIPES: tuple[FP8Recipe, ...] = ("tensorwise", "rowwise")
+"""torchao ``Float8LinearConfig.from_recipe_name`` recipes the runner applies (GPU only)."""
+LogSink = Literal["tensorboard", "wandb"]
+LOG_SINKS: tuple[LogSink, ...] = ("tensorboard", "wandb")
 LRScaling = Literal["none", "linear", "sqrt"]
 Device = Literal["auto", "cpu", "cuda"]
 MAX_RESTARTS = 100
@@ -114,7 +125,11 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping (the norm is still logged)."""
     precision: Precision = "fp32"
-    """fp32, bf16 autocast, or fp16 autocast with a gradient scaler."""
+    """fp32, bf16 autocast (FSDP2: ``MixedPrecisionPolicy`` bf16 parameters, fp32 reduction), fp16 autocast
+    with a gradient scaler, or fp8 (torchao ``Float8Linear`` matmuls over bf16; CUDA only)."""
+    decay_ratio: float = 0.2
+    """``wsd``: the share of the run (steps or tokens) spent in the final decay; the LR is flat before it.
+    0.2: Hägele et al. 2024 (arXiv:2405.18392 §3) found a 20% cooldown matches cosine."""
     max_bad_steps: int = 5
     """Stop after this many consecutive optimizer steps skipped for a non-finite loss or gradient norm (the
     weights are not updated on such a step; fp16 gradient overflows are the scaler's and do not count)."""
@@ -127,9 +142,11 @@ class OptimConfig:
         _require(0.0 <= self.min_lr_ratio <= 1.0, "min LR ratio must be in [0, 1]")
         _require(self.grad_clip >= 0, "--grad-clip must be ≥ 0")
         _require(self.max_bad_steps >= 1, f"--max-bad-steps {self.max_bad_steps} must be positive")
-        _require(self.precision in ("fp32", "bf16", "fp16"), f"--precision {self.precision!r}: use fp32, bf16 or fp16")
+        _require(self.precision in ("fp32", "bf16", "fp16", "fp8"),
+                 f"--precision {self.precision!r}: use fp32, bf16, fp16 or fp8")
+        _require(0.0 < self.decay_ratio <= 1.0, f"--decay-ratio {self.decay_ratio} must be in (0, 1]")
         _require(self.lr_scaling in ("none", "linear", "sqrt"), f"--lr-scaling {self.lr_scaling!r}: use none, linear or sqrt")
-        _require(self.decay in ("cosine", "linear", "constant"), f"--lr-decay {self.decay!r}: use cosine, linear or constant")
+        _require(self.decay in LR_DECAYS, f"--lr-decay {self.decay!r}: use {', '.join(LR_DECAYS)}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -167,13 +184,22 @@ class RunConfig:
     """torchrun's elastic restarts when this process launches it (``--nproc`` > 1, or > 0 here with one
     process): a failed worker group starts again and resumes from the last checkpoint."""
     fsdp: bool = False
-    """FSDP2 ``fully_shard`` instead of DDP."""
+    """FSDP2 ``fully_shard`` instead of DDP (``--fsdp``: the same as ``ParallelConfig.zero_stage`` 3)."""
     expected_world_size: int | None = None
     """Fail unless the launcher started exactly this many processes."""
     device: Device = "auto"
     """``cuda`` when available under auto."""
     threads: int | None = None
     """``torch.set_num_threads`` per process (default: cores / local processes)."""
+    async_checkpoint: bool = False
+    """Write checkpoints with ``torch.distributed.checkpoint.async_save`` (training goes on while the files are
+    written; the checkpoint is published, manifest and ``latest``, when the write has finished)."""
+    export_hf: bool = False
+    """At the end, write the final model in the Hugging Face format (``OUT/hf/``: config.json and
+    model.safetensors, and the tokenizer when it is a Hugging Face one)."""
+    log_sinks: tuple[LogSink, ...] = ()
+    """Besides ``metrics.jsonl``: ``tensorboard`` (``torch.utils.tensorboard.SummaryWriter`` in ``OUT/tb``) and
+    ``wandb`` (offline mode, in ``OUT/wandb``; needs the wandb package)."""
 
     def __post_init__(self) -> None:
         _require((self.steps is None) != (self.tokens is None), "give exactly one of --steps and --tokens")
@@ -188,6 +214,45 @@ class RunConfig:
         _require(0 <= self.max_restarts <= MAX_RESTARTS, f"--max-restarts {self.max_restarts} must be in 0..{MAX_RESTARTS}")
         _require(self.keep_checkpoints >= 1, "--keep-checkpoints must be positive")
         _require(self.threads is None or self.threads >= 1, f"--threads {self.threads} must be positive (omit it for the default)")
+        for sink in self.log_sinks:
+            _require(sink in LOG_SINKS, f"--log {sink!r}: use {', '.join(LOG_SINKS)}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParallelConfig:
+    """How the model is split and what it recomputes: the layout and policies a ``batchpilot plan`` chooses
+    (``RunSettings``' vocabulary), applied in torchtitan's order by :mod:`batchpilot.train.parallelize`."""
+
+    zero_stage: int = 0
+    """0: DDP (``--fsdp`` still means 3); 2: FSDP2 without resharding after forward (ZeRO-2: parameters stay
+    gathered from forward to backward); 3: FSDP2 full sharding."""
+    reshard_after_forward: Reshard = "default"
+    """ZeRO-3's ``reshard_after_forward`` per unit, torchtitan's ``fsdp_reshard_after_forward``: ``default``
+    (embedding and blocks resharded, ``[norm, output]`` kept), ``last`` (every block but the last; the root
+    unit kept), ``always``, ``never``."""
+    tp: int = 1
+    """Tensor-parallel size: the model's own ``base_model_tp_plan`` (colwise/rowwise linears) over DTensor;
+    ranks ``tp·k … tp·k + tp − 1`` form one tensor-parallel group and see the same data."""
+    recompute: Recompute = "none"
+    """``op`` (torchtitan's per-op selective checkpointing), ``full``, or ``none``."""
+    recompute_every: int = 1
+    """Checkpoint layers N, 2N, … only (1: every layer)."""
+    compile: bool = False
+    """``torch.compile`` each decoder layer (after recomputation, before FSDP2, as torchtitan)."""
+    fp8_recipe: FP8Recipe = "tensorwise"
+    """torchao's float8 recipe under ``--precision fp8``."""
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage in (0, 2, 3), f"--zero {self.zero_stage}: the runner runs 0 (DDP), 2 or 3 (FSDP2)")
+        _require(self.reshard_after_forward in RESHARDS,
+                 f"--reshard-after-forward {self.reshard_after_forward!r}: use {', '.join(RESHARDS)}")
+        _require(self.tp >= 1, f"--tp {self.tp} must be positive")
+        _require(self.recompute in RECOMPUTES, f"--recompute {self.recompute!r}: the runner applies "
+                 f"{', '.join(RECOMPUTES)} (selective, the attention core, keeps what none keeps under SDPA)")
+        _require(self.recompute_every >= 1, f"--recompute-every {self.recompute_every} must be positive")
+        _require(self.recompute_every == 1 or self.recompute != "none",
+                 f"--recompute-every {self.recompute_every} needs --recompute op or full")
+        _require(self.fp8_recipe in FP8_RECIPES, f"--fp8-recipe {self.fp8_recipe!r}: use {', '.join(FP8_RECIPES)}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -199,6 +264,24 @@ class TrainConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        zero, p = self.zero_stage, self.parallel
+        _require(zero != 0 or p.tp == 1, f"--tp {p.tp} runs with FSDP2 (--zero 2 or 3, or --fsdp): DDP replicates "
+                                         f"whole models (torchtitan: DDP has no 2-D parallelism)")
+        _require(p.reshard_after_forward == "default" or zero == 3,
+                 f"--reshard-after-forward {p.reshard_after_forward} applies to --zero 3 (FSDP2 full sharding)")
+
+    @property
+    def zero_stage(self) -> int:
+        """0 (DDP), 2 or 3 (FSDP2): ``parallel.zero_stage``, or 3 for the older ``run.fsdp``."""
+        return self.parallel.zero_stage or (3 if self.run.fsdp else 0)
+
+    @property
+    def fsdp(self) -> bool:
+        """FSDP2 shards the model (ZeRO-2 or 3)."""
+        return self.zero_stage > 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -208,9 +291,12 @@ class TrainConfig:
         optim = dict(data.get("optim", {}))
         if "betas" in optim:
             optim["betas"] = tuple(optim["betas"])
+        run = dict(data.get("run", {}))
+        if "log_sinks" in run:
+            run["log_sinks"] = tuple(run["log_sinks"])
         return cls(model=ModelConfig(**data.get("model", {})), data=DataConfig(**data.get("data", {})),
                    batch=BatchConfig(**data.get("batch", {})), optim=OptimConfig(**optim),
-                   run=RunConfig(**data.get("run", {})))
+                   run=RunConfig(**run), parallel=ParallelConfig(**data.get("parallel", {})))
 
     def replace(self, **sections: Any) -> TrainConfig:
         """A copy with some fields of some sections changed: ``cfg.replace(run={"steps": 5})``."""

@@ -1,4 +1,5 @@
-"""Processes: the torchrun environment, DDP / FSDP2 wrapping, and launching torchrun locally.
+"""Processes: the torchrun environment, collectives of the loop, and launching torchrun locally (the model's
+layout — DDP, FSDP2, tensor parallelism — is :mod:`batchpilot.train.parallelize`).
 
 The same ``batchpilot train`` command runs
 
@@ -139,28 +140,6 @@ def shutdown() -> None:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
-
-
-def wrap_model(model: nn.Module, env: DistEnv, *, fsdp: bool) -> nn.Module:
-    """DDP (default) or FSDP2 ``fully_shard`` per decoder layer and the root; unchanged on one process."""
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        if not dist.is_initialized():  # fully_shard needs a process group, even a group of one
-            dist.init_process_group(backend="gloo" if env.device.type == "cpu" else "nccl",
-                                    store=dist.HashStore(), rank=0, world_size=1)
-        layers = getattr(getattr(model, "model", model), "layers", [])
-        for layer in layers:
-            fully_shard(layer)
-        fully_shard(model)
-        return model
-    if not env.distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [env.device.index] if env.device.type == "cuda" else None
-    # Buffers (RoPE inv_freq) are identical on every rank: no per-forward broadcast needed.
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -6,6 +6,11 @@ Two meters feed :class:`batchpilot.estimate.noise.NoiseSample`:
   sees *this backward's* gradient before autograd adds it into ``param.grad``, so the micro-batch
   gradient's squared norm is summed per parameter (one fp64 scalar each) and no copy of the gradients is
   kept. The accumulated ``param.grad`` after the last micro-step is the big-batch gradient.
+- Under FSDP2 the parameters are DTensor shards and the forward runs on FSDP2's unsharded parameters
+  (``FSDPParam._unsharded_param``, created at the first all-gather and reused after); :func:`gradient_leaves`
+  returns those, so the same tensor hooks see each rank's whole micro-batch gradient before the
+  reduce-scatter, and :func:`grads_sq_norm` of the sharded gradients squares each rank's shards and
+  all-reduces the sum (the global gradient's |g|²).
 - :func:`noise_allreduce_hook` — torch DDP. A communication hook (``model.register_comm_hook``) sees each
   gradient bucket before the all-reduce (this rank's local gradient) and after it (the global mean), so
   B_small = local batch and B_big = global batch, at the cost of one fp64 reduction per bucket.
@@ -31,12 +36,75 @@ def _sq_norm(tensor: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64).square()
 
 
+def _by_mesh(grads: Iterable[torch.Tensor]) -> dict[Any, list[torch.Tensor]]:
+    """Gradients grouped by their DTensor device mesh (None: plain tensors). FSDP2 with tensor parallelism puts
+    the TP-sharded parameters on the 2-D mesh and the others on its ``dp`` dimension, and DTensor reductions
+    (``torch.stack``, foreach norms) need one mesh."""
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    return groups
+
+
+def gradient_leaves(model: torch.nn.Module) -> tuple[list[torch.Tensor], bool]:
+    """The tensors autograd computes parameter gradients for, and whether they are FSDP2's unsharded
+    parameters: ``model.parameters()`` without FSDP2; with it, every ``FSDPParam``'s ``_unsharded_param``
+    (torch 2.13 ``torch/distributed/fsdp/_fully_shard/_fsdp_param.py`` ``init_unsharded_param``: created at
+    the first all-gather, so call this after a forward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    leaves: list[torch.Tensor] = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            state: Any = module._get_fsdp_state()
+            for group in state._fsdp_param_groups:
+                leaves += [fp._unsharded_param for fp in group.fsdp_params if hasattr(fp, "_unsharded_param")]
+    if leaves:
+        return leaves, True
+    return list(model.parameters()), False
+
+
 def grads_sq_norm(params: Iterable[torch.nn.Parameter]) -> float:
-    """|grad|² over all parameters that have a gradient, in fp64 (one host sync)."""
-    norms = [_sq_norm(p.grad) for p in params if p.grad is not None]
-    if not norms:
+    """|grad|² over all parameters that have a gradient, in fp64 (one host sync per device mesh).
+
+    FSDP2 and tensor-parallel gradients are DTensor shards: per mesh, each rank squares its local shards and
+    the sum is all-reduced (DTensor's partial-sum reduction of the norm), so every rank returns the full
+    gradient's |g|² — the B_big measurement of the noise scale under FSDP2."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
         raise BatchpilotError("no parameter has a gradient; call this after backward()")
-    return float(torch.stack([n.to(norms[0].device) for n in norms]).sum().item())
+    total = 0.0
+    for group in _by_mesh(grads).values():
+        square: Any = torch.stack([_sq_norm(g) for g in group]).sum() if len(group) > 1 else _sq_norm(group[0])
+        total += float(square.full_tensor() if hasattr(square, "full_tensor") else square)
+    return total
+
+
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` over gradients that may live on several device meshes: the 2-norm of
+    each mesh's gradients (``get_total_norm``; a DTensor norm is all-reduced by ``full_tensor``), combined,
+    then every gradient × ``min(1, max_norm / (norm + 1e-6))`` (``clip_grads_with_norm_``). With one mesh (or
+    none) it is ``clip_grad_norm_`` itself. Returns the norm before clipping."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return 0.0
+    groups: dict[Any, list[torch.nn.Parameter]] = {}
+    for p in with_grad:
+        groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    if len(groups) == 1:
+        norm: Any = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    norms = []
+    for group in groups.values():
+        part: Any = torch.nn.utils.get_total_norm([p.grad for p in group if p.grad is not None], 2.0)
+        norms.append(part.full_tensor() if hasattr(part, "full_tensor") else part)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    with implicit_replication():
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return float(total)
 
 
 class MicroGradNorms:
@@ -46,7 +114,7 @@ class MicroGradNorms:
     :meth:`pop` to take that micro-batch's |g|² (times ``scale²``). :meth:`remove` unregisters.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter]) -> None:
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
         self._norms: list[torch.Tensor] = []
         self._handles = [p.register_hook(self._hook) for p in params if p.requires_grad]
         if not self._handles:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.measure.step import (
@@ -64,13 +65,14 @@ from batchpilot.train.distributed import (
     elastic_restart_count,
     gradient_sync,
     unwrap,
-    wrap_model,
 )
+from batchpilot.train.grad_norms import clip_grad_norm
 from batchpilot.train.hooks import MicroStepInfo, StepInfo, TrainHook, hook_states, restore_hook_states
 from batchpilot.train.lr import LRSchedule
 from batchpilot.train.metrics import MetricsLog, peak_memory_bytes
-from batchpilot.train.model import build_model
+from batchpilot.train.model import BuiltModel, build_model
 from batchpilot.train.noise_default import default_noise_hook, noise_summary
+from batchpilot.train.parallelize import ParallelLayout, device_mesh, load_full_weights, parallelize, sharded
 from batchpilot.train.schedule import BatchSchedule, Progress
 from batchpilot.train.tokenizer import load_tokenizer
 from batchpilot.train.validate import StaticPlan, check_static
@@ -103,10 +105,12 @@ class Trainer:
     def __init__(self, config: TrainConfig, env: DistEnv, *, hooks: Sequence[TrainHook] = (),
                  on_record: RecordCallback | None = None) -> None:
         self.config, self.env, self.hooks, self.on_record = config, env, list(hooks), on_record
+        self.layout = ParallelLayout(rank=env.rank, world_size=env.world_size, tp=config.parallel.tp)
+        self.dp, self.dp_rank = self.layout.dp, self.layout.dp_rank
         self.plan: StaticPlan = check_static(config, env.world_size)
         self.schedule: BatchSchedule = self.plan.schedule
         self.hooks += getattr(self.schedule, "required_hooks", list)()  # e.g. the adaptive schedule's noise hook
-        self.noise = default_noise_hook(config, self.plan, env.world_size, self.hooks)
+        self.noise = default_noise_hook(config, self.plan, self.dp, self.hooks)
         if self.noise.hook is not None:
             self.hooks.append(self.noise.hook)
         self.out = Path(config.run.out)
@@ -127,6 +131,7 @@ class Trainer:
         self._step_times: list[tuple[int, float]] = []
         self._slots = [0, 0]  # real input tokens, padded tensor slots (this process's steps)
         self._bad_steps = 0  # consecutive optimizer steps skipped for a non-finite loss or gradient norm
+        self._pending: ckpt.PendingCheckpoint | None = None
 
     # ------------------------------------------------------------------ setup
     def _set_threads(self) -> None:
@@ -151,31 +156,57 @@ class Trainer:
             self.val_rows = val_stream.rows(0, min(self.config.run.val_rows, val_stream.rows_per_epoch))
 
     def _build(self) -> None:
-        built = build_model(self.config.model, seed=self.config.run.seed)
+        """The model with the plan's layout and policies (:mod:`batchpilot.train.parallelize`): sharded runs build
+        it on the meta device and load rank 0's weights into their shards; others build it whole."""
+        cfg, env = self.config, self.env
+        self.fsdp = cfg.fsdp
+        self.mesh = device_mesh(env, self.layout) if sharded(cfg) else None
+        if self.mesh is not None:
+            built = build_model(cfg.model, seed=cfg.run.seed, empty=True)
+            self._check_vocabulary(built)
+            full = build_model(cfg.model, seed=cfg.run.seed) if env.is_main else None
+            module = built.module
+            self.model = parallelize(module, cfg, env, self.mesh)
+            module.to_empty(device=env.device)
+            load_full_weights(module, full.module if full is not None else None, env)
+            if full is not None:
+                built = dataclasses.replace(built, source=full.source)
+            del full
+        else:
+            built = build_model(cfg.model, seed=cfg.run.seed)
+            self._check_vocabulary(built)
+            module = built.module.to(env.device)
+            self.model = parallelize(module, cfg, env, None)
+        module.train()
+        self.built = built
+        self.varlen = "flash" in str(getattr(module.config, "_attn_implementation", ""))
+        precision = cfg.optim.precision  # FSDP2's MixedPrecisionPolicy computes in bf16 without autocast
+        self.forward_precision = ("fp32" if self.fsdp and precision in ("bf16", "fp8")
+                                  else "bf16" if precision == "fp8" else precision)
+        oc = cfg.optim  # the one training step's optimizer (batchpilot.measure.step), as the probe runs it
+        self.optimizer = make_optimizer(
+            param_groups(self.model, oc.weight_decay), lr=oc.lr, betas=oc.betas, eps=oc.eps,
+            implementation=optimizer_implementation(env.device.type, fsdp=self.mesh is not None))
+        self.scaler = self._make_scaler()
+        # dcp.async_save's collectives run in a writer thread: on a group of their own (torchtitan does the same)
+        self._checkpoint_group = (dist.new_group(backend="gloo") if cfg.run.async_checkpoint and env.distributed
+                                  else None)
+        self.manual_sync = any(getattr(h, "requires_local_gradients", False) for h in self.hooks) \
+            and env.distributed
+        if self.manual_sync and self.fsdp:
+            raise BatchpilotError("a hook needs rank-local gradients, which FSDP2 does not keep; run it with DDP")
+
+    def _check_vocabulary(self, built: BuiltModel) -> None:
         if self.tokenizer.vocab_size > built.vocab_size:
             raise BatchpilotError(
                 f"tokenizer {self.tokenizer.name!r} has {self.tokenizer.vocab_size} ids but the model's vocabulary "
                 f"is {built.vocab_size}; use a smaller tokenizer (e.g. --tokenizer bpe:{built.vocab_size}) or a "
                 f"model with a larger vocab_size"
             )
-        self.built = built
-        module = built.module.to(self.env.device)
-        module.train()
-        self.model = wrap_model(module, self.env, fsdp=self.config.run.fsdp)
-        self.varlen = "flash" in str(getattr(module.config, "_attn_implementation", ""))
-        oc = self.config.optim  # the one training step's optimizer (batchpilot.measure.step), as the probe runs it
-        self.optimizer = make_optimizer(
-            param_groups(self.model, oc.weight_decay), lr=oc.lr, betas=oc.betas, eps=oc.eps,
-            implementation=optimizer_implementation(self.env.device.type, fsdp=self.config.run.fsdp))
-        self.scaler = self._make_scaler()
-        self.manual_sync = any(getattr(h, "requires_local_gradients", False) for h in self.hooks) \
-            and self.env.distributed
-        if self.manual_sync and self.config.run.fsdp:
-            raise BatchpilotError("a hook needs rank-local gradients, which FSDP2 does not keep; run it with DDP")
 
     def _make_scaler(self) -> torch.amp.GradScaler:
         enabled = self.config.optim.precision == "fp16"
-        if self.config.run.fsdp and enabled:
+        if self.fsdp and enabled:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             return ShardedGradScaler(self.env.device.type, enabled=True)
@@ -220,26 +251,26 @@ class Trainer:
             kwargs["attention_mask"] = mb.attention_mask.to(dev, non_blocking=True)
         if mb.position_ids is not None:
             kwargs["position_ids"] = mb.position_ids.to(dev, non_blocking=True)
-        return forward_loss(model, kwargs, mb.targets.to(dev, non_blocking=True), precision=self.config.optim.precision)
+        return forward_loss(model, kwargs, mb.targets.to(dev, non_blocking=True), precision=self.forward_precision)
 
     def _layout(self, global_batch: int) -> StepLayout:
         bc, dc = self.config.batch, self.config.data
         if bc.batching != "token-budget":  # the one owner of global = micro × accum × dp checks it
             BatchTriad.from_global(global_batch_sequences=global_batch, micro_batch_sequences=bc.micro_batch_sequences,
-                                   data_parallel_ranks=self.env.world_size, seq_len_tokens=dc.seq_len)
-        elif global_batch % self.env.world_size:
-            raise BatchpilotError(f"global batch {global_batch} is not divisible by dp {self.env.world_size}")
+                                   data_parallel_ranks=self.dp, seq_len_tokens=dc.seq_len)
+        elif global_batch % self.dp:
+            raise BatchpilotError(f"global batch {global_batch} is not divisible by dp {self.dp}")
         rows = self.stream.rows(self.state.sequences_seen, global_batch)
-        return layout_step(rows, mode=bc.batching, dp=self.env.world_size, micro_batch_sequences=bc.micro_batch_sequences,
+        return layout_step(rows, mode=bc.batching, dp=self.dp, micro_batch_sequences=bc.micro_batch_sequences,
                            seq_len=dc.seq_len, max_tokens_per_micro_batch=self.plan.max_tokens_per_micro_batch)
 
     def _accumulate(self, layout: StepLayout, lr: float) -> tuple[torch.Tensor, float]:
-        env, st = self.env, self.state
-        plans = layout.per_rank[env.rank]
+        env, st, dp, dp_rank = self.env, self.state, self.dp, self.dp_rank
+        plans = layout.per_rank[dp_rank]
         n_global = max(1, layout.global_target_tokens)
         loss_scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
-        factor = env.world_size / n_global
-        local_targets = layout.local_target_tokens(env.rank)
+        factor = dp / n_global  # DDP/FSDP2 average over the dp ranks; tensor-parallel peers share one batch
+        local_targets = layout.local_target_tokens(dp_rank)
         local_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         for i, plan in enumerate(plans):
             mb = collate(plan, self.corpus.tokens, mode=self.config.batch.batching, varlen=self.varlen)
@@ -253,15 +284,15 @@ class Trainer:
                     step=st.step, micro_index=i, num_micro_steps=len(plans), micro_target_tokens=mb.num_targets,
                     local_target_tokens=local_targets, global_target_tokens=n_global,
                     micro_batch_sequences=len(plan.rows), loss_sum=float(loss_sum.detach()), loss_scale=loss_scale,
-                    grad_to_sum_factor=n_global / (env.world_size * loss_scale),
-                    grads_synced=last and env.distributed and not self.manual_sync, rank=env.rank,
-                    world_size=env.world_size)
+                    grad_to_sum_factor=n_global / (dp * loss_scale),
+                    grads_synced=last and env.distributed and not self.manual_sync, rank=dp_rank,
+                    world_size=dp)
                 for hook in self.hooks:
                     hook.on_micro_step(self.model, info)
         step_info = StepInfo(step=st.step, global_batch_sequences=layout.num_rows, global_target_tokens=n_global,
                              local_target_tokens=local_targets, tokens_seen=st.tokens_seen, loss_scale=loss_scale,
-                             grad_to_sum_factor=n_global / (env.world_size * loss_scale), lr=lr, rank=env.rank,
-                             world_size=env.world_size)
+                             grad_to_sum_factor=n_global / (dp * loss_scale), lr=lr, rank=dp_rank,
+                             world_size=dp)
         if self.manual_sync:
             for hook in self.hooks:
                 hook.on_local_gradients(self.model, step_info)
@@ -278,11 +309,7 @@ class Trainer:
         gradients, FSDP2's is a full tensor) and the loss is all-reduced, so every rank decides alike.
         A non-finite loss or norm skips the update (gradients zeroed, weights and AdamW moments unchanged);
         with fp16 the scaler skips an overflowing step itself and lowers its scale, as before."""
-        clip = self.config.optim.grad_clip or math.inf
-        norm: Any = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        grad_norm = float(norm)
+        grad_norm = clip_grad_norm(self.model.parameters(), self.config.optim.grad_clip or math.inf)
         skip = not loss_finite or (not self.scaler.is_enabled() and not math.isfinite(grad_norm))
         if not skip:
             for group in self.optimizer.param_groups:
@@ -301,7 +328,8 @@ class Trainer:
         layout = self._layout(global_batch)
         lr = self.lr.lr(step=st.step, tokens_seen=st.tokens_seen, global_batch_sequences=global_batch)
         local_sum, loss_scale = self._accumulate(layout, lr)
-        loss_total, stop = all_reduce_sum([float(local_sum), 1.0 if self._stop_signal else 0.0], self.env)
+        mine = float(local_sum) if self.layout.tp_rank == 0 else 0.0  # one copy per tensor-parallel group
+        loss_total, stop = all_reduce_sum([mine, 1.0 if self._stop_signal else 0.0], self.env)
         grad_norm, skipped = self._optimizer_step(lr, math.isfinite(loss_total))
         self._bad_steps = self._bad_steps + 1 if skipped else 0
         self._stop_requested = stop > 0
@@ -341,10 +369,10 @@ class Trainer:
         """Token-mean validation loss over ``val_rows`` rows (every rank runs the same number of forwards)."""
         if not self.val_rows:
             return None
-        env, micro = self.env, self.config.batch.micro_batch_sequences
-        mine = self.val_rows[env.rank::env.world_size]
-        per_rank = -(-len(self.val_rows) // env.world_size)
-        model = self.model if self.config.run.fsdp else unwrap(self.model)
+        micro = self.config.batch.micro_batch_sequences
+        mine = self.val_rows[self.dp_rank::self.dp]
+        per_rank = -(-len(self.val_rows) // self.dp)
+        model = self.model if self.fsdp else unwrap(self.model)
         totals = [0.0, 0.0]
         was_training = model.training
         model.eval()
@@ -353,8 +381,11 @@ class Trainer:
             for start in range(0, per_rank, micro):
                 plan = MicroBatchPlan(rows=tuple(mine[start:start + micro]), pad_to=self.config.data.seq_len)
                 mb = collate(plan, self.val_corpus.tokens, mode="fixed")
-                totals[0] += float(self._forward_loss(model, mb))
-                totals[1] += mb.num_targets
+                if self.layout.tp_rank == 0:  # tensor-parallel peers computed the same rows
+                    totals[0] += float(self._forward_loss(model, mb))
+                    totals[1] += mb.num_targets
+                else:
+                    self._forward_loss(model, mb)
         model.train(was_training)
         loss_sum, count = all_reduce_sum(totals, self.env)
         return loss_sum / count if count else None
@@ -375,10 +406,19 @@ class Trainer:
                 + f"; lower --lr (now {self.config.optim.lr:g}) or set --grad-clip")
         state = {"train": dataclasses.asdict(self.state), "schedule": self.schedule.state_dict(),
                  "hooks": hook_states(self.hooks), "config": self.config.to_dict()}
-        ckpt.save_checkpoint(self.out, self.state.step, model=self.model, optimizer=self.optimizer,
-                             scaler=self.scaler, state=state, env=self.env, keep=self.config.run.keep_checkpoints,
-                             unchanged=self._on_disk_step == self.state.step)
+        self._publish_pending()
+        written = ckpt.save_checkpoint(
+            self.out, self.state.step, model=self.model, optimizer=self.optimizer, scaler=self.scaler, state=state,
+            env=self.env, keep=self.config.run.keep_checkpoints, unchanged=self._on_disk_step == self.state.step,
+            asynchronous=self.config.run.async_checkpoint, group=self._checkpoint_group)
+        self._pending = written if isinstance(written, ckpt.PendingCheckpoint) else None
         self._on_disk_step = self.state.step
+
+    def _publish_pending(self) -> None:
+        """Finish the asynchronous checkpoint still being written (``--async-checkpoint``)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.publish()
 
     def _stop_bad_steps(self) -> None:
         """Stop after ``max_bad_steps`` skipped steps in a row, leaving the last checkpoint as it is."""
@@ -441,6 +481,7 @@ class Trainer:
                     self._checkpoint()
             if stopped or rc.final_checkpoint:
                 self._checkpoint()
+            self._publish_pending()
             val_loss = None if stopped else self.evaluate()
         if self.metrics is not None:
             self.metrics.close()

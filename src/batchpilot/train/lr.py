@@ -5,7 +5,11 @@
 - ``warmup(step) = min(1, (step + 1) / warmup_steps)`` (linear, Goyal et al. 2017 §2.2);
 - ``progress`` is ``step / steps`` or ``tokens_seen / tokens`` in [0, 1]; cosine:
   ``r + (1 − r)·½(1 + cos πp)`` (Loshchilov & Hutter 2017, no restarts), linear: ``r + (1 − r)(1 − p)``,
-  ``r`` = ``min_lr_ratio``;
+  ``r`` = ``min_lr_ratio``; ``wsd`` (warmup–stable–decay: Hu et al. 2024, MiniCPM, arXiv:2404.06395 §4;
+  Hägele et al. 2024, arXiv:2405.18392): flat at the peak until ``1 − decay_ratio`` of the run, then linear
+  to ``r`` over the last ``decay_ratio`` (``r + (1 − r)(1 − q)``, ``q`` the progress through the decay),
+  torchtitan's ``linear_warmup_stable_decay`` with ``decay_type = "linear"``
+  (``torchtitan/components/optimizer/lr_scheduler.py`` @ ``b5bcd76c``), counted in steps or tokens;
 - ``scale`` is 1 (none), ``B/B₀`` (linear rule, Goyal et al. 2017) or ``√(B/B₀)`` (square-root rule for
   Adam, Malladi et al. 2022), ``B₀`` the first global batch of the run.
 """
@@ -34,6 +38,8 @@ class LRSchedule:
     """Decay horizon in steps (one of this and ``total_tokens``)."""
     total_tokens: int | None = None
     """Decay horizon in tokens."""
+    decay_ratio: float = 0.2
+    """``wsd``: the final share of the run over which the LR decays."""
 
     def progress(self, step: int, tokens_seen: int) -> float:
         if self.total_steps is not None:
@@ -51,6 +57,9 @@ class LRSchedule:
             shape = r + (1 - r) * 0.5 * (1 + math.cos(math.pi * p))
         elif self.decay == "linear":
             shape = r + (1 - r) * (1 - p)
+        elif self.decay == "wsd":
+            q = max(0.0, (p - (1 - self.decay_ratio)) / self.decay_ratio)
+            shape = r + (1 - r) * (1 - q)
         else:
             shape = 1.0
         return self.peak_lr * warm * shape * self.batch_scale(global_batch_sequences)

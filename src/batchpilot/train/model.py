@@ -8,11 +8,16 @@
 - a ``batchpilot train`` run folder → the run's recorded model rebuilt as above, then only the weights of
   its newest good checkpoint (:mod:`batchpilot.train.run_folder`); ``source`` is ``run:DIR@step-NNNNNNNN``.
 
-Weights are kept in fp32 (master weights); bf16/fp16 come from autocast.
+Weights are kept in fp32 (master weights); bf16/fp16 come from autocast or FSDP2's mixed-precision policy.
+
+``empty=True`` builds the same architecture on the meta device (no storage, no weights read): what every
+rank of a sharded run (FSDP2, tensor parallelism) builds before ``to_empty``; rank 0 alone builds the
+real weights (:func:`batchpilot.train.parallelize.load_full_weights`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -48,11 +53,11 @@ def _is_pretrained_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def build_model(config: ModelConfig, *, seed: int) -> BuiltModel:
-    """Build the model named by ``--model`` (see the module docstring)."""
+def build_model(config: ModelConfig, *, seed: int, empty: bool = False) -> BuiltModel:
+    """Build the model named by ``--model`` (see the module docstring); ``empty``: on the meta device."""
     if is_run_folder(config.model):
-        return _from_run_folder(config, seed=seed)
-    from transformers import AutoModelForCausalLM
+        return _from_run_folder(config, seed=seed, empty=empty)
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(config.model)
     extra: dict[str, Any] = {}
@@ -61,15 +66,23 @@ def build_model(config: ModelConfig, *, seed: int) -> BuiltModel:
     module: Any
     if _is_pretrained_dir(path):
         try:
-            module = AutoModelForCausalLM.from_pretrained(
-                str(path), local_files_only=True, use_safetensors=True, dtype=torch.float32,
-                trust_remote_code=config.trust_remote_code, **extra)
+            if empty:
+                hf = AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                                trust_remote_code=config.trust_remote_code)
+                with torch.device("meta"):
+                    module = AutoModelForCausalLM.from_config(hf, dtype=torch.float32,
+                                                              trust_remote_code=config.trust_remote_code, **extra)
+            else:
+                module = AutoModelForCausalLM.from_pretrained(
+                    str(path), local_files_only=True, use_safetensors=True, dtype=torch.float32,
+                    trust_remote_code=config.trust_remote_code, **extra)
         except (OSError, ValueError) as exc:
             raise SpecError(f"model directory {config.model!r} cannot be loaded: {' '.join(str(exc).split())[:200]}") from None
         source = "pretrained"
     else:  # the one training step's module (batchpilot.measure.step), as the probe builds it
-        module = build_module(load_model(config.model).hf_config, name=config.model,
-                              attn_implementation=config.attn_implementation, seed=seed)
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            module = build_module(load_model(config.model).hf_config, name=config.model,
+                                  attn_implementation=config.attn_implementation, seed=seed)
         source = "random-init"
     cfg = module.config
     embedding: Any = module.get_input_embeddings()
@@ -80,9 +93,11 @@ def build_model(config: ModelConfig, *, seed: int) -> BuiltModel:
     )
 
 
-def _from_run_folder(config: ModelConfig, *, seed: int) -> BuiltModel:
+def _from_run_folder(config: ModelConfig, *, seed: int, empty: bool) -> BuiltModel:
     """The run's architecture (its recorded ``--model``, followed to the base of a chain) with the weights of
     its newest checkpoint that passes its checksums; the fallback warning is rank 0's alone."""
-    built = build_model(dataclasses.replace(config, model=base_model(config.model)), seed=seed)
+    built = build_model(dataclasses.replace(config, model=base_model(config.model)), seed=seed, empty=empty)
+    if empty:
+        return dataclasses.replace(built, source=f"run:{Path(config.model)}")
     used = load_model_weights(Path(config.model), built.module, warn=os.environ.get("RANK", "0") == "0")
     return dataclasses.replace(built, source=f"run:{Path(config.model)}@{used.name}")

@@ -12,9 +12,10 @@ The :class:`~batchpilot.train.loop.Trainer` installs a :class:`~batchpilot.train
 - ``--noise-every 0`` / ``--no-noise``;
 - a noise hook is already installed — the adaptive schedule's, or one a caller passed (``batchpilot noise``):
   never two, and the summary reports that hook's estimate;
-- FSDP2 is on: its gradients are shards (DTensor), and the hook's per-parameter norms would be per-shard
-  (an all-reduce of the per-shard squares is not implemented; ``--batch-schedule adaptive`` with ``--fsdp``
-  is refused in :mod:`batchpilot.train.validate` for the same reason);
+- tensor parallelism is on (``--tp`` > 1): each rank's micro-batch gradient is split over the
+  tensor-parallel group (``--batch-schedule adaptive`` with ``--tp`` > 1 is refused in
+  :mod:`batchpilot.train.validate` for the same reason). Under FSDP2 it is measured: the micro-batch
+  norms on the unsharded parameters, the global one from the shards (:mod:`batchpilot.train.grad_norms`);
 - every step has exactly one micro-batch in total (accumulation × dp = 1): then B_small = B_big and
   nothing can be estimated. Where only some steps do (a ramp's first batches, token-budget batching),
   the hook is installed and leaves those steps out.
@@ -66,9 +67,9 @@ def default_noise_hook(config: TrainConfig, plan: StaticPlan, world_size: int,
         return NoiseSetup(hook=None, note="measured by the noise hook already installed (adaptive schedule or caller)")
     if every == 0:
         return NoiseSetup(hook=None, note="off (--noise-every 0 / --no-noise)")
-    if config.run.fsdp:
-        return NoiseSetup(hook=None, note="off: FSDP2 shards the gradients, which the noise hook cannot measure "
-                                          "yet; run with DDP (no --fsdp) to measure it")
+    if config.parallel.tp > 1:
+        return NoiseSetup(hook=None, note=f"off: tensor parallelism (--tp {config.parallel.tp}) splits each rank's "
+                                          f"micro-batch gradient; run with --tp 1 to measure it")
     single = _single_micro_batch(config, plan, world_size)
     if single is not None:
         micro = config.batch.micro_batch_sequences

@@ -53,8 +53,13 @@ def _check_data(data: str) -> None:
 
 
 def check_static(config: TrainConfig, world_size: int) -> StaticPlan:
-    """Validate ``config`` for ``world_size`` ranks without reading data or building the model."""
-    dc, bc = config.data, config.batch
+    """Validate ``config`` for ``world_size`` processes (``world_size / --tp`` data-parallel ranks) without
+    reading data or building the model."""
+    dc, bc, tp = config.data, config.batch, config.parallel.tp
+    if world_size % tp:
+        raise BatchpilotError(f"--tp {tp} does not divide the {world_size} processes; launch a multiple of {tp} "
+                              f"processes or use a --tp that divides {world_size}")
+    world_size //= tp  # data-parallel ranks from here on
     _check_data(dc.data)
     kind, bpe_vocab, _ = resolve_tokenizer(dc.tokenizer)
     limits = _model_limits(check_run_model(config.model.model, dc))  # a run folder: its recorded architecture
@@ -71,10 +76,10 @@ def check_static(config: TrainConfig, world_size: int) -> StaticPlan:
     if bc.batching == "token-budget" and budget < dc.seq_len:
         raise BatchpilotError(f"--max-tokens-per-micro-batch {budget} is below one {dc.seq_len}-token sequence; "
                               f"use at least {dc.seq_len}")
-    if config.run.fsdp and bc.batch_schedule.strip().lower().startswith("adaptive"):
-        raise BatchpilotError(f"--batch-schedule {bc.batch_schedule} measures the gradient noise scale from "
-                              f"whole per-rank gradients, which FSDP2 shards; drop --fsdp (use DDP) or use a "
-                              f"fixed schedule (constant, ramp:…, steps:…)")
+    if tp > 1 and bc.batch_schedule.strip().lower().startswith("adaptive"):
+        raise BatchpilotError(f"--batch-schedule {bc.batch_schedule} measures the gradient noise scale from each "
+                              f"rank's micro-batch gradients, which tensor parallelism splits over --tp {tp} "
+                              f"ranks; use --tp 1 or a fixed schedule (constant, ramp:…, steps:…)")
     schedule = parse_batch_schedule(bc.batch_schedule, global_batch_sequences=bc.global_batch_sequences,
                                     seq_len_tokens=dc.seq_len)
     multiple = world_size if bc.batching == "token-budget" else bc.micro_batch_sequences * world_size
