@@ -29,7 +29,7 @@ def test_memory_settings_flags_reach_the_plan(cli_runner: Any) -> None:
     result = cli_runner.invoke(app, [*TORCHTITAN_8B, "--compile", "--top", "1", "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
-    best = record["plans"][0]
-    assert best["zero_stage"] == 3  # --reshard-after-forward last: FSDP2 full sharding only
-    bad = cli_runner.invoke(app, [*TORCHTITAN_8B[:-4], "--reshard-after-forward", "never", "--engine", "deepspeed"])
-    assert bad.exit_code == 2 and "--reshard-after-forward never applies to FSDP2" in bad.output
+    settings = record["plans"][0]["settings"]
+    assert settings["compile"] is True and settings["reshard_after_forward"] == "last" and settings["loss"] == "eager"
+    bad = cli_runner.invoke(app, [*TORCHTITAN_8B, "--engine", "deepspeed"])
+    assert bad.exit_code == 2 and "--reshard-after-forward last is FSDP2's policy" in bad.output

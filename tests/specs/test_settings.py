@@ -8,7 +8,14 @@ import pytest
 
 from batchpilot.errors import SpecError
 from batchpilot.specs.model import load_model
-from batchpilot.specs.settings import ENGINES, OPTIMIZERS, PRECISIONS, RunSettings, validate_for_model
+from batchpilot.specs.settings import (
+    ENGINES,
+    OPTIMIZERS,
+    PRECISIONS,
+    RunSettings,
+    check_effective,
+    validate_for_model,
+)
 
 
 def _one_line(excinfo: pytest.ExceptionInfo[SpecError]) -> str:
@@ -33,14 +40,13 @@ def _one_line(excinfo: pytest.ExceptionInfo[SpecError]) -> str:
         ({"offload": True, "engine": "deepspeed"}, "--offload needs --zero 1, 2 or 3"),
         ({"cp": 0}, "--cp 0 must be a positive integer"),
         ({"recompute_every": 0, "recompute": "full"}, "--recompute-every 0 must be a positive integer"),
-        ({"recompute_every": 2}, "--recompute-every 2 checkpoints 1 layer in 2 and needs --recompute op"),
         ({"fp8_recipe": "mxfp4", "precision": "fp8"}, "--fp8-recipe 'mxfp4' is not one of: tensorwise, rowwise"),
         ({"fp8_recipe": "mxfp8"}, "--fp8-recipe mxfp8 needs --precision fp8 (got bf16)"),
         ({"fp8_all_gather": True, "precision": "fp8", "engine": "fsdp2", "fp8_recipe": "rowwise"},
          "--fp8-all-gather needs --engine fsdp2 --precision fp8 with tensorwise scaling"),
         ({"fp8_all_gather": True, "precision": "fp8", "engine": "megatron"}, "--fp8-all-gather needs --engine fsdp2"),
-        ({"reshard_after_forward": "never", "engine": "fsdp2", "zero_stage": 2},
-         "--reshard-after-forward never applies to FSDP2 full sharding (--engine fsdp2 --zero 3)"),
+        ({"reshard_after_forward": "never", "engine": "deepspeed"},
+         "--reshard-after-forward never is FSDP2's policy; use it with --engine fsdp2 --zero 3"),
         ({"reshard_after_forward": "sometimes"}, "--reshard-after-forward 'sometimes' is not one of: default"),
         ({"loss": "liger"}, "--loss 'liger' is not one of: auto, eager, compiled, parallel, fused, chunked"),
         ({"loss_chunks": 0, "loss": "chunked"}, "--loss-chunks 0 must be a positive integer"),
@@ -68,6 +74,21 @@ def test_every_choice_is_accepted() -> None:
 def test_model_parallel_size() -> None:
     assert RunSettings(tp=4, pp=2, ep=8).model_parallel_size == 8
     assert RunSettings(tp=2, cp=4).model_parallel_size == 8  # a sequence spans cp GPUs
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [({"recompute_every": 2}, "--recompute-every 2 checkpoints 1 layer in 2 and needs --recompute op"),
+     ({"reshard_after_forward": "never", "engine": "fsdp2", "zero_stage": 2},
+      "--reshard-after-forward never applies to FSDP2 full sharding (--engine fsdp2 --zero 3); --zero 2 never")],
+)
+def test_settings_without_effect(kwargs: dict[str, Any], needle: str) -> None:
+    """Allowed in RunSettings (a planner varies recomputation and ZeRO around them), refused for a user's own."""
+    settings = RunSettings(**kwargs)
+    with pytest.raises(SpecError) as info:
+        check_effective(settings)
+    assert needle in _one_line(info)
+    check_effective(RunSettings(recompute="full", recompute_every=2))
 
 
 def test_resolved_fp8_recipe_is_the_engines_default() -> None:

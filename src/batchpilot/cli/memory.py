@@ -47,7 +47,7 @@ from batchpilot.estimate.breakdown import MemoryBreakdown
 from batchpilot.estimate.memory import analytic_memory
 from batchpilot.specs.hardware import check_device_count, load_accelerator
 from batchpilot.specs.model import ModelSpec, load_model
-from batchpilot.specs.settings import RunSettings, validate_for_model
+from batchpilot.specs.settings import RunSettings, check_effective, validate_for_model
 from batchpilot.units import GIB
 
 METHODS = ("analytic", "traced")
@@ -161,6 +161,7 @@ def memory(
                                      recompute_every=recompute_every, compile=compile, fp8_recipe=fp8_recipe,
                                      fp8_all_gather=fp8_all_gather, reshard_after_forward=reshard_after_forward,
                                      loss=loss, loss_chunks=loss_chunks, param_dtype=param_dtype)
+    check_effective(settings)
     spec, accelerator = load_model(model), load_accelerator(gpu)
     validate_for_model(settings, spec)
     dp = data_parallel_ranks(gpus, settings)

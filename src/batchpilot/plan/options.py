@@ -229,7 +229,7 @@ def plan_settings(options: PlanOptions) -> RunSettings:
     return RunSettings(precision=o.precision.lower(), optimizer=o.optimizer.lower(),  # type: ignore[arg-type]
                        engine=o.engine.lower(), hybrid_shard=o.hybrid_shard, sp=o.sp,  # type: ignore[arg-type]
                        attention=o.attention.lower(), offload=o.offload,  # type: ignore[arg-type]
-                       zero_stage=3 if o.reshard_after_forward != "default" else 1 if o.offload else 0,
+                       zero_stage=1 if o.offload else 0,
                        recompute="full" if every > 1 else "none", recompute_every=every, compile=o.compile,
                        fp8_recipe=o.fp8_recipe.lower() if o.fp8_recipe else None,  # type: ignore[arg-type]
                        fp8_all_gather=o.fp8_all_gather,

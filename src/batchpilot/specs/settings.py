@@ -96,7 +96,8 @@ class RunSettings:
     except every second ``mm`` of a layer; everything else recomputed. ``full``: the layer keeps only its
     input."""
     recompute_every: int = 1
-    """Checkpoint 1 layer in N (layers N, 2N, … of each pipeline stage); the others keep everything.
+    """Checkpoint 1 layer in N (layers N, 2N, … of each pipeline stage); the others keep everything (no effect
+    with ``recompute="none"``).
     torchtitan: integer ``selective_ac_option = N`` with ``mode = "selective"`` (the checkpointed layers are
     full-AC); Megatron-LM: ``--recompute-method block --recompute-num-layers L/N`` (the first layers of a
     stage instead of every N-th); Hugging Face: ``activation_checkpointing_enable(every_n_layers=N)``."""
@@ -173,19 +174,17 @@ class RunSettings:
             raise SpecError("--offload needs --zero 1, 2 or 3 with the deepspeed/fsdp2 engines (ZeRO-Offload)")
 
     def _check_combinations(self) -> None:
-        """Settings that only mean something together (one-line errors naming the fix)."""
-        if self.recompute_every > 1 and self.recompute == "none":
-            raise SpecError(f"--recompute-every {self.recompute_every} checkpoints 1 layer in "
-                            f"{self.recompute_every} and needs --recompute op, selective or full")
+        """Settings that cannot go together (one-line errors naming the fix). Settings that merely have no
+        effect in a combination (a planner varies the layout around them) are :func:`check_effective`'s."""
         if self.fp8_recipe is not None and self.precision != "fp8":
             raise SpecError(f"--fp8-recipe {self.fp8_recipe} needs --precision fp8 (got {self.precision})")
         if self.fp8_all_gather and (self.engine != "fsdp2" or self.precision != "fp8"
                                     or self.resolved_fp8_recipe != "tensorwise"):
             raise SpecError("--fp8-all-gather needs --engine fsdp2 --precision fp8 with tensorwise scaling "
                             "(torchao all-gathers Float8 weights only for tensorwise); drop it or change those")
-        if self.reshard_after_forward != "default" and (self.engine != "fsdp2" or self.zero_stage != 3):
-            raise SpecError(f"--reshard-after-forward {self.reshard_after_forward} applies to FSDP2 full "
-                            f"sharding (--engine fsdp2 --zero 3); --zero 1/2 never reshard")
+        if self.reshard_after_forward != "default" and self.engine != "fsdp2":
+            raise SpecError(f"--reshard-after-forward {self.reshard_after_forward} is FSDP2's policy; use it with "
+                            f"--engine fsdp2 --zero 3")
         if self.param_dtype == "bf16" and self.precision != "bf16":
             raise SpecError(f"--param-dtype bf16 (pure bf16 training) needs --precision bf16, got {self.precision}")
         if self.cp > 1 and self.attention == "eager":
@@ -224,6 +223,17 @@ class RunSettings:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise SpecError(f"--{name.replace('_', '-')} {value!r} is not one of: {', '.join(choices)}")
+
+
+def check_effective(settings: RunSettings) -> None:
+    """Raise a one-line :class:`SpecError` for a setting given where it has no effect (for a user's explicit
+    settings; a planner that varies recomputation and ZeRO stage around them does not call this)."""
+    if settings.recompute_every > 1 and settings.recompute == "none":
+        raise SpecError(f"--recompute-every {settings.recompute_every} checkpoints 1 layer in "
+                        f"{settings.recompute_every} and needs --recompute op, selective or full")
+    if settings.reshard_after_forward != "default" and settings.zero_stage != 3:
+        raise SpecError(f"--reshard-after-forward {settings.reshard_after_forward} applies to FSDP2 full sharding "
+                        f"(--engine fsdp2 --zero 3); --zero {settings.zero_stage} never reshards")
 
 
 def validate_for_model(settings: RunSettings, model: ModelSpec) -> None:
