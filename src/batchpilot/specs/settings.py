@@ -3,7 +3,7 @@
 One frozen, validated dataclass shared by ``memory``, ``plan``, ``probe`` and ``tune``. The CLI flags
 map one-to-one: ``--precision --optimizer --engine --zero --tp --pp --vpp --cp --ep --sp --recompute
 --recompute-every --attention --compile --fp8-recipe --fp8-all-gather --reshard-after-forward --loss
---param-dtype --offload``. Validation against a *model* (tp divides heads, pp ≤ layers, ...) is
+--param-dtype --offload --finetune``. Validation against a *model* (tp divides heads, pp ≤ layers, ...) is
 :func:`validate_for_model`; against a cluster, the planner's job.
 
 How each engine names these settings (the README's "Settings and how engines name them" has the table):
@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from batchpilot.errors import SpecError
+from batchpilot.specs.finetune import FULL, FineTune
 
 if TYPE_CHECKING:
     from batchpilot.specs.model import ModelSpec
@@ -144,6 +145,8 @@ class RunSettings:
     ``dtype: bf16``, torchtitan's ``training.dtype = "bfloat16"``). Needs ``--precision bf16``."""
     offload: bool = False
     """Optimizer states (and fp32 master weights) live in CPU memory (ZeRO-Offload)."""
+    finetune: FineTune = FULL
+    """What trains: full training, LoRA, QLoRA, frozen layers (``--finetune``; :mod:`batchpilot.specs.finetune`)."""
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.precision, PRECISIONS)
@@ -189,6 +192,7 @@ class RunSettings:
             raise SpecError(f"--param-dtype bf16 (pure bf16 training) needs --precision bf16, got {self.precision}")
         if self.cp > 1 and self.attention == "eager":
             raise SpecError(f"--cp {self.cp} runs ring attention over SDPA/flash kernels; use --attention flash")
+        self.finetune.check_settings(precision=self.precision, param_dtype=self.param_dtype, optimizer=self.optimizer)
         if self.compile and self.engine == "megatron":
             raise SpecError("--compile: Megatron-LM does not torch.compile its model (it fuses with TE and "
                             "Apex kernels); drop --compile or use --engine fsdp2 or torch")
