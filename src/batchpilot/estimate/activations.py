@@ -524,7 +524,7 @@ def backward_working_terms(model: ModelSpec, settings: RunSettings, *, seq_len: 
       on tiny Llamas: the CPU step's peak inside ``MulBackward0``, tests/estimate/test_memory_crosscheck.py);
       ``+I`` for a GELU MLP; ``k×`` per routed expert;
     - context parallelism: the ring's all-gathered K/V (``cp ×`` the local K and V) while attention's
-      backward runs, when larger.
+      backward runs, or expert parallelism's all-to-all send and receive buffers, when larger.
     """
     t = settings.tp
     d = block_style(settings)
@@ -540,8 +540,18 @@ def backward_working_terms(model: ModelSpec, settings: RunSettings, *, seq_len: 
         terms.update({f"cached_{k}": v for k, v in extra.items()})
     terms["grad_residual"] = model.hidden_size * d.resid / sp_div
     terms["grad_temporaries"] = max(_mlp_grad_temporaries(model, settings, d, t, moe_layer, imbalance),
-                                    _ring_kv_bytes(model, settings, d))
+                                    _ring_kv_bytes(model, settings, d),
+                                    _a2a_bytes(model, settings, d, moe_layer, imbalance))
     return terms
+
+
+def _a2a_bytes(model: ModelSpec, settings: RunSettings, d: BlockStyle, moe_layer: bool, imbalance: float) -> float:
+    """Expert parallelism's all-to-all buffers per local token of an MoE layer: the permuted tokens sent (k copies
+    of h) and those received (× the token imbalance), alive together around each dispatch and combine
+    (Megatron ``token_dispatcher.py`` ``MoEAlltoAllTokenDispatcher``; torchtitan ``all_to_all_single``)."""
+    if not moe_layer or settings.ep == 1:
+        return 0.0
+    return model.num_experts_per_token * model.hidden_size * d.act * (1 + imbalance)
 
 
 def _mlp_grad_temporaries(model: ModelSpec, settings: RunSettings, d: BlockStyle, t: int, moe_layer: bool,
@@ -590,7 +600,7 @@ def forward_transient_bytes(model: ModelSpec, settings: RunSettings, *, seq_len:
                              imbalance=imbalance)
     kept = sum(v for k, v in saved.items() if k in ("mlp", "mlp_inputs", "op_gate_out", "op_fc_out", "moe_experts")
                or k.startswith("norm2_out"))
-    return max(0.0, mlp - kept, _ring_kv_bytes(model, settings, d))
+    return max(0.0, mlp - kept, _ring_kv_bytes(model, settings, d), _a2a_bytes(model, settings, d, moe_layer, imbalance))
 
 
 def layer_policies(settings: RunSettings, layers: int) -> list[Policy]:
@@ -603,7 +613,9 @@ def layer_policies(settings: RunSettings, layers: int) -> list[Policy]:
 # ---------------------------------------------------------------------------------------------- loss
 def logits_terms(model: ModelSpec, settings: RunSettings, *, tp: int | None = None) -> dict[str, float]:
     """Bytes per token live on the last stage at the start of the loss's backward: the final norm's saved
-    tensors and the loss path's buffers (vocabulary split over tp for ``parallel``/``fused``).
+    tensors — its input too, the last layer's output, which no layer's terms count (measured: the
+    ``pow``/``native_layer_norm`` of HF's final norm saves it; 1 KiB per token of bench-llama-3m in fp32) —
+    and the loss path's buffers (vocabulary split over tp for ``parallel``/``fused``).
 
     Loss paths (:attr:`RunSettings.resolved_loss`), bytes per token per vocabulary entry ``V_l``:
 
@@ -627,6 +639,8 @@ def logits_terms(model: ModelSpec, settings: RunSettings, *, tp: int | None = No
     d = block_style(settings)
     sp_div = t if (settings.sp and t > 1) else 1
     terms = {f"final_{k}": val / sp_div for k, val in _norm_terms(model, d, "norm", 1).items()}
+    if not d.norm_upcast:  # the last layer's output, saved by the final norm (every layer's input is counted there)
+        terms["final_norm_input"] = model.hidden_size * d.resid / sp_div
     if sp_div > 1 and settings.engine == "fsdp2":
         terms["output_input_gathered"] = float(model.hidden_size * d.act)
     v = model.vocab_size / t
