@@ -41,7 +41,15 @@ from batchpilot.errors import BatchpilotError, InfeasibleError, SpecError
 from batchpilot.estimate.breakdown import MemoryBreakdown
 from batchpilot.estimate.memory import analytic_memory
 from batchpilot.estimate.steptime import StepTime, StepTimeModel
-from batchpilot.plan.explain import infeasible, memory_rejection, rationale, unreachable_reason
+from batchpilot.plan.engines import request_problems
+from batchpilot.plan.explain import (
+    fixes,
+    infeasible,
+    memory_rejection,
+    rationale,
+    target_warnings,
+    unreachable_reason,
+)
 from batchpilot.plan.request import (
     DEFAULT_HEADROOM,
     ENGINE_ZERO_STAGES,
@@ -52,7 +60,7 @@ from batchpilot.plan.request import (
     PlanResult,
     Rejection,
 )
-from batchpilot.plan.space import LayoutCandidate, layouts, target_sequences
+from batchpilot.plan.space import LayoutCandidate, clean_global_batch, engine_of, layouts, target_sequences
 from batchpilot.specs.batch import (
     BatchTriad,
 )
@@ -130,13 +138,18 @@ def plan(req: PlanRequest) -> PlanResult:
 
 def _plan(req: PlanRequest, *, explain: bool) -> PlanResult:
     """:func:`plan`; ``explain=False`` skips the (re-planning) search for fixes when nothing fits."""
+    problem = _engine_problem(req)
+    if problem is not None:
+        raise SpecError(problem + (_fixes_text(req) if explain else ""))
     _check_pins(req)
     target = target_sequences(req)
+    global_batch, split = clean_global_batch(req, target)
     search = _Search(req, target)
-    space = list(layouts(req, target))
+    space = list(layouts(req, global_batch))
     reachable = [lay for lay in space if lay.pairs]
     rejected = [Rejection(settings=lay.settings, dp=lay.dp, kind="batch",
-                          reason=unreachable_reason(req, target, lay.dp, lay.settings)) for lay in space if not lay.pairs]
+                          reason=unreachable_reason(req, global_batch, lay.dp, lay.settings))
+                for lay in space if not lay.pairs]
     for lay in reachable:
         lay.bound = search.bound(lay)
     reachable.sort(key=lambda lay: -lay.bound)
@@ -164,8 +177,8 @@ def _plan(req: PlanRequest, *, explain: bool) -> PlanResult:
     rejected.sort(key=lambda r: (r.kind != "memory", r.need_bytes))
     result = PlanResult(request=req, target_sequences=target, plans=tuple(plans), rejected=tuple(rejected),
                         layouts=len(space), memory_evaluations=search.memory_evaluations, pruned=pruned,
-                        feasible=feasible)
-    return dataclasses.replace(result, rationale=rationale(result))
+                        feasible=feasible, warnings=target_warnings(req, target))
+    return dataclasses.replace(result, rationale=rationale(result, split=split))
 
 
 def _try(req: PlanRequest) -> Plan | None:
@@ -180,27 +193,49 @@ def _kth_best(plans: list[Plan], k: int) -> float | None:
     return plans[k - 1].step.tokens_per_s if len(plans) >= k else None
 
 
+def _engine_problem(req: PlanRequest) -> str | None:
+    """The first setting or pin of ``req`` its engine does not run (:func:`~batchpilot.plan.engines.request_problems`)."""
+    caps = engine_of(req)
+    if caps is None:
+        return None
+    pins = req.pins
+    problems = request_problems(caps, req.settings, tp=pins.tp, pp=pins.pp, vpp=pins.vpp, cp=pins.cp, ep=pins.ep,
+                                zero=pins.zero_stage, recompute=pins.recompute)
+    if not problems and caps.name == "torchtitan" and req.seq_len % 2:
+        problems = [f"--engine torchtitan needs an even --seq-len (a multiple of tp × 2 × cp: torchtitan "
+                    f"distributed/parallel_dims.py:365-372); use --seq-len {req.seq_len + 1}"]
+    return problems[0] if problems else None
+
+
+def _fixes_text(req: PlanRequest) -> str:
+    found = fixes(req, _try, need_bytes=0)
+    return "; fits with: " + "; ".join(f.describe() for f in found) if found else ""
+
+
 def _check_pins(req: PlanRequest) -> None:
-    """Pinned layout values that can never work: one-line errors with the rule and a fix."""
+    """Pinned layout values (and settings) that can never work: one-line errors with the rule and a fix."""
     pins, model, gpus = req.pins, req.model, req.cluster.total_devices
+    caps = engine_of(req)
     probe = RunSettings(tp=pins.tp or 1, pp=pins.pp or 1, ep=pins.ep or 1)
     validate_for_model(probe, model)
     if pins.vpp is not None and pins.vpp > 1 and pins.pp is not None:
         validate_for_model(RunSettings(pp=pins.pp, vpp=pins.vpp), model)  # needs a pipeline, ≤ layers per stage
-    mp = probe.tp * probe.pp
+    cp = pins.cp or 1
+    mp = probe.tp * probe.pp * cp
     if gpus % mp:
-        raise SpecError(f"--gpus {gpus} is not a multiple of tp {probe.tp} × pp {probe.pp} = {mp}; "
-                        f"use a multiple of {mp} GPUs or other --tp/--pp")
+        raise SpecError(f"--gpus {gpus} is not a multiple of tp {probe.tp} × pp {probe.pp} × cp {cp} = {mp}; "
+                        f"use a multiple of {mp} GPUs or other --tp/--pp/--cp")
     if pins.ep is not None and (gpus // mp) % pins.ep:
         raise SpecError(f"--ep {pins.ep} does not divide the {gpus // mp} data-parallel ranks "
-                        f"(gpus {gpus} / (tp {probe.tp} × pp {probe.pp})); use a divisor of {gpus // mp}")
+                        f"(gpus {gpus} / (tp {probe.tp} × pp {probe.pp} × cp {cp})); use a divisor of {gpus // mp}")
     zero = pins.zero_stage
-    if zero is not None and zero not in ENGINE_ZERO_STAGES[req.settings.engine]:
+    if caps is None and zero is not None and zero not in ENGINE_ZERO_STAGES[req.settings.engine]:
         raise SpecError(f"--zero {zero} is not available with --engine {req.settings.engine} "
                         f"(stages {', '.join(map(str, ENGINE_ZERO_STAGES[req.settings.engine]))}); use --engine deepspeed or another --zero")
-    if zero is not None and zero > MAX_PIPELINE_ZERO_STAGE and probe.pp > 1:
+    limit = MAX_PIPELINE_ZERO_STAGE if caps is None else caps.pipeline_max_zero
+    if zero is not None and zero > limit and probe.pp > 1:
         raise SpecError(f"--zero {zero} cannot be combined with pipeline parallelism (--pp {probe.pp}); "
-                        f"use --zero 0 or 1 with --pp, or --pp 1")
+                        f"use --zero {limit} or lower with --pp, or --pp 1")
 
 
 __all__ = ["DEFAULT_HEADROOM", "ENGINE_ZERO_STAGES", "Pins", "Plan", "PlanRequest", "PlanResult", "Rejection",

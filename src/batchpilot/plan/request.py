@@ -54,11 +54,12 @@ class Pins:
     pp: int | None = None
     vpp: int | None = None
     ep: int | None = None
+    cp: int | None = None
     zero_stage: int | None = None
     recompute: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("micro_batch", "grad_accum", "tp", "pp", "vpp", "ep"):
+        for name in ("micro_batch", "grad_accum", "tp", "pp", "vpp", "ep", "cp"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 flag = name.replace("_", "-")
@@ -70,8 +71,13 @@ class Pins:
 
     def pinned(self) -> dict[str, Any]:
         """The pinned choices only (for messages)."""
-        return {k: getattr(self, k) for k in ("micro_batch", "grad_accum", "tp", "pp", "vpp", "ep", "zero_stage",
+        return {k: getattr(self, k) for k in ("micro_batch", "grad_accum", "tp", "pp", "vpp", "ep", "cp", "zero_stage",
                                                "recompute") if getattr(self, k) is not None}
+
+    def flags(self) -> list[str]:
+        """The pinned choices as the ``plan`` flags that pin them (``--tp 2 --recompute full``)."""
+        names = {"zero_stage": "--zero"}
+        return [f"{names.get(k, '--' + k.replace('_', '-'))} {v}" for k, v in self.pinned().items()]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,8 +91,14 @@ class PlanRequest:
     global_batch_sequences: int | None = None
     global_batch_tokens: int | None = None
     settings: RunSettings = DEFAULT_SETTINGS
-    """Precision, optimizer, engine, attention, sequence parallelism, hybrid sharding, offload; its
-    tp/pp/vpp/ep/zero/recompute are ignored (use :class:`Pins`)."""
+    """Precision, optimizer, attention, sequence parallelism, hybrid sharding, offload, compile, fp8 recipe,
+    recompute-every; its tp/pp/vpp/cp/ep/zero/recompute are ignored (use :class:`Pins`), and so is its
+    ``engine`` (the memory bookkeeping) when :attr:`engine` is given."""
+    engine: str | None = None
+    """The engine that will run the plan (``batchpilot.plan.engines``: batchpilot, deepspeed, hf, lightning,
+    torchtitan, megatron): only what it runs from its own configuration is searched, each data-parallel scheme
+    with its memory bookkeeping. None: every layout the memory model covers, with ``settings.engine``'s
+    bookkeeping (no engine is promised to run it; each export checks its own rules)."""
     pins: Pins = Pins()
     headroom: float = DEFAULT_HEADROOM
     """Fraction of device memory left free."""
@@ -184,6 +196,8 @@ class PlanResult:
     feasible: int = 0
     """Feasible (layout, micro-batch) candidates found among the layouts evaluated."""
     rationale: str = ""
+    warnings: tuple[str, ...] = ()
+    """What looks wrong with the request although plans exist (an implausible target), one line each."""
 
     def to_record(self, *, max_rejected: int = 20) -> PlanRecord:
         """The plan record (:class:`batchpilot.records.plan.PlanRecord`: ``plan.json``, ``plan --json``)."""

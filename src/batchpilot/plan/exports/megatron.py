@@ -10,14 +10,17 @@ vocabulary, MoE experts/shared experts/dense-layer pattern/DeepSeek router, MLA 
 
 from __future__ import annotations
 
-from batchpilot.plan.exports._common import ExportError
+from batchpilot.plan.exports._common import Exported, ExportError, ExportOptions, render_shell, require_engine
 from batchpilot.plan.request import Plan, PlanRequest
 from batchpilot.specs.model import ModelSpec
+from batchpilot.specs.settings import RunSettings
 
 
-def megatron_args(plan: Plan, request: PlanRequest) -> list[str]:
-    """Megatron-LM ``pretrain_gpt.py`` arguments for ``plan``: layout, batch, precision and the model shape
-    (:func:`megatron_model_args`). Data, tokenizer, optimizer and schedule arguments are the user's."""
+def megatron_args(plan: Plan, request: PlanRequest, data: str | None = None) -> list[str]:
+    """Megatron-LM ``pretrain_gpt.py`` arguments for ``plan`` (refused unless Megatron-LM runs it): layout, batch,
+    recomputation, optimizer and offload, precision and the model shape (:func:`megatron_model_args`).
+    Tokenizer, learning-rate schedule and the data (unless given) are the user's."""
+    require_engine(plan, request, "megatron", "megatron")
     t, s = plan.triad, plan.settings
     model = request.model
     args = [
@@ -26,19 +29,56 @@ def megatron_args(plan: Plan, request: PlanRequest) -> list[str]:
         "--seq-length", str(t.seq_len_tokens), *megatron_model_args(model, tp=s.tp),
         *_megatron_pipeline_split(model.num_layers, s.pp, s.vpp),
     ]
+    if s.cp > 1:
+        args += ["--context-parallel-size", str(s.cp)]
     if model.is_moe:
         args += ["--expert-model-parallel-size", str(s.ep)]
     if s.sp and s.tp > 1:
         args.append("--sequence-parallel")
     if s.zero_stage >= 1:
         args.append("--use-distributed-optimizer")
-    if s.recompute == "full":
-        args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
-    elif s.recompute == "selective":
-        args += ["--recompute-granularity", "selective"]
-    args += {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp8": ["--bf16", "--fp8-format", "hybrid"], "fp32": []}[
-        s.precision]
+    args += _megatron_recompute(s, -(-model.num_layers // (s.pp * s.vpp)))
+    if s.optimizer == "sgd-momentum":
+        args += ["--optimizer", "sgd", "--sgd-momentum", "0.9"]
+    if s.offload:  # arguments.py:1884-1892; the HybridDeviceOptimizer (core/optimizer/__init__.py:504-520)
+        args += ["--optimizer-cpu-offload", "--use-precision-aware-optimizer", "--optimizer-offload-fraction", "1.0"]
+    args += {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp32": []}.get(s.precision, [])
+    if s.precision == "fp8":  # fp8 matmuls over bf16 (transformer_config.py:587-611)
+        args += ["--bf16", "--fp8-format", "hybrid", "--fp8-recipe", str(s.resolved_fp8_recipe)]
+    if data is not None:
+        args += ["--data-path", data]
     return args
+
+
+def needs_single_connection(plan: Plan) -> bool:
+    """Megatron-LM asserts ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with tp or cp > 1 before Blackwell
+    (``megatron/training/arguments.py:1453-1479``)."""
+    return plan.settings.tp > 1 or plan.settings.cp > 1
+
+
+def _megatron_recompute(s: RunSettings, layers_per_stage: int) -> list[str]:
+    """Recomputation flags (``core/transformer/transformer_config.py:1901-1931``): full needs a method and a
+    layer count; 1 layer in N is ``block`` with ⌊layers per (virtual) stage / N⌋ layers (Megatron takes the first
+    ones of each stage, the plan every N-th: the same count); selective takes no count."""
+    if s.recompute == "selective":
+        return ["--recompute-granularity", "selective"]
+    if s.recompute != "full":
+        return []
+    if s.recompute_every == 1:
+        return ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    count = max(1, layers_per_stage // s.recompute_every)
+    return ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", str(count)]
+
+
+def megatron_export(plan: Plan, request: PlanRequest, options: ExportOptions) -> Exported:
+    args = megatron_args(plan, request, options.data)
+    notes = []
+    if needs_single_connection(plan):
+        notes.append("set CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment (tensor or context parallelism on GPUs "
+                     "before Blackwell: megatron/training/arguments.py:1453-1479); --export torchrun writes it")
+    if options.data is None:
+        notes.append("add --data-path (and the tokenizer arguments)")
+    return Exported(text=render_shell(args), notes=tuple(notes))
 
 
 def _megatron_pipeline_split(layers: int, pp: int, vpp: int) -> list[str]:
