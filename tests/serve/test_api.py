@@ -63,10 +63,10 @@ def test_bad_values_read_as_in_the_cli(server: Server, cli_runner, changes: dict
 
 
 def test_nothing_fits_lists_the_checked_fixes(server: Server) -> None:
-    fields = {"model": "llama-3-70b", "gpu": "rtx-4090", "gpus": "8", "seq-len": "4096", "global-batch": "64"}
+    fields = {"model": "llama-3-70b", "gpu": "h100-sxm", "gpus": "8", "seq-len": "8192", "global-batch": "64"}
     status, _, body = server.request(f"/api/plan?{_query(fields)}")
     answer = json.loads(body)
-    assert status == 400 and answer["error"].startswith("nothing fits in 21.6 GiB per GPU (rtx-4090")
+    assert status == 400 and answer["error"].startswith("nothing fits in 72.0 GiB per GPU (h100-sxm")
     assert answer["suggestions"] and all(s in answer["error"] for s in answer["suggestions"])
 
 

@@ -148,15 +148,13 @@ def test_bad_values_show_the_cli_line_and_fixes(browser: Browser, server: Server
     assert browser.wait("!document.getElementById('error').hidden && "
                         "document.getElementById('error-text').textContent") == cli.stderr.strip()
     _set(browser, "f-model", "llama-3-70b")
-    _set(browser, "f-gpu", "rtx-4090")
     _set(browser, "f-gpus", "8")
     fixes = browser.wait("!document.getElementById('suggestions-block').hidden && "
                          "[...document.querySelectorAll('#suggestions li')].map(li => li.textContent)")
     assert fixes and browser.evaluate("document.getElementById('error-text').textContent").startswith(
-        "error: nothing fits in 21.6 GiB per GPU (rtx-4090")
+        "error: nothing fits in 72.0 GiB per GPU (h100-sxm")
     assert browser.evaluate(OVERFLOW) == []
     _set(browser, "f-model", "llama-3-8b")  # the server still serves
-    _set(browser, "f-gpu", "h100-sxm")
     _wait_plan(browser, 8)
     assert browser.evaluate("document.getElementById('error').hidden")
 

@@ -59,6 +59,10 @@ MAX_UPLOAD_BYTES = 256 * 1024
 PLAN_WORKERS = 2
 """Plans searched at once (one per core of a small machine); more requests wait their turn."""
 
+FIX_MARKERS = ("; fits with: ", "; try ")
+"""Where the planner's one-line refusal starts listing the fixes it checked by re-planning
+(:func:`batchpilot.plan.explain.infeasible`); the page lists them one per line."""
+
 _UPLOAD_NAME = "config-name"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -70,9 +74,11 @@ class _TooLarge(BatchpilotError):
 def _error(message: str, status: int = 400) -> JSONResponse:
     line = " ".join(str(message).split())  # one line, whatever the message held
     body: dict[str, Any] = {"error": line}
-    _why, sep, fixes = line.partition("; try ")
-    if sep:  # the planner's "nothing fits …; try A; B" names checked fixes
-        body["suggestions"] = [f.strip() for f in fixes.split("; ") if f.strip()]
+    for marker in FIX_MARKERS:  # the planner's "nothing fits …; fits with: A; B" names fixes it checked
+        _why, sep, fixes = line.partition(marker)
+        if sep:
+            body["suggestions"] = [f.strip() for f in fixes.split("; ") if f.strip()]
+            break
     return JSONResponse(body, status_code=status)
 
 
