@@ -12,6 +12,7 @@ Prints one JSON line: finder, size found, the sizes tried in order, and the find
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import sys
@@ -105,7 +106,8 @@ def run_lightning(spec: dict[str, Any], mode: str) -> dict[str, Any]:
 
 def run_batchpilot(spec: dict[str, Any]) -> dict[str, Any]:
     """``batchpilot.measure.probe.run_probe`` (search only; each trial sets its own RLIMIT_AS)."""
-    from batchpilot.measure.probe import ProbeRequest, run_probe
+    from batchpilot.measure.probe import run_probe
+    from batchpilot.measure.probe_types import ProbeRequest
     from batchpilot.specs.model import load_model
     from batchpilot.specs.settings import RunSettings
 
@@ -118,7 +120,7 @@ def run_batchpilot(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     return {"found": result.max_micro_batch, "tried": [t.micro_batch for t in result.trials],
             "seconds": seconds, "predicted": result.predicted_max_micro_batch,
-            "trials": [t.to_dict() for t in result.trials]}
+            "trials": [dataclasses.asdict(t) for t in result.trials]}
 
 
 def main(argv: list[str]) -> int:

@@ -24,6 +24,7 @@ Writes ``benchmarks/results/probe_vs_finders.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,8 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batchpilot.measure.probe import CpuTrialRunner, ProbeRequest, ProbeTrial
+from batchpilot.measure.cpu_runner import CpuTrialRunner
+from batchpilot.measure.probe_types import ProbeRequest
 from batchpilot.measure.search import search_max_micro_batch
+from batchpilot.records.probe import ProbeTrial
 from batchpilot.specs.model import load_model
 from batchpilot.specs.settings import RunSettings
 from batchpilot.units import parse_bytes
@@ -121,7 +124,7 @@ def one_budget(setup: dict[str, Any], budget_text: str, finders: list[str], time
         row["tokens_per_s"] = check.tokens_per_s if check else None
     print(f"   true max L = {true_max}", flush=True)
     return {"budget": budget_text, "budget_bytes": budget, "true_max": true_max, "finders": rows,
-            "fresh_trials": [t.to_dict() for t in fresh.cache.values()]}
+            "fresh_trials": [dataclasses.asdict(t) for t in fresh.cache.values()]}
 
 
 def _ratio(rows: dict[str, dict[str, Any]], key: str) -> float | None:

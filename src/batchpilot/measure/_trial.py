@@ -204,22 +204,46 @@ def _failed(spec: TrialSpec, exc: BaseException, baseline: int | None) -> TrialR
                        step_seconds=None, baseline_bytes=baseline, error=first)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AddressSpace:
+    """This process's address space when its limit was set (:func:`limit_address_space`)."""
+
+    baseline_bytes: int
+    """``VmSize`` then: what the limit sits above."""
+    peak_before_bytes: int
+    """``VmPeak`` then (it never goes down: a peak at or below it is only an upper bound)."""
+
+    def growth(self) -> tuple[int, str]:
+        """``VmPeak`` now − the baseline, and its ``peak_source`` (module docstring)."""
+        peak = _proc_status_bytes("VmPeak")
+        source = "address-space" if peak > self.peak_before_bytes else "address-space-upper-bound"
+        return max(0, peak - self.baseline_bytes), source
+
+
+def limit_address_space(budget_bytes: int) -> AddressSpace:
+    """Start the intra-op thread pool, take ``VmSize`` as the baseline and set ``RLIMIT_AS`` = baseline +
+    ``budget_bytes`` (within the hard limit). Call :func:`set_mmap_threshold` before anything is allocated.
+    The probe's measurement, applied to whatever runs next in this process — a trial's steps here, a
+    trainer's steps in ``tests/measure/test_step_equivalence.py``."""
+    torch.ones(256, 256) @ torch.ones(256, 256)  # start the intra-op thread pool before the limit
+    space = AddressSpace(baseline_bytes=_proc_status_bytes("VmSize"), peak_before_bytes=_proc_status_bytes("VmPeak"))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = space.baseline_bytes + budget_bytes
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    return space
+
+
 def run_cpu_trial(spec: TrialSpec, on_limit_set: Any = None) -> TrialReport:
     """A CPU trial in *this* process: it sets this process's RLIMIT_AS, so run it in a throwaway one."""
     set_mmap_threshold()
     device = torch.device("cpu")
     step = build(spec, device)
     trace("built", spec.micro_batch)
-    torch.ones(256, 256) @ torch.ones(256, 256)  # start the intra-op thread pool before the limit
-    baseline = _proc_status_bytes("VmSize")
-    peak_before = _proc_status_bytes("VmPeak")
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = baseline + spec.budget_bytes
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    space = limit_address_space(spec.budget_bytes)
     if on_limit_set is not None:
-        on_limit_set(baseline)
+        on_limit_set(space.baseline_bytes)
     trace("limit-set", spec.micro_batch)
     try:
         times = train_steps(spec, step, device)
@@ -229,10 +253,9 @@ def run_cpu_trial(spec: TrialSpec, on_limit_set: Any = None) -> TrialReport:
         del step
         gc.collect()
         trace("failed", spec.micro_batch)
-        return _failed(spec, exc, baseline)
-    peak_after = _proc_status_bytes("VmPeak")
-    report = _report(spec, times, max(0, peak_after - baseline), baseline)
-    return report if peak_after > peak_before else replace(report, peak_source="address-space-upper-bound")
+        return _failed(spec, exc, space.baseline_bytes)
+    peak, source = space.growth()
+    return replace(_report(spec, times, peak, space.baseline_bytes), peak_source=source)
 
 
 def matmul_flops_per_s(precision: str = "fp32", size: int = 1024, repeats: int = 5) -> float:

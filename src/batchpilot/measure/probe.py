@@ -151,8 +151,3 @@ def make_runner(request: ProbeRequest) -> TrialRunner:
 
     return CpuTrialRunner(request)
 
-
-# Names `batchpilot.cli.probe` imported from here before the split, until it imports them from their modules.
-from batchpilot.measure.calibrate import check_calibration_accelerator_for, write_calibration  # noqa: E402, F401
-from batchpilot.measure.device import device_memory_bytes, resolve_device  # noqa: E402, F401
-from batchpilot.measure.probe_types import worst_case_seq_len  # noqa: E402, F401

@@ -41,6 +41,7 @@ from batchpilot.errors import BatchpilotError
 from batchpilot.measure.step import (
     forward_loss,
     make_optimizer,
+    model_inputs,
     optimizer_implementation,
     param_groups,
 )
@@ -246,11 +247,12 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _forward_loss(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
         dev = self.env.device
-        kwargs: dict[str, Any] = {"input_ids": mb.input_ids.to(dev, non_blocking=True)}
-        if mb.attention_mask is not None:
-            kwargs["attention_mask"] = mb.attention_mask.to(dev, non_blocking=True)
-        if mb.position_ids is not None:
-            kwargs["position_ids"] = mb.position_ids.to(dev, non_blocking=True)
+
+        def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(dev, non_blocking=True)
+
+        kwargs = model_inputs(mb.input_ids.to(dev, non_blocking=True), on_device(mb.attention_mask),
+                              on_device(mb.position_ids))
         return forward_loss(model, kwargs, mb.targets.to(dev, non_blocking=True), precision=self.forward_precision)
 
     def _layout(self, global_batch: int) -> StepLayout:
