@@ -44,9 +44,6 @@ def _one_line(excinfo: pytest.ExceptionInfo[SpecError]) -> str:
         ({"fp8_recipe": "mxfp8"}, "--fp8-recipe mxfp8 needs --precision fp8 (got bf16)"),
         ({"fp8_all_gather": True, "precision": "fp8", "engine": "fsdp2", "fp8_recipe": "rowwise"},
          "--fp8-all-gather needs --engine fsdp2 --precision fp8 with tensorwise scaling"),
-        ({"fp8_all_gather": True, "precision": "fp8", "engine": "megatron"}, "--fp8-all-gather needs --engine fsdp2"),
-        ({"reshard_after_forward": "never", "engine": "deepspeed"},
-         "--reshard-after-forward never is FSDP2's policy; use it with --engine fsdp2 --zero 3"),
         ({"reshard_after_forward": "sometimes"}, "--reshard-after-forward 'sometimes' is not one of: default"),
         ({"loss": "liger"}, "--loss 'liger' is not one of: auto, eager, compiled, parallel, fused, chunked"),
         ({"loss_chunks": 0, "loss": "chunked"}, "--loss-chunks 0 must be a positive integer"),
@@ -80,7 +77,11 @@ def test_model_parallel_size() -> None:
     ("kwargs", "needle"),
     [({"recompute_every": 2}, "--recompute-every 2 checkpoints 1 layer in 2 and needs --recompute op"),
      ({"reshard_after_forward": "never", "engine": "fsdp2", "zero_stage": 2},
-      "--reshard-after-forward never applies to FSDP2 full sharding (--engine fsdp2 --zero 3); --zero 2 never")],
+      "--reshard-after-forward never applies to FSDP2 full sharding (--engine fsdp2 --zero 3); --zero 2 never"),
+     ({"reshard_after_forward": "never", "engine": "deepspeed"},
+      "--reshard-after-forward never is FSDP2's policy; use it with --engine fsdp2 --zero 3"),
+     ({"fp8_all_gather": True, "precision": "fp8", "engine": "megatron", "fp8_recipe": "tensorwise"},
+      "--fp8-all-gather needs --engine fsdp2")],
 )
 def test_settings_without_effect(kwargs: dict[str, Any], needle: str) -> None:
     """Allowed in RunSettings (a planner varies recomputation and ZeRO around them), refused for a user's own."""

@@ -181,13 +181,9 @@ class RunSettings:
         effect in a combination (a planner varies the layout around them) are :func:`check_effective`'s."""
         if self.fp8_recipe is not None and self.precision != "fp8":
             raise SpecError(f"--fp8-recipe {self.fp8_recipe} needs --precision fp8 (got {self.precision})")
-        if self.fp8_all_gather and (self.engine != "fsdp2" or self.precision != "fp8"
-                                    or self.resolved_fp8_recipe != "tensorwise"):
+        if self.fp8_all_gather and (self.precision != "fp8" or self.resolved_fp8_recipe != "tensorwise"):
             raise SpecError("--fp8-all-gather needs --engine fsdp2 --precision fp8 with tensorwise scaling "
                             "(torchao all-gathers Float8 weights only for tensorwise); drop it or change those")
-        if self.reshard_after_forward != "default" and self.engine != "fsdp2":
-            raise SpecError(f"--reshard-after-forward {self.reshard_after_forward} is FSDP2's policy; use it with "
-                            f"--engine fsdp2 --zero 3")
         if self.param_dtype == "bf16" and self.precision != "bf16":
             raise SpecError(f"--param-dtype bf16 (pure bf16 training) needs --precision bf16, got {self.precision}")
         if self.cp > 1 and self.attention == "eager":
@@ -231,7 +227,14 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 def check_effective(settings: RunSettings) -> None:
     """Raise a one-line :class:`SpecError` for a setting given where it has no effect (for a user's explicit
-    settings; a planner that varies recomputation and ZeRO stage around them does not call this)."""
+    settings; a planner that varies the engine, ZeRO stage and recomputation around them does not call this:
+    FSDP2's options are ignored under other engines, 1-in-N checkpointing without recomputation)."""
+    if settings.fp8_all_gather and settings.engine != "fsdp2":
+        raise SpecError("--fp8-all-gather needs --engine fsdp2 --precision fp8 with tensorwise scaling (FSDP2 "
+                        f"all-gathers the weights; --engine {settings.engine} does not)")
+    if settings.reshard_after_forward != "default" and settings.engine != "fsdp2":
+        raise SpecError(f"--reshard-after-forward {settings.reshard_after_forward} is FSDP2's policy; use it with "
+                        f"--engine fsdp2 --zero 3")
     if settings.recompute_every > 1 and settings.recompute == "none":
         raise SpecError(f"--recompute-every {settings.recompute_every} checkpoints 1 layer in "
                         f"{settings.recompute_every} and needs --recompute op, selective or full")
