@@ -299,7 +299,7 @@ def seeds(k: int = 30) -> dict[str, Any]:
     for seed in (0, 1):
         record = measure_noise(NoiseRunSettings(seq_len=SEQ_LEN, micro_batch_sequences=MICRO,
                                                 global_batch_sequences=4 * MICRO, steps=k, seed=seed, lr=LR,
-                                                threads=THREADS))
+                                                threads=THREADS)).to_dict()
         out[f"seed-{seed}"] = {key: record[key] for key in ("b_simple_sequences", "b_simple_tokens", "band",
                                                              "steps_measured", "loss_first", "loss_last",
                                                              "trajectory", "confident")}
