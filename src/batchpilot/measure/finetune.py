@@ -1,0 +1,144 @@
+"""Fine-tuning applied to a real module: frozen layers, LoRA through PEFT, QLoRA's 4-bit base through
+bitsandbytes, and bitsandbytes' 8-bit and paged optimizers — the one place the probe, the traced estimate,
+the CPU measurements and the trainer get them from (:func:`batchpilot.measure.step.build_step` calls
+:func:`apply_finetune`).
+
+Example (CPU, seconds; needs the ``finetune`` extra: ``pip install 'batchpilot[finetune]'``)::
+
+    >>> from batchpilot.measure.step import build_module
+    >>> from batchpilot.specs.finetune import parse_finetune
+    >>> from batchpilot.specs.model import load_model
+    >>> module = apply_finetune(build_module(load_model("tiny-llama-1m").hf_config),
+    ...                         parse_finetune("lora,r=8"), precision="fp32", param_dtype="fp32")
+    >>> sum(p.numel() for p in module.parameters() if p.requires_grad)   # 4 layers × Σ over 7 linears of r·(in + out)
+    83968
+
+What runs where (bitsandbytes 0.50.2 with its CPU backend, peft 0.21.2, torch 2.13 CPU, measured here):
+
+- LoRA (:func:`peft.get_peft_model` with ``LoraConfig(r, lora_alpha, target_modules, lora_dropout,
+  layers_to_transform)``): everywhere. The base is cast to the compute dtype (bf16, or fp32 for ``--precision
+  fp32``) and frozen; adapters are fp32 (PEFT's ``autocast_adapter_dtype=True``) unless ``param_dtype`` is bf16.
+- QLoRA: bitsandbytes ``Linear4bit`` (NF4, ``blocksize=64``, ``compress_statistics`` = double quantization,
+  ``compute_dtype=bfloat16``) replaces every linear of the decoder layers; quantization, the 4-bit forward
+  (``gemm_4bit``) and backward (``dequantize_4bit`` then a matmul) run on CPU. PEFT then wraps them in
+  ``peft.tuners.lora.bnb.Linear4bit``. Unlike ``peft.prepare_model_for_kbit_training`` the embedding, norms
+  and head are not upcast to fp32 (that upcast costs 2 more bytes per such parameter).
+- 8-bit AdamW (``bitsandbytes.optim.AdamW8bit``: block-wise quantized states) runs on CPU; paged optimizers
+  (``PagedAdamW``/``PagedAdamW8bit``) fall back to ordinary CPU memory there (bitsandbytes warns: "Paged
+  optimizers are not supported on CPU"), so paging is measured only on CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from batchpilot.errors import SpecError
+from batchpilot.specs.finetune import HF_MODULE_NAMES, FineTune
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+#: What to install when PEFT or bitsandbytes is missing.
+INSTALL_HINT = "pip install 'batchpilot[finetune]' (peft, bitsandbytes)"
+
+
+def _import(name: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise SpecError(f"--finetune needs the {name!r} package, which is not installed; {INSTALL_HINT}") from None
+
+
+def decoder_layers(module: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a ``transformers`` causal LM (``model.layers`` or GPT-2's ``transformer.h``)."""
+    get_decoder = getattr(module, "get_decoder", None)  # a PeftModel forwards it to the wrapped model
+    decoder = get_decoder() if get_decoder is not None else module
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    if layers is None:
+        raise SpecError(f"--finetune: cannot find the decoder layers of {type(module).__name__}")
+    return list(layers)
+
+
+def apply_finetune(module: nn.Module, ft: FineTune, *, precision: str, param_dtype: str) -> nn.Module:
+    """``module`` (an fp32 ``transformers`` causal LM) prepared for ``ft``: returned as is for full training,
+    with its embedding and first layers frozen for ``frozen_layers``, or wrapped by PEFT for LoRA/QLoRA."""
+    if not ft.adapters:
+        if ft.frozen_layers:
+            _freeze_prefix(module, ft.frozen_layers)
+        return module
+    import torch
+
+    peft = _import("peft")
+    module.requires_grad_(False)
+    if precision == "bf16":
+        module.to(torch.bfloat16)
+    if ft.method == "qlora":
+        _quantize_layers(module, ft)
+        module.is_loaded_in_4bit = True  # PEFT then wraps Linear4bit in lora.bnb.Linear4bit (lora/model.py)
+    layers = len(decoder_layers(module))
+    if ft.frozen_layers >= layers:
+        raise SpecError(f"--finetune frozen-layers={ft.frozen_layers} leaves none of the {layers} layers to adapt; "
+                        f"use frozen-layers < {layers}")
+    config = peft.LoraConfig(
+        r=ft.rank, lora_alpha=ft.alpha, lora_dropout=ft.dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules=[HF_MODULE_NAMES[t] for t in ft.targets],
+        layers_to_transform=list(range(ft.frozen_layers, layers)) if ft.frozen_layers else None,
+    )
+    return peft.get_peft_model(module, config, autocast_adapter_dtype=param_dtype == "fp32")  # type: ignore[no-any-return]
+
+
+def _freeze_prefix(module: nn.Module, frozen: int) -> None:
+    layers = decoder_layers(module)
+    if frozen >= len(layers):
+        raise SpecError(f"--finetune frozen-layers={frozen} freezes all {len(layers)} layers; use fewer")
+    embedding: Any = module.get_input_embeddings()  # type: ignore[operator]
+    embedding.requires_grad_(False)
+    for layer in layers[:frozen]:
+        layer.requires_grad_(False)
+
+
+def _quantize_layers(module: nn.Module, ft: FineTune) -> None:
+    """Replace every ``nn.Linear`` of the decoder layers by a quantized bitsandbytes ``Linear4bit`` (NF4)."""
+    import torch
+
+    bnb = _import("bitsandbytes")
+    for layer in decoder_layers(module):
+        for name, child in list(layer.named_modules()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
+            quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.bfloat16, compress_statistics=ft.double_quant,
+                                          quant_type="nf4", device="meta")
+            quantized.weight = bnb.nn.Params4bit(child.weight.data.to(torch.bfloat16), requires_grad=False,
+                                                 compress_statistics=ft.double_quant, quant_type="nf4",
+                                                 blocksize=64)
+            if child.bias is not None:
+                quantized.bias = torch.nn.Parameter(child.bias.data.to(torch.bfloat16), requires_grad=False)
+            setattr(parent, name.rpartition(".")[2], quantized.to(child.weight.device))
+
+
+def bnb_optimizer(groups: Iterable[Any], *, name: str, paged: bool, lr: float, betas: tuple[float, float],
+                  eps: float) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW for ``adamw-8bit`` (``AdamW8bit``, block-wise 8-bit states) and for paged states
+    (``PagedAdamW``, ``PagedAdamW8bit``)."""
+    bnb = _import("bitsandbytes")
+    cls = {("adamw", True): bnb.optim.PagedAdamW, ("adamw-8bit", False): bnb.optim.AdamW8bit,
+           ("adamw-8bit", True): bnb.optim.PagedAdamW8bit}.get((name, paged))
+    if cls is None:
+        raise SpecError(f"--optimizer {name!r}{' with paged states' if paged else ''} has no bitsandbytes "
+                        f"optimizer; use adamw or adamw-8bit")
+    import warnings
+
+    with warnings.catch_warnings():  # "Paged optimizers are not supported on CPU" (falls back, said above)
+        warnings.simplefilter("ignore", UserWarning)
+        return cls(list(groups), lr=lr, betas=betas, eps=eps)  # type: ignore[no-any-return]
+
+
+def trainable_parameters(module: nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train (``requires_grad``)."""
+    return [p for p in module.parameters() if p.requires_grad]
