@@ -39,7 +39,7 @@ app = typer.Typer(
 for _name, _command in (
     ("tune", tune_cli.tune), ("plan", plan_cli.plan_command), ("memory", memory_cli.memory),
     ("probe", probe_cli.probe), ("noise", noise_cli.noise), ("train", train_cli.train_command),
-    ("report", report.report), ("known", known.known), ("serve", serve.serve),
+    ("tokenize", train_cli.tokenize_command), ("report", report.report), ("known", known.known), ("serve", serve.serve),
 ):
     app.command(_name, cls=PlainHelpCommand)(_command)
 app.add_typer(model.app, name="model")  # groups are listed after the commands

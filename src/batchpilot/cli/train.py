@@ -6,8 +6,10 @@ Examples::
     batchpilot train --global-batch 32 --micro-batch 8 --batching packed --steps 200 --out runs/packed
     batchpilot train --global-batch-tokens 64Ki --seq-len 512 --batch-schedule steps:0=32,2M=128
     batchpilot train --nproc 2 --fsdp --steps 20        # torchrun, 2 local processes (gloo on CPU)
+    batchpilot train --nproc 4 --zero 3 --tp 2 --recompute op --compile   # FSDP2 × TP, per-op checkpointing
     torchrun --nnodes 2 --nproc-per-node 8 ... -m batchpilot.cli train --expect-world-size 16 ...
     batchpilot train --out runs/demo --resume           # continue exactly where the last checkpoint left off
+    batchpilot tokenize --data corpus/ --tokenizer bpe:8192 --out tokens/   # pre-tokenized, memory-mapped
 """
 
 from __future__ import annotations
@@ -40,20 +42,45 @@ from batchpilot.cli._options import (
     option,
     whole,
 )
-from batchpilot.cli._settings import StepPrecisionOpt, step_precision
+from batchpilot.cli._settings import (
+    CompileOpt,
+    RecomputeEveryOpt,
+    ReshardOpt,
+    StepPrecisionOpt,
+    TpOpt,
+    step_precision,
+)
 from batchpilot.errors import BatchpilotError
 from batchpilot.specs.batch import sequences_from_tokens
+from batchpilot.specs.settings import RECOMPUTES
 from batchpilot.train.config import (
     BATCHING_MODES,
     DEFAULT_NOISE_EVERY,
+    FP8_RECIPES,
+    LOG_SINKS,
+    LR_DECAYS,
     BatchConfig,
     DataConfig,
     ModelConfig,
     OptimConfig,
+    ParallelConfig,
     RunConfig,
     TrainConfig,
 )
 from batchpilot.units import format_bytes, format_count
+
+_PANEL = "Run settings"
+#: ``--zero`` and ``--recompute`` as everywhere (same values), with what the runner does with each.
+TrainZeroOpt = Annotated[int, option(
+    "--zero", whole("--zero"), help="0 = DDP; 2 = FSDP2 without resharding after forward (ZeRO-2); 3 = FSDP2 full "
+    "sharding (ZeRO-3, as --fsdp). ZeRO-1 is not run (FSDP2 has no optimizer-only sharding).",
+    rich_help_panel=_PANEL)]
+TrainRecomputeOpt = Annotated[str, option(
+    "--recompute", choice("--recompute", RECOMPUTES),
+    help="Activation recomputation of the decoder layers, wrapped before FSDP2 as torchtitan does: op = "
+         "torchtitan's per-op selective checkpointing (every second matmul recomputed), full = only each layer's "
+         "input kept. selective (Megatron's attention core) is not run: under SDPA it keeps what none keeps.",
+    rich_help_panel=_PANEL)]
 
 #: The no-argument demo: small enough that the loss visibly falls within a couple of CPU minutes.
 TRAIN_SEQ_LEN = 128
@@ -146,7 +173,8 @@ def train(
         DEMO_GLOBAL_BATCH), help="Global batch in sequences (per optimizer step).")] = None,
     global_batch_tokens: GlobalBatchTokensOpt = None,
     micro_batch: Annotated[int | None, option("--micro-batch", count("--micro-batch"), show_default=(
-        "the global batch / --nproc"), help="Sequences per micro-batch per rank.")] = None,
+        "the global batch / --nproc"), help="Sequences per micro-batch per data-parallel rank (--nproc / --tp of "
+                                            "them; the default divides by that).")] = None,
     batching: Annotated[str, option("--batching", choice("--batching", BATCHING_MODES), help=(
         "How sequences fill a micro-batch."))] = "fixed",
     max_tokens_per_micro_batch: Annotated[int | None, option(
@@ -156,8 +184,11 @@ def train(
     lr: Annotated[float, option("--lr", number("--lr"), help="Peak learning rate (at the first global batch).")] = 3e-3,
     warmup_steps: Annotated[int, option("--warmup-steps", whole("--warmup-steps"), help=(
         "Linear learning-rate warmup steps."))] = 10,
-    lr_decay: Annotated[str, option("--lr-decay", choice("--lr-decay", ("cosine", "linear", "constant")), help=(
-        "Learning-rate decay after the warmup."))] = "cosine",
+    lr_decay: Annotated[str, option("--lr-decay", choice("--lr-decay", LR_DECAYS), help=(
+        "Learning-rate decay after the warmup; wsd = warmup-stable-decay (flat, then linear over the last "
+        "--decay-ratio of the run)."))] = "cosine",
+    decay_ratio: Annotated[float, option("--decay-ratio", number("--decay-ratio"), help=(
+        "--lr-decay wsd: the share of the run spent decaying (Hägele et al. 2024: 0.2 matches cosine)."))] = 0.2,
     lr_scaling: Annotated[str | None, option("--lr-scaling", choice("--lr-scaling", ("none", "linear", "sqrt")),
                                              show_default="sqrt with an adaptive --batch-schedule, else none",
                                              help="Learning-rate rule applied when the global batch changes.")] = None,
@@ -179,7 +210,24 @@ def train(
     max_restarts: Annotated[int, option("--max-restarts", whole("--max-restarts"), help=(
         "torchrun elastic restarts of a failed run (launches torchrun); each restart resumes from the last "
         "checkpoint."))] = 0,
-    fsdp: Annotated[bool, option("--fsdp", help="FSDP2 fully_shard instead of DDP.")] = False,
+    fsdp: Annotated[bool, option("--fsdp", help="FSDP2 fully_shard instead of DDP (the same as --zero 3).")] = False,
+    zero: TrainZeroOpt = 0,
+    reshard_after_forward: ReshardOpt = "default",
+    tp: TpOpt = 1,
+    recompute: TrainRecomputeOpt = "none",
+    recompute_every: RecomputeEveryOpt = 1,
+    compile_blocks: CompileOpt = False,
+    fp8_recipe: Annotated[str, option("--fp8-recipe", choice("--fp8-recipe", FP8_RECIPES), help=(
+        "torchao float8 recipe of --precision fp8 (CUDA only)."), rich_help_panel=_PANEL)] = "tensorwise",
+    async_checkpoint: Annotated[bool, option("--async-checkpoint", help=(
+        "Write checkpoints in the background (torch.distributed.checkpoint.async_save); published when "
+        "written."))] = False,
+    export_hf: Annotated[bool, option("--export-hf", help=(
+        "At the end, write the final model in the Hugging Face format to OUT/hf (config.json, "
+        "model.safetensors, the tokenizer when it is a Hugging Face one)."))] = False,
+    log_to: Annotated[str, option("--log", show_default="none: metrics.jsonl only", help=(
+        f"Metrics sinks besides metrics.jsonl, comma-separated: {', '.join(LOG_SINKS)} (TensorBoard in OUT/tb; "
+        "W&B offline in OUT/wandb, needs the wandb package)."))] = "",
     expect_world_size: Annotated[int | None, option("--expect-world-size", whole("--expect-world-size"), help=(
         "Fail unless the launcher started this many processes."))] = None,
     out: Annotated[str, option("--out", help="Output directory.")] = "runs/train",
@@ -206,20 +254,31 @@ def train(
     from batchpilot.train.distributed import env_int
 
     world = max(1, expect_world_size or env_int("WORLD_SIZE", nproc))  # 0 or less: refused by RunConfig/launch
+    dp = world // tp if tp >= 1 and world % tp == 0 else world  # data-parallel ranks (a bad --tp: refused later)
     config = TrainConfig(
         model=ModelConfig(model=model, trust_remote_code=trust_remote_code),
         data=DataConfig(data=data, tokenizer=tokenizer, text_field=text_field, seq_len=seq_len),
-        batch=BatchConfig(global_batch_sequences=g, micro_batch_sequences=max(1, g // world) if micro_batch is None else micro_batch,
+        batch=BatchConfig(global_batch_sequences=g, micro_batch_sequences=max(1, g // dp) if micro_batch is None else micro_batch,
                           batching=batching, max_tokens_per_micro_batch=max_tokens_per_micro_batch,  # type: ignore[arg-type]
                           batch_schedule=batch_schedule),
-        optim=OptimConfig(lr=lr, warmup_steps=warmup_steps, decay=lr_decay, lr_scaling=_default_lr_scaling(lr_scaling, batch_schedule),  # type: ignore[arg-type]
+        optim=OptimConfig(lr=lr, warmup_steps=warmup_steps, decay=lr_decay, decay_ratio=decay_ratio,  # type: ignore[arg-type]
+                          lr_scaling=_default_lr_scaling(lr_scaling, batch_schedule),  # type: ignore[arg-type]
                           grad_clip=grad_clip, weight_decay=weight_decay, precision=step_precision(precision, device),  # type: ignore[arg-type]
                           max_bad_steps=max_bad_steps),  # type: ignore[arg-type]
         run=RunConfig(steps=steps_n, tokens=tokens_n, out=out, checkpoint_every=checkpoint_every, resume=resume,
                       seed=seed, val_every=val_every, noise_every=_noise_every(noise_every, no_noise), nproc=nproc, max_restarts=max_restarts, fsdp=fsdp, expected_world_size=expect_world_size,
-                      device=device, threads=threads),  # type: ignore[arg-type]
+                      device=device, threads=threads, async_checkpoint=async_checkpoint,  # type: ignore[arg-type]
+                      export_hf=export_hf, log_sinks=_sinks(log_to)),  # type: ignore[arg-type]
+        parallel=ParallelConfig(zero_stage=zero, reshard_after_forward=reshard_after_forward.lower(),  # type: ignore[arg-type]
+                                tp=tp, recompute=recompute.lower(), recompute_every=recompute_every,  # type: ignore[arg-type]
+                                compile=compile_blocks, fp8_recipe=fp8_recipe.lower()),  # type: ignore[arg-type]
     )
     _run_and_report(config, json_output, world)
+
+
+def _sinks(value: str) -> tuple[str, ...]:
+    """``--log tensorboard,wandb`` → the sinks (each checked by RunConfig)."""
+    return tuple(s.strip().lower() for s in value.split(",") if s.strip())
 
 
 def _noise_every(noise_every: int | None, no_noise: bool) -> int:
@@ -266,3 +325,38 @@ def _run_and_report(config: TrainConfig, json_output: bool, world: int) -> None:
 
 
 train_command = handle_errors(train)
+
+
+def tokenize(
+    data: DataOpt = "stdlib",
+    tokenizer: TokenizerOpt = "bytes",
+    text_field: Annotated[str, option("--text-field", help="Text field of JSONL/Parquet/datasets rows.")] = "text",
+    val_fraction: Annotated[float, option("--val-fraction", number("--val-fraction"), help=(
+        "Share of documents (by the sha256 of their key) held out for validation, as train splits them."))] = 0.02,
+    out: Annotated[str, option("--out", help="Directory to write (train.bin/.idx, val.bin/.idx and "
+                                              "batchpilot-tokens.json).")] = "tokens",
+    json_output: JsonOpt = False,
+) -> None:
+    """Tokenize --data once into memory-mapped token files that batchpilot train --data OUT reads on every rank
+    (documents framed by the tokenizer's BOS/EOS)."""
+    import dataclasses
+
+    from batchpilot.train.config import DataConfig
+    from batchpilot.train.tokens import prepare
+
+    DataConfig(data=data, tokenizer=tokenizer, text_field=text_field, val_fraction=val_fraction)  # the checks
+    info = prepare(data, tokenizer_spec=tokenizer, text_field=text_field, val_fraction=val_fraction,
+                   out=Path(out)).info
+    record = {"out": out, **dataclasses.asdict(info)}
+    if json_output:
+        print_json(record)
+        return
+    table = Table("split", "documents", "tokens", title=f"batchpilot tokenize → {out} ({info.tokenizer_name}, "
+                                                          f"vocabulary {info.vocab_size}, {info.dtype})")
+    for split in ("train", "val"):
+        table.add_row(split, format_count(info.documents[split]), format_count(info.tokens[split]))
+    console.print(table)
+    console.print(f"train on it: batchpilot train --data {out} --tokenizer {info.tokenizer} …")
+
+
+tokenize_command = handle_errors(tokenize)

@@ -189,10 +189,15 @@ class TokenizedCorpus:
 
 
 def tokenize(docs: Sequence[Document], tokenizer: Tokenizer, *, chunk: int = 256) -> TokenizedCorpus:
-    """Tokenize ``docs`` in order (empty results dropped) into a :class:`TokenizedCorpus`."""
+    """Tokenize ``docs`` in order (empty results dropped) into a :class:`TokenizedCorpus`; each document is
+    framed by the tokenizer's ``prefix_ids``/``suffix_ids`` (BOS/EOS, :mod:`batchpilot.train.tokenizer`)."""
     arrays: list[np.ndarray] = []
+    prefix = np.asarray(tokenizer.prefix_ids, dtype=np.int64)
+    suffix = np.asarray(tokenizer.suffix_ids, dtype=np.int64)
     for start in range(0, len(docs), chunk):
-        arrays.extend(a for a in tokenizer.encode_batch([d.text for d in docs[start:start + chunk]]) if len(a))
+        encoded = tokenizer.encode_batch([d.text for d in docs[start:start + chunk]])
+        arrays.extend(np.concatenate([prefix, a, suffix]) if len(prefix) + len(suffix) else a
+                      for a in encoded if len(a))
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
     lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
     offsets = np.zeros(len(arrays) + 1, dtype=np.int64)

@@ -37,8 +37,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from batchpilot.errors import BatchpilotError
+from batchpilot.errors import BatchpilotError, DataError
 from batchpilot.measure.step import (
+    autocast,
+    cross_entropy_sum,
     forward_loss,
     make_optimizer,
     model_inputs,
@@ -58,7 +60,7 @@ from batchpilot.train.batching import (
     layout_step,
 )
 from batchpilot.train.config import TrainConfig
-from batchpilot.train.data import TokenizedCorpus, fingerprint, load_documents, split_documents, tokenize
+from batchpilot.train.data import TokenizedCorpus
 from batchpilot.train.distributed import (
     DistEnv,
     all_reduce_gradients,
@@ -73,12 +75,35 @@ from batchpilot.train.lr import LRSchedule
 from batchpilot.train.metrics import MetricsLog, peak_memory_bytes
 from batchpilot.train.model import BuiltModel, build_model
 from batchpilot.train.noise_default import default_noise_hook, noise_summary
-from batchpilot.train.parallelize import ParallelLayout, device_mesh, load_full_weights, parallelize, sharded
+from batchpilot.train.parallelize import (
+    ParallelLayout,
+    device_mesh,
+    load_full_weights,
+    local_value,
+    loss_context,
+    parallelize,
+    sharded,
+)
 from batchpilot.train.schedule import BatchSchedule, Progress
-from batchpilot.train.tokenizer import load_tokenizer
+from batchpilot.train.tokenizer import Tokenizer
+from batchpilot.train.tokens import (
+    RecordedTokenizer,
+    TokenDatasetInfo,
+    is_token_dataset,
+    open_split,
+    prepare,
+)
 from batchpilot.train.validate import StaticPlan, check_static
 
 RecordCallback = Callable[[dict[str, Any]], None]
+TOKENS_DIR = "tokens"
+"""``OUT/tokens``: the run's token dataset when ``--data`` is not one (:mod:`batchpilot.train.tokens`)."""
+
+
+def _empty_corpus() -> TokenizedCorpus:
+    import numpy as np
+
+    return TokenizedCorpus(tokens=np.zeros(0, dtype=np.uint16), offsets=np.zeros(1, dtype=np.int64))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -142,19 +167,42 @@ class Trainer:
         torch.set_num_threads(self.config.run.threads or max(1, (os.cpu_count() or 1) // local))
 
     def _load_data(self) -> None:
+        """Memory-map the token dataset (:mod:`batchpilot.train.tokens`): ``--data`` itself when it is one, else
+        ``OUT/tokens`` written by rank 0 alone while the other ranks wait."""
         dc = self.config.data
-        docs = load_documents(dc.data, text_field=dc.text_field)
-        train_docs, val_docs = split_documents(docs, dc.val_fraction)
-        self.tokenizer = load_tokenizer(dc.tokenizer, (d.text for d in train_docs), fingerprint(train_docs))
-        self.corpus: TokenizedCorpus = tokenize(train_docs, self.tokenizer)
-        self.val_corpus = tokenize(val_docs, self.tokenizer) if val_docs else None
-        self.num_documents = (len(train_docs), len(val_docs))
+        self.tokenizer_object: Tokenizer | None = None  # the tokenizer itself where this process built it (export)
+        if is_token_dataset(dc.data):
+            directory, info = Path(dc.data), TokenDatasetInfo.read(Path(dc.data))
+            if info.tokenizer != dc.tokenizer:
+                raise DataError(f"the tokens in {dc.data!r} were made with --tokenizer {info.tokenizer}; pass "
+                                f"--tokenizer {info.tokenizer} (got {dc.tokenizer})")
+        else:
+            directory, info = self._prepare_tokens()
+        self.tokenizer: Any = self.tokenizer_object or RecordedTokenizer.of(info)
+        self.corpus: TokenizedCorpus = open_split(directory, "train", info) or _empty_corpus()
+        self.val_corpus = open_split(directory, "val", info)
+        self.num_documents = (info.documents["train"], info.documents["val"])
         mode = self.config.batch.batching
         self.stream = RowStream(self.corpus, mode=mode, seq_len=dc.seq_len, seed=self.config.run.seed)
         self.val_rows: list[Row] = []
         if self.val_corpus is not None and self.val_corpus.num_tokens:
             val_stream = RowStream(self.val_corpus, mode="fixed", seq_len=dc.seq_len, seed=0)
             self.val_rows = val_stream.rows(0, min(self.config.run.val_rows, val_stream.rows_per_epoch))
+
+    def _prepare_tokens(self) -> tuple[Path, TokenDatasetInfo]:
+        """Rank 0 tokenizes into ``OUT/tokens`` (or finds it there); the others wait, then read its record."""
+        dc, env, failed = self.config.data, self.env, 0.0
+        error: BatchpilotError | None = None
+        if env.is_main:
+            try:
+                prepared = prepare(dc.data, tokenizer_spec=dc.tokenizer, text_field=dc.text_field,
+                                   val_fraction=dc.val_fraction, out=self.out / TOKENS_DIR)
+                self.tokenizer_object = prepared.tokenizer
+            except BatchpilotError as exc:
+                error, failed = exc, 1.0
+        if all_reduce_sum([failed], env)[0]:  # the barrier: every rank waits for rank 0's tokens
+            raise error or DataError("rank 0 could not prepare the training data (its error is above)")
+        return self.out / TOKENS_DIR, TokenDatasetInfo.read(self.out / TOKENS_DIR)
 
     def _build(self) -> None:
         """The model with the plan's layout and policies (:mod:`batchpilot.train.parallelize`): sharded runs build
@@ -184,6 +232,10 @@ class Trainer:
         precision = cfg.optim.precision  # FSDP2's MixedPrecisionPolicy computes in bf16 without autocast
         self.forward_precision = ("fp32" if self.fsdp and precision in ("bf16", "fp8")
                                   else "bf16" if precision == "fp8" else precision)
+        # --compile compiles the loss as well, as torchtitan does (under tensor parallelism the loss is
+        # loss_parallel's, left eager); the memory model counts RunSettings' "compiled" loss for it
+        self._compiled_loss = (torch.compile(cross_entropy_sum) if cfg.parallel.compile and cfg.parallel.tp == 1
+                               else None)
         oc = cfg.optim  # the one training step's optimizer (batchpilot.measure.step), as the probe runs it
         self.optimizer = make_optimizer(
             param_groups(self.model, oc.weight_decay), lr=oc.lr, betas=oc.betas, eps=oc.eps,
@@ -253,7 +305,12 @@ class Trainer:
 
         kwargs = model_inputs(mb.input_ids.to(dev, non_blocking=True), on_device(mb.attention_mask),
                               on_device(mb.position_ids))
-        return forward_loss(model, kwargs, mb.targets.to(dev, non_blocking=True), precision=self.forward_precision)
+        targets = mb.targets.to(dev, non_blocking=True)
+        if self._compiled_loss is not None:  # --compile: the loss compiled too (torchtitan's "model" and "loss")
+            with autocast(dev.type, self.forward_precision):
+                logits = model(**kwargs).logits
+            return self._compiled_loss(logits, targets)  # type: ignore[no-any-return]
+        return forward_loss(model, kwargs, targets, precision=self.forward_precision)
 
     def _layout(self, global_batch: int) -> StepLayout:
         bc, dc = self.config.batch, self.config.data
@@ -277,10 +334,11 @@ class Trainer:
         for i, plan in enumerate(plans):
             mb = collate(plan, self.corpus.tokens, mode=self.config.batch.batching, varlen=self.varlen)
             last = i == len(plans) - 1
-            with gradient_sync(self.model, last and not self.manual_sync):
+            with gradient_sync(self.model, last and not self.manual_sync), loss_context(self.layout.tp):
                 loss_sum = self._forward_loss(self.model, mb)
                 self.scaler.scale(loss_sum * factor).backward()
-            local_sum += loss_sum.detach().double()
+                loss_sum = local_value(loss_sum.detach())
+            local_sum += loss_sum.double()
             if self.hooks:
                 info = MicroStepInfo(
                     step=st.step, micro_index=i, num_micro_steps=len(plans), micro_target_tokens=mb.num_targets,
@@ -383,11 +441,11 @@ class Trainer:
             for start in range(0, per_rank, micro):
                 plan = MicroBatchPlan(rows=tuple(mine[start:start + micro]), pad_to=self.config.data.seq_len)
                 mb = collate(plan, self.val_corpus.tokens, mode="fixed")
+                with loss_context(self.layout.tp):
+                    value = float(local_value(self._forward_loss(model, mb)))
                 if self.layout.tp_rank == 0:  # tensor-parallel peers computed the same rows
-                    totals[0] += float(self._forward_loss(model, mb))
+                    totals[0] += value
                     totals[1] += mb.num_targets
-                else:
-                    self._forward_loss(model, mb)
         model.train(was_training)
         loss_sum, count = all_reduce_sum(totals, self.env)
         return loss_sum / count if count else None

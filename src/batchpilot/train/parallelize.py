@@ -10,10 +10,14 @@ Examples::
 
 1. *fp8* (``--precision fp8``, CUDA only): torchao ``convert_to_float8_training`` of every linear but the
    output head, as torchtitan's ``quantize.linear.float8`` converter does before parallelising.
-2. *Tensor parallelism* (``--tp``): the model's own ``base_model_tp_plan`` (``transformers``: q/k/v and
-   gate/up ``colwise``, o/down ``rowwise``) as torch ``ColwiseParallel``/``RowwiseParallel`` on the ``tp``
-   dimension of a ``(dp, tp)`` device mesh. The embedding, norms and output head are replicated and no
-   sequence parallelism is applied (the planner plans this runner's TP without ``--sp``).
+2. *Tensor parallelism* (``--tp``): inside each decoder layer the model's own ``base_model_tp_plan``
+   (``transformers``: q/k/v and gate/up ``colwise``, o/down ``rowwise``) as torch
+   ``ColwiseParallel``/``RowwiseParallel`` on the ``tp`` dimension of a ``(dp, tp)`` device mesh; around
+   them torchtitan's ``apply_tp`` (``torchtitan/models/llama3/infra/parallelize.py`` @ ``73a0e69``) without
+   sequence parallelism: the embedding ``RowwiseParallel`` (vocabulary rows split, output replicated), the
+   output head ``ColwiseParallel`` with vocabulary-sharded logits and the loss under ``loss_parallel()``
+   (torchtitan's default with TP; :func:`loss_context`), the norms replicated. No sequence parallelism: the
+   planner plans this runner's TP without ``--sp``.
 3. *Recomputation* (``--recompute op|full``, ``--recompute-every N``): each checkpointed decoder layer is
    wrapped in ``checkpoint_wrapper`` (non-reentrant ``torch.utils.checkpoint``) as torchtitan's
    ``FullAC``/``SelectiveAC._wrap_block`` do (``torchtitan/distributed/activation_checkpoint.py`` @
@@ -43,6 +47,7 @@ never holds more than its shards plus one tensor in flight.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -160,13 +165,45 @@ def check_tp(module: nn.Module, tp: int) -> None:
 
 
 def apply_tp(module: nn.Module, tp_mesh: Any) -> None:
-    """Colwise/rowwise DTensor sharding of each decoder layer's linears (outputs back as local tensors)."""
+    """Colwise/rowwise DTensor sharding of each decoder layer's linears (outputs back as local tensors), the
+    embedding split by vocabulary rows, the output head by vocabulary columns (logits stay sharded)."""
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+    if getattr(module.config, "tie_word_embeddings", False):
+        raise BatchpilotError("--tp with tied input and output embeddings is not run here (the embedding is split "
+                              "by rows, the head by vocabulary columns); use --tp 1 or a model with untied embeddings")
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     plan = {name: styles[style]() for name, style in tp_plan(module).items()}
     for layer in decoder_layers(module):
         parallelize_module(layer, tp_mesh, plan)
+    ends = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "lm_head": ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)}
+    parallelize_module(module, tp_mesh, {k: v for k, v in ends.items() if _has(module, k)})
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def loss_context(tp: int) -> Any:
+    """``loss_parallel()`` with tensor parallelism (the logits are vocabulary shards; forward and backward of
+    the loss run inside it, as torchtitan's train step does), else nothing."""
+    if tp == 1:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
+
+
+def local_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor's value as a plain tensor (the loss under ``loss_parallel``); others unchanged."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
 
 
 # ---------------------------------------------------------------------------------------------- recompute, compile
