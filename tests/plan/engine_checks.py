@@ -172,7 +172,11 @@ def check_accelerate(text: str, plan: Plan) -> ReadBack:
     ``Accelerator._prepare_deepspeed`` fills them (``accelerator.py:2186-2197``), then ``DeepSpeedConfig``."""
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+    from accelerate.utils.launch import (
+        prepare_deepspeed_cmd_env,
+        prepare_multi_gpu_env,
+        prepare_simple_launcher_cmd_env,
+    )
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(text)
@@ -185,12 +189,14 @@ def check_accelerate(text: str, plan: Plan) -> ReadBack:
     args, defaults, mp_from_config = _validate_launch_command(parser.parse_args(["--config_file", f.name, "train.py"]))
     os.unlink(f.name)
     world, micro, accum = int(args.num_processes), plan.triad.micro_batch_sequences, plan.triad.grad_accum_steps
-    if args.use_deepspeed:  # as commands/launch.py:1420-1424 before the DeepSpeed launcher
+    if args.use_deepspeed:  # the launcher launch_command picks (commands/launch.py:1417-1440)
         fields = list(defaults.deepspeed_config) if defaults else []
         args.deepspeed_fields_from_accelerate_config = ",".join(fields + (["mixed_precision"] if mp_from_config else []))
         _, env = prepare_deepspeed_cmd_env(args)
+    elif args.use_fsdp or args.multi_gpu:
+        env = prepare_multi_gpu_env(args)
     else:
-        env = prepare_multi_gpu_env(args) if world > 1 else {"ACCELERATE_MIXED_PRECISION": str(args.mixed_precision)}
+        _, env = prepare_simple_launcher_cmd_env(args)
     zero, offload, recompute = 0, False, plan.settings.recompute
     with mock.patch.dict(os.environ, env, clear=True):
         if args.use_fsdp:

@@ -91,7 +91,7 @@ def test_pins_and_calibration(cli_runner, tmp_path):
                       memory_overhead_bytes=2**30, accelerator="h100-sxm", source="test probe")
     path = save_calibration(cal, tmp_path / "cal.json")
     record = _json(cli_runner, "--global-batch", "64", "--tp", "2", "--micro-batch", "2", "--zero", "1",
-                   "--recompute", "full", "--calibration", str(path))
+                   "--recompute", "full", "--calibration", str(path), "--engine", "megatron")
     assert record["calibration"] == "test probe" and record["warnings"] == []
     for plan in record["plans"]:
         assert (plan["tp"], plan["micro_batch"], plan["zero_stage"], plan["recompute"]) == (2, 2, 1, "full")
@@ -109,7 +109,7 @@ def test_export_to_file(cli_runner, tmp_path, fmt):
 
 
 def test_export_to_stdout(cli_runner):
-    result = cli_runner.invoke(app, [*BASE, "--global-batch", "64", "--export", "torchrun"])
+    result = cli_runner.invoke(app, [*BASE, "--global-batch", "64", "--engine", "batchpilot", "--export", "torchrun"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("torchrun --nnodes 2 --nproc-per-node 8")
 

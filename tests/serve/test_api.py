@@ -34,7 +34,7 @@ def _error(server: Server, path: str, **kwargs: object) -> tuple[int, str]:
 
 
 PUBLISHED = {"model": "llama-2-7b", "gpu": "a100-80gb", "gpus": "32", "seq-len": "4Ki", "like": "llama-2-7b",
-             "engine": "deepspeed", "zero": "3", "recompute": "selective", "headroom": "15%", "top": "2"}
+             "engine": "deepspeed", "zero": "3", "recompute": "none", "headroom": "15%", "top": "2"}
 """A published batch (--like), settings and pins."""
 
 

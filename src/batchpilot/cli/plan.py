@@ -5,7 +5,9 @@ Examples::
     batchpilot plan --model llama-3-8b --gpu h100-sxm --gpus 64 --seq-len 8192 --global-batch-tokens 4Mi
     batchpilot plan --model deepseek-v3 --gpu h800 --gpus 2048 --seq-len 4096 --like deepseek-v3 --engine megatron
     batchpilot plan --model llama-3-70b --gpu h100-sxm --gpus 512 --seq-len 8192 --global-batch 512 \\
-        --engine deepspeed --tp 1 --pp 1 --export deepspeed --out ds_config.json
+        --engine hf --export hf --out training_args.json
+    batchpilot plan --model llama-3-8b --gpu h100-sxm --gpus 16 --seq-len 8192 --global-batch-tokens 4Mi \\
+        --engine deepspeed --export deepspeed --out ds_config.json
     batchpilot plan --model tiny-llama-1m --gpu rtx-4090 --gpus 1 --seq-len 256 --global-batch 32 --json
     batchpilot plan --model llama-3-8b --gpu h100-sxm --gpus 64 --seq-len 8192 --train-tokens 15T
     batchpilot plan --model tiny-llama-15m --gpu h100-sxm --gpus 8 --seq-len 512 --noise noise.json
@@ -39,7 +41,6 @@ from batchpilot.cli._settings import (
     DEFAULTS,
     AttentionOpt,
     CompileOpt,
-    EngineOpt,
     Fp8AllGatherOpt,
     Fp8RecipeOpt,
     HybridShardOpt,
@@ -53,14 +54,20 @@ from batchpilot.cli._settings import (
     ReshardOpt,
     SpOpt,
 )
-from batchpilot.plan.exports import FORMATS, export_text
+from batchpilot.plan import exports
+from batchpilot.plan.engines import DEFAULT_ENGINE, ENGINE_NAMES, ENGINES, LEGACY_ENGINES
+from batchpilot.plan.explain import describe_target
+from batchpilot.plan.exports import FORMATS, ExportOptions
 from batchpilot.plan.options import DEFAULT_INTER_NODE_BANDWIDTH, PlanOptions, plan_record, prepare_plan
 from batchpilot.plan.planner import DEFAULT_HEADROOM, Pins, PlanResult, plan
 from batchpilot.report.present import plan_table, step_parts
 from batchpilot.specs.settings import RECOMPUTES
-from batchpilot.units import format_count
 
 _PINS = "Pins (fix a choice; omitted = searched)"
+_ENGINE_HELP = (
+    "Engine that will run the plan; only what it runs is searched, with its memory bookkeeping: "
+    + "; ".join(f"{c.name} = {c.title} (--export {', '.join(c.exports)})" for c in ENGINES.values())
+    + f". The earlier names torch and fsdp2 mean {LEGACY_ENGINES['torch']} and {LEGACY_ENGINES['fsdp2']}.")
 _SEARCHED = "searched"
 _TARGET = "Target global batch (exactly one)"
 
@@ -68,12 +75,11 @@ _TARGET = "Target global batch (exactly one)"
 def _render(result: PlanResult, source: str) -> None:
     r = result.request
     c = r.cluster
-    target = result.target_sequences
+    engine = f" with {r.engine}" if r.engine else ""
     console.print(
-        f"[bold]{r.model.name}[/] on {c.total_devices} × {c.accelerator.name} ({c.devices_per_node} per node), "
-        f"seq {r.seq_len}, target {target:.6g} sequences = {format_count(target * r.seq_len)} tokens"
-        + (f" — {source}" if source else "")
-    )
+        f"[bold]{r.model.name}[/] on {c.total_devices} × {c.accelerator.name} ({c.devices_per_node} per node)"
+        f"{engine}, seq {r.seq_len}, target {describe_target(result)}" + (f" — {source}" if source else ""),
+        highlight=False)
     shown = plan_table(tuple(p.to_record() for p in result.plans))
     table = Table(*(c.header for c in shown.columns), box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0),
                   caption="ranked by tokens/s (whole job); GiB and TFLOP/s per GPU")
@@ -143,13 +149,18 @@ def plan_command(
         show_default=_SEARCHED, rich_help_panel=_PINS)] = None,
     ep: Annotated[int | None, option("--ep", whole("--ep"), help="Expert-parallel size.", show_default=_SEARCHED,
                                      rich_help_panel=_PINS)] = None,
+    cp: Annotated[int | None, option(
+        "--cp", whole("--cp"), help="Context-parallel size (torchtitan, megatron).", show_default=_SEARCHED,
+        rich_help_panel=_PINS)] = None,
     zero: Annotated[int | None, option("--zero", whole("--zero"), help="ZeRO stage 0-3.", show_default=_SEARCHED,
                                        rich_help_panel=_PINS)] = None,
     recompute: Annotated[str | None, option(
         "--recompute", choice("--recompute", RECOMPUTES), help="Activation recomputation.",
         show_default=_SEARCHED, rich_help_panel=_PINS)] = None,
     precision: PrecisionOpt = DEFAULTS.precision, optimizer: OptimizerOpt = DEFAULTS.optimizer,
-    engine: EngineOpt = DEFAULTS.engine, hybrid_shard: HybridShardOpt = DEFAULTS.hybrid_shard,
+    engine: Annotated[str, option("--engine", choice("--engine", (*ENGINE_NAMES, *LEGACY_ENGINES)),
+                                  help=_ENGINE_HELP, rich_help_panel="Run settings")] = DEFAULT_ENGINE,
+    hybrid_shard: HybridShardOpt = DEFAULTS.hybrid_shard,
     sp: SpOpt = DEFAULTS.sp, attention: AttentionOpt = DEFAULTS.attention, offload: OffloadOpt = DEFAULTS.offload,
     recompute_every: RecomputeEveryOpt = DEFAULTS.recompute_every, compile: CompileOpt = DEFAULTS.compile,
     fp8_recipe: Fp8RecipeOpt = DEFAULTS.fp8_recipe, fp8_all_gather: Fp8AllGatherOpt = DEFAULTS.fp8_all_gather,
@@ -170,6 +181,9 @@ def plan_command(
     export: Annotated[str | None, option("--export", choice("--export", tuple(FORMATS)), help=(
         "Export the winner for this engine."))] = None,
     out: Annotated[Path | None, option("--out", show_default="stdout", help="File for --export.")] = None,
+    data: Annotated[str | None, option("--data", help=(
+        "Training data the exported run reads (batchpilot train --data, torchtitan dataset_path, Megatron "
+        "--data-path)."))] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Rank feasible (micro-batch, accumulation, dp, tp, pp, ep, ZeRO, recompute) by tokens/s."""
@@ -177,7 +191,7 @@ def plan_command(
         model=model, gpu=gpu, seq_len=seq_len, gpus=gpus, gpus_per_node=gpus_per_node,
         inter_node_bandwidth_bytes_per_s=inter_node_bandwidth, network=network, global_batch_tokens=global_batch_tokens,
         global_batch=global_batch, like=like, train_tokens=train_tokens, noise=noise,
-        pins=Pins(micro_batch=micro_batch, grad_accum=grad_accum, tp=tp, pp=pp, vpp=vpp, ep=ep, zero_stage=zero,
+        pins=Pins(micro_batch=micro_batch, grad_accum=grad_accum, tp=tp, pp=pp, vpp=vpp, ep=ep, cp=cp, zero_stage=zero,
                   recompute=recompute),
         precision=precision, optimizer=optimizer, engine=engine, hybrid_shard=hybrid_shard, sp=sp,
         attention=attention, offload=offload, recompute_every=recompute_every, compile=compile, fp8_recipe=fp8_recipe,
@@ -187,14 +201,16 @@ def plan_command(
     prepared = prepare_plan(options)
     request = prepared.request
     result = plan(request)
-    for warning in prepared.warnings:
+    for warning in (*prepared.warnings, *result.warnings):
         err_console.print(f"warning: {warning}", soft_wrap=True, markup=False, highlight=False)
-    exported = export_text(result.plans[0], request, export) if export else None
+    exported = exports.export(result.plans[0], request, export, ExportOptions(data=data)) if export else None
+    for note in exported.notes if exported is not None else ():
+        err_console.print(f"note: {note}", soft_wrap=True, markup=False, highlight=False)
     if exported is not None and out is None:
-        typer.echo(exported, nl=False)
+        typer.echo(exported.text, nl=False)
         return
     if exported is not None and out is not None:
-        out.write_text(exported, encoding="utf-8")
+        out.write_text(exported.text, encoding="utf-8")
     if json_output:
         print_json(plan_record(prepared, result, export=export, out=str(out)).to_dict())
         return

@@ -44,8 +44,10 @@ LEGACY_ENGINES: Mapping[str, str] = MappingProxyType({"torch": "batchpilot", "fs
 """``--engine`` values from before engines were launchers (they named the memory bookkeeping only): ``torch``
 (DDP under autocast) is batchpilot's runner, ``fsdp2`` is torchtitan (the FSDP2 reference trainer)."""
 
-DEFAULT_ENGINE: EngineName = "batchpilot"
-"""``plan``'s engine when none is given: batchpilot's runner, whose plans ``--export torchrun`` launches."""
+DEFAULT_ENGINE: EngineName = "hf"
+"""``plan``'s engine when none is given: the Hugging Face Trainer (DDP, DeepSpeed ZeRO-1/2/3 or FSDP2, activation
+checkpointing, offload), the most common way these models are fine-tuned and trained; its plans export with
+``--export hf`` (``TrainingArguments``), ``accelerate`` and ``hf-deepspeed``."""
 
 Schedule = Literal["1F1B", "interleaved"]
 

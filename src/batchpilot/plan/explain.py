@@ -111,22 +111,23 @@ class Fix:
 
 def fixes(req: PlanRequest, replan: Replan, *, need_bytes: int) -> list[Fix]:
     """What would make it fit, each re-planned (``replan``) and kept only when a plan fits: dropping the pins,
-    optimizer states in CPU memory, an 8-bit optimizer, a smaller headroom, another engine; more GPUs only when
-    nothing on this cluster fits. An option the chosen engine lacks is tried on the engines that have it."""
+    another engine (the first of :data:`FIX_ENGINE_ORDER` that fits), optimizer states in CPU memory, an 8-bit
+    optimizer, a smaller headroom; more GPUs only when nothing on this cluster fits. An option the chosen engine
+    lacks is tried on the engines that have it, unless another engine already fits as it is."""
     out: list[Fix] = []
     if req.pins.pinned():
         _add(out, replan, f"without {' '.join(req.pins.flags())}", dataclasses.replace(req, pins=Pins()))
+    switched = _first(out, replan, req, "", req.settings, lambda c: True, same=False)
     if not req.settings.offload:
         offloaded = dataclasses.replace(req.settings, offload=True, zero_stage=max(1, req.settings.zero_stage))
-        _first(out, replan, req, "--offload", offloaded, lambda c: any(x.offload for x in c.shardings))
+        _first(out, replan, req, "--offload", offloaded, lambda c: any(x.offload for x in c.shardings),
+               others=not switched)
     if req.settings.optimizer != "adamw-8bit":
         _first(out, replan, req, "--optimizer adamw-8bit", dataclasses.replace(req.settings, optimizer="adamw-8bit"),
-               lambda c: any("adamw-8bit" in x.optimizers for x in c.shardings))
+               lambda c: any("adamw-8bit" in x.optimizers for x in c.shardings), others=not switched)
     headroom = _headroom_needed(req, need_bytes) if need_bytes else None
     if headroom is not None:
         _add(out, replan, f"--headroom {headroom:.0%}", dataclasses.replace(req, headroom=headroom))
-    if not out:
-        _first(out, replan, req, "", req.settings, lambda c: True, same=False)
     if not out:
         more = _more_gpus(req, replan)
         if more is not None:
@@ -142,17 +143,19 @@ def _add(out: list[Fix], replan: Replan, flags: str, req: PlanRequest) -> bool:
 
 
 def _first(out: list[Fix], replan: Replan, req: PlanRequest, flags: str, settings: RunSettings,
-           has: Callable[[Capabilities], bool], *, same: bool = True) -> None:
-    """The fix on the request's own engine (``same``), else on the first other engine that has it and fits."""
+           has: Callable[[Capabilities], bool], *, same: bool = True, others: bool = True) -> bool:
+    """The fix on the request's own engine (``same``), else (``others``) on the first other engine that has it
+    and fits; whether one fits."""
     current = engine_of(req)
     if same and (current is None or has(current)) and _add(out, replan, flags, dataclasses.replace(req, settings=settings)):
-        return
-    for name in FIX_ENGINE_ORDER:
+        return True
+    for name in FIX_ENGINE_ORDER if others else ():
         caps = get_engine(name)
         if caps is current or not has(caps):
             continue
         if _add(out, replan, f"--engine {name} {flags}".strip(), dataclasses.replace(req, engine=name, settings=settings)):
-            return
+            return True
+    return False
 
 
 def _headroom_needed(req: PlanRequest, need_bytes: int) -> float | None:
@@ -164,7 +167,20 @@ def _headroom_needed(req: PlanRequest, need_bytes: int) -> float | None:
 
 
 def _more_gpus(req: PlanRequest, replan: Replan) -> Fix | None:
-    """The smallest node count (doubling, up to 64×) on which some layout fits at micro-batch 1."""
+    """The smallest node count (doubling, up to 64×) on which some layout fits at micro-batch 1: on the
+    request's engine, else on the first other engine of :data:`FIX_ENGINE_ORDER` that fits at some size."""
+    current = engine_of(req)
+    engines: list[str | None] = [current.name if current is not None else None]
+    engines += [name for name in FIX_ENGINE_ORDER if current is None or name != current.name]
+    for engine in engines:
+        found = _more_gpus_on(dataclasses.replace(req, engine=engine) if engine is not None else req, replan)
+        if found is not None:
+            switch = f"--engine {engine} " if current is not None and engine != current.name else ""
+            return dataclasses.replace(found, flags=switch + found.flags)
+    return None
+
+
+def _more_gpus_on(req: PlanRequest, replan: Replan) -> Fix | None:
     nodes = req.cluster.num_nodes
     per_node = req.cluster.devices_per_node
     bw = req.cluster.inter_node_bandwidth_bytes_per_s or req.cluster.accelerator.intra_node_bandwidth_bytes_per_s
@@ -234,11 +250,13 @@ def as_read(count: float) -> str:
 def describe_target(result: PlanResult) -> str:
     """The target as read: ``4M sequences = 4,000,000 sequences × 4096 tokens = 16.38B tokens``."""
     req, target = result.request, result.target_sequences
+    count = f"{int(target):,}" if float(target).is_integer() else f"{target:,.2f}"
     if req.global_batch_tokens is not None:
         tokens = req.global_batch_tokens
-        return (f"{as_read(tokens)} tokens = {tokens:,} tokens = {target:,.6g} sequences of {req.seq_len} tokens")
-    head = f"{as_read(target)} sequences = " if as_read(target) != f"{int(target):,}" else ""
-    return f"{head}{target:,.6g} sequences × {req.seq_len} tokens = {format_count(target * req.seq_len)} tokens"
+        head = f"{as_read(tokens)} tokens = " if as_read(tokens) != f"{tokens:,}" else ""
+        return f"{head}{tokens:,} tokens = {count} sequences of {req.seq_len} tokens"
+    head = f"{as_read(target)} sequences = " if as_read(target) != count else ""
+    return f"{head}{count} sequences × {req.seq_len} tokens = {format_count(target * req.seq_len)} tokens"
 
 
 def target_warnings(req: PlanRequest, target: float) -> tuple[str, ...]:

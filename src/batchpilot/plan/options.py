@@ -33,6 +33,7 @@ from batchpilot.estimate.calibration import (
     load_calibration,
 )
 from batchpilot.plan.batch_laws import law_inputs, predict_all, spread
+from batchpilot.plan.engines import DEFAULT_ENGINE, LEGACY_ENGINES, get_engine
 from batchpilot.plan.priors import global_batch_from_noise, global_batch_from_prior
 from batchpilot.plan.registry import target_global_batch
 from batchpilot.plan.request import DEFAULT_HEADROOM, Pins, PlanRequest, PlanResult
@@ -91,7 +92,9 @@ class PlanOptions:
     """Choices fixed by the user; the rest is searched."""
     precision: str = _DEFAULT_SETTINGS.precision
     optimizer: str = _DEFAULT_SETTINGS.optimizer
-    engine: str = _DEFAULT_SETTINGS.engine
+    engine: str = DEFAULT_ENGINE
+    """The engine that will run the plan (:data:`~batchpilot.plan.engines.ENGINE_NAMES`; the memory bookkeeping
+    follows from it); the earlier bookkeeping names ``torch`` and ``fsdp2`` mean ``batchpilot`` and ``torchtitan``."""
     hybrid_shard: bool = _DEFAULT_SETTINGS.hybrid_shard
     sp: bool = _DEFAULT_SETTINGS.sp
     attention: str = _DEFAULT_SETTINGS.attention
@@ -226,8 +229,9 @@ def plan_settings(options: PlanOptions) -> RunSettings:
     """The run settings of the flags (the layout comes from the search or the pins)."""
     o = options
     every = o.recompute_every
+    bookkeeping = get_engine(o.engine).shardings[0].bookkeeping  # the search picks each scheme's own
     return RunSettings(precision=o.precision.lower(), optimizer=o.optimizer.lower(),  # type: ignore[arg-type]
-                       engine=o.engine.lower(), hybrid_shard=o.hybrid_shard, sp=o.sp,  # type: ignore[arg-type]
+                       engine=bookkeeping, hybrid_shard=o.hybrid_shard, sp=o.sp,
                        attention=o.attention.lower(), offload=o.offload,  # type: ignore[arg-type]
                        zero_stage=1 if o.offload else 0,
                        recompute="full" if every > 1 else "none", recompute_every=every, compile=o.compile,
@@ -251,10 +255,13 @@ def prepare_plan(options: PlanOptions) -> PreparedPlan:
     request = PlanRequest(
         model=spec, cluster=cluster, seq_len=o.seq_len, global_batch_sequences=target.sequences,
         global_batch_tokens=target.tokens, settings=settings, pins=o.pins, headroom=o.headroom,
-        max_deviation=deviation, calibration=measured, top=o.top,
+        max_deviation=deviation, calibration=measured, top=o.top, engine=get_engine(o.engine).name,
     )
+    legacy = o.engine.strip().lower()
+    renamed = (f"--engine {legacy} named the memory bookkeeping; it now names the engine that runs the plan: "
+               f"--engine {LEGACY_ENGINES[legacy]}",) if legacy in LEGACY_ENGINES else ()
     return PreparedPlan(request=request, source=target.source, target_record=target.record,
-                        warnings=(*target.warnings, *calibration_warnings))
+                        warnings=(*renamed, *target.warnings, *calibration_warnings))
 
 
 def plan_record(prepared: PreparedPlan, result: PlanResult, *, export: str | None = None,
@@ -262,4 +269,5 @@ def plan_record(prepared: PreparedPlan, result: PlanResult, *, export: str | Non
     """The ``plan --json`` record of ``result``: the target's source, the warnings and the export named."""
     base = result.to_record()
     return replace(base, target=replace(base.target, source=prepared.source, **prepared.target_record),
-                   warnings=prepared.warnings, export={"format": export, "path": str(out)} if export else None)
+                   warnings=(*prepared.warnings, *result.warnings),
+                   export={"format": export, "path": str(out)} if export else None)

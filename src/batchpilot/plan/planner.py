@@ -14,7 +14,7 @@ Example (CPU, about a second for the largest presets)::
 
     batchpilot plan --model llama-3-8b --gpu h100-sxm --gpus 64 --seq-len 8192 --global-batch-tokens 4Mi
 
-Search space: tensor-parallel sizes that divide the attention heads (and the key/value heads' rule)
+Search space (the engine's, :mod:`batchpilot.plan.engines`, when the request names one): tensor-parallel sizes that divide the attention heads (and the key/value heads' rule)
 and stay inside one node; pipeline stages up to the layer count (uneven splits allowed: the slowest
 stage holds ⌈L/p⌉ layers); data-parallel ranks = GPUs / (tp × pp); expert-parallel sizes that divide
 both the experts and the data-parallel ranks; the ZeRO stages the engine supports
@@ -138,14 +138,30 @@ def plan(req: PlanRequest) -> PlanResult:
 
 def _plan(req: PlanRequest, *, explain: bool) -> PlanResult:
     """:func:`plan`; ``explain=False`` skips the (re-planning) search for fixes when nothing fits."""
+    _check_pins(req)
     problem = _engine_problem(req)
     if problem is not None:
         raise SpecError(problem + (_fixes_text(req) if explain else ""))
-    _check_pins(req)
     target = target_sequences(req)
     global_batch, split = clean_global_batch(req, target)
     search = _Search(req, target)
-    space = list(layouts(req, global_batch))
+    space, plans, rejected, pruned, feasible = _search(req, search, global_batch, context_parallel=False)
+    caps = engine_of(req)
+    if not plans and caps is not None and caps.cp and req.pins.cp is None:  # long sequences: split them too
+        space, plans, rejected, pruned, feasible = _search(req, search, global_batch, context_parallel=True)
+    if not plans:
+        raise infeasible(req, target, space, rejected, _try) if explain else InfeasibleError("nothing fits")
+    rejected.sort(key=lambda r: (r.kind != "memory", r.need_bytes))
+    result = PlanResult(request=req, target_sequences=target, plans=tuple(plans), rejected=tuple(rejected),
+                        layouts=len(space), memory_evaluations=search.memory_evaluations, pruned=pruned,
+                        feasible=feasible, warnings=target_warnings(req, target))
+    return dataclasses.replace(result, rationale=rationale(result, split=split))
+
+
+def _search(req: PlanRequest, search: _Search, global_batch: int, *,
+            context_parallel: bool) -> tuple[list[LayoutCandidate], list[Plan], list[Rejection], int, int]:
+    """The ranked plans of one pass over the layouts (bound-pruned), the rejections, and the counters."""
+    space = list(layouts(req, global_batch, context_parallel=context_parallel))
     reachable = [lay for lay in space if lay.pairs]
     rejected = [Rejection(settings=lay.settings, dp=lay.dp, kind="batch",
                           reason=unreachable_reason(req, global_batch, lay.dp, lay.settings))
@@ -172,13 +188,7 @@ def _plan(req: PlanRequest, *, explain: bool) -> PlanResult:
             plans.append(search.plan(lay, pair, step))
             plans.sort(key=_rank_key)
             del plans[req.top:]
-    if not plans:
-        raise infeasible(req, target, space, rejected, _try) if explain else InfeasibleError("nothing fits")
-    rejected.sort(key=lambda r: (r.kind != "memory", r.need_bytes))
-    result = PlanResult(request=req, target_sequences=target, plans=tuple(plans), rejected=tuple(rejected),
-                        layouts=len(space), memory_evaluations=search.memory_evaluations, pruned=pruned,
-                        feasible=feasible, warnings=target_warnings(req, target))
-    return dataclasses.replace(result, rationale=rationale(result, split=split))
+    return space, plans, rejected, pruned, feasible
 
 
 def _try(req: PlanRequest) -> Plan | None:

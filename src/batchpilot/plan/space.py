@@ -82,12 +82,16 @@ def _pp_options(req: PlanRequest, tp: int, caps: Capabilities | None) -> list[in
     return [p for p in _divisors(rest) if p <= req.model.num_layers]
 
 
-def _cp_options(req: PlanRequest, tp: int, pp: int, caps: Capabilities | None) -> list[int]:
-    """Context-parallel sizes: the pin, else the settings' for a request without an engine, else every divisor of
-    the remaining GPUs that keeps tp × cp within a node and splits the sequence (the engine's rule)."""
+def _cp_options(req: PlanRequest, tp: int, pp: int, caps: Capabilities | None, search: bool) -> list[int]:
+    """Context-parallel sizes: the pin, else the settings' for a request without an engine, else 1 or (``search``)
+    every divisor of the remaining GPUs that keeps tp × cp within a node and splits the sequence (the engine's
+    rule). The planner searches them only when nothing fits without: context parallelism is there to split the
+    activations of sequences too long for one GPU (Megatron-LM ``--context-parallel-size``, torchtitan
+    ``context_parallel_degree``), and its ring-attention cost at shorter sequences is the step-time model's least
+    checked term."""
     if req.pins.cp is not None:
         return [req.pins.cp]
-    if caps is None or not caps.cp or req.settings.attention != "flash":
+    if caps is None or not caps.cp or req.settings.attention != "flash" or not search:
         return [req.settings.cp if caps is None else 1]
     rest = req.cluster.total_devices // (tp * pp)
     return [c for c in _divisors(rest)
@@ -235,17 +239,17 @@ class LayoutCandidate:
     """Memory evaluated so far, by pair."""
 
 
-def layouts(req: PlanRequest, global_batch: int) -> Iterator[LayoutCandidate]:
+def layouts(req: PlanRequest, global_batch: int, *, context_parallel: bool = True) -> Iterator[LayoutCandidate]:
     """Every layout of the search space (the engine's, :func:`engine_of`) with the (micro, accum) pairs its
     schedule runs at ``global_batch`` sequences (:func:`clean_global_batch`); combinations the settings refuse are
-    left out."""
+    left out; context-parallel sizes > 1 only with ``context_parallel`` (:func:`_cp_options`)."""
     caps = engine_of(req)
     gpus = req.cluster.total_devices
     for tp in _tp_options(req, caps):
         for pp in _pp_options(req, tp, caps):
             if gpus % (tp * pp):
                 continue
-            for cp in _cp_options(req, tp, pp, caps):
+            for cp in _cp_options(req, tp, pp, caps, context_parallel):
                 if gpus % (tp * pp * cp):
                     continue
                 yield from _layouts_at(req, global_batch, caps, tp=tp, pp=pp, cp=cp)

@@ -34,6 +34,10 @@ _TORCHTITAN_FLAVORS: dict[tuple[str, int, int, int, int, int, int], tuple[str, s
 }
 
 
+TORCHTITAN_RESHARD = ("default", "always", "never")
+"""``parallelism.fsdp_reshard_after_forward`` values of torchtitan v0.2.2."""
+
+
 def torchtitan_config(plan: Plan, request: PlanRequest, data: str | None = None) -> dict[str, dict[str, Any]]:
     """torchtitan job config sections for ``plan`` (``torchtitan/config/job_config.py`` at tag v0.2.2), refused
     unless torchtitan runs the plan (:data:`batchpilot.plan.engines.TORCHTITAN`).
@@ -59,6 +63,10 @@ def torchtitan_config(plan: Plan, request: PlanRequest, data: str | None = None)
     """
     require_engine(plan, request, "torchtitan", "torchtitan")
     t, s = plan.triad, plan.settings
+    if s.zero_stage == 3 and s.reshard_after_forward not in TORCHTITAN_RESHARD:
+        raise ExportError(f"--export torchtitan: v0.2.2 reshards after forward {', '.join(TORCHTITAN_RESHARD)} "
+                          f"(config/job_config.py:336), not {s.reshard_after_forward} (its default before 83e69410); "
+                          f"plan with --reshard-after-forward default")
     replicate, shard = _torchtitan_dp(plan, request)
     pipelined = s.pp > 1
     local = t.micro_batch_sequences * (t.grad_accum_steps if pipelined else 1)
