@@ -69,6 +69,7 @@ from batchpilot.train.distributed import (
     gradient_sync,
     unwrap,
 )
+from batchpilot.train.export import export_hf, open_sinks
 from batchpilot.train.grad_norms import clip_grad_norm
 from batchpilot.train.hooks import MicroStepInfo, StepInfo, TrainHook, hook_states, restore_hook_states
 from batchpilot.train.lr import LRSchedule
@@ -154,6 +155,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = (MetricsLog(self.out / "metrics.jsonl", resume_step=self.state.step if resume else None)
                         if env.is_main else None)
+        self.sinks = open_sinks(config.run.log_sinks, self.out, config.to_dict()) if env.is_main else []
         self._step_times: list[tuple[int, float]] = []
         self._slots = [0, 0]  # real input tokens, padded tensor slots (this process's steps)
         self._bad_steps = 0  # consecutive optimizer steps skipped for a non-finite loss or gradient norm
@@ -515,6 +517,8 @@ class Trainer:
     def _publish(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(record)
+            for sink in self.sinks:
+                sink.write(record)
             if self.on_record is not None:
                 self.on_record(record)
         for hook in self.hooks:
@@ -543,8 +547,13 @@ class Trainer:
                 self._checkpoint()
             self._publish_pending()
             val_loss = None if stopped else self.evaluate()
+            if self.config.run.export_hf and not stopped:
+                export_hf(self.model, self.built.module, self.out, is_main=self.env.is_main,
+                          tokenizer=self.tokenizer_object, tokenizer_spec=self.config.data.tokenizer)
         if self.metrics is not None:
             self.metrics.close()
+        for sink in self.sinks:
+            sink.close()
         return self._summary(val_loss, stopped)
 
     def _summary(self, val_loss: float | None, stopped: str | None) -> dict[str, Any]:
