@@ -40,7 +40,8 @@ def export_hf(model: nn.Module, module: nn.Module, out: Path, *, is_main: bool, 
     model inside it, for its config). A collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state: dict[str, Any] = dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                                      cpu_offload=True)))
     target = out / HF_DIR
     if not is_main:
         return target
