@@ -70,20 +70,17 @@ def test_nothing_fits_lists_the_checked_fixes(server: Server) -> None:
     assert answer["suggestions"] and all(s in answer["error"] for s in answer["suggestions"])
 
 
-PLAIN_DDP = {"engine": "torch", "zero": "0", "tp": "1", "pp": "1"}
-"""A layout every launcher runs as it is (ZeRO-0 data parallel)."""
-
-
-@pytest.mark.parametrize(("fmt", "settings", "parse"), [
-    ("deepspeed", {"engine": "deepspeed"}, json.loads),
-    pytest.param("hf", PLAIN_DDP, json.loads, marks=pytest.mark.slow),  # imports transformers' TrainingArguments
-    pytest.param("lightning", {"engine": "fsdp2"}, json.loads, marks=pytest.mark.slow),
-    ("torchtitan", {"engine": "fsdp2"}, tomllib.loads), ("megatron", {"engine": "megatron"}, shlex.split),
-    ("torchrun", PLAIN_DDP, shlex.split),
+@pytest.mark.parametrize(("fmt", "engine", "parse"), [
+    ("deepspeed", "deepspeed", json.loads),
+    pytest.param("hf", "hf", json.loads, marks=pytest.mark.slow),  # imports transformers' TrainingArguments
+    pytest.param("lightning", "lightning", json.loads, marks=pytest.mark.slow),
+    ("torchtitan", "torchtitan", tomllib.loads), ("megatron", "megatron", shlex.split),
+    ("torchrun", "batchpilot", shlex.split),
 ])
-def test_exports_download_as_files_that_parse(server: Server, fmt: str, settings: dict[str, str], parse) -> None:
+def test_exports_download_as_files_that_parse(server: Server, fmt: str, engine: str, parse) -> None:
+    """Each format from a plan for the engine that runs it (``--engine`` names it)."""
     fields = {"model": "tiny-llama-15m", "gpu": "a100-80gb", "gpus": "8", "seq-len": "512", "global-batch": "64",
-              **settings, "export": fmt}
+              "engine": engine, "export": fmt}
     status, headers, body = server.request(f"/api/export?{_query(fields)}")
     assert status == 200, body
     assert headers["Content-Disposition"].startswith(f'attachment; filename="{fmt}.')

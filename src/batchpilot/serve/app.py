@@ -32,6 +32,7 @@ from starlette.staticfiles import StaticFiles
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.io import parse_json_object
+from batchpilot.plan.engines import ENGINE_NAMES
 from batchpilot.plan.exports import FORMATS, export_text
 from batchpilot.plan.options import PreparedPlan, plan_record, prepare_plan
 from batchpilot.plan.planner import plan
@@ -48,7 +49,17 @@ from batchpilot.serve.params import (
 from batchpilot.serve.runs import RunFolders
 from batchpilot.specs.hardware import accelerator_names
 from batchpilot.specs.model import ModelSpec, from_hf_config, preset_names
-from batchpilot.specs.settings import ATTENTIONS, ENGINES, OPTIMIZERS, PRECISIONS, RECOMPUTES
+from batchpilot.specs.network import network_names
+from batchpilot.specs.settings import (
+    ATTENTIONS,
+    FP8_RECIPES,
+    LOSSES,
+    OPTIMIZERS,
+    PARAM_DTYPES,
+    PRECISIONS,
+    RECOMPUTES,
+    RESHARDS,
+)
 
 STATIC = Path(__file__).with_name("static")
 """The page's files (shipped as package data: the page works offline, nothing from a CDN)."""
@@ -146,8 +157,10 @@ class App:
             "fields": [{"name": f.name, "flag": f.flag, "group": f.group} for f in FIELDS.values()],
             "defaults": DEFAULTS, "presets": preset_names(), "accelerators": accelerator_names(),
             "like": registry_names(), "formats": list(FORMATS), "max_upload_bytes": MAX_UPLOAD_BYTES,
-            "choices": {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "engine": ENGINES,
-                        "attention": ATTENTIONS, "recompute": RECOMPUTES},
+            "networks": network_names(),
+            "choices": {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "engine": ENGINE_NAMES,
+                        "attention": ATTENTIONS, "recompute": RECOMPUTES, "fp8-recipe": FP8_RECIPES,
+                        "reshard-after-forward": RESHARDS, "loss": LOSSES, "param-dtype": PARAM_DTYPES},
             "runs": self.runs.enabled,
         })
 

@@ -18,12 +18,24 @@ from typing import Any
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.names import resolve
+from batchpilot.plan.engines import DEFAULT_ENGINE, ENGINE_NAMES, LEGACY_ENGINES
 from batchpilot.plan.exports import FORMATS
 from batchpilot.plan.options import DEFAULT_GPUS_PER_NODE, DEFAULT_INTER_NODE_BANDWIDTH, PlanOptions
 from batchpilot.plan.request import DEFAULT_HEADROOM, Pins
 from batchpilot.specs.hardware import accelerator_aliases, accelerator_names
 from batchpilot.specs.model import ModelSpec, preset_aliases, preset_names
-from batchpilot.specs.settings import ATTENTIONS, ENGINES, OPTIMIZERS, PRECISIONS, RECOMPUTES, RunSettings
+from batchpilot.specs.network import network_aliases, network_names
+from batchpilot.specs.settings import (
+    ATTENTIONS,
+    FP8_RECIPES,
+    LOSSES,
+    OPTIMIZERS,
+    PARAM_DTYPES,
+    PRECISIONS,
+    RECOMPUTES,
+    RESHARDS,
+    RunSettings,
+)
 from batchpilot.units import parse_bytes, parse_choice, parse_count, parse_fraction, parse_whole
 
 MAX_VALUE_CHARS = 100
@@ -81,12 +93,17 @@ def _accelerator(text: str, flag: str) -> str:
     return resolve("accelerator", text, accelerator_names(), accelerator_aliases())
 
 
+def _network(text: str, flag: str) -> str:
+    return resolve("network", text, network_names(), network_aliases())
+
+
 FIELDS: dict[str, Field] = {f.name: f for f in (
     Field(name="model", parse=_preset, group="model"),
     Field(name="gpu", parse=_accelerator, group="cluster"),
     Field(name="gpus", parse=parse_whole, group="cluster"),
     Field(name="gpus-per-node", parse=parse_whole, group="cluster"),
     Field(name="inter-node-bandwidth", parse=parse_bytes, group="cluster"),
+    Field(name="network", parse=_network, group="cluster"),
     Field(name="seq-len", parse=parse_count, group="target"),
     Field(name="global-batch", parse=parse_count, group="target"),
     Field(name="global-batch-tokens", parse=parse_count, group="target"),
@@ -94,15 +111,23 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field(name="train-tokens", parse=parse_count, group="target"),
     Field(name="max-deviation", parse=parse_fraction, group="target"),
     *(Field(name=n, parse=parse_count if n == "micro-batch" else parse_whole, group="pins")
-      for n in ("micro-batch", "grad-accum", "tp", "pp", "vpp", "ep", "zero")),
+      for n in ("micro-batch", "grad-accum", "tp", "pp", "vpp", "ep", "cp", "zero")),
     Field(name="recompute", parse=_choice(RECOMPUTES), group="pins"),
     Field(name="precision", parse=_choice(PRECISIONS), group="settings"),
     Field(name="optimizer", parse=_choice(OPTIMIZERS), group="settings"),
-    Field(name="engine", parse=_choice(ENGINES), group="settings"),
+    Field(name="engine", parse=_choice((*ENGINE_NAMES, *LEGACY_ENGINES)), group="settings"),
     Field(name="attention", parse=_choice(ATTENTIONS), group="settings"),
     Field(name="hybrid-shard", parse=_boolean, group="settings"),
     Field(name="sp", parse=_boolean, group="settings"),
     Field(name="offload", parse=_boolean, group="settings"),
+    Field(name="recompute-every", parse=parse_whole, group="settings"),
+    Field(name="compile", parse=_boolean, group="settings"),
+    Field(name="fp8-recipe", parse=_choice(FP8_RECIPES), group="settings"),
+    Field(name="fp8-all-gather", parse=_boolean, group="settings"),
+    Field(name="reshard-after-forward", parse=_choice(RESHARDS), group="settings"),
+    Field(name="loss", parse=_choice(LOSSES), group="settings"),
+    Field(name="loss-chunks", parse=parse_whole, group="settings"),
+    Field(name="param-dtype", parse=_choice(PARAM_DTYPES), group="settings"),
     Field(name="headroom", parse=parse_fraction, group="search"),
     Field(name="top", parse=_top, group="search"),
 )}
@@ -110,17 +135,21 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
 
 DEFAULTS: dict[str, str] = {
     "gpus": "1", "gpus-per-node": str(DEFAULT_GPUS_PER_NODE), "inter-node-bandwidth": DEFAULT_INTER_NODE_BANDWIDTH,
-    "precision": _DEFAULTS.precision, "optimizer": _DEFAULTS.optimizer, "engine": _DEFAULTS.engine,
+    "precision": _DEFAULTS.precision, "optimizer": _DEFAULTS.optimizer, "engine": DEFAULT_ENGINE,
     "attention": _DEFAULTS.attention, "headroom": f"{DEFAULT_HEADROOM:.0%}", "top": "5",
+    "recompute-every": str(_DEFAULTS.recompute_every), "reshard-after-forward": _DEFAULTS.reshard_after_forward,
+    "loss": _DEFAULTS.loss, "loss-chunks": str(_DEFAULTS.loss_chunks), "param-dtype": _DEFAULTS.param_dtype,
 }
 """The CLI's defaults, as the page shows them."""
 
 _PINS = {"micro-batch": "micro_batch", "grad-accum": "grad_accum", "tp": "tp", "pp": "pp", "vpp": "vpp", "ep": "ep",
-         "zero": "zero_stage", "recompute": "recompute"}
+         "cp": "cp", "zero": "zero_stage", "recompute": "recompute"}
 _OPTION_NAMES = {"global-batch": "global_batch", "global-batch-tokens": "global_batch_tokens",
                  "train-tokens": "train_tokens", "max-deviation": "max_deviation", "seq-len": "seq_len",
                  "gpus-per-node": "gpus_per_node", "inter-node-bandwidth": "inter_node_bandwidth_bytes_per_s",
-                 "hybrid-shard": "hybrid_shard"}
+                 "hybrid-shard": "hybrid_shard", "recompute-every": "recompute_every", "fp8-recipe": "fp8_recipe",
+                 "fp8-all-gather": "fp8_all_gather", "reshard-after-forward": "reshard_after_forward",
+                 "loss-chunks": "loss_chunks", "param-dtype": "param_dtype"}
 EXPORT_SUFFIXES = {"deepspeed": "json", "hf": "json", "hf-deepspeed": "json", "lightning": "json", "megatron": "sh",
                    "torchrun": "sh", "torchtitan": "toml", "accelerate": "yaml"}
 """File name suffix of each export (as ``batchpilot tune`` names them under ``exports/``; others: ``.txt``)."""

@@ -15,10 +15,13 @@
     return node;
   }
   const TARGETS = ["global-batch-tokens", "global-batch", "like", "train-tokens"];
-  const FORM_FIELDS = ["model", "gpu", "gpus", "gpus-per-node", "inter-node-bandwidth", "seq-len", "max-deviation",
-                       "micro-batch", "grad-accum", "tp", "pp", "vpp", "ep", "zero", "recompute", "precision",
-                       "optimizer", "engine", "attention", "headroom", "top"];
-  const CHECKS = ["sp", "hybrid-shard", "offload"];
+  const FORM_FIELDS = ["model", "gpu", "gpus", "gpus-per-node", "inter-node-bandwidth", "network", "seq-len",
+                       "max-deviation", "micro-batch", "grad-accum", "tp", "pp", "vpp", "ep", "cp", "zero", "recompute",
+                       "precision", "optimizer", "engine", "attention", "param-dtype", "fp8-recipe",
+                       "reshard-after-forward", "loss", "loss-chunks", "recompute-every", "headroom", "top"];
+  const CHECKS = ["sp", "hybrid-shard", "offload", "compile", "fp8-all-gather"];
+  const CHOICES = ["precision", "optimizer", "engine", "attention", "recompute", "param-dtype", "fp8-recipe",
+                   "reshard-after-forward", "loss"];
   const STARTER = {model: "llama-3-8b", gpu: "h100-sxm", gpus: "64", "seq-len": "8192",
                    "global-batch-tokens": "4Mi"};
   let meta = null;
@@ -194,9 +197,8 @@
     meta = await (await fetch("/api/fields")).json();
     options($("f-model"), meta.presets);
     options($("f-gpu"), meta.accelerators);
-    for (const key of ["precision", "optimizer", "engine", "attention", "recompute"]) {
-      options($(`f-${key}`), meta.choices[key]);
-    }
+    for (const key of CHOICES) options($(`f-${key}`), meta.choices[key]);
+    options($("f-network"), meta.networks);
     $("like-names").replaceChildren(...meta.like.map(n => el("option", {value: n})));
     $("max-upload").textContent = `${meta.max_upload_bytes / 1024} KiB`;
     meta.formats.forEach(f => $("export-buttons").append(
