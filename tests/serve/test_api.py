@@ -189,3 +189,18 @@ def test_package_data_ships_the_page_and_the_style_sheet() -> None:
     assets = [*(root / "serve" / "static").iterdir(), root / "report" / "present.css"]
     for asset in assets:
         assert any(fnmatch(asset.relative_to(root).as_posix(), p) for p in patterns), asset
+
+
+def test_the_page_takes_every_plan_flag() -> None:
+    """Every field of PlanOptions (what `plan` takes) is a field of the page, but the two file flags: the server
+    opens no path a request names."""
+    from dataclasses import fields
+
+    from batchpilot.plan.options import PlanOptions
+    from batchpilot.plan.request import Pins
+    from batchpilot.serve.params import FIELDS
+
+    flags = {f.name.replace("_", "-") for f in fields(PlanOptions)} - {"pins", "noise", "calibration"}
+    flags = {"inter-node-bandwidth" if f == "inter-node-bandwidth-bytes-per-s" else f for f in flags}
+    pins = {"zero" if f.name == "zero_stage" else f.name.replace("_", "-") for f in fields(Pins)}
+    assert flags | pins == set(FIELDS)
