@@ -208,7 +208,10 @@ def rationale(result: PlanResult, *, split: int = 0) -> str:
     name, seconds = max(overheads.items(), key=lambda kv: kv[1])
     interleaved = f" (interleaved, {s.vpp} virtual stages per rank)" if s.vpp > 1 else ""
     context = f" × cp {s.cp}" if s.cp > 1 else ""
-    text = (f"tp {s.tp} × pp {s.pp}{interleaved}{context} × dp {t.data_parallel_ranks}, ZeRO-{s.zero_stage}, "
+    caps = engine_of(result.request)
+    sharding = caps.sharding(s.engine, s.zero_stage) if caps is not None else None
+    scheme = f" ({caps.name if caps is not None else ''} {sharding.name})" if sharding is not None else ""
+    text = (f"tp {s.tp} × pp {s.pp}{interleaved}{context} × dp {t.data_parallel_ranks}, ZeRO-{s.zero_stage}{scheme}, "
             f"recompute {s.recompute}, micro-batch {t.micro_batch_sequences} × accum {t.grad_accum_steps}: uses "
             f"{mem.total_bytes / GIB:.1f} of {result.request.budget_bytes / GIB:.1f} GiB usable, MFU {st.mfu:.0%}; "
             f"largest overhead {name} {seconds / st.step_time_s:.0%} of the {st.step_time_s:.3g} s step")
