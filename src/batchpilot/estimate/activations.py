@@ -53,6 +53,7 @@ from typing import Literal
 
 from batchpilot.errors import SpecError
 from batchpilot.estimate.dtypes import ACTIVATION_BYTES, DTYPE_BYTES
+from batchpilot.estimate.finetune import adjust_layer_terms, adjust_logits_terms
 from batchpilot.specs.model import ModelSpec
 from batchpilot.specs.settings import RunSettings
 
@@ -118,7 +119,7 @@ def block_style(settings: RunSettings) -> BlockStyle:
     """The :class:`BlockStyle` of ``settings`` (engine, precision, parameter dtype, compile)."""
     act = ACTIVATION_BYTES[settings.precision]
     autocast_fp32_stream = (settings.engine == "torch" and settings.precision != "fp32"
-                            and settings.param_dtype == "fp32")
+                            and settings.param_dtype == "fp32" and not settings.finetune.adapters)
     resid = 4 if autocast_fp32_stream else act
     megatron = settings.engine == "megatron"
     te_fp8 = megatron and settings.precision == "fp8"
@@ -479,7 +480,8 @@ def activation_terms(model: ModelSpec, settings: RunSettings, *, seq_len: int, m
         return _op_terms(model, settings, d, seq_len, t, sp_div, moe_layer, imbalance)
     if d.compiled:
         return _compiled_none_terms(model, settings, d, seq_len, t, sp_div, moe_layer, imbalance)
-    return _none_terms(model, settings, policy, d, seq_len, t, sp_div, moe_layer, imbalance)
+    return adjust_layer_terms(_none_terms(model, settings, policy, d, seq_len, t, sp_div, moe_layer, imbalance),
+                              model, settings, policy, t)  # fine-tuning: frozen linears save no input
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -659,7 +661,7 @@ def logits_terms(model: ModelSpec, settings: RunSettings, *, tp: int | None = No
             terms.update(loss_chunk_logits_saved=v * d.act, loss_chunk_grad=v * d.act / n)
         else:
             terms.update(loss_chunk_log_softmax=v * 4, loss_chunk_grads=v * 8 / n)
-    return terms
+    return adjust_logits_terms(terms, settings)
 
 
 def loss_hole_bytes(model: ModelSpec, settings: RunSettings, *, tp: int | None = None) -> float:

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from batchpilot.errors import SpecError
+from batchpilot.measure.finetune import apply_finetune
+from batchpilot.specs.finetune import FULL, FineTune
 
 if TYPE_CHECKING:
     import torch
@@ -98,10 +100,21 @@ class StepConfig:
     """Gradient-norm clipping before the update (0: none)."""
     seed: int = 0
     """Seeds the weights (``seed``) and the random tokens (``seed + 1``)."""
+    param_dtype: str = "fp32"
+    """``bf16``: pure bf16 (the module, gradients and optimizer states in bf16, no autocast); under LoRA the
+    adapters' dtype (:func:`batchpilot.measure.finetune.apply_finetune`)."""
+    finetune: FineTune = FULL
+    """Frozen layers, LoRA or QLoRA (:func:`batchpilot.measure.finetune.apply_finetune`)."""
+
+    @property
+    def autocast_precision(self) -> str:
+        """The precision :func:`autocast` runs: none (fp32) for pure bf16, else ``precision``."""
+        return "fp32" if self.param_dtype == "bf16" else self.precision
 
     def __post_init__(self) -> None:
         choices = {"precision": ("fp32", "bf16", "fp16"), "attention": ("flash", "eager"),
-                   "recompute": ("none", "selective", "full"), "optimizer": ("adamw", "sgd-momentum")}
+                   "recompute": ("none", "selective", "full"), "optimizer": ("adamw", "adamw-8bit", "sgd-momentum"),
+                   "param_dtype": ("fp32", "bf16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise SpecError(f"a training step cannot run {name} {getattr(self, name)!r}; "
@@ -113,7 +126,8 @@ class StepConfig:
 def step_config(settings: RunSettings, optimizer_impl: OptimizerImpl | None = None, *, seed: int = 0) -> StepConfig:
     """The step of ``batchpilot`` run settings (one process: ``--engine torch``, no sharding)."""
     return StepConfig(precision=settings.precision, attention=settings.attention, recompute=settings.recompute,
-                      optimizer=settings.optimizer, optimizer_impl=optimizer_impl, seed=seed)
+                      optimizer=settings.optimizer, optimizer_impl=optimizer_impl, seed=seed,
+                      param_dtype=settings.param_dtype, finetune=settings.finetune)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -214,17 +228,21 @@ def optimizer_implementation(device_type: str, *, fsdp: bool) -> OptimizerImpl:
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """The trainer's groups: weight decay on matrices (``dim ≥ 2``), none on vectors (norms, biases)."""
-    params = list(module.parameters())
+    params = [p for p in module.parameters() if p.requires_grad]  # frozen ones (fine-tuning) take no step
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def make_optimizer(groups: Iterable[Any], *, name: str = "adamw", implementation: OptimizerImpl,
                    lr: float = LEARNING_RATE, betas: tuple[float, float] = (0.9, 0.95),
-                   eps: float = 1e-8) -> torch.optim.Optimizer:
+                   eps: float = 1e-8, paged: bool = False) -> torch.optim.Optimizer:
     """``torch.optim.AdamW`` (or SGD with momentum) over ``groups`` with the given implementation."""
     import torch
 
+    if name == "adamw-8bit" or paged:  # bitsandbytes (8-bit, paged): batchpilot.measure.finetune
+        from batchpilot.measure.finetune import bnb_optimizer
+
+        return bnb_optimizer(groups, name=name, paged=paged, lr=lr, betas=betas, eps=eps)
     flags = {"fused": implementation == "fused", "foreach": implementation == "foreach"}
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **flags)
@@ -324,7 +342,7 @@ class TrainingStep:
     def forward_backward(self) -> None:
         """Forward under autocast, fp32 token-sum loss × 1/N, backward (loss-scaled for fp16)."""
         loss = forward_loss(self.module, {"input_ids": self.input_ids}, self.targets,
-                            precision=self.config.precision) * (1.0 / self.targets.numel())
+                            precision=self.config.autocast_precision) * (1.0 / self.targets.numel())
         if self.loss_scale is not None:
             self.loss_scale.backward(loss, self.module)
         else:
@@ -363,12 +381,13 @@ def build_step(model: Mapping[str, Any] | nn.Module, config: StepConfig, *, micr
         module = model
     if any(p.device != dev for p in module.parameters()):  # (moving a fake module in place fails)
         module.to(dev)
+    module = apply_finetune(module, config.finetune, precision=config.precision, param_dtype=config.param_dtype)
     module.train()
     enable_recompute(module, config.recompute, seq_len)
     implementation = config.optimizer_impl or optimizer_implementation(dev.type, fsdp=config.fsdp)
     weight_decay = WEIGHT_DECAY if config.optimizer == "adamw" else 0.0
     optimizer = make_optimizer(param_groups(module, weight_decay), name=config.optimizer,
-                               implementation=implementation)
+                               implementation=implementation, paged=config.finetune.paged)
     embedding: Any = module.get_input_embeddings()  # type: ignore[operator]
     vocab = int(embedding.weight.shape[0])
     generator = torch.Generator().manual_seed(config.seed + 1)
