@@ -74,6 +74,11 @@ BNB_MIN_8BIT_SIZE = 4096
 ADAMW_8BIT_STATE_BYTES = 2 + 2 * 4 / BNB_8BIT_BLOCK
 #: Kahan-compensated bf16 update: one bf16 compensation buffer per parameter.
 KAHAN_BYTES = 2
+#: What the first trainable layer does not save, its input needing no gradient: the attention norm's saved
+#: tensors (and the input itself, which that norm saves in an fp32 block), and the attention adapters' dropout
+#: masks (only their outputs, ``lora_A``'s inputs, are saved).
+_FIRST_LAYER_UNNEEDED = ("layer_input", "norm1_fp32_input", "norm1_rstd", "lora_q_dropout_mask",
+                         "lora_k_dropout_mask", "lora_v_dropout_mask")
 #: Input groups of a Llama block: which linears read the same tensor, and the saved term that holds it.
 _GROUPS: tuple[tuple[tuple[str, ...], str], ...] = ((("q", "k", "v"), "norm1_out"), (("o",), "attn_proj_in"),
                                                    (("gate", "up"), "norm2_out"), (("down",), "mlp_product"))
@@ -155,7 +160,7 @@ def _autocast(settings: RunSettings) -> bool:
     return settings.precision in ("bf16", "fp16") and settings.param_dtype == "fp32"
 
 
-def _optimizer_state_bytes(settings: RunSettings, sizes: list[int], dtype_bytes: int) -> float:
+def _optimizer_state_bytes(settings: RunSettings, sizes: list[float], dtype_bytes: int) -> float:
     """Optimizer state bytes of tensors of ``sizes`` elements stored in ``dtype_bytes``-byte parameters."""
     from batchpilot.estimate.model_states import OPTIMIZER_STATE_BYTES
 
@@ -196,8 +201,17 @@ def model_states(model: ModelSpec, settings: RunSettings, *, params: float, matm
         weights_bytes=(base / group if zero >= 3 else base) + a * adapters,
         gradients_bytes=a * adapters / (group if zero >= 2 else 1),
         optimizer_bytes=optimizer / (group if zero >= 1 else 1),
-        compute_copies_bytes=2 * adapters if _autocast(settings) else 0.0,
+        compute_copies_bytes=2 * adapters * _uncheckpointed_share(settings, layers) if _autocast(settings) else 0.0,
     )
+
+
+def _uncheckpointed_share(settings: RunSettings, layers: int) -> float:
+    """Share of the layers whose autocast casts survive the forward: a checkpointed layer (``op``, ``full``)
+    saves none, and the cast cache is cleared when the forward leaves autocast."""
+    from batchpilot.estimate.activations import layer_policies
+
+    policies = layer_policies(settings, max(layers, 1))
+    return sum(p not in ("op", "full") for p in policies) / len(policies)
 
 
 def _full_states(model: ModelSpec, settings: RunSettings, *, params: float, matmul_params: float, layers: int,
@@ -266,9 +280,10 @@ def optimizer_transient(model: ModelSpec, settings: RunSettings, *, foreach: boo
 
 # ---------------------------------------------------------------------------------------------- activations
 def adjust_layer_terms(terms: dict[str, float], model: ModelSpec, settings: RunSettings, policy: str,
-                       tp: int) -> dict[str, float]:
+                       tp: int, *, cpu: bool = False) -> dict[str, float]:
     """One adapted layer's saved tensors (``none``/``selective``; ``op`` and ``full`` save what they save: the
-    per-op cache keeps matmul outputs whoever needs them, full recomputation the layer input) under LoRA."""
+    per-op cache keeps matmul outputs whoever needs them, full recomputation the layer input) under LoRA.
+    ``cpu``: the CPU kernels' differences (:func:`cpu_step_extra_bytes`); the default is what runs on a GPU."""
     ft = settings.finetune
     if not ft.adapters or policy in ("op", "full"):
         return terms
@@ -279,11 +294,11 @@ def adjust_layer_terms(terms: dict[str, float], model: ModelSpec, settings: RunS
     product = max(1, model.intermediate_size // tp) * d.act
     widths = {"norm1_out": model.hidden_size * d.act, "attn_proj_in": out.get("attn_proj_in", 0.0),
               "norm2_out": model.hidden_size * d.act, "mlp_product": float(product)}
-    copies = _per_target_copies(settings)
+    x_bytes = _adapter_input_bytes(settings, d.act, cpu)
     for names, key in _GROUPS:
         adapted = [t for t in names if t in ft.targets]
         width = widths[key]
-        shared = bool(adapted) and not copies and not ft.dropout
+        shared = bool(adapted) and x_bytes == d.act and not ft.dropout
         if key == "mlp_product":
             if not shared and "mlp" in out:
                 out["mlp"] -= width
@@ -293,30 +308,56 @@ def adjust_layer_terms(terms: dict[str, float], model: ModelSpec, settings: RunS
         elif not shared:
             out.pop(key, None)
         for t in adapted:
-            out.update(_adapter_input_terms(t, width / d.act, settings, d.act, copies))
+            out.update(_adapter_input_terms(t, width / d.act, settings, d.act, x_bytes, cpu))
     rank_bytes = 4 if settings.precision == "fp32" else 2
     for t in ft.targets:
         out[f"lora_{t}_a_out"] = ft.rank / (tp if t != "o" and t != "down" else 1) * rank_bytes
     return out
 
 
-def _per_target_copies(settings: RunSettings) -> bool:
-    """fp32 PEFT adapters under bf16 autocast: each adapted linear saves its own bf16 cast of its input."""
-    return settings.finetune.method == "lora" and _autocast(settings)
+def _adapter_input_bytes(settings: RunSettings, act: int, cpu: bool) -> int:
+    """Bytes per element of the input an adapter's dropout and ``lora_A`` see: PEFT's ``Linear`` casts it to the
+    adapter dtype (``_cast_input_dtype``); ``lora.bnb.Linear4bit`` only when ``torch.is_autocast_enabled()`` —
+    which, called without a device type, reads CUDA's autocast state, so it casts under CPU autocast."""
+    adapter = _adapter_dtype_bytes(settings)
+    if settings.finetune.method == "qlora" and _autocast(settings) and not cpu:
+        return act
+    return adapter
 
 
-def _adapter_input_terms(target: str, elements: float, settings: RunSettings, act: int,
-                         copies: bool) -> dict[str, float]:
-    """What one adapted linear saves of its input besides the shared tensor: its own cast and/or dropout."""
+def _adapter_input_terms(target: str, elements: float, settings: RunSettings, act: int, x_bytes: int,
+                         cpu: bool) -> dict[str, float]:
+    """What one adapted linear saves of its input besides the shared tensor: its own cast and/or dropout.
+
+    Dropout on a GPU saves a 1-byte mask (ATen's fused ``native_dropout``); on a CPU the unfused path saves its
+    noise tensor in the input's dtype (``aten/src/ATen/native/Dropout.cpp`` ``_dropout_impl``). ``lora_A`` saves
+    its input: under autocast its own bf16 cast of it (unless it already is bf16), else the tensor itself."""
     ft = settings.finetune
+    saved_input = 2 if (_autocast(settings) and x_bytes != 2) else x_bytes
     terms: dict[str, float] = {}
     if ft.dropout:
-        terms[f"lora_{target}_dropout_mask"] = elements * 1.0
-        # the dropped-out input (fp32 under PEFT's cast without autocast, the autocast cast's bf16 with it)
-        terms[f"lora_{target}_input"] = elements * (2 if copies else act)
-    elif copies:
-        terms[f"lora_{target}_input"] = elements * 2.0
+        terms[f"lora_{target}_dropout_mask"] = elements * (x_bytes if cpu else 1.0)
+        terms[f"lora_{target}_input"] = elements * saved_input
+    elif x_bytes != act:
+        terms[f"lora_{target}_input"] = elements * saved_input
     return terms
+
+
+def cpu_step_extra_bytes(model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int) -> float:
+    """Bytes a real CPU step saves beyond the (GPU) analytic terms at the start of backward: dropout's noise
+    tensors and QLoRA's per-adapter input casts under CPU autocast (:func:`adjust_layer_terms` with ``cpu``)."""
+    if not settings.finetune.adapters or settings.recompute in ("op", "full"):
+        return 0.0
+    from batchpilot.estimate.activations import activation_terms
+
+    full = replace(settings, finetune=replace(settings.finetune, method="full"), param_dtype="bf16") \
+        if settings.precision == "bf16" else replace(settings, finetune=replace(settings.finetune, method="full"))
+    base = activation_terms(model, full, seq_len=seq_len, policy="none")
+    gpu = adjust_layer_terms(base, model, settings, "none", settings.tp)
+    cpu = adjust_layer_terms(base, model, settings, "none", settings.tp, cpu=True)
+    per_token = (sum(cpu.values()) - sum(gpu.values())) * trainable_layers(model, settings.finetune)
+    per_token -= sum(cpu.get(k, 0.0) - gpu.get(k, 0.0) for k in _FIRST_LAYER_UNNEEDED)
+    return per_token * micro_batch * seq_len
 
 
 def adjust_logits_terms(terms: dict[str, float], settings: RunSettings) -> dict[str, float]:
@@ -342,7 +383,7 @@ def stage_layers(layers: list[LayerBytes], model: ModelSpec, settings: RunSettin
         policy = layer_policies(settings, len(layers))[k]
         terms = activation_terms(model, settings, seq_len=seq_len, policy="none")
         unneeded = 0.0 if policy in ("full", "op") else sum(
-            v for name, v in terms.items() if name in ("layer_input", "norm1_fp32_input", "norm1_rstd"))
+            v for name, v in terms.items() if name in _FIRST_LAYER_UNNEEDED)
         out.append(LayerBytes(saved=max(0.0, lb.saved - unneeded), backward=max(0.0, lb.backward - unneeded),
                               forward_transient=lb.forward_transient))
     return out + layers[k + 1:]

@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from batchpilot.errors import SpecError
+from batchpilot.estimate import finetune
 from batchpilot.estimate.activations import (
     LayerBytes,
     Policy,
@@ -251,7 +252,7 @@ def _activations(model: ModelSpec, settings: RunSettings, lay: _StageLayout, ove
     imbalance = overhead.moe_token_imbalance
     policies = layer_policies(settings, lay.layers_per_stage)
     per_policy = {p: _layer(model, settings, seq_len, p, imbalance) for p in set(policies)}
-    layers = [per_policy[p] for p in policies]
+    layers = finetune.stage_layers([per_policy[p] for p in policies], model, settings, first=first, seq_len=seq_len)
     saved = [lb.saved * tokens for lb in layers]
     saved_all = sum(saved)
     held = (lay.in_flight - 1) * saved_all if first else 0.0
@@ -400,7 +401,7 @@ def _weights(settings: RunSettings, lay: _StageLayout, overhead: OverheadModel, 
 def _autocast_copies(settings: RunSettings) -> bool:
     """``torch.autocast`` over fp32 parameters: 16-bit weight copies live from forward to backward."""
     return (settings.engine in ("torch", "fsdp2") and settings.precision != "fp32" and settings.zero_stage < 3
-            and settings.param_dtype == "fp32")
+            and settings.param_dtype == "fp32" and finetune.autocast_copies_apply(settings))
 
 
 def _grads_growing(settings: RunSettings, lay: _StageLayout) -> bool:
@@ -418,7 +419,7 @@ def _moments(model: ModelSpec, settings: RunSettings, lay: _StageLayout, overhea
     weights = states.weights_bytes + w.resident
     slack_allowed = overhead.caching_allocator
     tied = 0.0
-    if model.tie_word_embeddings and lay.pp == 1 and growing:
+    if model.tie_word_embeddings and lay.pp == 1 and growing and finetune.embedding_gradient(settings):
         tied = model.vocab_size * model.hidden_size / lay.tp * bytes_per_param(settings).gradients
     transient = 0.0 if settings.offload else _optimizer_transient(model, settings, params, lay, overhead)
     start = _Moment(weights=weights, gradients=grads_early + w.unsharded_grads,
@@ -457,7 +458,8 @@ def _layer_backward_moment(model: ModelSpec, settings: RunSettings, lay: _StageL
             best_total, best = total, (live, produced)
     live, produced = best
     return _Moment(weights=weights, gradients=produced + w.unsharded_grads, activations=live + acts.held,
-                   extra=w.backward_gather + _deepspeed_bucket(settings, lay))
+                   extra=w.backward_gather + _deepspeed_bucket(settings, lay)
+                   + finetune.dequant_buffer_bytes(model, settings, lay.tp))
 
 
 def _deepspeed_bucket(settings: RunSettings, lay: _StageLayout) -> float:
@@ -475,8 +477,10 @@ def _communicators(lay: _StageLayout) -> int:
 def _stage_memory(model: ModelSpec, settings: RunSettings, lay: _StageLayout, overhead: OverheadModel,
                   micro_batch: int, seq_len: int, first: bool, last: bool) -> MemoryBreakdown:
     params = _stage_params(model, lay, first, last)
-    states = model_state_bytes(settings, params=params.dense, expert_params=params.expert, dp=lay.dp,
-                               matmul_params=params.matmul, shard=lay.shard)
+    states = finetune.model_states(model, settings, params=params.dense + params.expert, matmul_params=params.matmul,
+                                   layers=lay.layers_per_stage, first=first, dp=lay.dp, shard=lay.shard, tp=lay.tp) \
+        or model_state_bytes(settings, params=params.dense, expert_params=params.expert, dp=lay.dp,
+                             matmul_params=params.matmul, shard=lay.shard)
     acts = _activations(model, settings, lay, overhead, micro_batch=micro_batch, seq_len=seq_len,
                         first=first, last=last)
     w = _weights(settings, lay, overhead, params, states)
@@ -516,6 +520,10 @@ def _optimizer_transient(model: ModelSpec, settings: RunSettings, params: _Stage
     the fp32 upcast of the gradient partition (:data:`DEEPSPEED_SUB_GROUP_ELEMENTS` per sub-group at
     stage 3). Fused kernels (:attr:`OverheadModel.optimizer_fused`, Megatron's and FSDP2 users' optimizers)
     update in place: 0."""
+    tuned = finetune.optimizer_transient(model, settings, foreach=overhead.optimizer_foreach,
+                                         fused=overhead.optimizer_fused, tp=lay.tp, dp_shard=lay.shard)
+    if tuned is not None:  # fine-tuning: only the trainable parameters step
+        return tuned
     sharded = settings.zero_stage >= 1
     local = params.dense / (lay.shard if sharded else 1) + params.expert / (lay.expert_shard if sharded else 1)
     if settings.engine == "deepspeed" and sharded:

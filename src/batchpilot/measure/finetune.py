@@ -30,7 +30,8 @@ What runs where (bitsandbytes 0.50.2 with its CPU backend, peft 0.21.2, torch 2.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from batchpilot.errors import SpecError
@@ -75,10 +76,15 @@ def apply_finetune(module: nn.Module, ft: FineTune, *, precision: str, param_dty
     peft = _import("peft")
     module.requires_grad_(False)
     if precision == "bf16":
-        module.to(torch.bfloat16)
+        cast_floating(module, torch.bfloat16)
     if ft.method == "qlora":
+        from torch._guards import detect_fake_mode
+
+        if detect_fake_mode() is not None:
+            raise SpecError("--finetune qlora cannot be traced: bitsandbytes' 4-bit weights (Params4bit, a tensor "
+                            "subclass) cannot be fake tensors; use --method analytic (or measure it: probe)")
         _quantize_layers(module, ft)
-        module.is_loaded_in_4bit = True  # PEFT then wraps Linear4bit in lora.bnb.Linear4bit (lora/model.py)
+        setattr(module, "is_loaded_in_4bit", True)  # noqa: B010  PEFT then wraps Linear4bit in lora.bnb.Linear4bit (lora/model.py)
     layers = len(decoder_layers(module))
     if ft.frozen_layers >= layers:
         raise SpecError(f"--finetune frozen-layers={ft.frozen_layers} leaves none of the {layers} layers to adapt; "
@@ -88,7 +94,54 @@ def apply_finetune(module: nn.Module, ft: FineTune, *, precision: str, param_dty
         target_modules=[HF_MODULE_NAMES[t] for t in ft.targets],
         layers_to_transform=list(range(ft.frozen_layers, layers)) if ft.frozen_layers else None,
     )
-    return peft.get_peft_model(module, config, autocast_adapter_dtype=param_dtype == "fp32")  # type: ignore[no-any-return]
+    with _fake_safe_module_to():
+        return peft.get_peft_model(module, config, autocast_adapter_dtype=param_dtype == "fp32")  # type: ignore[no-any-return]
+
+
+def cast_floating(module: nn.Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)`` for floating parameters and buffers by replacing them (works on fake tensors too)."""
+    import torch
+
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                sub._parameters[name] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                sub._buffers[name] = b.to(dtype)
+
+
+@contextlib.contextmanager
+def _fake_safe_module_to() -> Iterator[None]:
+    """Under ``FakeTensorMode``, ``nn.Module.to`` swaps each fake parameter (``torch.utils.swap_tensors``), which
+    torch 2.13 refuses for tensors the mode holds weak references to ("Couldn't swap Linear.weight"); PEFT moves
+    every new adapter with it (``_move_adapter_to_device_of_base_layer``). While fake, ``Module.to`` replaces the
+    parameters instead (same device and dtype result); real tensors take torch's own path."""
+    import torch
+    from torch._guards import detect_fake_mode
+
+    original = torch.nn.Module.to
+
+    def to(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if detect_fake_mode() is None:
+            return original(self, *args, **kwargs)
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        for sub in self.modules():
+            for store in (sub._parameters, sub._buffers):
+                for name, t in list(store.items()):
+                    if t is None:
+                        continue
+                    moved = t.detach().to(device=device or t.device,
+                                          dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+                    store[name] = torch.nn.Parameter(moved, requires_grad=t.requires_grad) \
+                        if isinstance(t, torch.nn.Parameter) else moved
+        return self
+
+    torch.nn.Module.to = to  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = original  # type: ignore[method-assign]
 
 
 def _freeze_prefix(module: nn.Module, frozen: int) -> None:

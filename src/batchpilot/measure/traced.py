@@ -309,6 +309,12 @@ def _global_peak_tracker(mt_module: Any) -> Any:
                     if nbytes > maxima.get(key, 0):
                         maxima[key] = nbytes
 
+        def _track_module_params_and_buffers(self, module: Any, install_grad_hooks: bool = True) -> Any:
+            # frozen parameters (fine-tuning) take no gradient hooks (register_hook refuses them); their
+            # trainable submodules (LoRA's A and B) install their own
+            frozen = any(not p.requires_grad for p in module.parameters())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=install_grad_hooks and not frozen)
+
     return _GlobalPeakTracker()
 
 
