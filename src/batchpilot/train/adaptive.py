@@ -51,7 +51,7 @@ from batchpilot.estimate.noise import (
     NoiseSample,
     NoiseScaleEstimator,
 )
-from batchpilot.train.grad_norms import MicroGradNorms, gradient_leaves, grads_sq_norm
+from batchpilot.train.grad_norms import MicroGradNorms, gradient_leaves, grads_sq_norm, local_grads_sq_norm
 from batchpilot.train.hooks import BaseHook, MicroStepInfo, StepInfo
 from batchpilot.train.schedule import Progress, ScheduleError
 from batchpilot.units import parse_count
@@ -86,12 +86,11 @@ class NoiseScaleHook(BaseHook):
         # × N_global/(world·loss_scale) → ∇ of the micro-batch loss sum; ÷ its targets → its token-mean gradient
         scale = info.grad_to_sum_factor / max(1, info.micro_target_tokens)
         if self._meter is None:  # attach on first use (also after a resume): this backward ran unseen, but on
-            leaves, fsdp = gradient_leaves(model)  # micro-step 0 p.grad is its gradient alone (not under FSDP2,
-            self._meter = MicroGradNorms(leaves)  # which keeps it unsharded: that step is left out)
-            self._meter.enabled = info.step % self.every == 0
-            self._valid = info.micro_index == 0 and not info.grads_synced and self._meter.enabled and not fsdp
+            self._meter = MicroGradNorms(gradient_leaves(model)[0])  # micro-step 0 the accumulated gradient is
+            self._meter.enabled = info.step % self.every == 0  # its gradient alone (FSDP2: kept unsharded)
+            self._valid = info.micro_index == 0 and not info.grads_synced and self._meter.enabled
             self._stats = [0.0, 0.0, 0.0]
-            value = grads_sq_norm(model.parameters()) * scale * scale if self._valid else 0.0
+            value = local_grads_sq_norm(model) * scale * scale if self._valid else 0.0
         else:
             if info.micro_index == 0:
                 self._valid, self._stats = info.step % self.every == 0, [0.0, 0.0, 0.0]

@@ -46,19 +46,46 @@ def _by_mesh(grads: Iterable[torch.Tensor]) -> dict[Any, list[torch.Tensor]]:
     return groups
 
 
+def _fsdp_params(model: torch.nn.Module) -> list[Any]:
+    """Every ``FSDPParam`` of an FSDP2 model, once (empty without FSDP2; the modules of one grouped unit, such
+    as ``[norm, lm_head]``, share one state)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found: dict[int, Any] = {}
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            state: Any = module._get_fsdp_state()
+            for group in state._fsdp_param_groups:
+                found.update((id(fp), fp) for fp in group.fsdp_params)
+    return list(found.values())
+
+
+def local_grads_sq_norm(model: torch.nn.Module) -> float:
+    """|g|² of this rank's accumulated, not yet synchronised gradient: ``p.grad``, or under FSDP2 (no-sync
+    micro-steps keep it unsharded) each ``FSDPParam``'s ``unsharded_accumulated_grad`` (when the reduce dtype
+    differs from the parameter's) or its unsharded parameter's ``.grad`` (torch 2.13 ``_fsdp_param.py``
+    ``to_accumulated_grad_if_needed``)."""
+    params = _fsdp_params(model)
+    if not params:
+        return grads_sq_norm(model.parameters())
+    present = []
+    for fp in params:
+        grad = fp.unsharded_accumulated_grad
+        if grad is None and hasattr(fp, "_unsharded_param"):
+            grad = fp._unsharded_param.grad
+        if grad is not None:
+            present.append(grad)
+    if not present:
+        raise BatchpilotError("no unsharded gradient is kept; call this after a micro-step without synchronisation")
+    return float(torch.stack([_sq_norm(g) for g in present]).sum())
+
+
 def gradient_leaves(model: torch.nn.Module) -> tuple[list[torch.Tensor], bool]:
     """The tensors autograd computes parameter gradients for, and whether they are FSDP2's unsharded
     parameters: ``model.parameters()`` without FSDP2; with it, every ``FSDPParam``'s ``_unsharded_param``
     (torch 2.13 ``torch/distributed/fsdp/_fully_shard/_fsdp_param.py`` ``init_unsharded_param``: created at
     the first all-gather, so call this after a forward)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    leaves: list[torch.Tensor] = []
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            state: Any = module._get_fsdp_state()
-            for group in state._fsdp_param_groups:
-                leaves += [fp._unsharded_param for fp in group.fsdp_params if hasattr(fp, "_unsharded_param")]
+    leaves = [fp._unsharded_param for fp in _fsdp_params(model) if hasattr(fp, "_unsharded_param")]
     if leaves:
         return leaves, True
     return list(model.parameters()), False
