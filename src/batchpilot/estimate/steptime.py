@@ -68,6 +68,8 @@ hidden behind compute does not slow the compute down; load imbalance between exp
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import NamedTuple
@@ -125,6 +127,16 @@ reduction goes out one layer at a time, never in buffers smaller than this."""
 
 COLLECTIVES: tuple[str, ...] = ("tp", "cp", "ep", "pp", "dp")
 """Communication patterns the step reports its exposed time for."""
+
+MICRO_IGNORED_SETTINGS = frozenset({"zero_stage", "vpp", "hybrid_shard", "optimizer", "offload", "fp8_all_gather",
+                                    "reshard_after_forward", "param_dtype"})
+"""Run settings one micro-batch's compute and TP/CP/EP communication (:meth:`StepTimeModel._compute_micro`) do not
+read: they shape only the data-parallel traffic, the optimizer step and the pipeline schedule. The micro-batch
+cache is keyed by every other field, so a new setting is part of the key until it is listed here."""
+
+_micro_key = operator.attrgetter(*(f.name for f in fields(RunSettings) if f.name not in MICRO_IGNORED_SETTINGS))
+_implementation_key = operator.attrgetter("engine", "attention", "compile", "precision", "fp8_recipe", "loss", "tp")
+"""The settings :func:`default_implementation` reads (``resolved_loss`` reads ``tp``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -311,7 +323,9 @@ class StepTimeModel:
         self.expert_params = model.num_moe_layers * model.num_experts * model.params_expert
         self.dense_params = model.params_total - self.expert_params
         self._peak: dict[str, float] = {}
-        self._micro_cache: dict[tuple[RunSettings, int], _Micro] = {}
+        self._micro_cache: dict[tuple[tuple[object, ...], int], _Micro] = {}
+        self._layer_cache: dict[tuple[str, Shape, Implementation], LayerTimes] = {}
+        self._implementations: dict[tuple[object, ...], Implementation] = {}
 
     def hw_flops_per_token(self, settings: RunSettings) -> int:
         """:func:`training_flops_per_token` of the settings' recomputation (cached)."""
@@ -330,7 +344,13 @@ class StepTimeModel:
         return peak
 
     def implementation_for(self, settings: RunSettings) -> Implementation:
-        return self.implementation or default_implementation(settings, self.profile)
+        if self.implementation is not None:
+            return self.implementation
+        key = _implementation_key(settings)
+        impl = self._implementations.get(key)
+        if impl is None:
+            impl = self._implementations[key] = default_implementation(settings, self.profile)
+        return impl
 
     # ------------------------------------------------------------------ the estimate
     def estimate(self, settings: RunSettings, triad: BatchTriad) -> StepTime:
@@ -411,7 +431,8 @@ class StepTimeModel:
                      sp=settings.sp, ep=settings.ep, cp=cp, precision=settings.precision)
 
     def _micro(self, settings: RunSettings, b: int) -> _Micro:
-        key = (settings, b)
+        """:meth:`_compute_micro`, cached by the settings it reads (all but :data:`MICRO_IGNORED_SETTINGS`)."""
+        key = (_micro_key(settings), b)
         cached = self._micro_cache.get(key)
         if cached is None:
             cached = self._micro_cache[key] = self._compute_micro(settings, b)
@@ -419,14 +440,13 @@ class StepTimeModel:
 
     def _compute_micro(self, settings: RunSettings, b: int) -> _Micro:
         model, sh = self.model, self._shape(settings, b)
-        impl, accel = self.implementation_for(settings), self.cluster.accelerator
+        impl = self.implementation_for(settings)
         n_dense, n_moe = layers_on_stage(model, settings.pp)
         layers: list[tuple[LayerTimes, float]] = []
-        sustained = self.fitted.sustained_fraction
         if n_dense:
-            layers.append((dense_layer(accel, self.profile, impl, model, sh, sustained=sustained), n_dense))
+            layers.append((self._layer_times(dense_layer, sh, impl), n_dense))
         if n_moe:
-            layers.append((moe_layer(accel, self.profile, impl, model, sh, sustained=sustained), n_moe))
+            layers.append((self._layer_times(moe_layer, sh, impl), n_moe))
         forward, backward = Parts(), Parts()
         checkpointed = (math.ceil(model.num_layers / settings.pp) // settings.recompute_every) / math.ceil(
             model.num_layers / settings.pp)
@@ -434,7 +454,7 @@ class StepTimeModel:
             forward.add(times.forward, n)
             backward.add(times.backward, n).add(recompute_parts(times, settings.recompute), n * checkpointed)
         body_s = forward.total_s + backward.total_s
-        top = head(accel, self.profile, impl, model, sh, sustained=sustained)
+        top = self._layer_times(head, sh, impl)
         forward.add(top.forward)
         backward.add(top.backward)
         compute = Parts().add(forward).add(backward)
@@ -451,6 +471,16 @@ class StepTimeModel:
                    total_s=cp.total_s)
         return _Micro(compute=compute, forward_s=forward.total_s * scale, backward_s=backward.total_s * scale,
                       layer_s=body_s * scale / n_layers, layers=n_layers, tp=tp, cp=cp, ep=ep, pp_s=0.0)
+
+    def _layer_times(self, kind: Callable[..., LayerTimes], sh: Shape, impl: Implementation) -> LayerTimes:
+        """``kind`` (:func:`dense_layer`, :func:`moe_layer` or :func:`head`) of this model on this accelerator,
+        cached by what it depends on beyond them: the shape and the implementation (read only, never mutated)."""
+        key = (kind.__name__, sh, impl)
+        times = self._layer_cache.get(key)
+        if times is None:
+            times = self._layer_cache[key] = kind(self.cluster.accelerator, self.profile, impl, self.model, sh,
+                                                  sustained=self.fitted.sustained_fraction)
+        return times
 
     def _overlapped(self, seconds: float, window: float, overlap: bool) -> _Comm:
         """Communication exposed in full, or (``overlap``) what exceeds ``window`` of compute plus the fitted
