@@ -76,6 +76,7 @@ from typing import NamedTuple
 
 from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration
 from batchpilot.estimate.collectives import Fabric
+from batchpilot.estimate import finetune_time
 from batchpilot.estimate.dtypes import (
     ACTIVATION_BYTES,  # also the bytes per element TP/EP/PP collectives send
 )
@@ -447,6 +448,7 @@ class StepTimeModel:
             layers.append((self._layer_times(dense_layer, sh, impl), n_dense))
         if n_moe:
             layers.append((self._layer_times(moe_layer, sh, impl), n_moe))
+        layers = finetune_time.step_layers(layers, model, settings, sh, self.cluster.accelerator, self.profile)
         forward, backward = Parts(), Parts()
         checkpointed = (math.ceil(model.num_layers / settings.pp) // settings.recompute_every) / math.ceil(
             model.num_layers / settings.pp)
@@ -455,6 +457,7 @@ class StepTimeModel:
             backward.add(times.backward, n).add(recompute_parts(times, settings.recompute), n * checkpointed)
         body_s = forward.total_s + backward.total_s
         top = self._layer_times(head, sh, impl)
+        top = finetune_time.step_head(top, settings)
         forward.add(top.forward)
         backward.add(top.backward)
         compute = Parts().add(forward).add(backward)
@@ -565,7 +568,7 @@ class StepTimeModel:
         """Gradient reduction and ZeRO gathers of dense and expert parameters (module docstring)."""
         ep, tp, cp = settings.ep, settings.tp, settings.cp
         share = self._stage_share(settings)
-        groups = [(self.dense_params * share / tp, dp * cp, tp)]
+        groups = [(finetune_time.reduced_params(self.model, settings, self.dense_params) * share / tp, dp * cp, tp)]
         if self.expert_params:
             groups.append((self.expert_params * share / ep, dp * cp * tp // ep, ep))
         exposed = total = 0.0
@@ -630,7 +633,7 @@ class StepTimeModel:
 
     def _optimizer_s(self, settings: RunSettings, dp: int) -> float:
         share, cp = self._stage_share(settings), settings.cp
-        dense = self.dense_params * share / settings.tp
+        dense = finetune_time.reduced_params(self.model, settings, self.dense_params) * share / settings.tp
         experts = self.expert_params * share / settings.ep  # routed experts are not tensor-parallel
         if settings.zero_stage >= 1:
             dense /= dp * cp
