@@ -74,9 +74,9 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import NamedTuple
 
+from batchpilot.estimate import finetune_time
 from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration
 from batchpilot.estimate.collectives import Fabric
-from batchpilot.estimate import finetune_time
 from batchpilot.estimate.dtypes import (
     ACTIVATION_BYTES,  # also the bytes per element TP/EP/PP collectives send
 )
