@@ -92,10 +92,10 @@ def _alone() -> bool:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """DCP warns on every single-process save and load ("torch.distributed is disabled … assuming the intent
-    is to save in a single process"): the runner means it, and a warning would be an extra stderr line."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
+    is to save in a single process"): the runner means it, and a warning would be an extra stderr line. The
+    filter is process-wide (an asynchronous save warns from its writer thread, after this context)."""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+    yield
 
 
 def state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
