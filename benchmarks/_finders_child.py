@@ -4,8 +4,15 @@ The harness (:mod:`benchmarks.probe_vs_finders`) starts this module in a fresh p
 ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment. Every finder sees the same conditions: torch and
 transformers imported, the model built (seeded), the thread pool started; then the process measures
 its address-space size (``VmSize``) as the baseline and — for the in-process finders (Lightning,
-Accelerate) — sets ``RLIMIT_AS = baseline + budget`` before the finder runs (ANCHORS.md's setup).
-batchpilot's probe sets that limit in each of its trial processes instead (its own design).
+Accelerate) — sets ``RLIMIT_AS = baseline + budget`` before the finder runs. batchpilot's probe sets
+that limit in each of its trial processes instead (its own design). ``precision`` ``bf16`` runs every
+finder's forward under CPU autocast (Lightning: ``precision="bf16-mixed"``).
+
+The imports are not timed for any finder. batchpilot's trial processes fork from a server that imports
+torch and transformers itself; it is started first thing here (``start_trial_server``, before this
+process's own imports), as a caller that knows the model starts it, so its imports run alongside this
+process's. Whatever wait for it remains is inside the timed probe call (``server_wait_s``: the first
+trial's fork request to the fork's return, from the probe's phase trace).
 
 Prints one JSON line: finder, size found, the sizes tried in order, and the finder call's wall time.
 """
@@ -14,11 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import resource
 import sys
 import tempfile
 import time
 from typing import Any
+
+if __name__ == "__main__" and json.loads(sys.argv[1])["finder"] == "batchpilot":
+    from batchpilot.measure.cpu_runner import start_trial_server
+
+    start_trial_server(json.loads(sys.argv[1])["hf_config"].get("model_type"))
 
 import torch
 import transformers
@@ -44,6 +57,10 @@ def _tokens(batch: int, spec: dict[str, Any]) -> torch.Tensor:
     return torch.randint(0, int(spec["hf_config"]["vocab_size"]), (batch, spec["seq_len"]))
 
 
+def _autocast(spec: dict[str, Any]) -> Any:
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.get("precision", "fp32") == "bf16")
+
+
 def run_accelerate(spec: dict[str, Any]) -> dict[str, Any]:
     """``accelerate.utils.find_executable_batch_size(starting_batch_size=128)`` around 2 full AdamW steps."""
     from accelerate.utils import find_executable_batch_size
@@ -57,7 +74,9 @@ def run_accelerate(spec: dict[str, Any]) -> dict[str, Any]:
         tried.append(batch_size)
         x = _tokens(batch_size, spec)
         for _ in range(2):
-            model(input_ids=x, labels=x).loss.backward()
+            with _autocast(spec):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return batch_size
@@ -95,8 +114,10 @@ def run_lightning(spec: dict[str, Any], mode: str) -> dict[str, Any]:
 
     module = Module()
     with tempfile.TemporaryDirectory() as root:
+        precision = "bf16-mixed" if spec.get("precision") == "bf16" else "32-true"
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                             precision=precision)
         _limit(spec["budget_bytes"])
         start = time.perf_counter()
         found = Tuner(trainer).scale_batch_size(module, mode=mode)
@@ -108,19 +129,31 @@ def run_batchpilot(spec: dict[str, Any]) -> dict[str, Any]:
     """``batchpilot.measure.probe.run_probe`` (search only; each trial sets its own RLIMIT_AS)."""
     from batchpilot.measure.probe import run_probe
     from batchpilot.measure.probe_types import ProbeRequest
+    from batchpilot.measure.trace import TRACE_ENV
     from batchpilot.specs.model import load_model
     from batchpilot.specs.settings import RunSettings
 
     _model(spec)  # same warm state as the other finders (modeling module imported, allocator used)
     request = ProbeRequest(model=load_model(spec["model"]),
-                           settings=RunSettings(precision="fp32", attention=spec["attention"]),
+                           settings=RunSettings(precision=spec.get("precision", "fp32"), attention=spec["attention"]),
                            seq_len=spec["seq_len"], device="cpu", budget_bytes=spec["budget_bytes"], knee=False)
-    start = time.perf_counter()
-    result = run_probe(request)
-    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ[TRACE_ENV] = trace_path = os.path.join(tmp, "trace.jsonl")
+        start = time.perf_counter()
+        result = run_probe(request)
+        seconds = time.perf_counter() - start
+        os.environ.pop(TRACE_ENV)
+        with open(trace_path, encoding="utf-8") as fh:
+            events = [json.loads(line) for line in fh]
     return {"found": result.max_micro_batch, "tried": [t.micro_batch for t in result.trials],
-            "seconds": seconds, "predicted": result.predicted_max_micro_batch,
-            "trials": [dataclasses.asdict(t) for t in result.trials]}
+            "seconds": seconds, "predicted": result.predicted_max_micro_batch, "server_wait_s": _server_wait(events),
+            "trials": [dataclasses.asdict(t) for t in result.trials], "trace": events}
+
+
+def _server_wait(events: list[dict[str, Any]]) -> float | None:
+    """Seconds from the first trial's fork request to the fork's return (the fork server's readiness)."""
+    times = {e["event"]: e["t"] for e in reversed(events) if e["event"] in ("spawn", "spawned")}
+    return times["spawned"] - times["spawn"] if len(times) == 2 else None
 
 
 def main(argv: list[str]) -> int:

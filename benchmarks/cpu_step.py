@@ -4,11 +4,13 @@ Example (CPU, a few seconds)::
 
     .venv/bin/python -m benchmarks.cpu_step tiny-llama-1m 4 256
 
-A ``transformers`` causal LM is built from the preset's config in fp32 (``sdpa`` or ``eager``
-attention), trained with ``torch.optim.AdamW(foreach=True)`` (the CUDA default, forced on CPU; ``foreach=False``
-is the CPU default's per-tensor loop) and
+The step is batchpilot's one training step (:func:`batchpilot.measure.step.build_step`, the one
+``batchpilot train`` runs): a ``transformers`` causal LM built from the preset's config in fp32 (``sdpa`` or
+``eager`` attention), the fp32 token-sum cross-entropy, gradient clipping, AdamW and
 ``zero_grad(set_to_none=True)``; ``precision="bf16"`` runs the forward under CPU autocast (fp32
-parameters, bf16 matmuls), as ``engine="torch"`` mixed precision does on a GPU. The second of two iterations is measured: the torch profiler with
+parameters, bf16 matmuls), as ``engine="torch"`` mixed precision does on a GPU. The optimizer runs its
+``foreach`` path by default here (torch's CUDA default, forced on CPU), ``foreach=False`` the trainer's
+fused kernel. The second of two iterations is measured: the torch profiler with
 ``profile_memory=True`` reports every allocation and free of the CPU allocator (pointer and size), the
 allocator's own view (``numel × element size``), not the process RSS; the bytes live at each moment are
 summed by :func:`batchpilot.measure.cpu_peak.live_bytes` (the profiler starts before the model is built,
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from batchpilot.measure.cpu_peak import allocation_records, flatten_events, live_bytes
+from batchpilot.measure.step import OptimizerImpl
 from batchpilot.specs.model import ModelSpec, load_model
 
 
@@ -55,48 +58,36 @@ class StepMemory:
 
 def measure_step(model: ModelSpec, *, micro_batch: int, seq_len: int, attention: str = "flash",
                  precision: str = "fp32", foreach: bool = True, seed: int = 0, recompute: str = "none",
-                 recompute_every: int = 1, param_dtype: str = "fp32", compile_layers: bool = False) -> StepMemory:
-    """Build, train two iterations, and return the second iteration's phase-wise allocator peaks.
+                 recompute_every: int = 1, param_dtype: str = "fp32", compile_layers: bool = False,
+                 optimizer_impl: OptimizerImpl | None = None) -> StepMemory:
+    """Build the step, train two iterations, and return the second iteration's phase-wise allocator peaks.
 
-    ``recompute``/``recompute_every``: :func:`batchpilot.measure.recompute.apply_recompute`.
-    ``param_dtype="bf16"``: the module, gradients and AdamW states in bf16, no autocast (pure bf16 training).
-    ``compile_layers``: ``torch.compile`` each decoder layer (inductor), as torchtitan and torchtune do.
+    The step is :func:`batchpilot.measure.step.build_step` (the trainer's: fp32 token-sum loss, clipping).
+    Its optimizer: ``optimizer_impl`` when given (None with ``foreach=False``: the trainer's fused AdamW),
+    else ``foreach`` (torch's CUDA default, forced on CPU). ``recompute``/``recompute_every``:
+    :func:`batchpilot.measure.recompute.apply_recompute`. ``param_dtype="bf16"``: the module, gradients and
+    AdamW states in bf16, no autocast (pure bf16 training). ``compile_layers``: ``torch.compile`` each
+    decoder layer (inductor), as torchtitan and torchtune do.
     """
-    import torch
-    import transformers
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from batchpilot.measure.recompute import apply_recompute, checkpointed_layers
+    from batchpilot.measure.step import StepConfig, build_step
 
-    torch.manual_seed(seed)
-    config = transformers.AutoConfig.for_model(**dict(model.hf_config))
-    attn = "eager" if attention == "eager" else "sdpa"
+    impl = optimizer_impl if optimizer_impl is not None else ("foreach" if foreach else None)
+    config = StepConfig(precision=precision, attention=attention, recompute=recompute, recompute_every=recompute_every,
+                        compile_layers=compile_layers, param_dtype=param_dtype, optimizer_impl=impl, seed=seed)
 
-    def iteration(module: Any, optimizer: Any, ids: Any, mark: bool) -> None:
+    def iteration(step: Any, mark: bool) -> None:
         with record_function("bp.fwd_bwd" if mark else "bp.warm"):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16" and param_dtype == "fp32"):
-                loss = module(input_ids=ids, labels=ids).loss
-            loss.backward()
-            del loss
+            step.forward_backward()
         with record_function("bp.optimizer" if mark else "bp.warm_opt"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step.optimizer_step()
 
     # The profiler runs from before the model exists, so its running total is absolute.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        module = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn,
-                                                               dtype=torch.float32)
-        if param_dtype == "bf16":
-            module.to(torch.bfloat16)
-        module.train()
-        apply_recompute(module, recompute, every=recompute_every)
-        if compile_layers:
-            for layer in checkpointed_layers(module):
-                layer.compile()
-        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, foreach=foreach)
-        ids = torch.randint(0, model.vocab_size, (micro_batch, seq_len), dtype=torch.long)
-        iteration(module, optimizer, ids, mark=False)
-        iteration(module, optimizer, ids, mark=True)
+        step = build_step(model.hf_config, config, micro_batch=micro_batch, seq_len=seq_len, name=model.name)
+        iteration(step, mark=False)
+        iteration(step, mark=True)
     return _phases(prof)
 
 

@@ -4,18 +4,20 @@ Run: ``.venv/bin/python -m benchmarks.memory_vs_estimators`` (≈ 5 min on 2 sha
 ``pip install --no-deps llm-analysis fire termcolor`` (llm-analysis pins transformers < 5); without it
 that column is left empty. Writes ``benchmarks/results/memory_vs_estimators.{json,md}``.
 
-Part 1 — measured: real CPU training steps (fp32, AdamW ``foreach``, two iterations, allocator peak from
-the torch profiler; :mod:`benchmarks.cpu_step`) of small Llama-shaped models and GPT-2, against
+Part 1 — measured: real CPU training steps (batchpilot's one training step, the one ``batchpilot train``
+runs: fused AdamW, the fp32 token-sum loss, clipping; two iterations, allocator peak from the torch profiler;
+:mod:`benchmarks.cpu_step`) of small Llama-shaped models and GPT-2, in fp32 and under CPU bf16 autocast,
+against
 
-- batchpilot ``analytic_memory(..., overhead=OverheadModel.cpu(optimizer_foreach=True))``;
+- batchpilot ``analytic_memory(..., overhead=OverheadModel.cpu())`` with the fused optimizer (fp32 and bf16);
 - llm-analysis 0.2.2's training memory (the sum ``LLMAnalysis.training`` reports, from the same getters;
   ``training`` itself refuses 32-bit dtypes in its latency model) with fp32 settings: 32-bit
   weights/activations/embeddings, no master copy, 8 bytes of Adam state, the run's flash/eager and
-  gated-MLP choice;
+  gated-MLP choice (fp32 rows);
 - DeepSpeed's ZeRO-2 and ZeRO-3 model-state estimators for one GPU without offload — the functions the
   ``estimate_zero{2,3}_model_states_mem_needs_all_cold`` printers call;
 - ``accelerate estimate-memory``'s training figure (``estimate_training_usage``, the max of its terms)
-  on the same model built on the meta device (the command itself needs the Hub).
+  on the same model built on the meta device (the command itself needs the Hub) (fp32 rows).
 
 Part 2 — the ZeRO paper's own accounting (Rajbhandari et al. 2020, Figure 1 / Table 1: (2 + 2 + 12)·Ψ
 sharded per stage) for a 7.5B-parameter GPT at 64 and 1024 data-parallel ranks, against each tool's
@@ -24,6 +26,7 @@ model-state figure for DeepSpeed mixed precision.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -63,10 +66,14 @@ def _model(name: str) -> ModelSpec:
 
 
 # ---------------------------------------------------------------------------------------------- estimators
-def batchpilot_bytes(model: ModelSpec, attention: str, micro_batch: int, seq_len: int) -> int:
-    settings = RunSettings(precision="fp32", attention=attention)  # type: ignore[arg-type]
-    return analytic_memory(model, settings, micro_batch=micro_batch, seq_len=seq_len,
-                           overhead=OverheadModel.cpu(optimizer_foreach=True)).total_bytes
+#: Precisions of the measured steps: fp32, and bf16 CPU autocast (fp32 weights, bf16 matmuls).
+PRECISIONS = ("fp32", "bf16")
+
+
+def batchpilot_bytes(model: ModelSpec, attention: str, micro_batch: int, seq_len: int, precision: str = "fp32") -> int:
+    settings = RunSettings(precision=precision, attention=attention)  # type: ignore[arg-type]
+    overhead = dataclasses.replace(OverheadModel.cpu(), optimizer_fused=True)  # the trainer's fused AdamW
+    return analytic_memory(model, settings, micro_batch=micro_batch, seq_len=seq_len, overhead=overhead).total_bytes
 
 
 def _llm_analysis(model: ModelSpec, *, weight_bits: int, dp: int = 1) -> Any:
@@ -164,38 +171,50 @@ def _error(predicted: int | None, measured: int) -> float | None:
 
 def measured_rows() -> list[dict[str, Any]]:
     rows = []
-    for name, attention, seq_len, micro_batches in MEASURED:
-        model = _model(name)
-        static = {"deepspeed_zero2": deepspeed_bytes(model, 2), "deepspeed_zero3": deepspeed_bytes(model, 3),
-                  "accelerate": accelerate_bytes(model)}
-        for micro_batch in micro_batches:
-            start = time.perf_counter()
-            measured = measure_step(model, micro_batch=micro_batch, seq_len=seq_len, attention=attention)
-            predictions: dict[str, int | None] = {
-                "batchpilot": batchpilot_bytes(model, attention, micro_batch, seq_len),
-                "llm_analysis": llm_analysis_bytes(model, attention, micro_batch, seq_len),
-                **static,
-            }
-            row: dict[str, Any] = {
-                "model": name, "params": model.params_total, "attention": attention, "seq_len": seq_len,
-                "micro_batch": micro_batch, "measured_bytes": measured.peak_bytes,
-                "measured": measured.to_dict(), "predicted_bytes": predictions,
-                "error": {k: _error(v, measured.peak_bytes) for k, v in predictions.items()},
-                "wall_s": round(time.perf_counter() - start, 1),
-            }
-            rows.append(row)
-            print(f"{name} {attention} b={micro_batch}: " + ", ".join(
-                f"{k} {v:+.1%}" for k, v in row["error"].items() if v is not None), flush=True)
+    for precision in PRECISIONS:
+        for name, attention, seq_len, micro_batches in MEASURED:
+            for micro_batch in micro_batches:
+                rows.append(_measured_row(name, attention, seq_len, micro_batch, precision))
     return rows
 
 
+def _measured_row(name: str, attention: str, seq_len: int, micro_batch: int, precision: str) -> dict[str, Any]:
+    """One real step and every estimator's figure for it (the others are configured for fp32 only)."""
+    model = _model(name)
+    fp32 = precision == "fp32"
+    static = {"deepspeed_zero2": deepspeed_bytes(model, 2) if fp32 else None,
+              "deepspeed_zero3": deepspeed_bytes(model, 3) if fp32 else None,
+              "accelerate": accelerate_bytes(model) if fp32 else None}
+    start = time.perf_counter()
+    measured = measure_step(model, micro_batch=micro_batch, seq_len=seq_len, attention=attention,
+                            precision=precision, foreach=False)
+    predictions: dict[str, int | None] = {
+        "batchpilot": batchpilot_bytes(model, attention, micro_batch, seq_len, precision),
+        "llm_analysis": llm_analysis_bytes(model, attention, micro_batch, seq_len) if fp32 else None,
+        **static,
+    }
+    row: dict[str, Any] = {
+        "model": name, "params": model.params_total, "attention": attention, "seq_len": seq_len,
+        "precision": precision, "micro_batch": micro_batch, "measured_bytes": measured.peak_bytes,
+        "measured": measured.to_dict(), "predicted_bytes": predictions,
+        "error": {k: _error(v, measured.peak_bytes) for k, v in predictions.items()},
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    print(f"{name} {attention} {precision} b={micro_batch}: " + ", ".join(
+        f"{k} {v:+.1%}" for k, v in row["error"].items() if v is not None), flush=True)
+    return row
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per estimator and precision (``"batchpilot bf16"``): mean absolute error and range."""
     summary = {}
-    for tool in rows[0]["error"]:
-        errors = [r["error"][tool] for r in rows if r["error"][tool] is not None]
-        if errors:
-            summary[tool] = {"mean_abs_error": sum(abs(e) for e in errors) / len(errors),
-                             "min_error": min(errors), "max_error": max(errors), "n": len(errors)}
+    for precision in PRECISIONS:
+        for tool in rows[0]["error"]:
+            errors = [r["error"][tool] for r in rows
+                      if r["error"][tool] is not None and r.get("precision", "fp32") == precision]
+            if errors:
+                summary[f"{tool} {precision}"] = {"mean_abs_error": sum(abs(e) for e in errors) / len(errors),
+                                                  "min_error": min(errors), "max_error": max(errors), "n": len(errors)}
     return summary
 
 
@@ -255,14 +274,16 @@ def markdown(record: dict[str, Any]) -> str:
         "# Training-memory prediction vs measured CPU peaks",
         "",
         f"Machine: {record['machine']}. Measured = peak of the CPU allocator (torch profiler, "
-        "`profile_memory=True`) over the second of two real fp32 AdamW(foreach) iterations. "
-        "Errors are (predicted − measured) / measured.",
+        "`profile_memory=True`) over the second of two real iterations of batchpilot's training step (the "
+        "one `batchpilot train` runs: fused AdamW, fp32 token-sum loss, clipping), fp32 or CPU bf16 autocast. "
+        "Errors are (predicted − measured) / measured; the other estimators are configured for fp32 only.",
         "",
-        "| model | attn | seq | micro-batch | measured MiB | " + " | ".join(tools) + " |",
-        "|---|---|---:|---:|---:|" + "---:|" * len(tools),
+        "| model | attn | seq | precision | micro-batch | measured MiB | " + " | ".join(tools) + " |",
+        "|---|---|---:|---|---:|---:|" + "---:|" * len(tools),
     ]
     for r in record["measured"]:
-        lines.append(f"| {r['model']} | {r['attention']} | {r['seq_len']} | {r['micro_batch']} | "
+        lines.append(f"| {r['model']} | {r['attention']} | {r['seq_len']} | {r.get('precision', 'fp32')} | "
+                     f"{r['micro_batch']} | "
                      f"{r['measured_bytes'] / MIB:,.1f} | " + " | ".join(_pct(r["error"][t]) for t in tools) + " |")
     lines += ["", "| estimator | mean abs. error | range | n |", "|---|---:|---|---:|"]
     for tool, s in record["summary"].items():

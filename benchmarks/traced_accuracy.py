@@ -5,19 +5,19 @@ Run: ``.venv/bin/python -m benchmarks.traced_accuracy`` (15-30 minutes on 2 shar
 ``--quick`` runs one preset and two rows; ``--presets-only`` only the full-size preset table;
 ``--markdown-only`` re-renders ``traced_accuracy.md`` from its JSON.
 
-For each tiny preset × micro-batch × precision (fp32, bf16; SDPA attention, AdamW, no recompute), it
-records, for AdamW's per-parameter loop (torch's CPU default) and again (``*_foreach``) for its
-multi-tensor path (torch's CUDA default, the step the analytic model describes):
+For each tiny preset × micro-batch × precision (fp32, bf16 CPU autocast; SDPA attention, AdamW, no recompute)
+it records, for batchpilot's training step (:mod:`batchpilot.measure.step`, the one ``batchpilot train`` runs:
+fused AdamW) and again (``*_foreach``) with AdamW's multi-tensor path (torch's CUDA default):
 
 - ``measured_bytes``: :func:`batchpilot.measure.cpu_peak.measure_cpu_step_peak`, two real iterations,
   the CPU allocator's peak from the torch profiler;
 - ``traced_bytes`` and ``trace_wall_s``: :func:`batchpilot.measure.traced.trace_step` on the same step;
 
-and once per row ``analytic_bytes``: :func:`batchpilot.estimate.memory.analytic_memory` with its CPU
-overhead model (no CUDA context, workspace or fragmentation), and the FLOPs of one step, traced and
-``ModelSpec.flops_per_token(seq) × tokens``.
+and ``analytic_bytes`` (``analytic_foreach_bytes``): :func:`batchpilot.estimate.memory.analytic_memory` with its
+CPU overhead model (no CUDA context, workspace or fragmentation) and that optimizer, and the FLOPs of one step,
+traced and ``ModelSpec.flops_per_token(seq) × tokens``.
 
-Then the ``llama-2-7b`` shape at micro-batch 1, sequence 2048, bf16 is traced (both optimizer paths) in a
+Then the ``llama-2-7b`` shape at micro-batch 1, sequence 2048, bf16 is traced (both optimizers) in a
 fresh process whose wall time and peak RSS (``ru_maxrss``) are recorded: the trace's speed and
 real-memory cost, and the analytic model beside it.
 
@@ -29,6 +29,7 @@ make even the fake model's Python objects large.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import resource
@@ -55,14 +56,17 @@ PRECISIONS = ("fp32", "bf16")
 BIG_MODEL, BIG_SEQ = "llama-2-7b", 2048
 
 
-def _analytic(spec: ModelSpec, settings: RunSettings, micro_batch: int, seq_len: int) -> int | None:
+def _analytic(spec: ModelSpec, settings: RunSettings, micro_batch: int, seq_len: int, *,
+              foreach: bool = False) -> int | None:
+    """The analytic peak with the CPU overhead model and the step's optimizer: the trainer's fused AdamW, or
+    the multi-tensor path with ``foreach``."""
     try:
         from batchpilot.estimate.memory import analytic_memory
         from batchpilot.estimate.overhead import OverheadModel
     except ImportError:
         return None
-    return analytic_memory(spec, settings, micro_batch=micro_batch, seq_len=seq_len,
-                           overhead=OverheadModel.cpu()).total_bytes
+    overhead = dataclasses.replace(OverheadModel.cpu(optimizer_foreach=foreach), optimizer_fused=not foreach)
+    return analytic_memory(spec, settings, micro_batch=micro_batch, seq_len=seq_len, overhead=overhead).total_bytes
 
 
 def accuracy_row(preset: str, precision: str, micro_batch: int, seq_len: int) -> dict[str, Any]:
@@ -83,16 +87,18 @@ def accuracy_row(preset: str, precision: str, micro_batch: int, seq_len: int) ->
         if not foreach:
             row["traced_flops"] = traced.flops
     analytic = _analytic(spec, settings, micro_batch, seq_len)
-    row["analytic_bytes"] = analytic
+    analytic_foreach = _analytic(spec, settings, micro_batch, seq_len, foreach=True)
+    row["analytic_bytes"], row["analytic_foreach_bytes"] = analytic, analytic_foreach
     row["analytic_error"] = None if analytic is None else peak_error(analytic, row["measured_bytes"])
-    row["analytic_foreach_error"] = None if analytic is None else peak_error(analytic, row["measured_foreach_bytes"])
+    row["analytic_foreach_error"] = (None if analytic_foreach is None
+                                     else peak_error(analytic_foreach, row["measured_foreach_bytes"]))
     row["spec_flops"] = spec.flops_per_token(seq_len) * micro_batch * seq_len
     row["flops_ratio"] = row["traced_flops"] / row["spec_flops"]
     return row
 
 
 def big_model_timing() -> dict[str, Any]:
-    """Trace the 7B shape in a fresh process (per-parameter AdamW, then multi-tensor); time and peak RSS."""
+    """Trace the 7B shape in a fresh process (the trainer's fused AdamW, then multi-tensor); time and peak RSS."""
     code = (
         "import json, resource, time\n"
         "from batchpilot.specs.model import load_model\n"
@@ -102,7 +108,7 @@ def big_model_timing() -> dict[str, Any]:
         "for foreach in (False, True):\n"
         f"    r = trace_step(load_model({BIG_MODEL!r}), RunSettings(precision='bf16'), micro_batch=1, "
         f"seq_len={BIG_SEQ}, count_flops=False, optimizer_impl='foreach' if foreach else None)\n"
-        "    out['foreach' if foreach else 'loop'] = {'memory': r.memory.to_dict(), 'trace_wall_s': r.wall_s,"
+        "    out['foreach' if foreach else 'trainer'] = {'memory': r.memory.to_dict(), 'trace_wall_s': r.wall_s,"
         " 'max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}\n"
         "print(json.dumps(out))\n"
     )
@@ -111,9 +117,9 @@ def big_model_timing() -> dict[str, Any]:
     record: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     record.update(model=BIG_MODEL, seq_len=BIG_SEQ, micro_batch=1, precision="bf16",
                   process_wall_s=round(time.perf_counter() - start, 1))
-    analytic = _analytic(load_model(BIG_MODEL), RunSettings(precision="bf16"), 1, BIG_SEQ)
-    record["analytic_bytes"] = analytic
-    for key in ("loop", "foreach"):
+    for key in ("trainer", "foreach"):
+        analytic = _analytic(load_model(BIG_MODEL), RunSettings(precision="bf16"), 1, BIG_SEQ, foreach=key == "foreach")
+        record[key]["analytic_bytes"] = analytic
         record[key]["analytic_vs_traced"] = (None if analytic is None
                                              else peak_error(analytic, record[key]["memory"]["total"]))
     return record
@@ -133,13 +139,13 @@ def to_markdown(rows: list[dict[str, Any]], big: dict[str, Any] | None, meta: di
         "",
         f"Machine: {meta['machine']}, 2 cores shared with other jobs (load average at start {meta['load_average']}; "
         "trace times are inflated by it). Measured = torch profiler (`profile_memory=True`) peak of two real "
-        "AdamW iterations; traced = the same step under FakeTensorMode + MemTracker; analytic = "
-        "`analytic_memory(..., overhead=OverheadModel.cpu())` as of this run (one number per row, compared with "
-        "both steps). Errors are (estimate − measured) / measured. \"loop\" = AdamW's per-parameter path (torch's CPU "
-        "default), \"foreach\" = its multi-tensor path (torch's CUDA default) forced on CPU.",
+        "iterations of batchpilot's training step; traced = the same step under FakeTensorMode + MemTracker; "
+        "analytic = `analytic_memory(..., overhead=OverheadModel.cpu())` with the step's optimizer, as of this run. "
+        "Errors are (estimate − measured) / measured. \"trainer\" = the step `batchpilot train` runs (fused "
+        "AdamW), \"foreach\" = AdamW's multi-tensor path (torch's CUDA default) forced on CPU.",
         "",
-        "| preset | precision | micro-batch | seq | measured MiB loop | traced error loop | measured MiB foreach "
-        "| traced error foreach | analytic MiB | analytic error vs foreach | analytic error vs loop | trace s "
+        "| preset | precision | micro-batch | seq | measured MiB trainer | traced error trainer | measured MiB foreach "
+        "| traced error foreach | analytic MiB trainer | analytic error trainer | analytic error foreach | trace s "
         "| FLOPs traced / spec |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -147,24 +153,26 @@ def to_markdown(rows: list[dict[str, Any]], big: dict[str, Any] | None, meta: di
         lines.append(
             f"| {r['preset']} | {r['precision']} | {r['micro_batch']} | {r['seq_len']} | "
             f"{_mib(r['measured_bytes'])} | {_pct(r['traced_error'])} | {_mib(r['measured_foreach_bytes'])} | "
-            f"{_pct(r['traced_foreach_error'])} | {_mib(r['analytic_bytes'])} | {_pct(r['analytic_foreach_error'])} | "
-            f"{_pct(r['analytic_error'])} | {r['trace_wall_s']:.1f} | {r['flops_ratio']:.4f} |"
+            f"{_pct(r['traced_foreach_error'])} | {_mib(r['analytic_bytes'])} | {_pct(r['analytic_error'])} | "
+            f"{_pct(r['analytic_foreach_error'])} | {r['trace_wall_s']:.1f} | {r['flops_ratio']:.4f} |"
         )
     traced = [abs(r[k]) for r in rows for k in ("traced_error", "traced_foreach_error")]
     diffs = [abs(r[f"traced{k}_bytes"] - r[f"measured{k}_bytes"]) for r in rows for k in ("", "_foreach")]
     lines += ["", f"Worst traced error: {max(traced):.4%} over {len(traced)} measured steps "
               f"(largest difference {max(diffs):,} bytes)."]
     for preset in dict.fromkeys(r["preset"] for r in rows):
-        for label, key in (("loop", "analytic_error"), ("foreach", "analytic_foreach_error")):
-            errors = [abs(r[key]) for r in rows if r["preset"] == preset and r[key] is not None]
-            if errors:
-                lines.append(f"Analytic vs measured ({label} step), {preset}: worst {max(errors):.2%}, "
-                             f"mean {sum(errors) / len(errors):.2%}.")
+        for precision in PRECISIONS:
+            for label, key in (("trainer", "analytic_error"), ("foreach", "analytic_foreach_error")):
+                errors = [abs(r[key]) for r in rows
+                          if r["preset"] == preset and r["precision"] == precision and r[key] is not None]
+                if errors:
+                    lines.append(f"Analytic vs measured ({label} step), {preset} {precision}: worst {max(errors):.2%}, "
+                                 f"mean {sum(errors) / len(errors):.2%}.")
     lines.append("FLOPs traced / spec > 1 with SDPA: the flash backward recomputes the scores (5 score-sized "
                  "matmuls instead of 4).")
     if big:
         lines += ["", f"## {big['model']} shape, micro-batch 1, sequence {big['seq_len']}, {big['precision']}", ""]
-        for key in ("loop", "foreach"):
+        for key in ("trainer", "foreach"):
             mem = big[key]["memory"]
             lines.append(
                 f"- {key}: traced peak {mem['total'] / GIB:,.2f} GiB (weights {mem['weights'] / GIB:,.2f}, gradients "
@@ -182,15 +190,15 @@ PRESET_SEQ = 2048
 
 
 def preset_row(preset: str) -> dict[str, Any]:
-    """Trace ``preset`` at micro-batch 1 (bf16, SDPA, CPU target), both AdamW paths, beside the analytic model."""
+    """Trace ``preset`` at micro-batch 1 (bf16, SDPA, CPU target), both optimizers, beside the analytic model."""
     spec = load_model(preset)
     seq_len = min(PRESET_SEQ, spec.max_position_embeddings)
     settings = RunSettings(precision="bf16")
-    analytic = _analytic(spec, settings, 1, seq_len)
     spec_flops = spec.flops_per_token(seq_len) * seq_len
     row: dict[str, Any] = {"preset": preset, "micro_batch": 1, "seq_len": seq_len, "precision": "bf16",
-                           "analytic_bytes": analytic, "spec_flops": spec_flops}
+                           "analytic_bytes": _analytic(spec, settings, 1, seq_len), "spec_flops": spec_flops}
     for suffix, foreach in (("", False), ("_foreach", True)):
+        analytic = _analytic(spec, settings, 1, seq_len, foreach=foreach)
         traced = trace_step(spec, settings, micro_batch=1, seq_len=seq_len,
                             optimizer_impl="foreach" if foreach else None, count_flops=not foreach)
         row.update({
@@ -209,14 +217,15 @@ def presets_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "# Analytic vs traced peak memory, full-size presets",
         "",
         f"Micro-batch 1, bf16 autocast (fp32 weights, gradients, AdamW states), SDPA attention, no recompute, CPU "
-        f"target (no CUDA terms). \"loop\" = AdamW's per-parameter path (torch's CPU default), \"foreach\" = its "
-        f"multi-tensor path (torch's CUDA default; its whole-model step temporaries can set the peak). Analytic = "
-        f"`analytic_memory(..., overhead=OverheadModel.cpu())` as of this run. Load average at start "
+        f"target (no CUDA terms). \"trainer\" = the step `batchpilot train` runs (fused AdamW), \"foreach\" = "
+        f"AdamW's multi-tensor path (torch's CUDA default; its whole-model step temporaries can set the peak). "
+        f"Analytic = `analytic_memory(..., overhead=OverheadModel.cpu())` with the step's optimizer, as of this "
+        f"run. Load average at start "
         f"{meta['load_average']} on 2 shared cores (trace times inflated by it).",
         "",
-        "| preset | seq | traced GiB loop | analytic GiB | analytic vs traced loop | traced GiB foreach | "
-        "analytic vs traced foreach | traced loop weights / grads / optimizer / activations GiB | trace s loop / "
-        "foreach | FLOPs traced / spec |",
+        "| preset | seq | traced GiB trainer | analytic GiB trainer | analytic vs traced trainer | traced GiB foreach | "
+        "analytic vs traced foreach | traced trainer weights / grads / optimizer / activations GiB | trace s "
+        "trainer / foreach | FLOPs traced / spec |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
@@ -240,7 +249,7 @@ def run_presets(meta: dict[str, Any]) -> None:
     for preset in PRESET_TABLE:
         row = preset_row(preset)
         rows.append(row)
-        print(f"{preset}: analytic {_pct(row['analytic_vs_traced'])} vs traced loop, "
+        print(f"{preset}: analytic {_pct(row['analytic_vs_traced'])} vs traced trainer, "
               f"{_pct(row['analytic_vs_traced_foreach'])} vs foreach; trace {row['trace_wall_s']:.1f} s", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "traced_vs_analytic_presets.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -267,12 +276,12 @@ def main(argv: list[str]) -> int:
                 row = accuracy_row(preset, precision, micro_batch, seq_len)
                 rows.append(row)
                 print(f"{preset} {precision} b={micro_batch}: traced {_pct(row['traced_error'])} / "
-                      f"{_pct(row['traced_foreach_error'])} (foreach), analytic {_pct(row['analytic_foreach_error'])}"
-                      f" (vs foreach), trace {row['trace_wall_s']:.1f} s", flush=True)
+                      f"{_pct(row['traced_foreach_error'])} (foreach), analytic {_pct(row['analytic_error'])} / "
+                      f"{_pct(row['analytic_foreach_error'])}, trace {row['trace_wall_s']:.1f} s", flush=True)
     big = None if quick else big_model_timing()
     if big:
-        print(f"{BIG_MODEL} seq {BIG_SEQ}: trace {big['loop']['trace_wall_s']:.1f} s, "
-              f"RSS {big['loop']['max_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+        print(f"{BIG_MODEL} seq {BIG_SEQ}: trace {big['trainer']['trace_wall_s']:.1f} s, "
+              f"RSS {big['trainer']['max_rss_bytes'] / 2**20:.0f} MiB", flush=True)
     meta["self_max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     RESULTS.mkdir(exist_ok=True)
     name = "traced_accuracy_quick" if quick else "traced_accuracy"

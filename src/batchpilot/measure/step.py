@@ -23,9 +23,10 @@ The step, part by part:
   in fp32 (the master weights) under ``torch.manual_seed(seed)``, or an ``nn.Module`` handed in (the
   trainer's pretrained or run-folder weights). Attention: batchpilot's ``flash`` is ``transformers``'
   ``sdpa`` (on CPU ``_scaled_dot_product_flash_attention_for_cpu``), ``eager`` materialises the scores.
-- *Recomputation* (:func:`enable_recompute`): ``full`` is Hugging Face activation checkpointing of every
-  decoder layer (non-reentrant ``torch.utils.checkpoint``); ``selective`` adds a selective
-  activation-checkpoint policy (:func:`selective_policy`).
+- *Recomputation* (:func:`enable_recompute`): Hugging Face activation checkpointing of the decoder layers
+  (non-reentrant ``torch.utils.checkpoint``): ``full`` and torchtitan's per-op ``op``, 1 layer in
+  ``recompute_every`` (:mod:`batchpilot.measure.recompute`), or ``selective`` with a selective
+  activation-checkpoint policy (:func:`selective_policy`); ``compile_layers`` compiles each layer.
 - *Autocast* (:func:`autocast`): ``bf16``/``fp16`` run the forward under ``torch.autocast`` of that dtype
   on the module's device type; weights, gradients and optimizer states stay fp32. ``fp16`` scales the
   loss as ``torch.amp.GradScaler`` does (the trainer uses GradScaler itself; :class:`LossScale` for
@@ -88,7 +89,11 @@ class StepConfig:
     attention: str = "flash"
     """``flash`` (``transformers``' ``sdpa``) or ``eager``."""
     recompute: str = "none"
-    """``none``, ``selective`` or ``full`` (:func:`enable_recompute`)."""
+    """``none``, ``selective``, ``op`` or ``full`` (:func:`enable_recompute`)."""
+    recompute_every: int = 1
+    """Checkpoint 1 decoder layer in this many (``op``/``full``; :func:`batchpilot.measure.recompute.apply_recompute`)."""
+    compile_layers: bool = False
+    """``torch.compile`` each decoder layer (inductor), as torchtitan's ``training.compile`` does."""
     optimizer: str = "adamw"
     """``adamw`` or ``sgd-momentum``."""
     optimizer_impl: OptimizerImpl | None = None
@@ -113,7 +118,7 @@ class StepConfig:
 
     def __post_init__(self) -> None:
         choices = {"precision": ("fp32", "bf16", "fp16"), "attention": ("flash", "eager"),
-                   "recompute": ("none", "selective", "full"), "optimizer": ("adamw", "adamw-8bit", "sgd-momentum"),
+                   "recompute": ("none", "selective", "op", "full"), "optimizer": ("adamw", "adamw-8bit", "sgd-momentum"),
                    "param_dtype": ("fp32", "bf16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -124,8 +129,10 @@ class StepConfig:
 
 
 def step_config(settings: RunSettings, optimizer_impl: OptimizerImpl | None = None, *, seed: int = 0) -> StepConfig:
-    """The step of ``batchpilot`` run settings (one process: ``--engine torch``, no sharding)."""
+    """The step of ``batchpilot`` run settings (one process: ``--engine torch``, no sharding; ``--compile`` is
+    not applied: fake tensors and the profiler measure the eager step)."""
     return StepConfig(precision=settings.precision, attention=settings.attention, recompute=settings.recompute,
+                      recompute_every=settings.recompute_every,
                       optimizer=settings.optimizer, optimizer_impl=optimizer_impl, seed=seed,
                       param_dtype=settings.param_dtype, finetune=settings.finetune)
 
@@ -170,21 +177,23 @@ def build_module(hf_config: Mapping[str, Any], *, name: str = "model", attn_impl
     return module  # type: ignore[no-any-return]
 
 
-def enable_recompute(module: nn.Module, recompute: str, seq_len: int) -> None:
-    """Hugging Face activation checkpointing of every decoder layer (non-reentrant; ``none``: nothing).
+def enable_recompute(module: nn.Module, recompute: str, seq_len: int, *, every: int = 1) -> None:
+    """Hugging Face activation checkpointing of the decoder layers (non-reentrant; ``none``: nothing).
 
-    ``full`` keeps each layer's input and reruns its forward in backward (it stops recomputing once
-    backward has what it needs, so each layer's last matmul is not rerun). ``selective`` checkpoints every
-    layer with :func:`selective_policy`.
+    ``op`` and ``full`` (1 layer in ``every``): :func:`batchpilot.measure.recompute.apply_recompute`, the one
+    definition of those policies — ``full`` keeps each layer's input and reruns its forward in backward
+    (stopping once backward has what it needs, so each layer's last matmul is not rerun). ``selective``
+    checkpoints every layer with :func:`selective_policy`.
     """
-    if recompute == "none":
-        return
-    kwargs: dict[str, Any] = {"use_reentrant": False}
-    if recompute == "selective":
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    if recompute != "selective":
+        from batchpilot.measure.recompute import apply_recompute
 
-        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts,
-                                                 functools.partial(selective_policy, seq_len))
+        apply_recompute(module, recompute, every=every)
+        return
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    kwargs: dict[str, Any] = {"use_reentrant": False, "context_fn": functools.partial(
+        create_selective_checkpoint_contexts, functools.partial(selective_policy, seq_len))}
     enable = getattr(module, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs=kwargs)
@@ -383,7 +392,12 @@ def build_step(model: Mapping[str, Any] | nn.Module, config: StepConfig, *, micr
         module.to(dev)
     module = apply_finetune(module, config.finetune, precision=config.precision, param_dtype=config.param_dtype)
     module.train()
-    enable_recompute(module, config.recompute, seq_len)
+    enable_recompute(module, config.recompute, seq_len, every=config.recompute_every)
+    if config.compile_layers:
+        from batchpilot.measure.recompute import checkpointed_layers
+
+        for layer in checkpointed_layers(module):
+            layer.compile()
     implementation = config.optimizer_impl or optimizer_implementation(dev.type, fsdp=config.fsdp)
     weight_decay = WEIGHT_DECAY if config.optimizer == "adamw" else 0.0
     optimizer = make_optimizer(param_groups(module, weight_decay), name=config.optimizer,
