@@ -15,6 +15,7 @@ Examples::
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,19 @@ from rich import box
 from rich.table import Table
 
 from batchpilot.cli._common import console, err_console, handle_errors, print_json
+from batchpilot.cli._finetune import (
+    Budget,
+    DatasetTokensOpt,
+    EpochsOpt,
+    PlanFinetuneOpt,
+    PriceOpt,
+    modes_for,
+    plan_cost,
+    render_cost,
+    render_modes,
+    request_with_finetune,
+    suggest_modes,
+)
 from batchpilot.cli._options import (
     GpuOpt,
     GpusOpt,
@@ -54,12 +68,14 @@ from batchpilot.cli._settings import (
     ReshardOpt,
     SpOpt,
 )
+from batchpilot.errors import InfeasibleError
 from batchpilot.plan import exports
 from batchpilot.plan.engines import DEFAULT_ENGINE, ENGINE_NAMES, ENGINES, LEGACY_ENGINES
 from batchpilot.plan.explain import describe_target
 from batchpilot.plan.exports import FORMATS, ExportOptions
 from batchpilot.plan.options import DEFAULT_INTER_NODE_BANDWIDTH, PlanOptions, plan_record, prepare_plan
 from batchpilot.plan.planner import DEFAULT_HEADROOM, Pins, PlanResult, plan
+from batchpilot.records.cost import FineTuneMode
 from batchpilot.report.present import plan_table, step_parts
 from batchpilot.specs.settings import RECOMPUTES
 
@@ -106,6 +122,14 @@ def _render_step(result: PlanResult) -> None:
     console.print(f"kernel speeds: {best.step.kernel_profile} profile, attention {best.step.attention_kernel}")
 
 
+def _render_modes_only(modes: tuple[FineTuneMode, ...], json_output: bool) -> None:
+    """``--finetune compare`` when full training itself does not fit: the modes alone."""
+    if json_output:
+        print_json({"finetune_modes": [m.to_dict() for m in modes]})
+        return
+    render_modes(modes)
+
+
 @handle_errors
 def plan_command(
     model: ModelOpt,
@@ -121,7 +145,7 @@ def plan_command(
     like: Annotated[str | None, option(
         "--like", help="Use a published model's batch (see `batchpilot known`).", rich_help_panel=_TARGET)] = None,
     train_tokens: Annotated[int | None, option(
-        "--train-tokens", count("--train-tokens"), help="Training tokens D: target from the DeepSeek LLM prior.",
+        "--train-tokens", count("--train-tokens"), help="Training tokens D: the target batch from the DeepSeek LLM prior, and the budget the run's time and cost are computed for (see --epochs for a budget with another target).",
         rich_help_panel=_TARGET)] = None,
     noise: Annotated[Path | None, option(
         "--noise", help="`batchpilot noise --json` file: target B_crit ≈ B_simple.", rich_help_panel=_TARGET)] = None,
@@ -184,6 +208,8 @@ def plan_command(
     data: Annotated[str | None, option("--data", help=(
         "Training data the exported run reads (batchpilot train --data, torchtitan dataset_path, Megatron "
         "--data-path)."))] = None,
+    finetune: PlanFinetuneOpt = None, epochs: EpochsOpt = None, dataset_tokens: DatasetTokensOpt = None,
+    price_per_gpu_hour: PriceOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Rank feasible (micro-batch, accumulation, dp, tp, pp, ep, ZeRO, recompute) by tokens/s."""
@@ -199,8 +225,18 @@ def plan_command(
         loss_chunks=loss_chunks, param_dtype=param_dtype, headroom=headroom, max_deviation=max_deviation,
         calibration=calibration, top=top)
     prepared = prepare_plan(options)
+    prepared = replace(prepared, request=request_with_finetune(prepared.request, finetune))
     request = prepared.request
-    result = plan(request)
+    budget = Budget(train_tokens=train_tokens, epochs=epochs, dataset_tokens=dataset_tokens, price=price_per_gpu_hour)
+    modes = modes_for(request, budget) if (finetune or "").strip().lower() == "compare" else None
+    try:
+        result = plan(request)
+    except InfeasibleError as exc:
+        if modes is None:
+            raise suggest_modes(exc, request) from None
+        _render_modes_only(modes, json_output)
+        return
+    cost = plan_cost(result, budget)
     for warning in (*prepared.warnings, *result.warnings):
         err_console.print(f"warning: {warning}", soft_wrap=True, markup=False, highlight=False)
     exported = exports.export(result.plans[0], request, export, ExportOptions(data=data)) if export else None
@@ -212,8 +248,13 @@ def plan_command(
     if exported is not None and out is not None:
         out.write_text(exported.text, encoding="utf-8")
     if json_output:
-        print_json(plan_record(prepared, result, export=export, out=str(out)).to_dict())
+        record = replace(plan_record(prepared, result, export=export, out=str(out)), cost=cost, finetune_modes=modes)
+        print_json(record.to_dict())
         return
     _render(result, prepared.source)
+    if cost is not None:
+        render_cost(cost)
+    if modes is not None:
+        render_modes(modes)
     if export:
         console.print(f"exported the winner as {export} to {out}")

@@ -262,18 +262,26 @@ def dequant_buffer_bytes(model: ModelSpec, settings: RunSettings, tp: int = 1) -
 def optimizer_transient(model: ModelSpec, settings: RunSettings, *, foreach: bool, fused: bool, tp: int = 1,
                         dp_shard: int = 1) -> float | None:
     """The optimizer step's temporaries over the trainable parameters (None: the engine's own rule applies).
-    ``foreach`` AdamW: one fp32 ``sqrt(v)`` list (4 bytes per trainable parameter); the per-tensor loop: two
-    temporaries of the largest trainable tensor; fused kernels and bitsandbytes' 8-bit step: none."""
+    ``foreach`` AdamW: one ``sqrt(v)`` list in the states' dtype (fp32: 4 bytes per trainable parameter; pure
+    bf16: 2); the per-tensor loop: two temporaries of the largest trainable tensor; fused kernels and
+    bitsandbytes' 8-bit step: none."""
     from batchpilot.estimate.model_states import LOOP_STEP_TRANSIENT_TENSORS, OPTIMIZER_STEP_TRANSIENT_BYTES
 
     ft = settings.finetune
-    if not ft.adapters or settings.engine != "torch" or fused or settings.offload:
+    pure = settings.param_dtype == "bf16" and not ft.adapters
+    if not (ft.adapters or pure) or settings.engine != "torch" or fused or settings.offload:
         return None if not ft.adapters else 0.0
     if settings.optimizer == "adamw-8bit":
         return 0.0
     a = _adapter_dtype_bytes(settings)
+    per_param = OPTIMIZER_STEP_TRANSIENT_BYTES[settings.optimizer] * a / 4
+    if pure:  # full training in pure bf16: every trainable parameter of this GPU's share
+        if not foreach:
+            return None
+        shard = dp_shard if settings.zero_stage >= 1 else 1
+        return per_param * trainable_params(model, ft) / (tp * settings.pp * shard)
     if foreach:
-        return OPTIMIZER_STEP_TRANSIENT_BYTES[settings.optimizer] * a / 4 * adapter_params(model, ft) / tp / dp_shard
+        return per_param * adapter_params(model, ft) / tp / dp_shard
     largest = max(adapter_tensor_sizes(model, ft)) / tp
     return LOOP_STEP_TRANSIENT_TENSORS[settings.optimizer] * a * largest
 

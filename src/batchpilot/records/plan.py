@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from batchpilot.records.base import EXTRA, JsonValue, Record
+from batchpilot.records.cost import FineTuneMode, TrainingCost
 from batchpilot.specs.settings import Recompute, RunSettings
 
 SCHEMA_VERSION = 1
@@ -184,6 +185,11 @@ class PlanRecord(Record):
     """``tune``: where the target global batch came from."""
     cluster_plan: PlanRecord | None = field(default=None, metadata=EXTRA)
     """``tune --gpu --gpus``: the plan for the target cluster."""
+    cost: TrainingCost | None = field(default=None, metadata=EXTRA)
+    """With a token budget (``--train-tokens``, ``--epochs`` × ``--dataset-tokens``): the winner's wall time,
+    GPU-hours and cost with the speed model's error band (:mod:`batchpilot.plan.cost`)."""
+    finetune_modes: tuple[FineTuneMode, ...] | None = field(default=None, metadata=EXTRA)
+    """``plan --finetune compare``: every training mode planned for the same target (:mod:`batchpilot.plan.finetune`)."""
 
     @property
     def best(self) -> PlanRow | None:
