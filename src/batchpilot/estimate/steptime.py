@@ -214,20 +214,45 @@ class _Micro(NamedTuple):
     tp: _Comm
     cp: _Comm
     ep: _Comm
-    pp_s: float
+    stage_s: float
+    """Compute plus exposed TP, CP and EP communication: one micro-batch's time on the stage."""
+
+
+class _Traffic(NamedTuple):
+    """One data-parallel group's collectives per step, before the compute they hide behind is known (seconds)."""
+
+    per: int
+    """How often the main collective runs: 3 per layer and micro-batch (ZeRO-3), 2 per micro-batch (ZeRO-2),
+    0 once per step."""
+    seconds: float
+    """The main collective (ZeRO-3: one layer's gathers and reduce-scatter)."""
+    buckets: float
+    """Buffers the main collective is issued in (ZeRO-3: unused)."""
+    after: tuple[tuple[float, float, bool], ...]
+    """Further once-per-step collectives: (seconds, buffers, hidden behind the forward rather than the backward)."""
+
+
+class _Layout(NamedTuple):
+    """What a step's time takes from one layout (settings and data-parallel ranks) whatever the micro-batch."""
+
+    traffic: tuple[_Traffic, ...]
+    """The data-parallel groups with more than one rank."""
+    optimizer_s: float
+    dualpipe: bool
+    p2p_overlapped: bool
+    """Pipeline sends hidden behind compute (interleaved schedule, DualPipe)."""
 
 
 class _Terms(NamedTuple):
-    """The pieces of one step estimate (seconds unless noted)."""
+    """The pieces of one step estimate (seconds)."""
 
     micro: _Micro
+    pp_s: float
+    """Pipeline sends on the critical path per micro-batch."""
     bubble_s: float
     dp: _Comm
     optimizer_s: float
     step_s: float
-    peak: float
-    """Dense peak FLOP/s at the run's precision."""
-    efficiency: float
 
 
 def ring_all_reduce_bytes(size_bytes: float, ranks: int) -> float:
@@ -325,6 +350,7 @@ class StepTimeModel:
         self.dense_params = model.params_total - self.expert_params
         self._peak: dict[str, float] = {}
         self._micro_cache: dict[tuple[tuple[object, ...], int], _Micro] = {}
+        self._layouts: dict[tuple[RunSettings, int], _Layout] = {}
         self._layer_cache: dict[tuple[str, Shape, Implementation], LayerTimes] = {}
         self._implementations: dict[tuple[object, ...], Implementation] = {}
 
@@ -363,15 +389,20 @@ class StepTimeModel:
         flops = float(tokens * self.hw_flops_per_token(settings))
         model_flops = float(tokens * self.flops_per_token)
         micro = t.micro
+        peak = self.peak_flops_per_s(settings)
+        if self.calibration.is_default:
+            efficiency = self._micro_flops(settings, b) / (peak * micro.compute.total_s)
+        else:
+            efficiency = self.calibration.efficiency(b * self.seq_len)
         exposed = {"tp": m * micro.tp.exposed_s, "cp": m * micro.cp.exposed_s, "ep": m * micro.ep.exposed_s,
-                   "pp": m * micro.pp_s, "dp": t.dp.exposed_s}
+                   "pp": m * t.pp_s, "dp": t.dp.exposed_s}
         return StepTime(
             flops_per_step=flops, model_flops_per_step=model_flops, compute_s=m * micro.compute.total_s,
             bubble_s=t.bubble_s, tp_comm_s=m * micro.tp.total_s, cp_comm_s=m * micro.cp.total_s,
             ep_comm_s=m * micro.ep.total_s,
-            pp_comm_s=m * micro.pp_s, dp_comm_s=t.dp.total_s, dp_exposed_s=t.dp.exposed_s, optimizer_s=t.optimizer_s,
+            pp_comm_s=m * t.pp_s, dp_comm_s=t.dp.total_s, dp_exposed_s=t.dp.exposed_s, optimizer_s=t.optimizer_s,
             step_time_s=t.step_s, tokens_per_s=tokens / t.step_s, tflops_per_gpu=flops / t.step_s / world / 1e12,
-            mfu=model_flops / t.step_s / (world * t.peak), efficiency=t.efficiency,
+            mfu=model_flops / t.step_s / (world * peak), efficiency=efficiency,
             compute_by_op_s=MappingProxyType({k: m * v for k, v in micro.compute.as_dict().items()}),
             exposed_comm_s=MappingProxyType(exposed), kernel_profile=self.profile.name,
             attention_kernel=self._attention_kernel(settings),
@@ -386,24 +417,26 @@ class StepTimeModel:
         return kernel if kernel == "eager" else self.profile.attention_curve(kernel)[0]
 
     def _terms(self, settings: RunSettings, b: int, m: int, dp: int) -> _Terms:
-        micro = self._micro(settings, b)
-        stage_s = micro.compute.total_s + micro.tp.exposed_s + micro.cp.exposed_s + micro.ep.exposed_s
+        micro, layout = self._micro(settings, b), self._layout(settings, dp)
+        stage_s = micro.stage_s
         pp = self._pp_s(settings, b, dp)
-        dualpipe = self.implementation_for(settings).dualpipe
-        overlapped = settings.vpp > 1 or dualpipe  # sends hidden behind compute (Megatron overlap_p2p_comm, DualPipe)
-        pp_s = self.fitted.overlap_interference * pp if overlapped else pp
-        micro = micro._replace(pp_s=pp_s)
-        bubble_s = self._bubble_s(settings, micro, stage_s, dualpipe)
-        dp_comm = self._dp_comm(settings, m, dp, micro)
-        optimizer_s = self._optimizer_s(settings, dp)
+        pp_s = self.fitted.overlap_interference * pp if layout.p2p_overlapped else pp
+        bubble_s = self._bubble_s(settings, micro, stage_s, layout.dualpipe)
+        dp_comm = self._dp_comm(layout, m, micro)
+        optimizer_s = layout.optimizer_s
         step = m * (stage_s + pp_s) + bubble_s + dp_comm.exposed_s + optimizer_s
-        peak = self.peak_flops_per_s(settings)
-        if self.calibration.is_default:
-            efficiency = self._micro_flops(settings, b) / (peak * micro.compute.total_s)
-        else:
-            efficiency = self.calibration.efficiency(b * self.seq_len)
-        return _Terms(micro=micro, bubble_s=bubble_s, dp=dp_comm, optimizer_s=optimizer_s, step_s=step, peak=peak,
-                      efficiency=efficiency)
+        return _Terms(micro=micro, pp_s=pp_s, bubble_s=bubble_s, dp=dp_comm, optimizer_s=optimizer_s, step_s=step)
+
+    def _layout(self, settings: RunSettings, dp: int) -> _Layout:
+        """What the step takes from the layout alone (:class:`_Layout`), cached per (settings, dp)."""
+        key = (settings, dp)
+        layout = self._layouts.get(key)
+        if layout is None:
+            dualpipe = self.implementation_for(settings).dualpipe
+            layout = self._layouts[key] = _Layout(
+                traffic=self._dp_traffic(settings, dp), optimizer_s=self._optimizer_s(settings, dp), dualpipe=dualpipe,
+                p2p_overlapped=settings.vpp > 1 or dualpipe)  # Megatron overlap_p2p_comm, DualPipe
+        return layout
 
     @staticmethod
     def _bubble_s(settings: RunSettings, micro: _Micro, stage_s: float, dualpipe: bool) -> float:
@@ -473,7 +506,8 @@ class StepTimeModel:
         cp = _Comm(exposed_s=cp.exposed_s + self.fitted.overlap_interference * (cp.total_s - cp.exposed_s),
                    total_s=cp.total_s)
         return _Micro(compute=compute, forward_s=forward.total_s * scale, backward_s=backward.total_s * scale,
-                      layer_s=body_s * scale / n_layers, layers=n_layers, tp=tp, cp=cp, ep=ep, pp_s=0.0)
+                      layer_s=body_s * scale / n_layers, layers=n_layers, tp=tp, cp=cp, ep=ep,
+                      stage_s=compute.total_s + tp.exposed_s + cp.exposed_s + ep.exposed_s)
 
     def _layer_times(self, kind: Callable[..., LayerTimes], sh: Shape, impl: Implementation) -> LayerTimes:
         """``kind`` (:func:`dense_layer`, :func:`moe_layer` or :func:`head`) of this model on this accelerator,
@@ -553,37 +587,48 @@ class StepTimeModel:
         return per_layer / 2 * moe_layers * one_way
 
     def _pp_s(self, settings: RunSettings, b: int, dp: int) -> float:
+        """Point-to-point sends of b·s/cp·h activations ÷ t (:meth:`_activation_bytes` of the micro-batch's shape)."""
         if settings.pp == 1:
             return 0.0
-        sh = self._shape(settings, b)
-        stride = settings.tp * sh.cp * dp
+        cp = settings.cp
+        stride = settings.tp * cp * dp
         sends = 2 * settings.vpp  # interleaving multiplies the stage boundaries by v (§2.2.2)
-        return sends * self.fabric.p2p_s(self._activation_bytes(settings, sh) / settings.tp, stride)
+        size = b * self.seq_len / cp * self.model.hidden_size * ACTIVATION_BYTES[settings.precision]
+        return sends * self.fabric.p2p_s(size / settings.tp, stride)
 
     # ------------------------------------------------------------------ data parallelism and the optimizer
     def _stage_share(self, settings: RunSettings) -> float:
         return math.ceil(self.model.num_layers / settings.pp) / self.model.num_layers if settings.pp > 1 else 1.0
 
-    def _dp_comm(self, settings: RunSettings, m: int, dp: int, micro: _Micro) -> _Comm:
-        """Gradient reduction and ZeRO gathers of dense and expert parameters (module docstring)."""
+    def _dp_traffic(self, settings: RunSettings, dp: int) -> tuple[_Traffic, ...]:
+        """Gradient reduction and ZeRO gathers of dense and expert parameters (module docstring): the groups of more
+        than one rank, each :meth:`_group_traffic`."""
         ep, tp, cp = settings.ep, settings.tp, settings.cp
         share = self._stage_share(settings)
         groups = [(finetune_time.reduced_params(self.model, settings, self.dense_params) * share / tp, dp * cp, tp)]
         if self.expert_params:
             groups.append((self.expert_params * share / ep, dp * cp * tp // ep, ep))
+        layers = math.ceil(self.model.num_layers / settings.pp)  # _Micro.layers
+        return tuple(self._group_traffic(settings, params, ranks, stride, layers)
+                     for params, ranks, stride in groups if ranks > 1)
+
+    def _dp_comm(self, layout: _Layout, m: int, micro: _Micro) -> _Comm:
+        """The layout's data-parallel traffic over ``m`` micro-batches, hidden behind ``micro``'s compute where it
+        can be (:meth:`_group_comm`), plus the fitted interference of the hidden part."""
         exposed = total = 0.0
-        for params, ranks, stride in groups:
-            if ranks <= 1:
-                continue
-            comm = self._group_comm(settings, m, micro, params, ranks, stride)
+        for traffic in layout.traffic:
+            comm = self._group_comm(traffic, m, micro)
             exposed, total = exposed + comm.exposed_s, total + comm.total_s
         hidden = total - exposed
         return _Comm(exposed_s=exposed + self.fitted.overlap_interference * hidden, total_s=total)
 
-    def _group_comm(self, settings: RunSettings, m: int, micro: _Micro, params: float, ranks: int,
-                    stride: int) -> _Comm:
-        """One data-parallel group of ``ranks`` ranks, ``stride`` apart, holding ``params`` per model shard."""
-        z, fabric, layers = settings.zero_stage, self.fabric, micro.layers
+    def _group_traffic(self, settings: RunSettings, params: float, ranks: int, stride: int, layers: int) -> _Traffic:
+        """One data-parallel group of ``ranks`` ranks, ``stride`` apart, holding ``params`` per model shard: ZeRO-3
+        gathers every layer's parameters forward and (unless never resharded) backward and reduce-scatters its
+        gradients; ZeRO-2 reduce-scatters every micro-batch; ZeRO-0 (and DDP) all-reduces and ZeRO-1 reduce-scatters
+        once per step; ZeRO-1/2 gather the updated parameters once; hybrid sharding all-reduces the gradient slice
+        across the replicas."""
+        z, fabric = settings.zero_stage, self.fabric
         grad_bytes = 4 if settings.precision == "fp32" else GRADIENT_REDUCE_BYTES[settings.engine]
         if settings.param_dtype == "bf16":
             grad_bytes = 2
@@ -599,36 +644,52 @@ class StepTimeModel:
             :data:`MIN_BUCKET_BYTES`."""
             return max(1.0, min(float(layers), size / MIN_BUCKET_BYTES))
 
-        def bucketed(seconds: float, window: float, count: float) -> float:
-            """A reduction issued bucket by bucket behind ``window`` of compute: the excess and the last bucket."""
-            return max(0.0, seconds - window) + seconds / count
-
         def gather(size: float, count: float) -> float:
             """All-gather or reduce-scatter of ``size`` bytes issued in ``count`` equal buffers."""
             return count * fabric.gather_s(size / count, shard, stride)
 
-        exposed = total = 0.0
+        after: list[tuple[float, float, bool]] = []
         if z == 3:  # per layer: gather forward, gather backward, reduce-scatter; prefetched one layer ahead
             gathers = 1 if settings.reshard_after_forward == "never" else 2
-            per_layer = gathers * gather(w, layers) / layers + gather(g, layers) / layers
-            exposed = m * (layers * max(0.0, per_layer - micro.layer_s) + per_layer)
-            total = m * layers * per_layer
+            main = _Traffic(per=3, seconds=gathers * gather(w, layers) / layers + gather(g, layers) / layers,
+                            buckets=float(layers), after=())
         elif z == 2:
-            rs = gather(g, buckets(g))
-            exposed, total = m * bucketed(rs, micro.backward_s, buckets(g)), m * rs
+            main = _Traffic(per=2, seconds=gather(g, buckets(g)), buckets=buckets(g), after=())
         elif z == 0 or settings.engine == "torch":  # DDP all-reduce (ZeroRedundancyOptimizer too)
             ar = buckets(g) * fabric.all_reduce_s(g / buckets(g), shard, stride)
-            exposed, total = bucketed(ar, micro.backward_s, buckets(g)), ar
+            main = _Traffic(per=0, seconds=ar, buckets=buckets(g), after=())
         else:
-            rs = gather(g, buckets(g))
-            exposed, total = bucketed(rs, micro.backward_s, buckets(g)), rs
+            main = _Traffic(per=0, seconds=gather(g, buckets(g)), buckets=buckets(g), after=())
         if z in (1, 2):  # updated parameters gathered once, behind the first forward
-            ag = gather(w, buckets(w))
-            exposed, total = exposed + bucketed(ag, micro.forward_s, buckets(w)), total + ag
+            after.append((gather(w, buckets(w)), buckets(w), True))
         if replicas > 1:  # hybrid: all-reduce of this rank's gradient slice across the replicas
             part = g / shard
             ar = buckets(part) * fabric.all_reduce_s(part / buckets(part), replicas, stride * shard)
-            exposed, total = exposed + bucketed(ar, micro.backward_s, buckets(part)), total + ar
+            after.append((ar, buckets(part), False))
+        return main._replace(after=tuple(after))
+
+    @staticmethod
+    def _group_comm(traffic: _Traffic, m: int, micro: _Micro) -> _Comm:
+        """One group's traffic over ``m`` micro-batches: per layer only what exceeds that layer's compute is exposed,
+        plus the first gather and the last reduce-scatter (ZeRO-3); a bucketed collective behind ``window`` of
+        compute exposes what exceeds it and its last bucket."""
+
+        def bucketed(seconds: float, window: float, count: float) -> float:
+            """A reduction issued bucket by bucket behind ``window`` of compute: the excess and the last bucket."""
+            return max(0.0, seconds - window) + seconds / count
+
+        seconds = traffic.seconds
+        if traffic.per == 3:
+            layers = micro.layers
+            exposed = m * (layers * max(0.0, seconds - micro.layer_s) + seconds)
+            total = m * layers * seconds
+        elif traffic.per == 2:
+            exposed, total = m * bucketed(seconds, micro.backward_s, traffic.buckets), m * seconds
+        else:
+            exposed, total = bucketed(seconds, micro.backward_s, traffic.buckets), seconds
+        for after_s, count, forward in traffic.after:
+            window = micro.forward_s if forward else micro.backward_s
+            exposed, total = exposed + bucketed(after_s, window, count), total + after_s
         return _Comm(exposed_s=exposed, total_s=total)
 
     def _optimizer_s(self, settings: RunSettings, dp: int) -> float:
