@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from rich.table import Table
 
 from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._finetune import FinetuneOpt, with_finetune
 from batchpilot.cli._options import GpuOpt, JsonOpt, ModelOpt, SeqLenOpt, choice, count, option, whole
 from batchpilot.cli._settings import (
     DEFAULTS,
@@ -152,6 +153,7 @@ def memory(
     fp8_all_gather: Fp8AllGatherOpt = DEFAULTS.fp8_all_gather,
     reshard_after_forward: ReshardOpt = DEFAULTS.reshard_after_forward, loss: LossOpt = DEFAULTS.loss,
     loss_chunks: LossChunksOpt = DEFAULTS.loss_chunks, param_dtype: ParamDtypeOpt = DEFAULTS.param_dtype,
+    finetune: FinetuneOpt = "full",
     json_output: JsonOpt = False,
 ) -> None:
     """Per-GPU memory of one training step: weights, gradients, optimizer, activations, overhead."""
@@ -161,6 +163,7 @@ def memory(
                                      recompute_every=recompute_every, compile=compile, fp8_recipe=fp8_recipe,
                                      fp8_all_gather=fp8_all_gather, reshard_after_forward=reshard_after_forward,
                                      loss=loss, loss_chunks=loss_chunks, param_dtype=param_dtype)
+    settings = with_finetune(settings, finetune)
     check_effective(settings)
     spec, accelerator = load_model(model), load_accelerator(gpu)
     validate_for_model(settings, spec)

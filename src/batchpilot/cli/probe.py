@@ -24,6 +24,7 @@ from rich.live import Live
 from rich.table import Table
 
 from batchpilot.cli._common import deprecated_alias, err_console, handle_errors, print_json
+from batchpilot.cli._finetune import FinetuneOpt, with_finetune
 from batchpilot.cli._options import (
     DEMO_MODEL,
     DEMO_SEQ_LEN,
@@ -135,6 +136,7 @@ def probe(
     accelerator: Annotated[str | None, option("--accelerator", hidden=True, help="Old name of --gpu.")] = None,
     precision: StepPrecisionOpt = None, optimizer: OptimizerOpt = DEFAULTS.optimizer,
     recompute: RecomputeOpt = DEFAULTS.recompute, attention: AttentionOpt = DEFAULTS.attention,
+    finetune: FinetuneOpt = "full",
     json_output: JsonOpt = False,
 ) -> None:
     """Find the largest micro-batch that really fits, tokens/s per size and the throughput knee.
@@ -142,8 +144,8 @@ def probe(
     The steps run on one device, without model sharding (tensor, pipeline or ZeRO layouts are `plan`'s)."""
     gpu = deprecated_alias("--accelerator", accelerator, "--gpu", gpu)
     dev = resolve_device(device)
-    settings = settings_from_options(precision=step_precision(precision, dev), optimizer=optimizer,
-                                     recompute=recompute, attention=attention)
+    settings = with_finetune(settings_from_options(precision=step_precision(precision, dev), optimizer=optimizer,
+                                                   recompute=recompute, attention=attention), finetune)
     spec = load_model(model)
     if lengths is not None:
         seq_len = worst_case_seq_len(_read_lengths(lengths), cap=seq_len)

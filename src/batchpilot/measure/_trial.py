@@ -59,6 +59,7 @@ import transformers  # noqa: F401  (preloaded by the fork server: the step build
 
 from batchpilot.measure.step import StepConfig, TrainingStep, build_step, materialise_optimizer_state
 from batchpilot.measure.trace import trace
+from batchpilot.specs.finetune import parse_finetune
 
 M_MMAP_THRESHOLD = -3
 """glibc ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h)."""
@@ -90,6 +91,9 @@ class TrialSpec:
     warmup_steps: int = 1
     timed_steps: int = 1
     seed: int = 0
+    param_dtype: str = "fp32"
+    finetune: str = "full"
+    """``--finetune`` as text (:func:`batchpilot.specs.finetune.parse_finetune`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -143,7 +147,8 @@ def set_mmap_threshold() -> None:
 def build(spec: TrialSpec, device: torch.device) -> TrainingStep:
     """The trainer's step (:func:`batchpilot.measure.step.build_step`) for ``spec`` on ``device``."""
     config = StepConfig(precision=spec.precision, attention=spec.attention, recompute=spec.recompute,
-                        optimizer=spec.optimizer, seed=spec.seed)
+                        optimizer=spec.optimizer, seed=spec.seed, param_dtype=spec.param_dtype,
+                        finetune=parse_finetune(spec.finetune))
     return build_step(spec.hf_config, config, micro_batch=spec.micro_batch, seq_len=spec.seq_len, device=device)
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from batchpilot.errors import BatchpilotError
 from batchpilot.measure.search import DEFAULT_CAP
 from batchpilot.records.probe import ProbeTrial
+from batchpilot.specs.finetune import format_finetune
 
 if TYPE_CHECKING:
     from batchpilot.specs.model import ModelSpec
@@ -109,4 +110,5 @@ def trial_spec(request: ProbeRequest, micro_batch: int) -> dict[str, Any]:
     return dict(hf_config=dict(request.model.hf_config), seq_len=request.seq_len, micro_batch=micro_batch,
                 device=request.device, budget_bytes=request.budget_bytes, precision=s.precision,
                 recompute=s.recompute, attention=s.attention, optimizer=s.optimizer,
-                warmup_steps=request.warmup_steps, timed_steps=request.timed_steps, seed=request.seed)
+                warmup_steps=request.warmup_steps, timed_steps=request.timed_steps, seed=request.seed,
+                param_dtype=s.param_dtype, finetune=format_finetune(s.finetune))
