@@ -120,11 +120,13 @@ def _check_torchrun(text: str, best: Plan, req: PlanRequest) -> checks.ReadBack:
     train = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
     params = train.make_context("train", list(parsed.training_script_args[1:])).params
     assert params["expect_world_size"] == world and params["data"] == DATA
-    micro, global_batch = params["micro_batch"], params["global_batch"]
-    assert global_batch % (micro * world) == 0  # the runner's own check (train/config.py)
-    return checks.ReadBack(world=world, micro=micro, accum=global_batch // (micro * world), dp=world,
-                           global_batch=global_batch, zero=3 if params["fsdp"] else 0, offload=False,
-                           precision=params["precision"], recompute="none", seq_len=params["seq_len"])
+    micro, global_batch, tp = params["micro_batch"], params["global_batch"], params["tp"]
+    dp = world // tp  # the runner's data-parallel ranks (train/parallelize.py ParallelLayout)
+    assert global_batch % (micro * dp) == 0  # the runner's own check (train/config.py)
+    return checks.ReadBack(world=world, micro=micro, accum=global_batch // (micro * dp), dp=dp,
+                           global_batch=global_batch, zero=params["zero"] or (3 if params["fsdp"] else 0),
+                           offload=False, precision=params["precision"], recompute=params["recompute"], tp=tp,
+                           seq_len=params["seq_len"])
 
 
 def _megatron_recompute(want: checks.ReadBack, best: Plan, req: PlanRequest) -> checks.ReadBack:

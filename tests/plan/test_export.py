@@ -107,7 +107,7 @@ def test_torchrun_command_parses_with_torchruns_parser_and_the_runners_cli():
     assert parsed.module and parsed.training_script == "batchpilot.cli" and parsed.training_script_args[0] == "train"
     train = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
     params = train.make_context("train", list(parsed.training_script_args[1:])).params  # parses, does not run
-    assert params["global_batch"] == 96 and params["micro_batch"] == 2 and params["fsdp"]
+    assert params["global_batch"] == 96 and params["micro_batch"] == 2 and params["zero"] == 3
     assert params["expect_world_size"] == 16 and params["model"] == "tiny-llama-15m" and params["precision"] == "bf16"
     assert params["data"] == "corpus.jsonl" and params["seq_len"] == 1024
     assert params["global_batch"] // (params["micro_batch"] * params["expect_world_size"]) == best.triad.grad_accum_steps

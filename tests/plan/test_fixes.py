@@ -88,20 +88,20 @@ def test_eight_bit_adamw_is_offered_exactly_when_it_fits():
 
 
 def test_an_option_the_engine_lacks_is_offered_on_an_engine_that_has_it():
-    """batchpilot's runner recomputes nothing and offloads nothing: the refusal names the engines that do, and the
-    fix that fits on this GPU."""
+    """batchpilot's runner runs no Megatron-style selective recomputation and offloads nothing: the refusal names
+    the engine that does, and the fix that fits on this GPU."""
     with pytest.raises(SpecError) as info:
-        plan(qwen_7b("batchpilot"))
+        plan(dataclasses.replace(qwen_7b("batchpilot"), pins=Pins(recompute="selective")))
     text = str(info.value)
-    assert text.startswith("--engine batchpilot does not switch on --recompute full")
-    assert "engines that run it: deepspeed, hf, lightning, torchtitan, megatron" in text
-    assert re.search(r"fits with: --engine hf --offload \(\d+\.\d GiB per GPU", text)
+    assert text.startswith("--engine batchpilot does not switch on --recompute selective")
+    assert "engines that run it: megatron" in text
+    assert re.search(r"fits with: --engine megatron --offload \(\d+\.\d GiB per GPU", text)
 
 
 def test_a_smaller_headroom_is_offered_with_the_headroom_it_needs():
     req = PlanRequest(model=load_model("llama-3-8b"), cluster=ClusterSpec(
         accelerator=load_accelerator("h100-sxm"), devices_per_node=8, num_nodes=2, inter_node_bandwidth_bytes_per_s=50e9),
-        seq_len=8192, global_batch_tokens=4 * 2**20, engine="batchpilot")
+        seq_len=8192, global_batch_tokens=4 * 2**20, engine="batchpilot", pins=Pins(recompute="none", tp=1))
     with pytest.raises(InfeasibleError) as info:
         plan(req)
     match = re.search(r"--headroom (\d+)% \((\d+\.\d) GiB per GPU", str(info.value))
@@ -109,7 +109,7 @@ def test_a_smaller_headroom_is_offered_with_the_headroom_it_needs():
     headroom = int(match.group(1)) / 100
     fitted = plan(dataclasses.replace(req, headroom=headroom)).plans[0]
     assert f"{fitted.memory.total_bytes / GIB:.1f}" == match.group(2)
-    assert "--engine hf (" in str(info.value)  # the engine that recomputes fits without touching the headroom
+    assert "without --tp 1 --recompute none (" in str(info.value)  # the runner's recomputation fits as it is
 
 
 def test_cli_prints_the_fixes_as_flags(cli_runner):

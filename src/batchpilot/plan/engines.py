@@ -18,7 +18,7 @@ searched, so every plan exports whole. The memory bookkeeping (``RunSettings.eng
 Versions read (file:line below are in these): DeepSpeed 0.19.8 (PyPI wheel); transformers 5.25.0 and accelerate
 1.16.0 (PyPI); Lightning 2.6.6 (PyPI); torchtitan 0.2.2 (tag v0.2.2 = ``pytorch/torchtitan@73a0e69``); torch
 2.13.0 (``torch/distributed/pipelining``); Megatron-LM ``NVIDIA/Megatron-LM@d98e8a6``; batchpilot's own runner
-(``batchpilot train``: ``src/batchpilot/train/distributed.py`` ``wrap_model``).
+(``batchpilot train``: ``src/batchpilot/train/parallelize.py`` ``parallelize``).
 
 The DeepSpeed pipeline is the one model-code feature searched: DeepSpeed runs a pipeline only from a
 ``PipelineModule``, but its config carries every pipeline setting the plan relies on (stages, the
@@ -141,18 +141,32 @@ BATCHPILOT = Capabilities(
     name="batchpilot", title="batchpilot's runner (batchpilot train)", version="this repository",
     exports=("torchrun",),
     shardings=(
-        Sharding(zero_stage=0, bookkeeping="torch", name="DDP", source="train/distributed.py wrap_model "
-                 "(DistributedDataParallel; torch.autocast in measure/step.py)"),
-        Sharding(zero_stage=3, bookkeeping="fsdp2", name="FSDP2 fully_shard (--fsdp)",
-                 source="train/distributed.py wrap_model (fully_shard per decoder layer and the root, default "
-                        "reshard_after_forward; weights gathered in fp32 under autocast)"),
+        Sharding(zero_stage=0, bookkeeping="torch", name="DDP", alone_only=True, recompute=("none", "op", "full"),
+                 source="train/parallelize.py apply_ddp (DistributedDataParallel; torch.autocast in "
+                        "measure/step.py; no DDP with tensor parallelism)"),
+        Sharding(zero_stage=2, bookkeeping="fsdp2", name="FSDP2 --zero 2 (reshard_after_forward=False)",
+                 recompute=("none", "op", "full"),
+                 source="train/parallelize.py apply_fsdp (torchtitan's units; MixedPrecisionPolicy bf16 params, "
+                        "fp32 reduce)"),
+        Sharding(zero_stage=3, bookkeeping="fsdp2", name="FSDP2 --zero 3", recompute=("none", "op", "full"),
+                 source="train/parallelize.py apply_fsdp (torchtitan apply_fsdp_to_decoder units and "
+                        "reshard_after_forward policies; meta-device init, broadcast_from_rank0)"),
     ),
+    precisions=("fp32", "bf16", "fp16", "fp8"), fp8_recipes=("tensorwise", "rowwise"),
+    tp=True, every_n=("op", "full"), compile=True,
     sources=MappingProxyType({
         "optimizer": "measure/step.py make_optimizer (AdamW; train has no --optimizer)",
-        "precision": "cli/train.py --precision (fp32, bf16, fp16; fp8 refused)",
-        "recompute": "batchpilot train has no activation checkpointing (train/loop.py)",
+        "precision": "cli/train.py --precision (fp32, bf16, fp16; fp8 through torchao on CUDA only)",
+        "fp8": "train/parallelize.py apply_fp8 (torchao convert_to_float8_training, Float8LinearConfig."
+               "from_recipe_name tensorwise|rowwise; CUDA only)",
+        "recompute": "train/parallelize.py apply_recompute (checkpoint_wrapper per decoder layer before FSDP2, "
+                     "measure/recompute.py's op policy and 1-in-N selection; selective is not applied)",
+        "tensor parallel": "train/parallelize.py apply_tp (the model's base_model_tp_plan colwise/rowwise, "
+                           "embedding rowwise, vocabulary-sharded head with loss_parallel; no sequence "
+                           "parallelism; with FSDP2 only)",
+        "compile": "train/parallelize.py apply_compile (each decoder layer, after recomputation, before FSDP2) "
+                   "and the loss (train/loop.py)",
         "offload": "batchpilot train keeps the optimizer on the device (train/loop.py)",
-        "tensor parallel": "batchpilot train runs DDP or FSDP2 only (train/distributed.py wrap_model)",
     }),
 )
 
