@@ -73,11 +73,13 @@ SHARED_SYNTAX = {
 SYNTAX_EXCEPTIONS = {
     ("--engine", "rl plan"): "fsdp|megatron: the RL update backend (verl's actor strategy), not plan's bookkeeping",
     ("--engine", "plan"): "the engine that runs the plan (batchpilot, deepspeed, hf, …); memory's names the bookkeeping",
+    ("--engine", "tune"): "the engine of the cluster plan, as plan's",
 }
 
 # Defaults that differ between commands, and why (each reason is also in the command's --help).
 DEFAULT_EXCEPTIONS = {
     ("--engine", "plan"): "the Hugging Face Trainer (--export hf, accelerate, hf-deepspeed)",
+    ("--engine", "tune"): "batchpilot: the runner tune measures and verifies with",
     ("--data", "plan"): "the exported run's data: the user's unless given",
     ("--model", "rl plan"): "the --like recipe's", ("--gpu", "rl plan"): "the --like recipe's",
     ("--gpus", "rl plan"): "the --like recipe's", ("--engine", "rl plan"): "megatron for MoE, else fsdp",

@@ -25,6 +25,7 @@ from batchpilot.cli._options import (
     SeqLenOpt,
     TokenizerOpt,
     TrainTokensOpt,
+    choice,
     duration,
     option,
     size,
@@ -38,6 +39,7 @@ from batchpilot.cli._settings import (
     step_precision,
 )
 from batchpilot.errors import BatchpilotError
+from batchpilot.plan.engines import ENGINE_NAMES, LEGACY_ENGINES, get_engine
 from batchpilot.records.tune_state import StageRecord
 from batchpilot.tune.config import STAGES, TuneConfig
 from batchpilot.units import format_bytes
@@ -87,6 +89,9 @@ def tune(
     gpus: Annotated[int | None, option("--gpus", whole("--gpus"), show_default="1 with --gpu",
                                        help="GPUs in the target cluster.")] = None,
     gpus_per_node: GpusPerNodeOpt = 8,
+    engine: Annotated[str, option("--engine", choice("--engine", (*ENGINE_NAMES, *LEGACY_ENGINES)), help=(
+        "Engine the cluster plan is for (as `plan --engine`); batchpilot: the runner tune measures and verifies "
+        "with, whose torchrun export launches the same training on the cluster."))] = "batchpilot",
     seq_len: SeqLenOpt = DEMO_SEQ_LEN,
     memory_budget: Annotated[int | None, option("--memory-budget", size("--memory-budget"), show_default=(
         "1GiB on a CPU, so the probe fits in --time-budget; CUDA: the device's memory"),
@@ -112,6 +117,7 @@ def tune(
         memory_budget_bytes=memory_budget,
         settings=settings_from_options(precision=step_precision(precision, device), recompute=recompute),
         gpu=gpu, gpus=(gpus or 1) if gpu is not None else gpus, gpus_per_node=gpus_per_node,
+        engine=get_engine(engine).name,
         train_tokens=train_tokens, time_budget_s=time_budget, out=out, skip=_parse_skip(skip), reuse=reuse,
         seed=seed,
     )
@@ -142,5 +148,26 @@ def _render(result: Any) -> None:
             f"× dp {plan['dp']} = global {plan['global_batch_sequences']} sequences "
             f"({plan['global_batch_tokens']:,} tokens); max micro-batch {summary['max_micro_batch']}, "
             f"knee {summary['knee_micro_batch']}, B_simple {_sig3(summary['b_simple_sequences'])}")
+    cluster = result.state.plan.cluster_plan if result.state.plan is not None else None
+    if cluster is not None:
+        _render_cluster(cluster)
     if result.report_path:
         console.print(f"report: [bold]{result.report_path}[/bold]")
+
+
+def _render_cluster(cluster: Any) -> None:
+    """The target cluster's plan: its winner, why, and what looks wrong with it."""
+    c, best = cluster.cluster, cluster.best
+    where = f"{c.get('total_devices')} × {c.get('accelerator')}"
+    if best is None:
+        console.print(f"[bold]cluster plan[/bold] ({where}): none fits — see plan.json", highlight=False)
+        return
+    console.print(
+        f"[bold]cluster plan[/bold] ({where}): micro-batch {best.micro_batch} × accumulation {best.grad_accum} × dp "
+        f"{best.dp} = {best.global_batch_sequences} sequences ({best.global_batch_tokens:,} tokens), tp {best.tp} · "
+        f"pp {best.pp}, ZeRO-{best.zero_stage}, recompute {best.recompute}, {best.tokens_per_s:,.0f} tokens/s — "
+        f"target: {cluster.target_source}", highlight=False)
+    if cluster.rationale:
+        console.print(f"  why: {cluster.rationale}", highlight=False)
+    for warning in cluster.warnings or ():
+        console.print(f"  [yellow]warning[/yellow]: {warning}", highlight=False)

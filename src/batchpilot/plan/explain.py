@@ -30,6 +30,14 @@ MIN_HEADROOM = 0.02
 MAX_GPU_DOUBLINGS = 6
 """More GPUs are tried up to 2^6 = 64× the cluster."""
 
+MAX_BUBBLE_SHARE = 0.20
+"""A winner whose pipeline bubble takes more of the step than this is flagged: (p − 1)/(m + p − 1) > 20% means
+fewer than 4(p − 1) micro-batches per step (GPipe/1F1B bubble, Narayanan et al. 2021 §2.2)."""
+
+MIN_MFU = 0.10
+"""A multi-GPU winner below this model FLOPs utilisation is flagged: the model is too small for the cluster (its
+step is communication and latency, not matrix multiplies), and fewer GPUs would train it about as fast."""
+
 
 def unreachable_reason(req: PlanRequest, global_batch: int, dp: int, settings: RunSettings) -> str:
     if global_batch % dp == 0 and settings.pp > 1:
@@ -262,6 +270,23 @@ def describe_target(result: PlanResult) -> str:
     return f"{head}{count} sequences × {req.seq_len} tokens = {format_count(target * req.seq_len)} tokens"
 
 
+def plan_warnings(result: PlanResult) -> tuple[str, ...]:
+    """What looks absurd about the winner although it fits: a pipeline bubble over :data:`MAX_BUBBLE_SHARE` of the
+    step, or an MFU under :data:`MIN_MFU` on more than one GPU (a model too small for the cluster)."""
+    best, req = result.plans[0], result.request
+    st, s = best.step, best.settings
+    out = []
+    bubble = st.bubble_s / st.step_time_s if st.step_time_s else 0.0
+    if bubble > MAX_BUBBLE_SHARE:
+        out.append(f"the winner's pipeline bubble is {bubble:.0%} of its step (pp {s.pp}, {best.triad.grad_accum_steps} "
+                   f"micro-batches per step): use fewer stages (--pp) or a larger global batch")
+    gpus = req.cluster.total_devices
+    if gpus > 1 and st.mfu < MIN_MFU:
+        out.append(f"MFU {st.mfu:.1%} on {gpus} GPUs: {req.model.name} ({format_count(req.model.params_total)} "
+                   f"parameters) is too small to keep them busy; fewer GPUs would train it about as fast")
+    return tuple(out)
+
+
 def target_warnings(req: PlanRequest, target: float) -> tuple[str, ...]:
     """Targets that are plans but probably not what was meant: more tokens per step than any published
     pretraining batch (the registry's largest), or fewer sequences than data-parallel GPUs could share."""
@@ -283,5 +308,5 @@ def target_warnings(req: PlanRequest, target: float) -> tuple[str, ...]:
     return tuple(out)
 
 
-__all__ = ["Fix", "as_read", "describe_target", "fixes", "infeasible", "memory_rejection", "rationale",
-           "target_warnings", "unreachable_reason"]
+__all__ = ["Fix", "as_read", "describe_target", "fixes", "infeasible", "memory_rejection", "plan_warnings",
+           "rationale", "target_warnings", "unreachable_reason"]

@@ -46,6 +46,7 @@ from batchpilot.plan.explain import (
     fixes,
     infeasible,
     memory_rejection,
+    plan_warnings,
     rationale,
     target_warnings,
     unreachable_reason,
@@ -155,7 +156,8 @@ def _plan(req: PlanRequest, *, explain: bool) -> PlanResult:
     result = PlanResult(request=req, target_sequences=target, plans=tuple(plans), rejected=tuple(rejected),
                         layouts=len(space), memory_evaluations=search.memory_evaluations, pruned=pruned,
                         feasible=feasible, warnings=target_warnings(req, target))
-    return dataclasses.replace(result, rationale=rationale(result, split=split))
+    return dataclasses.replace(result, rationale=rationale(result, split=split),
+                               warnings=(*result.warnings, *plan_warnings(result)))
 
 
 def _search(req: PlanRequest, search: _Search, global_batch: int, *,

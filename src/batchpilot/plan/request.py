@@ -213,6 +213,7 @@ class PlanResult:
             rejected=tuple(x.to_record() for x in self.rejected[:max_rejected]), rejected_total=len(self.rejected),
             search=PlanSearch(layouts=self.layouts, memory_evaluations=self.memory_evaluations, pruned=self.pruned,
                               feasible=self.feasible),
+            warnings=self.warnings or None,
         )
 
     def to_dict(self, *, max_rejected: int = 20) -> dict[str, Any]:

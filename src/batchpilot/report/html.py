@@ -180,7 +180,11 @@ def _summary_section(records: RunRecords) -> str:
 def _plan_section(records: RunRecords) -> str:
     if records.plan is None:
         return "<h2>Plan</h2><p class='missing'>The plan stage did not run.</p>"
-    return f"<h2>Chosen plan</h2>{plan_html(records.plan, rejected_open=True)}"
+    cluster = records.plan.cluster_plan
+    target = ("<h2 id='cluster-plan'>Cluster plan</h2>"
+              + (f"<p class='target'>{_e(cluster.target_source)}</p>" if cluster.target_source else "")
+              + plan_html(cluster)) if cluster is not None else ""
+    return f"<h2>Chosen plan</h2>{plan_html(records.plan, rejected_open=True)}{target}"
 
 
 def _stages_section(records: RunRecords) -> str:

@@ -35,6 +35,9 @@ class TuneConfig:
     """Target accelerator (catalog name or file) for a cluster plan, besides the local device's."""
     gpus: int | None = None
     gpus_per_node: int = 8
+    engine: str = "batchpilot"
+    """The engine the cluster plan is for (``plan --engine``): by default batchpilot's runner, the one ``tune``
+    measures and verifies with, whose ``torchrun`` export launches the same training on the cluster."""
     train_tokens: int | None = None
     """Planned training tokens: the cluster plan's global batch then also shows the scaling-law prior."""
     time_budget_s: float = 300.0

@@ -30,12 +30,13 @@ from batchpilot.records.probe import ProbeResult
 from batchpilot.records.train_summary import TrainSummary
 from batchpilot.records.verify import VerifyMeasurement, VerifyPrediction, VerifyRecord
 from batchpilot.specs.model import ModelSpec, load_model
-from batchpilot.tune.config import CPU_DEFAULT_BUDGET_BYTES, TuneConfig
+from batchpilot.tune.config import CPU_DEFAULT_BUDGET_BYTES, TIME_SHARES, TuneConfig
+from batchpilot.units import format_bytes
 
 LOCAL_EXPORTS = ("torchrun", "hf")
 MIN_MEMORY_STAGE_S = 60.0
 """Traces of a small model take seconds each; give the memory curve at least this long."""
-CLUSTER_EXPORTS = ("deepspeed", "megatron", "hf", "lightning", "torchrun")
+CLUSTER_EXPORTS = ("torchrun", "hf", "accelerate", "hf-deepspeed", "deepspeed", "lightning", "torchtitan", "megatron")
 NOISE_KNEE_WITHOUT_PROBE = 4
 """Micro-batch (B_small) of the noise run when the probe did not run: the ``batchpilot noise`` default."""
 
@@ -75,7 +76,63 @@ def new_state(cfg: TuneConfig) -> TuneState:
         from batchpilot.specs.hardware import load_accelerator
 
         load_accelerator(cfg.gpu)
-    return TuneState(model=model, device=resolve_device(cfg.device))
+    state = TuneState(model=model, device=resolve_device(cfg.device))
+    check_fits_here(cfg, state)
+    return state
+
+
+MEASURING_STAGES = ("probe", "noise", "verify")
+"""The stages that train on this machine."""
+
+
+def check_fits_here(cfg: TuneConfig, state: TuneState) -> None:
+    """Refuse, before any stage starts, a model whose smallest training step (micro-batch 1, analytic) exceeds
+    this machine — the available RAM on a CPU (``MemAvailable``), the free memory on a GPU — or, when the
+    probe runs, the probe's budget: such trials run for minutes and the noise run is then killed by the
+    kernel's out-of-memory killer, before any record is written. The fixes are ``tune``'s own flags."""
+    from batchpilot.measure.device import device_memory_bytes
+    from batchpilot.measure.predict import analytic_trial_bytes
+
+    measuring = [s for s in MEASURING_STAGES if s not in cfg.skip]
+    if not measuring or (cfg.reuse and all((cfg.out / f"{s}.json").is_file() for s in measuring)):
+        return
+    cpu = state.device == "cpu"
+    need = _step_bytes(state.model, cfg, cfg.seq_len, cpu)
+    have = device_memory_bytes(state.device)
+    what = "available RAM (MemAvailable)" if cpu else "free memory on the GPU"
+    if need > have:
+        fixes = _fixes_here(state.model, cfg, cpu, have)
+        raise BatchpilotError(
+            f"{state.model.name} at --seq-len {cfg.seq_len} needs {format_bytes(need)} for one training step at "
+            f"micro-batch 1 ({cfg.settings.precision}, {cfg.settings.optimizer}; analytic: estimate.memory) but this "
+            f"machine has {format_bytes(have)} of {what}: {', '.join(measuring)} would run out of memory; {fixes}")
+    if "probe" in measuring and cfg.memory_budget_bytes is not None:
+        request = probe_request(cfg, state)
+        trial = analytic_trial_bytes(request, 1)
+        if trial > request.budget_bytes:
+            raise BatchpilotError(
+                f"--memory-budget {format_bytes(request.budget_bytes)} holds no micro-batch of {state.model.name} at "
+                f"--seq-len {cfg.seq_len}: micro-batch 1 needs {format_bytes(trial)} above the weights (analytic); "
+                f"give --memory-budget {format_bytes(trial * 5 // 4)} or more (this machine has {format_bytes(have)} "
+                f"of {what}), or a shorter --seq-len")
+
+
+def _step_bytes(model: ModelSpec, cfg: TuneConfig, seq_len: int, cpu: bool) -> int:
+    from batchpilot.estimate.memory import analytic_memory
+    from batchpilot.estimate.overhead import OverheadModel
+
+    return analytic_memory(model, cfg.settings, micro_batch=1, seq_len=seq_len, dp=1,
+                           overhead=OverheadModel.cpu() if cpu else None).total_bytes
+
+
+def _fixes_here(model: ModelSpec, cfg: TuneConfig, cpu: bool, have: int) -> str:
+    """``tune``'s own flags that would fit here (a shorter --seq-len, a smaller --model), and ``plan``, which
+    answers for a cluster without training."""
+    shorter = next((n for n in (cfg.seq_len // 2**k for k in range(1, 12)) if n >= 2
+                    and _step_bytes(model, cfg, n, cpu) <= have), None)
+    seq = f"--seq-len {shorter} fits" if shorter else "no --seq-len fits"
+    return (f"{seq}, or a smaller --model; `batchpilot plan --model {cfg.model} --gpu NAME --gpus N --seq-len "
+            f"{cfg.seq_len}` plans a cluster without training here")
 
 
 def probe_request(cfg: TuneConfig, state: TuneState) -> ProbeRequest:
@@ -106,7 +163,12 @@ def probe_stage(cfg: TuneConfig, state: TuneState, progress: ProgressHook | None
     from batchpilot.measure.probe import run_probe
 
     request = probe_request(cfg, state)
-    result = run_probe(request, progress=progress)
+    try:
+        result = run_probe(request, progress=progress)
+    except BatchpilotError as exc:  # the probe's advice names probe's flags: tune sets the trial timeout itself
+        raise type(exc)(str(exc).replace(
+            "raise --trial-timeout", f"raise --time-budget (tune gives each trial {request.trial_timeout_s:.0f} s, "
+                                     f"{TIME_SHARES['probe']:.0%} of it, at least 60 s)")) from None
     peak, name = local_peak_flops(cfg, state)
     if peak is not None:
         calibration = calibration_from_probe(
@@ -234,10 +296,10 @@ def plan_stage(cfg: TuneConfig, state: TuneState, out: Path) -> PlanRecord:
         model=state.model, cluster=local_cluster(cfg, state), seq_len=cfg.seq_len,
         global_batch_sequences=critical_batch_sequences(state, cfg), settings=cfg.settings,
         pins=Pins(micro_batch=_knee(state)), calibration=state.calibration, headroom=0.0,
-        overhead=OverheadModel.cpu() if state.device == "cpu" else None, top=5,
+        overhead=OverheadModel.cpu() if state.device == "cpu" else None, top=5, engine="batchpilot",
     )
-    result = plan(request)
-    _write_exports(result, out / "exports", "local", LOCAL_EXPORTS)
+    result = plan(request)  # what verify trains: batchpilot's runner
+    _write_exports(result, out / "exports", "local", LOCAL_EXPORTS, cfg.data)
     cluster = _cluster_plan(cfg, state, out) if cfg.gpu and cfg.gpus else None
     state.plan = replace(result.to_record(), target_source=_target_source(state), cluster_plan=cluster)
     return state.plan
@@ -258,9 +320,9 @@ def _cluster_plan(cfg: TuneConfig, state: TuneState, out: Path) -> PlanRecord:
     tokens, source = _cluster_target_tokens(cfg, state)
     settings = cfg.settings if cfg.settings.precision != "fp32" else replace(cfg.settings, precision="bf16")
     request = PlanRequest(model=state.model, cluster=cluster, seq_len=cfg.seq_len, global_batch_tokens=tokens,
-                          settings=settings, max_deviation=0.25, top=5)
+                          settings=settings, max_deviation=0.25, top=5, engine=cfg.engine)
     result = plan(request)
-    _write_exports(result, out / "exports", "cluster", CLUSTER_EXPORTS)
+    _write_exports(result, out / "exports", "cluster", CLUSTER_EXPORTS, cfg.data)
     return replace(result.to_record(), target_source=source)
 
 
@@ -285,20 +347,25 @@ def _cluster_target_tokens(cfg: TuneConfig, state: TuneState) -> tuple[int, str]
                                  "scaling-law prior")
 
 
-def _write_exports(result: Any, folder: Path, prefix: str, formats: tuple[str, ...]) -> None:
-    from batchpilot.plan.exports import ExportError, export_text
+EXPORT_SUFFIXES = {"deepspeed": "json", "hf": "json", "hf-deepspeed": "json", "lightning": "json", "megatron": "sh",
+                   "torchrun": "sh", "torchtitan": "toml", "accelerate": "yaml"}
+"""File suffix of each export under ``exports/``."""
+
+
+def _write_exports(result: Any, folder: Path, prefix: str, formats: tuple[str, ...], data: str) -> None:
+    """Each format's export of the winner with the run's ``--data``; a format that cannot express the plan gets
+    its one-line refusal as a comment."""
+    from batchpilot.plan.exports import ExportError, ExportOptions, export_text
 
     if not result.plans:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    suffix = {"deepspeed": "json", "hf": "json", "lightning": "json", "megatron": "sh", "torchrun": "sh",
-              "torchtitan": "toml"}
     for fmt in formats:
         try:
-            text = export_text(result.plans[0], result.request, fmt)
+            text = export_text(result.plans[0], result.request, fmt, ExportOptions(data=data))
         except ExportError as exc:
             text = f"# not exportable: {exc}"
-        (folder / f"{prefix}-{fmt}.{suffix[fmt]}").write_text(text + "\n", encoding="utf-8")
+        (folder / f"{prefix}-{fmt}.{EXPORT_SUFFIXES[fmt]}").write_text(text + "\n", encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------- noise
