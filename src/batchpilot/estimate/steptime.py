@@ -241,6 +241,8 @@ class _Layout(NamedTuple):
     dualpipe: bool
     p2p_overlapped: bool
     """Pipeline sends hidden behind compute (interleaved schedule, DualPipe)."""
+    micro_id: int
+    """The settings' micro-batch cache key, interned (:meth:`StepTimeModel._micro_id`)."""
 
 
 class _Terms(NamedTuple):
@@ -349,9 +351,11 @@ class StepTimeModel:
         self.expert_params = model.num_moe_layers * model.num_experts * model.params_expert
         self.dense_params = model.params_total - self.expert_params
         self._peak: dict[str, float] = {}
-        self._micro_cache: dict[tuple[tuple[object, ...], int], _Micro] = {}
+        self._micro_ids: dict[tuple[object, ...], int] = {}
+        self._micro_cache: dict[tuple[int, int], _Micro] = {}
         self._layouts: dict[tuple[RunSettings, int], _Layout] = {}
-        self._layer_cache: dict[tuple[str, Shape, Implementation], LayerTimes] = {}
+        self._shapes: dict[tuple[object, ...], tuple[Shape, Implementation]] = {}
+        self._layer_cache: dict[tuple[str, tuple[object, ...]], LayerTimes] = {}
         self._implementations: dict[tuple[object, ...], Implementation] = {}
 
     def hw_flops_per_token(self, settings: RunSettings) -> int:
@@ -417,7 +421,10 @@ class StepTimeModel:
         return kernel if kernel == "eager" else self.profile.attention_curve(kernel)[0]
 
     def _terms(self, settings: RunSettings, b: int, m: int, dp: int) -> _Terms:
-        micro, layout = self._micro(settings, b), self._layout(settings, dp)
+        layout = self._layout(settings, dp)
+        micro = self._micro_cache.get((layout.micro_id, b))
+        if micro is None:
+            micro = self._micro_cache[(layout.micro_id, b)] = self._compute_micro(settings, b)
         stage_s = micro.stage_s
         pp = self._pp_s(settings, b, dp)
         pp_s = self.fitted.overlap_interference * pp if layout.p2p_overlapped else pp
@@ -435,7 +442,8 @@ class StepTimeModel:
             dualpipe = self.implementation_for(settings).dualpipe
             layout = self._layouts[key] = _Layout(
                 traffic=self._dp_traffic(settings, dp), optimizer_s=self._optimizer_s(settings, dp), dualpipe=dualpipe,
-                p2p_overlapped=settings.vpp > 1 or dualpipe)  # Megatron overlap_p2p_comm, DualPipe
+                p2p_overlapped=settings.vpp > 1 or dualpipe,  # Megatron overlap_p2p_comm, DualPipe
+                micro_id=self._micro_id(settings))
         return layout
 
     @staticmethod
@@ -464,23 +472,37 @@ class StepTimeModel:
         return Shape(tokens=b * self.seq_len / cp, seq=max(1, self.seq_len // cp), sequences=b, tp=settings.tp,
                      sp=settings.sp, ep=settings.ep, cp=cp, precision=settings.precision)
 
+    def _micro_id(self, settings: RunSettings) -> int:
+        """A small integer per distinct micro-batch cache key: the settings :meth:`_compute_micro` reads (all but
+        :data:`MICRO_IGNORED_SETTINGS`)."""
+        return self._micro_ids.setdefault(_micro_key(settings), len(self._micro_ids))
+
     def _micro(self, settings: RunSettings, b: int) -> _Micro:
-        """:meth:`_compute_micro`, cached by the settings it reads (all but :data:`MICRO_IGNORED_SETTINGS`)."""
-        key = (_micro_key(settings), b)
+        """:meth:`_compute_micro`, cached by :meth:`_micro_id` and ``b``."""
+        key = (self._micro_id(settings), b)
         cached = self._micro_cache.get(key)
         if cached is None:
             cached = self._micro_cache[key] = self._compute_micro(settings, b)
         return cached
 
+    def _shape_of(self, settings: RunSettings, b: int) -> tuple[Shape, Implementation, tuple[object, ...]]:
+        """(:meth:`_shape`, :meth:`implementation_for`, a key of both), cached: the key holds every setting they
+        read (:data:`_implementation_key` covers tp and precision)."""
+        key = (_implementation_key(settings), b, settings.cp, settings.sp, settings.ep)
+        found = self._shapes.get(key)
+        if found is None:
+            found = self._shapes[key] = (self._shape(settings, b), self.implementation_for(settings))
+        return found[0], found[1], key
+
     def _compute_micro(self, settings: RunSettings, b: int) -> _Micro:
-        model, sh = self.model, self._shape(settings, b)
-        impl = self.implementation_for(settings)
+        model = self.model
+        sh, impl, shape_key = self._shape_of(settings, b)
         n_dense, n_moe = layers_on_stage(model, settings.pp)
         layers: list[tuple[LayerTimes, float]] = []
         if n_dense:
-            layers.append((self._layer_times(dense_layer, sh, impl), n_dense))
+            layers.append((self._layer_times(dense_layer, shape_key, sh, impl), n_dense))
         if n_moe:
-            layers.append((self._layer_times(moe_layer, sh, impl), n_moe))
+            layers.append((self._layer_times(moe_layer, shape_key, sh, impl), n_moe))
         layers = finetune_time.step_layers(layers, model, settings, sh, self.cluster.accelerator, self.profile)
         forward, backward = Parts(), Parts()
         checkpointed = (math.ceil(model.num_layers / settings.pp) // settings.recompute_every) / math.ceil(
@@ -489,7 +511,7 @@ class StepTimeModel:
             forward.add(times.forward, n)
             backward.add(times.backward, n).add(recompute_parts(times, settings.recompute), n * checkpointed)
         body_s = forward.total_s + backward.total_s
-        top = self._layer_times(head, sh, impl)
+        top = self._layer_times(head, shape_key, sh, impl)
         top = finetune_time.step_head(top, settings)
         forward.add(top.forward)
         backward.add(top.backward)
@@ -509,10 +531,12 @@ class StepTimeModel:
                       layer_s=body_s * scale / n_layers, layers=n_layers, tp=tp, cp=cp, ep=ep,
                       stage_s=compute.total_s + tp.exposed_s + cp.exposed_s + ep.exposed_s)
 
-    def _layer_times(self, kind: Callable[..., LayerTimes], sh: Shape, impl: Implementation) -> LayerTimes:
+    def _layer_times(self, kind: Callable[..., LayerTimes], shape_key: tuple[object, ...], sh: Shape,
+                     impl: Implementation) -> LayerTimes:
         """``kind`` (:func:`dense_layer`, :func:`moe_layer` or :func:`head`) of this model on this accelerator,
-        cached by what it depends on beyond them: the shape and the implementation (read only, never mutated)."""
-        key = (kind.__name__, sh, impl)
+        cached by what it depends on beyond them: the shape and the implementation (``shape_key`` of
+        :meth:`_shape_of`). Read only, never mutated."""
+        key = (kind.__name__, shape_key)
         times = self._layer_cache.get(key)
         if times is None:
             times = self._layer_cache[key] = kind(self.cluster.accelerator, self.profile, impl, self.model, sh,
@@ -617,8 +641,8 @@ class StepTimeModel:
         can be (:meth:`_group_comm`), plus the fitted interference of the hidden part."""
         exposed = total = 0.0
         for traffic in layout.traffic:
-            comm = self._group_comm(traffic, m, micro)
-            exposed, total = exposed + comm.exposed_s, total + comm.total_s
+            group_exposed, group_total = self._group_comm(traffic, m, micro)
+            exposed, total = exposed + group_exposed, total + group_total
         hidden = total - exposed
         return _Comm(exposed_s=exposed + self.fitted.overlap_interference * hidden, total_s=total)
 
@@ -651,46 +675,40 @@ class StepTimeModel:
         after: list[tuple[float, float, bool]] = []
         if z == 3:  # per layer: gather forward, gather backward, reduce-scatter; prefetched one layer ahead
             gathers = 1 if settings.reshard_after_forward == "never" else 2
-            main = _Traffic(per=3, seconds=gathers * gather(w, layers) / layers + gather(g, layers) / layers,
-                            buckets=float(layers), after=())
+            per, seconds, count = 3, gathers * gather(w, layers) / layers + gather(g, layers) / layers, float(layers)
         elif z == 2:
-            main = _Traffic(per=2, seconds=gather(g, buckets(g)), buckets=buckets(g), after=())
+            per, seconds, count = 2, gather(g, buckets(g)), buckets(g)
         elif z == 0 or settings.engine == "torch":  # DDP all-reduce (ZeroRedundancyOptimizer too)
-            ar = buckets(g) * fabric.all_reduce_s(g / buckets(g), shard, stride)
-            main = _Traffic(per=0, seconds=ar, buckets=buckets(g), after=())
+            per, seconds, count = 0, buckets(g) * fabric.all_reduce_s(g / buckets(g), shard, stride), buckets(g)
         else:
-            main = _Traffic(per=0, seconds=gather(g, buckets(g)), buckets=buckets(g), after=())
+            per, seconds, count = 0, gather(g, buckets(g)), buckets(g)
         if z in (1, 2):  # updated parameters gathered once, behind the first forward
             after.append((gather(w, buckets(w)), buckets(w), True))
         if replicas > 1:  # hybrid: all-reduce of this rank's gradient slice across the replicas
             part = g / shard
             ar = buckets(part) * fabric.all_reduce_s(part / buckets(part), replicas, stride * shard)
             after.append((ar, buckets(part), False))
-        return main._replace(after=tuple(after))
+        return _Traffic(per=per, seconds=seconds, buckets=count, after=tuple(after))
 
     @staticmethod
-    def _group_comm(traffic: _Traffic, m: int, micro: _Micro) -> _Comm:
-        """One group's traffic over ``m`` micro-batches: per layer only what exceeds that layer's compute is exposed,
-        plus the first gather and the last reduce-scatter (ZeRO-3); a bucketed collective behind ``window`` of
-        compute exposes what exceeds it and its last bucket."""
-
-        def bucketed(seconds: float, window: float, count: float) -> float:
-            """A reduction issued bucket by bucket behind ``window`` of compute: the excess and the last bucket."""
-            return max(0.0, seconds - window) + seconds / count
-
+    def _group_comm(traffic: _Traffic, m: int, micro: _Micro) -> tuple[float, float]:
+        """One group's (exposed, total) seconds over ``m`` micro-batches: per layer only what exceeds that layer's
+        compute is exposed, plus the first gather and the last reduce-scatter (ZeRO-3); a collective issued bucket
+        by bucket behind a window of compute exposes what exceeds the window and its last bucket."""
         seconds = traffic.seconds
         if traffic.per == 3:
             layers = micro.layers
             exposed = m * (layers * max(0.0, seconds - micro.layer_s) + seconds)
             total = m * layers * seconds
         elif traffic.per == 2:
-            exposed, total = m * bucketed(seconds, micro.backward_s, traffic.buckets), m * seconds
+            exposed = m * (max(0.0, seconds - micro.backward_s) + seconds / traffic.buckets)
+            total = m * seconds
         else:
-            exposed, total = bucketed(seconds, micro.backward_s, traffic.buckets), seconds
+            exposed, total = max(0.0, seconds - micro.backward_s) + seconds / traffic.buckets, seconds
         for after_s, count, forward in traffic.after:
             window = micro.forward_s if forward else micro.backward_s
-            exposed, total = exposed + bucketed(after_s, window, count), total + after_s
-        return _Comm(exposed_s=exposed, total_s=total)
+            exposed, total = exposed + (max(0.0, after_s - window) + after_s / count), total + after_s
+        return exposed, total
 
     def _optimizer_s(self, settings: RunSettings, dp: int) -> float:
         share, cp = self._stage_share(settings), settings.cp
