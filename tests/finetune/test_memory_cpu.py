@@ -40,6 +40,7 @@ def test_qlora_4bit_base_under_autocast_matches_a_real_cpu_step() -> None:
     assert abs(c.activation_error) < TOLERANCE, c.activation_error
 
 
+@pytest.mark.slow
 def test_lora_saves_less_than_full_training_and_qv_less_than_all_linear() -> None:
     """The measured order the terms predict: frozen linears keep no inputs, fewer targets fewer casts."""
     model = load_model("tiny-llama-1m")

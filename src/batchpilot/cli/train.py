@@ -25,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._finetune import FinetuneOpt
 from batchpilot.cli._options import (
     DEMO_MODEL,
     DEMO_SEQ_LEN,
@@ -246,6 +247,7 @@ def train(
     threads: ThreadsOpt = None,
     trust_remote_code: Annotated[bool, option("--trust-remote-code", help=(
         "Allow a local checkpoint's own modelling code."))] = False,
+    finetune: FinetuneOpt = "full",
     json_output: JsonOpt = False,
 ) -> None:
     """Train a transformers causal LM with the chosen batch triad, batching, precision and schedule."""
@@ -256,7 +258,7 @@ def train(
     world = max(1, expect_world_size or env_int("WORLD_SIZE", nproc))  # 0 or less: refused by RunConfig/launch
     dp = world // tp if tp >= 1 and world % tp == 0 else world  # data-parallel ranks (a bad --tp: refused later)
     config = TrainConfig(
-        model=ModelConfig(model=model, trust_remote_code=trust_remote_code),
+        model=ModelConfig(model=model, trust_remote_code=trust_remote_code, finetune=finetune),
         data=DataConfig(data=data, tokenizer=tokenizer, text_field=text_field, seq_len=seq_len),
         batch=BatchConfig(global_batch_sequences=g, micro_batch_sequences=max(1, g // dp) if micro_batch is None else micro_batch,
                           batching=batching, max_tokens_per_micro_batch=max_tokens_per_micro_batch,  # type: ignore[arg-type]

@@ -61,6 +61,8 @@ class ModelConfig:
     """Allow a local checkpoint's custom modelling code (off by default, never needed for presets)."""
     attn_implementation: str | None = None
     """``sdpa``, ``eager``, ``flash_attention_2``…; None lets ``transformers`` choose."""
+    finetune: str = "full"
+    """``--finetune``: what trains (:mod:`batchpilot.train.finetune`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

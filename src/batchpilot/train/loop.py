@@ -70,6 +70,7 @@ from batchpilot.train.distributed import (
     unwrap,
 )
 from batchpilot.train.export import export_hf, open_sinks
+from batchpilot.train.finetune import check_layout, prepare_module
 from batchpilot.train.grad_norms import clip_grad_norm
 from batchpilot.train.hooks import MicroStepInfo, StepInfo, TrainHook, hook_states, restore_hook_states
 from batchpilot.train.lr import LRSchedule
@@ -212,6 +213,7 @@ class Trainer:
         cfg, env = self.config, self.env
         self.fsdp = cfg.fsdp
         self.mesh = device_mesh(env, self.layout) if sharded(cfg) else None
+        check_layout(cfg.model.finetune, sharded=self.mesh is not None)
         if self.mesh is not None:
             built = build_model(cfg.model, seed=cfg.run.seed, empty=True)
             self._check_vocabulary(built)
@@ -226,7 +228,7 @@ class Trainer:
         else:
             built = build_model(cfg.model, seed=cfg.run.seed)
             self._check_vocabulary(built)
-            module = built.module.to(env.device)
+            module = prepare_module(built.module, cfg.model.finetune, precision=cfg.optim.precision).to(env.device)
             self.model = parallelize(module, cfg, env, None)
         module.train()
         self.built = built
