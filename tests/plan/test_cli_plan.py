@@ -92,7 +92,7 @@ def test_pins_and_calibration(cli_runner, tmp_path):
     path = save_calibration(cal, tmp_path / "cal.json")
     record = _json(cli_runner, "--global-batch", "64", "--tp", "2", "--micro-batch", "2", "--zero", "1",
                    "--recompute", "full", "--calibration", str(path), "--engine", "megatron")
-    assert record["calibration"] == "test probe" and record["warnings"] == []
+    assert record["calibration"] == "test probe" and not [w for w in record["warnings"] if "calibration" in w]
     for plan in record["plans"]:
         assert (plan["tp"], plan["micro_batch"], plan["zero_stage"], plan["recompute"]) == (2, 2, 1, "full")
         assert plan["step"]["efficiency"] == 0.2
