@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from batchpilot.cli._common import console, handle_errors, print_json
+from batchpilot.cli._finetune import FinetuneOpt, with_finetune
 from batchpilot.cli._options import (
     DEMO_MODEL,
     DEMO_SEQ_LEN,
@@ -106,6 +107,7 @@ def tune(
         f"Comma-separated stages to skip: {','.join(STAGES)}."))] = "",
     reuse: Annotated[bool, option("--reuse", help="Reuse stage records already in --out.")] = False,
     seed: SeedOpt = 0,
+    finetune: FinetuneOpt = "full",
     json_output: JsonOpt = False,
 ) -> None:
     """Measure, plan, prove and show the batch size for a model on this device (and a target cluster)."""
@@ -115,7 +117,8 @@ def tune(
         model=model, data=data, tokenizer=tokenizer, seq_len=seq_len,
         device=device,  # type: ignore[arg-type]  # checked by DeviceOpt
         memory_budget_bytes=memory_budget,
-        settings=settings_from_options(precision=step_precision(precision, device), recompute=recompute),
+        settings=with_finetune(settings_from_options(precision=step_precision(precision, device),
+                                                     recompute=recompute), finetune),
         gpu=gpu, gpus=(gpus or 1) if gpu is not None else gpus, gpus_per_node=gpus_per_node,
         engine=get_engine(engine).name,
         train_tokens=train_tokens, time_budget_s=time_budget, out=out, skip=_parse_skip(skip), reuse=reuse,

@@ -29,6 +29,7 @@ from batchpilot.records.plan import PlanRecord
 from batchpilot.records.probe import ProbeResult
 from batchpilot.records.train_summary import TrainSummary
 from batchpilot.records.verify import VerifyMeasurement, VerifyPrediction, VerifyRecord
+from batchpilot.specs.finetune import format_finetune
 from batchpilot.specs.model import ModelSpec, load_model
 from batchpilot.tune.config import CPU_DEFAULT_BUDGET_BYTES, TIME_SHARES, TuneConfig
 from batchpilot.units import format_bytes
@@ -286,6 +287,16 @@ def _target_source(state: TuneState) -> str:
     return "noise (B_simple)" if state.noise else "probe knee (no noise measurement)"
 
 
+def tune_cost(result: Any, train_tokens: int | None) -> Any:
+    """With ``--train-tokens``: the plan's time, GPU-hours and cost band (:mod:`batchpilot.plan.cost`)."""
+    from batchpilot.plan.cost import training_cost
+
+    if not train_tokens or not result.plans:
+        return None
+    return training_cost(tokens_per_s=result.plans[0].step.tokens_per_s,
+                         gpus=result.request.cluster.total_devices, train_tokens=train_tokens)
+
+
 def plan_stage(cfg: TuneConfig, state: TuneState, out: Path) -> PlanRecord:
     """Plan for the local device (and the target cluster), write the exports."""
     from batchpilot.estimate.memory import OverheadModel
@@ -301,7 +312,8 @@ def plan_stage(cfg: TuneConfig, state: TuneState, out: Path) -> PlanRecord:
     result = plan(request)  # what verify trains: batchpilot's runner
     _write_exports(result, out / "exports", "local", LOCAL_EXPORTS, cfg.data)
     cluster = _cluster_plan(cfg, state, out) if cfg.gpu and cfg.gpus else None
-    state.plan = replace(result.to_record(), target_source=_target_source(state), cluster_plan=cluster)
+    state.plan = replace(result.to_record(), target_source=_target_source(state), cluster_plan=cluster,
+                         cost=tune_cost(result, cfg.train_tokens))
     return state.plan
 
 
@@ -323,7 +335,7 @@ def _cluster_plan(cfg: TuneConfig, state: TuneState, out: Path) -> PlanRecord:
                           settings=settings, max_deviation=0.25, top=5, engine=cfg.engine)
     result = plan(request)
     _write_exports(result, out / "exports", "cluster", CLUSTER_EXPORTS, cfg.data)
-    return replace(result.to_record(), target_source=source)
+    return replace(result.to_record(), target_source=source, cost=tune_cost(result, cfg.train_tokens))
 
 
 def _cluster_target_tokens(cfg: TuneConfig, state: TuneState) -> tuple[int, str]:
@@ -419,7 +431,7 @@ def verify_stage(cfg: TuneConfig, state: TuneState, out: Path, on_record: Any = 
                          _tokens_per_s_at(state, best.micro_batch), lo=5, hi=200)
     train_dir = _fresh_stage_dir(out / "train")
     config = TrainConfig().replace(
-        model={"model": cfg.model},
+        model={"model": cfg.model, "finetune": format_finetune(cfg.settings.finetune)},
         data={"data": cfg.data, "tokenizer": cfg.tokenizer, "seq_len": cfg.seq_len},
         batch={"global_batch_sequences": best.global_batch_sequences, "micro_batch_sequences": best.micro_batch},
         optim={"precision": cfg.settings.precision if cfg.settings.precision != "fp8" else "bf16",
