@@ -90,3 +90,14 @@ def test_band_is_the_held_out_error_of_the_speed_model() -> None:
     assert np.percentile(1 + errors, 90) == pytest.approx(TIME_RATIO_HIGH, abs=0.02)
     cost = training_cost(tokens_per_s=1000.0, gpus=2, train_tokens=3_600_000)
     assert cost.gpu_hours == pytest.approx(2.0) and cost.price_per_gpu_hour is None and cost.cost is None
+
+
+def test_report_shows_the_cost(cli_runner) -> None:
+    from batchpilot.report.html import plan_html
+
+    result = cli_runner.invoke(app, [*QWEN[:-2], "--finetune", "lora", "--train-tokens", "100M", "--json"])
+    assert result.exit_code == 0, result.output
+    record = PlanRecord.from_dict(json.loads(result.stdout))
+    assert record.cost is not None and record.cost.train_tokens == 100_000_000
+    html = plan_html(record)
+    assert "time and cost: </strong>100,000,000 tokens (--train-tokens)" in html

@@ -24,7 +24,7 @@ compares whole published runs).
 from __future__ import annotations
 
 from batchpilot.errors import SpecError
-from batchpilot.records.cost import TrainingCost
+from batchpilot.records.cost import TrainingCost, format_duration
 
 SECONDS_PER_HOUR = 3600.0
 #: 10th and 90th percentiles of published ÷ predicted step time on the held-out published runs (tokens/s rows),
@@ -72,23 +72,9 @@ def training_cost(*, tokens_per_s: float, gpus: int, train_tokens: int, price_pe
     )
 
 
-def format_duration(seconds: float) -> str:
-    """``3.2 h``, ``11.6 days``, ``45 min`` (display only)."""
-    if seconds >= 2 * 86400:
-        return f"{seconds / 86400:.1f} days"
-    if seconds >= 2 * 3600:
-        return f"{seconds / 3600:.1f} h"
-    if seconds >= 120:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds:.0f} s"
-
-
 def describe_cost(cost: TrainingCost) -> str:
-    """One line: tokens, wall time with its band, GPU-hours and cost."""
-    text = (f"{cost.train_tokens:,} tokens ({cost.tokens_source}) at {cost.tokens_per_s:,.0f} tokens/s on "
-            f"{cost.gpus} GPUs: {format_duration(cost.wall_s)} ({format_duration(cost.wall_s_low)}–"
-            f"{format_duration(cost.wall_s_high)}), {cost.gpu_hours:,.0f} GPU-hours "
-            f"({cost.gpu_hours_low:,.0f}–{cost.gpu_hours_high:,.0f})")
-    if cost.cost is not None and cost.cost_low is not None and cost.cost_high is not None:
-        text += f", {cost.cost:,.0f} at {cost.price_per_gpu_hour:g}/GPU-hour ({cost.cost_low:,.0f}–{cost.cost_high:,.0f})"
-    return text + "; band: 10th–90th percentile of the speed model's held-out error"
+    """One line: tokens, wall time with its band, GPU-hours and cost (:meth:`TrainingCost.summary`)."""
+    return cost.summary()
+
+
+__all__ = ["BAND", "budget_tokens", "describe_cost", "format_duration", "training_cost"]

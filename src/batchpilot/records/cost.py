@@ -49,6 +49,28 @@ class TrainingCost(JsonValue):
     cost_low: float | None = None
     cost_high: float | None = None
 
+    def summary(self) -> str:
+        """One line: tokens, wall time with its band, GPU-hours and cost (display only)."""
+        text = (f"{self.train_tokens:,} tokens ({self.tokens_source}) at {self.tokens_per_s:,.0f} tokens/s on "
+                f"{self.gpus} GPUs: {format_duration(self.wall_s)} ({format_duration(self.wall_s_low)}–"
+                f"{format_duration(self.wall_s_high)}), {self.gpu_hours:,.0f} GPU-hours "
+                f"({self.gpu_hours_low:,.0f}–{self.gpu_hours_high:,.0f})")
+        if self.cost is not None and self.cost_low is not None and self.cost_high is not None:
+            text += (f", {self.cost:,.0f} at {self.price_per_gpu_hour:g}/GPU-hour "
+                     f"({self.cost_low:,.0f}–{self.cost_high:,.0f})")
+        return text + "; band: 10th–90th percentile of the speed model's held-out error"
+
+
+def format_duration(seconds: float) -> str:
+    """``3.2 h``, ``11.6 days``, ``45 min`` (display only)."""
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 120:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FineTuneMode(JsonValue):

@@ -153,6 +153,8 @@ def plan_html(record: PlanRecord, *, rejected_open: bool = False) -> str:
     parts += [f"<p class='warning'>warning: {_e(w)}</p>" for w in record.warnings or ()]
     if record.rationale:
         parts.append(f"<p class='rationale' id='rationale'><strong>winner: </strong>{_e(record.rationale)}</p>")
+    if record.cost is not None:
+        parts.append(f"<p class='cost' id='cost'><strong>time and cost: </strong>{_e(record.cost.summary())}</p>")
     if not record.plans:
         return "".join([*parts, "<p class='missing'>No feasible plan.</p>"])
     parts.append(table_html(plan_table(record.plans), table_id="plan-table"))
