@@ -10,6 +10,7 @@ import json
 import engine_checks as checks
 import pytest
 
+from batchpilot.errors import SpecError
 from batchpilot.plan.exports import FORMATS, ExportError, ExportOptions, export, export_text
 from batchpilot.plan.exports.megatron import megatron_args
 from batchpilot.plan.exports.torchrun import torchrun_command
@@ -155,3 +156,22 @@ def test_unknown_format_lists_the_known_ones():
     best, request = chosen()
     with pytest.raises(ExportError, match=", ".join(FORMATS)):
         export_text(best, request, "yaml")
+
+
+def test_lora_and_qlora_are_stated_for_the_hf_trainer_and_refused_elsewhere():
+    """LoRA/QLoRA are PEFT/bitsandbytes on the model (no TrainingArguments field): the hf export states them in
+    their own names; engines without a setting for them refuse the plan."""
+    from batchpilot.specs.finetune import parse_finetune
+
+    qlora = RunSettings(finetune=parse_finetune("qlora,r=8,targets=q+v,paged"))
+    request = PlanRequest(model=load_model("tiny-llama-15m"), cluster=CLUSTER, seq_len=1024,
+                          global_batch_sequences=96, settings=qlora, engine="hf", pins=Pins(zero_stage=0))
+    best = plan(request).plans[0]
+    exported = export(best, request, "hf")
+    assert json.loads(exported.text)["optim"] == "paged_adamw_32bit"
+    model_note = next(n for n in exported.notes if n.startswith("model: "))
+    assert "load_in_4bit=True" in model_note and "bnb_4bit_quant_type='nf4'" in model_note
+    assert "LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj']" in model_note
+    with pytest.raises(SpecError, match="--engine torchtitan: torchtitan trains every parameter"):
+        plan(PlanRequest(model=load_model("tiny-llama-15m"), cluster=CLUSTER, seq_len=1024, global_batch_sequences=96,
+                         settings=qlora, engine="torchtitan"))

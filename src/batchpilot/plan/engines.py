@@ -112,6 +112,10 @@ class Capabilities:
     hybrid_shard: bool = False
     param_dtype_bf16: bool = False
     """Pure bf16 training (bf16 parameters and optimizer states)."""
+    finetune: tuple[str, ...] = ("full",)
+    """Fine-tuning methods (:mod:`batchpilot.specs.finetune`) the engine runs; besides ``full``, LoRA/QLoRA, frozen
+    layers and paged optimizer states only where an export states them (the HF Trainer through PEFT and
+    bitsandbytes)."""
     sources: Mapping[str, str] = field(default_factory=dict)
     """Capability → where the engine defines it (file:line in :attr:`version`)."""
     model_code: tuple[str, ...] = ()
@@ -214,8 +218,12 @@ HF = Capabilities(
         Sharding(zero_stage=3, bookkeeping="fsdp2", name="FSDP2", recompute=("none", "full"),
                  source=f"{_HF} training_args.py:2826-2862"),
     ),
-    every_n=("full",), compile=True,
+    every_n=("full",), compile=True, finetune=("full", "lora", "qlora"),
     sources=MappingProxyType({
+        "finetune": "PEFT LoraConfig(r, lora_alpha, target_modules, lora_dropout, layers_to_transform) on the model, "
+                    "bitsandbytes BitsAndBytesConfig(load_in_4bit, nf4, double quant) at from_pretrained for QLoRA "
+                    f"(model code: the hf export states them); paged states: {_HF} training_args.py:134-135 optim "
+                    "paged_adamw_32bit / paged_adamw_8bit",
         "recompute": f"{_HF} training_args.py:908-937 activation_checkpointing (+ _kwargs every_n_layers: "
                      "modeling_utils.py:3245-3248 checkpoints layers 0, N, 2N, …)",
         "optimizer": f"{_HF} training_args.py:118-129 optim adamw_torch, adamw_bnb_8bit, sgd (optim_args momentum, "
@@ -476,6 +484,12 @@ def _settings_problems(caps: Capabilities, s: RunSettings) -> list[str]:
         out.append(f"{caps.name} has no hybrid sharding in its configuration; drop --hybrid-shard")
     if s.param_dtype == "bf16" and not caps.param_dtype_bf16:
         out.append(f"{caps.name} has no pure-bf16 parameter setting; drop --param-dtype bf16")
+    ft = s.finetune
+    if ft.method not in caps.finetune or (caps.finetune == ("full",) and (ft.frozen_layers or ft.paged)):
+        out.append(f"{caps.name} trains every parameter with its own optimizer (--finetune {ft.method}"
+                   + (f", frozen-layers={ft.frozen_layers}" if ft.frozen_layers else "")
+                   + (", paged" if ft.paged else "") + " is model code there); --engine hf states LoRA/QLoRA "
+                   "(PEFT, bitsandbytes)")
     return out
 
 

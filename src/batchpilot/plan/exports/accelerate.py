@@ -25,7 +25,7 @@ from batchpilot.plan.exports._common import (
     require_engine,
     world_size,
 )
-from batchpilot.plan.exports.hf import HF_OPTIM
+from batchpilot.plan.exports.hf import hf_optim, peft_setup
 from batchpilot.plan.request import Plan, PlanRequest
 
 MAIN_PROCESS_PORT = 29500
@@ -88,8 +88,11 @@ def accelerate_export(plan: Plan, request: PlanRequest, options: ExportOptions) 
         every = f", activation_checkpointing_kwargs={{'every_n_layers': {s.recompute_every}}}" if s.recompute_every > 1 else ""
         header.append(f"recompute: TrainingArguments(activation_checkpointing=True{every}) or "
                       f"model.gradient_checkpointing_enable()")
-    header.append(f"optimizer: {s.optimizer} (TrainingArguments optim={HF_OPTIM[s.optimizer]!r})"
+    header.append(f"optimizer: {s.optimizer} (TrainingArguments optim={hf_optim(s)!r})"
                   + (f"; data: {options.data}" if options.data else ""))
+    setup = peft_setup(plan, request)
+    if setup is not None:
+        header.append(f"model: {setup}")
     if "main_process_ip" in config:
         header.append(f"set main_process_ip to the first node's address and machine_rank to 0..{config['num_machines'] - 1}")
     return Exported(text=render_yaml(config, header=header), notes=tuple(header[1:]))

@@ -19,6 +19,8 @@ from typing import Any
 from batchpilot.plan.exports._common import Exported, ExportOptions, launch_shape, render_json, require_engine
 from batchpilot.plan.exports.deepspeed import hf_deepspeed_config
 from batchpilot.plan.request import Plan, PlanRequest
+from batchpilot.specs.finetune import HF_MODULE_NAMES
+from batchpilot.specs.settings import RunSettings
 
 HF_OPTIM: dict[str, str] = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "sgd-momentum": "sgd",
                             "adafactor": "adafactor"}
@@ -39,7 +41,7 @@ def hf_training_arguments(plan: Plan, request: PlanRequest) -> dict[str, Any]:
         "gradient_accumulation_steps": t.grad_accum_steps,
         "bf16": s.precision == "bf16",
         "fp16": s.precision == "fp16",
-        "optim": HF_OPTIM[s.optimizer],
+        "optim": hf_optim(s),
     }
     if s.optimizer == "sgd-momentum":
         args["optim_args"] = SGD_MOMENTUM_ARGS
@@ -61,14 +63,44 @@ def hf_training_arguments(plan: Plan, request: PlanRequest) -> dict[str, Any]:
     return args
 
 
+def hf_optim(s: RunSettings) -> str:
+    """``TrainingArguments.optim``: paged AdamW states (bitsandbytes, QLoRA §3) where the plan pages them."""
+    if s.finetune.paged:
+        return "paged_adamw_8bit" if s.optimizer == "adamw-8bit" else "paged_adamw_32bit"
+    return HF_OPTIM[s.optimizer]
+
+
+def peft_setup(plan: Plan, request: PlanRequest) -> str | None:
+    """The model-side setup a LoRA/QLoRA or frozen-layer plan relies on, in PEFT's and bitsandbytes' names (None for
+    full training): ``BitsAndBytesConfig`` for QLoRA's NF4 base at ``from_pretrained``, then ``get_peft_model`` with
+    the ``LoraConfig`` (``layers_to_transform`` skips the frozen layers)."""
+    ft, layers = plan.settings.finetune, request.model.num_layers
+    if ft.method == "full":
+        return (f"freeze the embedding and the first {ft.frozen_layers} decoder layers (requires_grad_(False))"
+                if ft.frozen_layers else None)
+    targets = [HF_MODULE_NAMES[t] for t in ft.targets]
+    lora = (f"peft.get_peft_model(model, peft.LoraConfig(r={ft.rank}, lora_alpha={ft.alpha:g}, "
+            f"target_modules={targets}, lora_dropout={ft.dropout:g}"
+            + (f", layers_to_transform=list(range({ft.frozen_layers}, {layers}))" if ft.frozen_layers else "") + "))")
+    if ft.method == "qlora":
+        quant = (f"from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
+                 f"bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant={ft.double_quant}, "
+                 f"bnb_4bit_compute_dtype=torch.bfloat16))")
+        return f"{quant}, then {lora}"
+    return lora
+
+
 def hf_export(plan: Plan, request: PlanRequest, options: ExportOptions) -> Exported:
     args = hf_training_arguments(plan, request)
     nodes, per_node = launch_shape(plan, request)
-    notes = (f"launch {nodes * per_node} processes ({nodes} node(s) × {per_node}): `--export accelerate` writes the "
+    notes = [f"launch {nodes * per_node} processes ({nodes} node(s) × {per_node}): `--export accelerate` writes the "
              f"accelerate launch config; the Trainer checks nothing of the world size",
              f"tokenize to {request.seq_len} tokens per sequence (the data collator's max_length: not a "
-             f"TrainingArguments field)" + (f"; data: {options.data}" if options.data else ""))
-    return Exported(text=render_json(args), notes=notes)
+             f"TrainingArguments field)" + (f"; data: {options.data}" if options.data else "")]
+    setup = peft_setup(plan, request)
+    if setup is not None:
+        notes.append(f"model: {setup}")
+    return Exported(text=render_json(args), notes=tuple(notes))
 
 
 def _hf_checkpointing_keys() -> tuple[str, str]:
