@@ -118,3 +118,15 @@ def test_cli_prints_the_fixes_as_flags(cli_runner):
     assert result.exit_code == 2
     line = result.stderr.strip()
     assert line.count("\n") == 0 and "fits with: --offload (" in line and "{" not in line
+
+
+def test_no_layout_with_the_pins_names_them_as_flags():
+    """The pins are named as the flags that set them (this message printed a Python dict of them)."""
+    req = PlanRequest(model=load_model("qwen2.5-7b"), cluster=ONE_H100, seq_len=4096, global_batch_sequences=8,
+                      engine="deepspeed", pins=Pins(recompute="full", zero_stage=1))
+    with pytest.raises(InfeasibleError) as info:
+        plan(req)
+    text = str(info.value)
+    assert text.startswith("no parallel layout of qwen2.5-7b on 1 GPUs runs with --zero 1 --recompute full under "
+                           "--engine deepspeed; fits with: ")
+    assert "{" not in text and "'" not in text
