@@ -5,7 +5,11 @@ from what the engine parsed. One function per export format; each returns a :cla
 The engines' code does the parsing and checking wherever it installs here (DeepSpeed 0.19.8, transformers 5.25.0,
 accelerate 1.16.0, Lightning 2.6.6, torchtitan 0.2.2's config manager and ``ParallelDims``); what runs only with a
 process group or a GPU is stated as the rule with its source (file:line in those versions, Megatron-LM at
-``NVIDIA/Megatron-LM@d98e8a6``, whose training arguments are not installable).
+``NVIDIA/Megatron-LM@d98e8a6``, whose training arguments are not installable). Those Megatron-LM rules agree with
+its own ``parse_args`` + ``validate_args`` + ``core_transformer_config_from_args`` + the microbatch calculator, run
+from a source checkout of d98e8a6 (triton stubbed, ``--no-rope-fusion``, 2-core CPU machine) on seven exported plans:
+Llama 3 8B pp 4 × vpp 2, tp 2 × pp 2 × vpp 2 and cp 2; Qwen2.5-7B full recomputation, pp 2 × vpp 7; Mixtral 8x7B
+ep 8, pp 2 × vpp 4; Llama 3 70B tp 4 × pp 8 × vpp 5; Llama 2 7B selective recomputation — all accepted.
 """
 
 from __future__ import annotations
