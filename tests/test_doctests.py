@@ -12,7 +12,7 @@ import pytest
 
 import batchpilot
 
-OPTIONAL = {"batchpilot.serve.app": "starlette"}
+OPTIONAL = {"batchpilot.serve.app": "starlette", "batchpilot.measure.finetune": "peft"}
 """Modules of an optional extra, walked where the extra is installed (``.ci/run`` installs ``serve``)."""
 MODULES = sorted(m.name for m in pkgutil.walk_packages(batchpilot.__path__, "batchpilot.")
                  if not m.name.endswith("__main__")

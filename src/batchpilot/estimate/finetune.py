@@ -55,14 +55,13 @@ Known error: see ``benchmarks/results/finetune_memory.md`` (real CPU steps with 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from batchpilot.errors import SpecError
+from batchpilot.estimate.dtypes import ACTIVATION_BYTES
 from batchpilot.specs.finetune import DOUBLE_QUANT_BLOCK, LINEARS, NF4_BLOCK, FineTune
 
 if TYPE_CHECKING:
-    from batchpilot.estimate.activations import LayerBytes
     from batchpilot.estimate.model_states import ModelStates
     from batchpilot.specs.model import ModelSpec
     from batchpilot.specs.settings import RunSettings
@@ -77,7 +76,7 @@ KAHAN_BYTES = 2
 #: What the first trainable layer does not save, its input needing no gradient: the attention norm's saved
 #: tensors (and the input itself, which that norm saves in an fp32 block), and the attention adapters' dropout
 #: masks (only their outputs, ``lora_A``'s inputs, are saved).
-_FIRST_LAYER_UNNEEDED = ("layer_input", "norm1_fp32_input", "norm1_rstd", "lora_q_dropout_mask",
+FIRST_LAYER_UNNEEDED = ("layer_input", "norm1_fp32_input", "norm1_rstd", "lora_q_dropout_mask",
                          "lora_k_dropout_mask", "lora_v_dropout_mask")
 #: Input groups of a Llama block: which linears read the same tensor, and the saved term that holds it.
 _GROUPS: tuple[tuple[tuple[str, ...], str], ...] = ((("q", "k", "v"), "norm1_out"), (("o",), "attn_proj_in"),
@@ -208,10 +207,9 @@ def model_states(model: ModelSpec, settings: RunSettings, *, params: float, matm
 def _uncheckpointed_share(settings: RunSettings, layers: int) -> float:
     """Share of the layers whose autocast casts survive the forward: a checkpointed layer (``op``, ``full``)
     saves none, and the cast cache is cleared when the forward leaves autocast."""
-    from batchpilot.estimate.activations import layer_policies
-
-    policies = layer_policies(settings, max(layers, 1))
-    return sum(p not in ("op", "full") for p in policies) / len(policies)
+    layers = max(layers, 1)
+    checkpointed = layers // settings.recompute_every if settings.recompute in ("op", "full") else 0
+    return (layers - checkpointed) / layers  # activations.layer_policies: layers N, 2N, … are checkpointed
 
 
 def _full_states(model: ModelSpec, settings: RunSettings, *, params: float, matmul_params: float, layers: int,
@@ -295,18 +293,16 @@ def adjust_layer_terms(terms: dict[str, float], model: ModelSpec, settings: RunS
     ft = settings.finetune
     if not ft.adapters or policy in ("op", "full"):
         return terms
-    from batchpilot.estimate.activations import block_style
-
-    d = block_style(settings)
+    act = ACTIVATION_BYTES[settings.precision]  # the block's matmul dtype (activations.block_style's act)
     out = {k: v for k, v in terms.items() if not k.endswith("_normalized")}
-    product = max(1, model.intermediate_size // tp) * d.act
-    widths = {"norm1_out": model.hidden_size * d.act, "attn_proj_in": out.get("attn_proj_in", 0.0),
-              "norm2_out": model.hidden_size * d.act, "mlp_product": float(product)}
-    x_bytes = _adapter_input_bytes(settings, d.act, cpu)
+    product = max(1, model.intermediate_size // tp) * act
+    widths = {"norm1_out": model.hidden_size * act, "attn_proj_in": out.get("attn_proj_in", 0.0),
+              "norm2_out": model.hidden_size * act, "mlp_product": float(product)}
+    x_bytes = _adapter_input_bytes(settings, act, cpu)
     for names, key in _GROUPS:
         adapted = [t for t in names if t in ft.targets]
         width = widths[key]
-        shared = bool(adapted) and x_bytes == d.act and not ft.dropout
+        shared = bool(adapted) and x_bytes == act and not ft.dropout
         if key == "mlp_product":
             if not shared and "mlp" in out:
                 out["mlp"] -= width
@@ -316,7 +312,7 @@ def adjust_layer_terms(terms: dict[str, float], model: ModelSpec, settings: RunS
         elif not shared:
             out.pop(key, None)
         for t in adapted:
-            out.update(_adapter_input_terms(t, width / d.act, settings, d.act, x_bytes, cpu))
+            out.update(_adapter_input_terms(t, width / act, settings, act, x_bytes, cpu))
     rank_bytes = 4 if settings.precision == "fp32" else 2
     for t in ft.targets:
         out[f"lora_{t}_a_out"] = ft.rank / (tp if t != "o" and t != "down" else 1) * rank_bytes
@@ -351,23 +347,6 @@ def _adapter_input_terms(target: str, elements: float, settings: RunSettings, ac
     return terms
 
 
-def cpu_step_extra_bytes(model: ModelSpec, settings: RunSettings, *, micro_batch: int, seq_len: int) -> float:
-    """Bytes a real CPU step saves beyond the (GPU) analytic terms at the start of backward: dropout's noise
-    tensors and QLoRA's per-adapter input casts under CPU autocast (:func:`adjust_layer_terms` with ``cpu``)."""
-    if not settings.finetune.adapters or settings.recompute in ("op", "full"):
-        return 0.0
-    from batchpilot.estimate.activations import activation_terms
-
-    full = replace(settings, finetune=replace(settings.finetune, method="full"), param_dtype="bf16") \
-        if settings.precision == "bf16" else replace(settings, finetune=replace(settings.finetune, method="full"))
-    base = activation_terms(model, full, seq_len=seq_len, policy="none")
-    gpu = adjust_layer_terms(base, model, settings, "none", settings.tp)
-    cpu = adjust_layer_terms(base, model, settings, "none", settings.tp, cpu=True)
-    per_token = (sum(cpu.values()) - sum(gpu.values())) * trainable_layers(model, settings.finetune)
-    per_token -= sum(cpu.get(k, 0.0) - gpu.get(k, 0.0) for k in _FIRST_LAYER_UNNEEDED)
-    return per_token * micro_batch * seq_len
-
-
 def adjust_logits_terms(terms: dict[str, float], settings: RunSettings) -> dict[str, float]:
     """The final norm under a frozen norm weight and head saves neither its normalised tensor nor its output."""
     if not settings.finetune.adapters:
@@ -375,28 +354,6 @@ def adjust_logits_terms(terms: dict[str, float], settings: RunSettings) -> dict[
     return {k: v for k, v in terms.items() if not k.endswith(("_normalized", "norm_out", "norm_out_casts"))}
 
 
-def stage_layers(layers: list[LayerBytes], model: ModelSpec, settings: RunSettings, *, first: bool,
-                 seq_len: int) -> list[LayerBytes]:
-    """The layers of a stage in forward order: the frozen prefix saves nothing and runs no backward; the first
-    trainable layer's input needs no gradient (its attention norm saves nothing, nor is its input kept)."""
-    ft = settings.finetune
-    if not first or not (ft.adapters or ft.frozen_layers):
-        return layers
-    from batchpilot.estimate.activations import LayerBytes, activation_terms, layer_policies
-
-    k = min(ft.frozen_layers, len(layers))
-    out = [replace(lb, saved=0.0, backward=0.0) for lb in layers[:k]]
-    if k < len(layers):
-        lb = layers[k]
-        policy = layer_policies(settings, len(layers))[k]
-        terms = activation_terms(model, settings, seq_len=seq_len, policy="none")
-        unneeded = 0.0 if policy in ("full", "op") else sum(
-            v for name, v in terms.items() if name in _FIRST_LAYER_UNNEEDED)
-        out.append(LayerBytes(saved=max(0.0, lb.saved - unneeded), backward=max(0.0, lb.backward - unneeded),
-                              forward_transient=lb.forward_transient))
-    return out + layers[k + 1:]
-
-
 __all__ = ["ADAMW_8BIT_STATE_BYTES", "LINEARS", "adapter_params", "adjust_layer_terms", "adjust_logits_terms",
-           "dequant_buffer_bytes", "linear_shapes", "model_states", "nf4_bytes_per_param", "stage_layers",
+           "dequant_buffer_bytes", "linear_shapes", "model_states", "nf4_bytes_per_param",
            "trainable_params"]

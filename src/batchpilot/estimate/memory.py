@@ -56,7 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from batchpilot.errors import SpecError
-from batchpilot.estimate import finetune
+from batchpilot.estimate import finetune, finetune_layers
 from batchpilot.estimate.activations import (
     LayerBytes,
     Policy,
@@ -252,7 +252,8 @@ def _activations(model: ModelSpec, settings: RunSettings, lay: _StageLayout, ove
     imbalance = overhead.moe_token_imbalance
     policies = layer_policies(settings, lay.layers_per_stage)
     per_policy = {p: _layer(model, settings, seq_len, p, imbalance) for p in set(policies)}
-    layers = finetune.stage_layers([per_policy[p] for p in policies], model, settings, first=first, seq_len=seq_len)
+    layers = finetune_layers.stage_layers([per_policy[p] for p in policies], model, settings, first=first,
+                                          seq_len=seq_len)
     saved = [lb.saved * tokens for lb in layers]
     saved_all = sum(saved)
     held = (lay.in_flight - 1) * saved_all if first else 0.0

@@ -9,7 +9,7 @@ what it changes in the optimizer and the result (``plan --finetune compare``).
     >>> [(m.name, m.fits) for m in modes][:2]
     [('full', False), ('full, 8-bit AdamW', False)]
     >>> [m.name for m in modes if m.fits]
-    ['full, pure bf16, 8-bit AdamW', 'lora', 'qlora']
+    ['full, pure bf16', 'lora', 'qlora']
 
 What each mode changes (the ``optimizer`` and ``result`` texts of :class:`~batchpilot.records.cost.FineTuneMode`)
 cites its source: mixed precision (Micikevicius et al. 2018, arXiv:1710.03740: fp32 master weights); 8-bit
