@@ -172,6 +172,29 @@ def test_lora_and_qlora_are_stated_for_the_hf_trainer_and_refused_elsewhere():
     model_note = next(n for n in exported.notes if n.startswith("model: "))
     assert "load_in_4bit=True" in model_note and "bnb_4bit_quant_type='nf4'" in model_note
     assert "LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj']" in model_note
-    with pytest.raises(SpecError, match="--engine torchtitan: torchtitan trains every parameter"):
+    with pytest.raises(SpecError, match="--engine torchtitan: torchtitan has no paged optimizer states"):
         plan(PlanRequest(model=load_model("tiny-llama-15m"), cluster=CLUSTER, seq_len=1024, global_batch_sequences=96,
                          settings=qlora, engine="torchtitan"))
+
+
+def test_batchpilot_runs_lora_under_ddp_and_its_launch_line_says_so():
+    """The runner trains PEFT adapters on one process or under DDP (train/finetune.py), not under FSDP2: the
+    planner keeps LoRA plans on DDP and the launch line carries --finetune."""
+    import typer
+    from torch.distributed.run import get_args_parser
+
+    from batchpilot.cli import app
+    from batchpilot.specs.finetune import parse_finetune
+
+    lora = RunSettings(finetune=parse_finetune("lora,r=8"))
+    request = PlanRequest(model=load_model("tiny-llama-15m"), cluster=CLUSTER, seq_len=1024, global_batch_sequences=96,
+                          settings=lora, engine="batchpilot", top=5)
+    result = plan(request)
+    assert all(p.settings.zero_stage == 0 for p in result.plans)
+    parsed = get_args_parser().parse_args(checks.shell_argv(export_text(result.plans[0], request, "torchrun"))[1][1:])
+    train = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+    params = train.make_context("train", list(parsed.training_script_args[1:])).params
+    assert parse_finetune(params["finetune"]) == lora.finetune
+    with pytest.raises(SpecError, match="--engine batchpilot cannot"):
+        plan(PlanRequest(model=load_model("tiny-llama-15m"), cluster=CLUSTER, seq_len=1024, global_batch_sequences=96,
+                         settings=lora, engine="batchpilot", pins=Pins(zero_stage=3)))

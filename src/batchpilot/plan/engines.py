@@ -69,6 +69,8 @@ class Sharding:
     """Runs only as the sole parallelism (no tp, pp, cp or ep)."""
     needs_group: bool = False
     """Applies only over more than one rank (dp × cp > 1); on one it is not applied at all."""
+    finetune: bool = True
+    """Runs the engine's fine-tuning methods (LoRA, QLoRA, frozen layers) with this scheme."""
     offload: bool = False
     """Optimizer states can live in CPU memory (the plan's ``offload``)."""
     optimizers: tuple[Optimizer, ...] = ("adamw",)
@@ -149,15 +151,16 @@ BATCHPILOT = Capabilities(
                  source="train/parallelize.py apply_ddp (DistributedDataParallel; torch.autocast in "
                         "measure/step.py; no DDP with tensor parallelism)"),
         Sharding(zero_stage=2, bookkeeping="fsdp2", name="FSDP2 --zero 2 (reshard_after_forward=False)",
-                 recompute=("none", "op", "full"),
+                 recompute=("none", "op", "full"), finetune=False,
                  source="train/parallelize.py apply_fsdp (torchtitan's units; MixedPrecisionPolicy bf16 params, "
                         "fp32 reduce)"),
         Sharding(zero_stage=3, bookkeeping="fsdp2", name="FSDP2 --zero 3", recompute=("none", "op", "full"),
+                 finetune=False,
                  source="train/parallelize.py apply_fsdp (torchtitan apply_fsdp_to_decoder units and "
                         "reshard_after_forward policies; meta-device init, broadcast_from_rank0)"),
     ),
     precisions=("fp32", "bf16", "fp16", "fp8"), fp8_recipes=("tensorwise", "rowwise"),
-    tp=True, every_n=("op", "full"), compile=True,
+    tp=True, every_n=("op", "full"), compile=True, finetune=("full", "lora", "qlora"),
     sources=MappingProxyType({
         "optimizer": "measure/step.py make_optimizer (AdamW; train has no --optimizer)",
         "precision": "cli/train.py --precision (fp32, bf16, fp16; fp8 through torchao on CUDA only)",
@@ -171,6 +174,8 @@ BATCHPILOT = Capabilities(
         "compile": "train/parallelize.py apply_compile (each decoder layer, after recomputation, before FSDP2) "
                    "and the loss (train/loop.py)",
         "offload": "batchpilot train keeps the optimizer on the device (train/loop.py)",
+        "finetune": "train/finetune.py: PEFT LoRA/QLoRA and frozen layers on one process or under DDP (FSDP2 and "
+                    "tensor parallelism refused)",
     }),
 )
 
@@ -422,6 +427,9 @@ def _sharding_problems(caps: Capabilities, sharding: Sharding, s: RunSettings, *
     if s.optimizer not in sharding.optimizers:
         out.append(f"{caps.name} {sharding.name} selects {', '.join(sharding.optimizers)}, not {s.optimizer} "
                    f"({caps.sources.get('optimizer', sharding.source)})")
+    if not sharding.finetune and (s.finetune.method != "full" or s.finetune.frozen_layers):
+        out.append(f"{caps.name} {sharding.name} does not run --finetune {s.finetune.method} "
+                   f"({caps.sources.get('finetune', sharding.source)})")
     allowed = recompute_for(sharding, s.pp)
     if s.recompute not in allowed:
         out.append(f"{caps.name} {sharding.name} switches on recompute {', '.join(allowed)} from its configuration, "
@@ -485,7 +493,9 @@ def _settings_problems(caps: Capabilities, s: RunSettings) -> list[str]:
     if s.param_dtype == "bf16" and not caps.param_dtype_bf16:
         out.append(f"{caps.name} has no pure-bf16 parameter setting; drop --param-dtype bf16")
     ft = s.finetune
-    if ft.method not in caps.finetune or (caps.finetune == ("full",) and (ft.frozen_layers or ft.paged)):
+    if ft.paged and caps.name != "hf":
+        out.append(f"{caps.name} has no paged optimizer states (bitsandbytes PagedAdamW: --engine hf); drop paged")
+    if ft.method not in caps.finetune or (caps.finetune == ("full",) and ft.frozen_layers):
         out.append(f"{caps.name} trains every parameter with its own optimizer (--finetune {ft.method}"
                    + (f", frozen-layers={ft.frozen_layers}" if ft.frozen_layers else "")
                    + (", paged" if ft.paged else "") + " is model code there); --engine hf states LoRA/QLoRA "
@@ -548,6 +558,13 @@ def _scheme_problems(caps: Capabilities, s: RunSettings, *, zero: int | None, re
                 + (f" with ZeRO-{zero}" if zero is not None else "") + f" (--offload); "
                 f"{_who(lambda c: any(x.offload for x in c.shardings))}"]
     schemes = [x for x in schemes if x.offload or not s.offload]
+    partial = s.finetune.method != "full" or bool(s.finetune.frozen_layers)
+    if partial and s.finetune.method in caps.finetune and not any(x.finetune for x in schemes):
+        able = ", ".join(f"ZeRO-{x.zero_stage} {x.name}" for x in caps.shardings if x.finetune)
+        return [f"{e} cannot run --finetune {s.finetune.method}"
+                + (f" with --zero {zero}" if zero is not None else "") + f": {able} only "
+                f"({caps.sources.get('finetune', '')})"]
+    schemes = [x for x in schemes if x.finetune or not partial]
     if not any(s.optimizer in x.optimizers for x in schemes):
         return [f"{e} selects no --optimizer {s.optimizer} here ({caps.sources.get('optimizer', '')}); "
                 f"{_who(lambda c: any(s.optimizer in x.optimizers for x in c.shardings))}"]

@@ -142,6 +142,8 @@ def _schemes(req: PlanRequest, caps: Capabilities | None, *, tp: int, pp: int, c
             continue
         if base.offload and (not sharding.offload or (pp > 1 and not caps.pipeline_offload)):
             continue
+        if not sharding.finetune and (base.finetune.method != "full" or base.finetune.frozen_layers):
+            continue
         if base.optimizer in sharding.optimizers:
             out.append((sharding.bookkeeping, sharding.zero_stage, recompute_for(sharding, pp)))
     return out

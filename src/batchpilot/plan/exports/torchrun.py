@@ -16,6 +16,7 @@ from batchpilot.plan.engines import BATCHPILOT, MEGATRON, plan_problems
 from batchpilot.plan.exports._common import Exported, ExportError, ExportOptions, launch_shape, render_shell
 from batchpilot.plan.exports.megatron import megatron_args, needs_single_connection
 from batchpilot.plan.request import Plan, PlanRequest
+from batchpilot.specs.finetune import FULL, format_finetune
 
 
 def torchrun_command(plan: Plan, request: PlanRequest, data: str | None = None) -> list[str]:
@@ -59,6 +60,8 @@ def _runner_settings(plan: Plan) -> list[str]:
         out.append("--compile")
     if s.precision == "fp8":
         out += ["--fp8-recipe", s.resolved_fp8_recipe or "tensorwise"]
+    if s.finetune != FULL:
+        out += ["--finetune", format_finetune(s.finetune)]
     return out
 
 
