@@ -16,7 +16,7 @@ from rich import box
 from rich.table import Table
 
 from batchpilot.cli._common import console
-from batchpilot.cli._options import count, option
+from batchpilot.cli._options import count, number, option
 from batchpilot.errors import BatchpilotError, InfeasibleError, SpecError
 from batchpilot.plan.cost import budget_tokens, describe_cost, format_duration, training_cost
 from batchpilot.plan.finetune import compare_modes
@@ -39,12 +39,12 @@ PlanFinetuneOpt = Annotated[str | None, option(
          "bf16-update, paged), or 'compare': plan every mode (full, 8-bit AdamW, pure bf16, LoRA, QLoRA) side by "
          "side with memory, speed and what each changes.", rich_help_panel=_PANEL)]
 EpochsOpt = Annotated[float | None, option(
-    "--epochs", help="Epochs over --dataset-tokens: the token budget for time and cost.", rich_help_panel=_PANEL)]
+    "--epochs", number("--epochs"), help="Epochs over --dataset-tokens: the token budget for time and cost.", rich_help_panel=_PANEL)]
 DatasetTokensOpt = Annotated[int | None, option(
     "--dataset-tokens", count("--dataset-tokens"), help="Tokens in the dataset (with --epochs).",
     rich_help_panel=_PANEL)]
 PriceOpt = Annotated[float | None, option(
-    "--price-per-gpu-hour", help="Price of one GPU-hour: the cost of the run (with a token budget).",
+    "--price-per-gpu-hour", number("--price-per-gpu-hour"), help="Price of one GPU-hour: the cost of the run (with a token budget).",
     rich_help_panel=_PANEL)]
 
 
