@@ -55,6 +55,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
 from batchpilot.errors import BatchpilotError
@@ -172,8 +173,8 @@ class PendingCheckpoint:
         if self.future is not None:
             try:
                 self.future.result()
-            except Exception as exc:  # the writer thread's OSError/RuntimeError, re-raised by the future
-                error = exc
+            except (Exception, CheckpointException) as exc:  # the writer thread's, re-raised by the future
+                error = dcp_io.unwrap(exc)
         _agree(self.env, error, self.tmp, self.out)
         try:
             if self.env.is_main:

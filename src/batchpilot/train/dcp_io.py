@@ -27,6 +27,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -104,10 +105,22 @@ def state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     return {"model": model_sd, "optimizer": optim_sd}
 
 
+def unwrap(exc: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's ``CheckpointException`` (a ``BaseException`` carrying every
+    failed rank's exception and traceback), so a full disk reads as the ``OSError``/``RuntimeError`` it is."""
+    if isinstance(exc, CheckpointException):
+        failures = list(exc.failures.values())
+        return failures[0][0] if failures else RuntimeError(str(exc).splitlines()[0])
+    return exc
+
+
 def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """``dcp.save`` into ``directory / "dcp"`` (a collective when a process group exists)."""
-    with _quiet():
-        dcp.save(state_dicts(model, optimizer), checkpoint_id=str(directory / DCP), no_dist=_alone())
+    try:
+        with _quiet():
+            dcp.save(state_dicts(model, optimizer), checkpoint_id=str(directory / DCP), no_dist=_alone())
+    except CheckpointException as exc:
+        raise unwrap(exc) from None
 
 
 def start_async_save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, group: Any) -> Any:
@@ -124,8 +137,9 @@ def load_into(directory: Path, model: nn.Module, optimizer: torch.optim.Optimize
         with _quiet():
             dcp.load(state, storage_reader=SafeReader(str(directory / DCP)), planner=SafeLoadPlanner(),
                      no_dist=_alone())
-    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, OSError) as exc:
-        raise BatchpilotError(f"checkpoint {str(directory)!r} cannot be read: {' '.join(str(exc).split())[:200]}") from None
+    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, OSError, CheckpointException) as exc:
+        raise BatchpilotError(f"checkpoint {str(directory)!r} cannot be read: "
+                              f"{' '.join(str(unwrap(exc)).split())[:200]}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -149,6 +163,7 @@ def read_tensors(directory: Path, section: str) -> dict[str, torch.Tensor]:
     try:
         with _quiet():
             dcp.load(state, storage_reader=SafeReader(str(directory / DCP)), planner=SafeLoadPlanner(), no_dist=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, OSError) as exc:
-        raise BatchpilotError(f"checkpoint {str(directory)!r} cannot be read: {' '.join(str(exc).split())[:200]}") from None
+    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, OSError, CheckpointException) as exc:
+        raise BatchpilotError(f"checkpoint {str(directory)!r} cannot be read: "
+                              f"{' '.join(str(unwrap(exc)).split())[:200]}") from None
     return state[section]
