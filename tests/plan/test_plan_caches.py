@@ -2,9 +2,10 @@
 
 The step-time model caches per-layer op times by (shape, implementation) and one micro-batch's compute and
 TP/CP/EP communication by every run setting except :data:`~batchpilot.estimate.steptime.MICRO_IGNORED_SETTINGS`;
-these tests check that the ignored settings really leave the micro-batch unchanged, that a model warmed by
-other estimates answers as a fresh one does, and that :class:`~batchpilot.estimate.layer_time.Parts`' written-out
-arithmetic covers every field."""
+the memory model caches a layer's activation bytes and a stage's bytes per token by every setting except
+:data:`~batchpilot.estimate.memory.LAYER_IGNORED_SETTINGS`. These tests check that the ignored settings really
+leave those unchanged, that warm caches answer as cold ones do, and that
+:class:`~batchpilot.estimate.layer_time.Parts`' written-out arithmetic covers every field."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ import dataclasses
 
 import pytest
 
+from batchpilot.estimate import memory
+from batchpilot.estimate.activations import layer_bytes
 from batchpilot.estimate.layer_time import _PARTS_FIELDS, OP_CLASSES, Parts
+from batchpilot.estimate.memory import LAYER_IGNORED_SETTINGS, analytic_memory
+from batchpilot.estimate.overhead import OverheadModel
 from batchpilot.estimate.steptime import MICRO_IGNORED_SETTINGS, StepTimeModel
 from batchpilot.specs.batch import BatchTriad
 from batchpilot.specs.hardware import ClusterSpec, load_accelerator
@@ -72,3 +77,54 @@ def test_a_warm_model_estimates_as_a_fresh_one(name):
             triad = BatchTriad(micro_batch_sequences=b, grad_accum_steps=8 // b * 4,
                                data_parallel_ranks=256 // settings.model_parallel_size, seq_len_tokens=4096)
             assert warm.estimate(settings, triad) == _model(name, 256).estimate(settings, triad)
+
+
+LAYER_OTHER_VALUES = {**OTHER_VALUES, "pp": {"pp": 8}, "optimizer": {"optimizer": "adafactor"}}
+"""Other values of each setting the activation caches ignore."""
+
+
+@pytest.mark.parametrize(("name", "base"), [("deepseek-v3", MOE), ("llama-3-8b", DENSE),
+                                            ("llama-3-8b", RunSettings(engine="torch", recompute="full"))])
+def test_settings_the_activation_caches_ignore_do_not_change_activations(name, base):
+    model = load_model(name)
+    assert set(LAYER_OTHER_VALUES) >= LAYER_IGNORED_SETTINGS
+    for field in LAYER_IGNORED_SETTINGS:
+        change = LAYER_OTHER_VALUES[field]
+        if field == "fp8_all_gather" and base.engine != "fsdp2":
+            continue
+        if field == "offload" and base.zero_stage == 0:
+            change = {"offload": True, "zero_stage": 1}
+        if field == "zero_stage" and base.zero_stage == 0:
+            change = {"zero_stage": 1}
+        if field == "vpp" and base.pp == 1:
+            change = {"vpp": 2, "pp": 4}
+        reference = dataclasses.replace(base, **{k: v for k, v in change.items() if k != field})
+        changed = dataclasses.replace(base, **change)
+        assert getattr(changed, field) != getattr(reference, field)
+        for moe_layer in (False, True) if model.is_moe else (False,):
+            for policy in ("none", "selective", "op", "full"):
+                assert (layer_bytes(model, changed, seq_len=4096, moe_layer=moe_layer, policy=policy, imbalance=1.0)
+                        == layer_bytes(model, reference, seq_len=4096, moe_layer=moe_layer, policy=policy,
+                                       imbalance=1.0)), (field, policy)
+        for first, last in ((True, True), (True, False), (False, True)):
+            stage = []
+            for settings in (changed, reference):
+                memory._STAGE_TOKENS.clear()
+                stage.append(memory._stage_tokens(model, memory._config_key(model), settings, 8, OverheadModel(), 4096,
+                                                  first, last))
+            assert stage[0] == stage[1], (field, first, last)
+
+
+@pytest.mark.parametrize(("name", "settings", "dp"), [
+    ("deepseek-v3", MOE, 32), ("llama-3-8b", dataclasses.replace(DENSE, pp=1), 16),
+    ("llama-3-8b", RunSettings(engine="deepspeed", zero_stage=2, recompute="selective"), 64),
+])
+def test_warm_memory_caches_answer_as_cold_ones(name, settings, dp):
+    model = load_model(name)
+    pairs = [(1, 8), (2, 4), (4, 8), (2, 4), (1, 8)]
+    warm = [analytic_memory(model, settings, micro_batch=b, seq_len=4096, dp=dp, grad_accum=m) for b, m in pairs]
+    for (b, m), remembered in zip(pairs, warm, strict=True):
+        memory._LAYER_CACHE.clear()
+        memory._STAGE_TOKENS.clear()
+        memory._stage_fixed.cache_clear()
+        assert analytic_memory(model, settings, micro_batch=b, seq_len=4096, dp=dp, grad_accum=m) == remembered

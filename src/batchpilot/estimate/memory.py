@@ -50,8 +50,11 @@ fused cross-entropy) save less.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,12 +116,9 @@ class _StageLayout:
     expert_shard: int
     """Ranks one routed expert's states are sharded over (the expert data-parallel group)."""
     layers_per_stage: int
-    in_flight: float
-    """Micro-batches' worth of a whole stage's activations the first pipeline stage holds at its peak
-    (:func:`first_stage_in_flight`)."""
 
 
-def _stage_layout(model: ModelSpec, settings: RunSettings, dp: int, grad_accum: int, gpus_per_node: int) -> _StageLayout:
+def _stage_layout(model: ModelSpec, settings: RunSettings, dp: int, gpus_per_node: int) -> _StageLayout:
     group = dp * settings.cp
     shard = min(group, gpus_per_node) if settings.hybrid_shard else group
     if settings.ep > dp or dp % settings.ep:
@@ -130,7 +130,6 @@ def _stage_layout(model: ModelSpec, settings: RunSettings, dp: int, grad_accum: 
         tp=settings.tp, pp=settings.pp, ep=settings.ep, cp=settings.cp, sp=settings.sp and settings.tp > 1, dp=dp,
         shard=max(1, shard), expert_shard=max(1, shard // settings.ep),
         layers_per_stage=math.ceil(model.num_layers / settings.pp),
-        in_flight=first_stage_in_flight(settings.pp, settings.vpp, grad_accum),
     )
 
 
@@ -205,21 +204,42 @@ def _stage_params(model: ModelSpec, lay: _StageLayout, first: bool, last: bool) 
 
 
 # ---------------------------------------------------------------------------------------------- layers
-@functools.lru_cache(maxsize=8192)
+LAYER_IGNORED_SETTINGS = frozenset({"zero_stage", "pp", "vpp", "optimizer", "offload", "hybrid_shard",
+                                    "reshard_after_forward", "fp8_all_gather"})
+"""Run settings one layer's activation bytes (:func:`~batchpilot.estimate.activations.layer_bytes`) do not read: the
+layer cache is keyed by every other field (a new setting is part of the key until it is listed here)."""
+
+_layer_settings_key = operator.attrgetter(
+    *(f.name for f in dataclasses.fields(RunSettings) if f.name not in LAYER_IGNORED_SETTINGS))
+
+_LAYER_CACHE: dict[tuple[object, ...], LayerBytes] = {}
+_LAYER_CACHE_SIZE = 8192
+"""Entries kept before :data:`_LAYER_CACHE` starts over (a planner run fills a few hundred)."""
+
+
 def _cached_layer(model: ModelSpec, settings: RunSettings, seq_len: int, moe_layer: bool, policy: Policy,
                   imbalance: float, config_key: tuple[bool, str]) -> LayerBytes:
-    return layer_bytes(model, settings, seq_len=seq_len, moe_layer=moe_layer, policy=policy, imbalance=imbalance)
+    """:func:`layer_bytes`, cached by the settings it reads (all but :data:`LAYER_IGNORED_SETTINGS`)."""
+    key = (model, config_key, _layer_settings_key(settings), seq_len, moe_layer, policy, imbalance)
+    found = _LAYER_CACHE.get(key)
+    if found is None:
+        if len(_LAYER_CACHE) >= _LAYER_CACHE_SIZE:
+            _LAYER_CACHE.clear()
+        found = _LAYER_CACHE[key] = layer_bytes(model, settings, seq_len=seq_len, moe_layer=moe_layer, policy=policy,
+                                                imbalance=imbalance)
+    return found
 
 
-def _layer(model: ModelSpec, settings: RunSettings, seq_len: int, policy: Policy, imbalance: float) -> LayerBytes:
+def _layer(model: ModelSpec, settings: RunSettings, seq_len: int, policy: Policy, imbalance: float,
+           config_key: tuple[bool, str]) -> LayerBytes:
     """One average layer (dense and MoE layers mixed by their share) under ``policy``, cached (the planner
     evaluates thousands of micro-batch sizes). ``ModelSpec`` equality ignores ``hf_config``, so the config
-    fields the terms read (dropout rates, the GELU variant) are part of the cache key."""
-    key = (dropout_enabled(model), str(model.hf_config.get("activation_function")))
-    dense = _cached_layer(model, settings, seq_len, False, policy, imbalance, key)
+    fields the terms read (dropout rates, the GELU variant: ``config_key``, :func:`_config_key`) are part of the
+    cache key."""
+    dense = _cached_layer(model, settings, seq_len, False, policy, imbalance, config_key)
     if not model.is_moe:
         return dense
-    moe = _cached_layer(model, settings, seq_len, True, policy, imbalance, key)
+    moe = _cached_layer(model, settings, seq_len, True, policy, imbalance, config_key)
     share = model.num_moe_layers / model.num_layers
     return LayerBytes(saved=(1 - share) * dense.saved + share * moe.saved,
                       backward=(1 - share) * dense.backward + share * moe.backward,
@@ -246,38 +266,32 @@ class _Activations:
     """Named terms for ``details``."""
 
 
-def _activations(model: ModelSpec, settings: RunSettings, lay: _StageLayout, overhead: OverheadModel, *,
-                 micro_batch: int, seq_len: int, first: bool, last: bool) -> _Activations:
+def _activations(model: ModelSpec, lay: _StageLayout, fixed: _StageFixed, *, micro_batch: int, seq_len: int,
+                 in_flight: float, first: bool, last: bool) -> _Activations:
+    """The stage's activations at ``micro_batch``: :class:`_StageFixed`'s bytes per token × the tokens, the layers'
+    saved tensors summed in forward order, the ``in_flight`` − 1 other micro-batches the first stage holds
+    (:func:`first_stage_in_flight`), and the backward sweep (each layer's working set on top of what the layers
+    below saved)."""
     tokens = micro_batch * seq_len / lay.cp
-    imbalance = overhead.moe_token_imbalance
-    policies = layer_policies(settings, lay.layers_per_stage)
-    per_policy = {p: _layer(model, settings, seq_len, p, imbalance) for p in set(policies)}
-    layers = finetune_layers.stage_layers([per_policy[p] for p in policies], model, settings, first=first,
-                                          seq_len=seq_len)
-    saved = [lb.saved * tokens for lb in layers]
+    per_token = fixed.tokens
+    saved = [s * tokens for s in per_token.saved]
     saved_all = sum(saved)
-    held = (lay.in_flight - 1) * saved_all if first else 0.0
-    below = 0.0
-    sweep = []
-    for lb, s in zip(layers, saved, strict=True):
-        sweep.append(below + lb.backward * tokens)
-        below += s
-    d = block_style(settings)
-    if last:
-        loss = sum(logits_terms(model, settings).values()) * tokens
-    else:
-        loss = model.hidden_size * d.resid * tokens / (lay.tp if lay.sp else 1)
-    mask = model.hidden_size * tokens if first and dropout_enabled(model) else 0.0
+    held = (in_flight - 1) * saved_all if first else 0.0
+    # below = what the layers before each one saved, summed in order (itertools.accumulate adds as a loop would)
+    sweep = [below + b * tokens for below, b in zip(itertools.accumulate(saved[:-1], initial=0.0),
+                                                    per_token.backward, strict=True)]
+    loss = per_token.loss * tokens if last else per_token.resid * tokens / (lay.tp if lay.sp else 1)
+    mask = model.hidden_size * tokens if first and per_token.dropout else 0.0
     terms = {"layers": saved_all, "logits_loss" if last else "incoming_grad": loss}
     if held:
         terms["other_micro_batches"] = held
     if mask:
         terms["embedding_dropout_mask"] = mask
-    terms["layer_backward_working"] = max(lb.backward for lb in layers) * tokens
+    terms["layer_backward_working"] = per_token.backward_max * tokens
     return _Activations(
         saved_all=saved_all, held=held, loss=loss, layer_backward=sweep, embedding_mask=mask,
-        forward_hole=max(lb.forward_transient for lb in layers) * tokens,
-        loss_hole=loss_hole_bytes(model, settings) * tokens if last else 0.0, terms=terms,
+        forward_hole=per_token.forward_transient_max * tokens,
+        loss_hole=per_token.loss_hole * tokens if last else 0.0, terms=terms,
     )
 
 
@@ -310,9 +324,11 @@ def analytic_memory(model: ModelSpec, settings: RunSettings, *, micro_batch: int
         raise SpecError(f"--seq-len {seq_len} must be a multiple of --cp {settings.cp} (each context-parallel "
                         f"rank holds an equal share); use --seq-len {(seq_len // settings.cp + 1) * settings.cp}")
     overhead = OverheadModel() if overhead is None else overhead
-    lay = _stage_layout(model, settings, dp, grad_accum, gpus_per_node)
+    lay = _stage_layout(model, settings, dp, gpus_per_node)
+    in_flight = first_stage_in_flight(settings.pp, settings.vpp, grad_accum)
+    config_key = _config_key(model)
     stages = [(True, True)] if settings.pp == 1 else [(True, False), (False, True)]
-    results = [_stage_memory(model, settings, lay, overhead, micro_batch, seq_len, first, last)
+    results = [_stage_memory(model, config_key, settings, lay, overhead, micro_batch, seq_len, in_flight, first, last)
                for first, last in stages]
     return max(results, key=lambda r: r.total_bytes)
 
@@ -411,56 +427,49 @@ def _grads_growing(settings: RunSettings, lay: _StageLayout) -> bool:
     return (settings.engine == "torch" and lay.dp * lay.cp == 1) or settings.engine == "fsdp2"
 
 
-def _moments(model: ModelSpec, settings: RunSettings, lay: _StageLayout, overhead: OverheadModel,
-             params: _StageParams, states: ModelStates, acts: _Activations, w: _Weights) -> dict[str, _Moment]:
+def _moments(fixed: _StageFixed, acts: _Activations) -> dict[str, _Moment]:
     """The four candidate peaks of a step (see the module docstring)."""
-    grads = states.gradients_bytes
-    growing = _grads_growing(settings, lay)
-    grads_early = 0.0 if growing else grads
-    weights = states.weights_bytes + w.resident
-    slack_allowed = overhead.caching_allocator
-    tied = 0.0
-    if model.tie_word_embeddings and lay.pp == 1 and growing and finetune.embedding_gradient(settings):
-        tied = model.vocab_size * model.hidden_size / lay.tp * bytes_per_param(settings).gradients
-    transient = 0.0 if settings.offload else _optimizer_transient(model, settings, params, lay, overhead)
-    start = _Moment(weights=weights, gradients=grads_early + w.unsharded_grads,
+    states, w, grads = fixed.states, fixed.w, fixed.states.gradients_bytes
+    start = _Moment(weights=fixed.weights, gradients=fixed.grads_early + w.unsharded_grads,
                     activations=acts.saved_all + acts.held + acts.loss + acts.embedding_mask,
-                    extra=w.forward_gather + _deepspeed_bucket(settings, lay),
-                    slack=(acts.loss_hole + acts.forward_hole) if slack_allowed else 0.0)
-    layer = _layer_backward_moment(model, settings, lay, params, states, acts, w, weights, growing)
+                    extra=w.forward_gather + fixed.bucket,
+                    slack=(acts.loss_hole + acts.forward_hole) if fixed.slack_allowed else 0.0)
+    layer = _layer_backward_moment(fixed, acts)
     return {
         "backward_start": start,
         "backward_end": _Moment(weights=states.weights_bytes,
                                 gradients=grads + w.unsharded_grads, activations=0.0,
-                                extra=tied + _deepspeed_bucket(settings, lay)),
+                                extra=fixed.tied + fixed.bucket),
         "optimizer_step": _Moment(weights=states.weights_bytes, gradients=grads, activations=0.0,
-                                  extra=transient),
+                                  extra=fixed.transient),
         "layer_backward": layer,
     }
 
 
-def _layer_backward_moment(model: ModelSpec, settings: RunSettings, lay: _StageLayout, params: _StageParams,
-                           states: ModelStates, acts: _Activations, w: _Weights, weights: float,
-                           growing: bool) -> _Moment:
-    """The largest of the per-layer backward moments: the layers below's saved tensors + this layer's
-    working set, plus the gradients produced so far (the output head and final norm, the layers above, this
-    layer's down projection) when they appear layer by layer, else all of them."""
+def _produced_gradients(model: ModelSpec, lay: _StageLayout, params: _StageParams, states: ModelStates,
+                        growing: bool) -> tuple[float, ...]:
+    """Per layer (forward order), the gradients alive while its backward runs: the output head and final norm,
+    the layers above and this layer's down projection when they appear layer by layer, else all of them."""
     grads = states.gradients_bytes
     total_params = params.dense + params.expert
     per_param = grads / total_params if total_params else 0.0
     n = lay.layers_per_stage
     ffn_last = model.hidden_size * max(model.intermediate_size, model.moe_intermediate_size) / lay.tp
-    best_total, best = -1.0, (0.0, 0.0)
-    for i, live in enumerate(acts.layer_backward):
-        above = params.head + (n - 1 - i) * params.layer + min(ffn_last, params.layer)
-        produced = min(total_params, above) * per_param if growing else grads
-        total = live + produced
-        if total > best_total:
-            best_total, best = total, (live, produced)
-    live, produced = best
-    return _Moment(weights=weights, gradients=produced + w.unsharded_grads, activations=live + acts.held,
-                   extra=w.backward_gather + _deepspeed_bucket(settings, lay)
-                   + finetune.dequant_buffer_bytes(model, settings, lay.tp))
+    if not growing:
+        return (grads,) * n
+    return tuple(min(total_params, params.head + (n - 1 - i) * params.layer + min(ffn_last, params.layer)) * per_param
+                 for i in range(n))
+
+
+def _layer_backward_moment(fixed: _StageFixed, acts: _Activations) -> _Moment:
+    """The largest of the per-layer backward moments (the first, on a tie): the layers below's saved tensors +
+    this layer's working set, plus the gradients produced so far (:func:`_produced_gradients`)."""
+    live_by_layer, produced_by_layer = acts.layer_backward, fixed.produced
+    totals = [live + produced for live, produced in zip(live_by_layer, produced_by_layer, strict=True)]
+    i = max(range(len(totals)), key=totals.__getitem__)
+    live, produced = live_by_layer[i], produced_by_layer[i]
+    return _Moment(weights=fixed.weights, gradients=produced + fixed.w.unsharded_grads,
+                   activations=live + acts.held, extra=fixed.w.backward_gather + fixed.bucket + fixed.dequant)
 
 
 def _deepspeed_bucket(settings: RunSettings, lay: _StageLayout) -> float:
@@ -475,17 +484,117 @@ def _communicators(lay: _StageLayout) -> int:
     return sum(size > 1 for size in (lay.dp, lay.tp, lay.pp, lay.cp, lay.ep))
 
 
-def _stage_memory(model: ModelSpec, settings: RunSettings, lay: _StageLayout, overhead: OverheadModel,
-                  micro_batch: int, seq_len: int, first: bool, last: bool) -> MemoryBreakdown:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _StageTokens:
+    """A stage's activations per token (bytes), whatever its micro-batch, accumulation and data-parallel layout:
+    :func:`_stage_tokens`, cached."""
+
+    saved: tuple[float, ...]
+    """Each layer's saved tensors (forward order)."""
+    backward: tuple[float, ...]
+    """Each layer's backward working set."""
+    backward_max: float
+    forward_transient_max: float
+    loss: float
+    """The loss buffers and the final norm (:func:`logits_terms`, summed; last stage)."""
+    resid: float
+    """The incoming gradient of a stage that is not the last: h × the residual stream's bytes."""
+    loss_hole: float
+    dropout: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _StageFixed:
+    """What one pipeline stage's memory takes from the run whatever its micro-batch and accumulation (bytes):
+    :func:`_stage_fixed`, cached."""
+
+    params: _StageParams
+    states: ModelStates
+    w: _Weights
+    tokens: _StageTokens
+    weights: float
+    """Weights plus the compute copies alive through forward and backward."""
+    grads_early: float
+    """Gradients alive at the start of the backward (0 when they appear layer by layer)."""
+    tied: float
+    transient: float
+    """The optimizer step's temporaries."""
+    bucket: float
+    """DeepSpeed's reduce bucket."""
+    dequant: float
+    """QLoRA's dequantization buffer during a layer's backward."""
+    slack_allowed: bool
+    produced: tuple[float, ...]
+    """:func:`_produced_gradients`."""
+
+
+_STAGE_TOKENS: dict[tuple[object, ...], _StageTokens] = {}
+
+
+def _stage_tokens(model: ModelSpec, config_key: tuple[bool, str], settings: RunSettings, layers_per_stage: int,
+                  overhead: OverheadModel, seq_len: int, first: bool, last: bool) -> _StageTokens:
+    """:class:`_StageTokens`, cached by the settings the activation terms read (all but
+    :data:`LAYER_IGNORED_SETTINGS`) and the stage's layer count; ``config_key``: the ``hf_config`` fields they read
+    (:func:`_layer`)."""
+    imbalance = overhead.moe_token_imbalance
+    key = (model, config_key, _layer_settings_key(settings), layers_per_stage, imbalance, seq_len, first, last)
+    found = _STAGE_TOKENS.get(key)
+    if found is not None:
+        return found
+    policies = layer_policies(settings, layers_per_stage)
+    per_policy = {p: _layer(model, settings, seq_len, p, imbalance, config_key) for p in set(policies)}
+    layers = finetune_layers.stage_layers([per_policy[p] for p in policies], model, settings, first=first,
+                                          seq_len=seq_len)
+    saved, backward = [lb.saved for lb in layers], [lb.backward for lb in layers]
+    found = _StageTokens(
+        saved=tuple(saved), backward=tuple(backward), backward_max=max(backward),
+        forward_transient_max=max(lb.forward_transient for lb in layers),
+        loss=sum(logits_terms(model, settings).values()) if last else 0.0,
+        resid=model.hidden_size * block_style(settings).resid, loss_hole=loss_hole_bytes(model, settings),
+        dropout=dropout_enabled(model))
+    if len(_STAGE_TOKENS) >= _LAYER_CACHE_SIZE:
+        _STAGE_TOKENS.clear()
+    _STAGE_TOKENS[key] = found
+    return found
+
+
+@functools.lru_cache(maxsize=8192)
+def _stage_fixed(model: ModelSpec, config_key: tuple[bool, str], settings: RunSettings, lay: _StageLayout,
+                 overhead: OverheadModel, seq_len: int, first: bool, last: bool) -> _StageFixed:
+    """:class:`_StageFixed` of one stage; ``config_key``: the ``hf_config`` fields the terms read (:func:`_layer`)."""
     params = _stage_params(model, lay, first, last)
     states = finetune.model_states(model, settings, params=params.dense + params.expert, matmul_params=params.matmul,
                                    layers=lay.layers_per_stage, first=first, dp=lay.dp, shard=lay.shard, tp=lay.tp) \
         or model_state_bytes(settings, params=params.dense, expert_params=params.expert, dp=lay.dp,
                              matmul_params=params.matmul, shard=lay.shard)
-    acts = _activations(model, settings, lay, overhead, micro_batch=micro_batch, seq_len=seq_len,
-                        first=first, last=last)
     w = _weights(settings, lay, overhead, params, states)
-    moments = _moments(model, settings, lay, overhead, params, states, acts, w)
+    growing = _grads_growing(settings, lay)
+    tied = 0.0
+    if model.tie_word_embeddings and lay.pp == 1 and growing and finetune.embedding_gradient(settings):
+        tied = model.vocab_size * model.hidden_size / lay.tp * bytes_per_param(settings).gradients
+    return _StageFixed(
+        params=params, states=states, w=w,
+        tokens=_stage_tokens(model, config_key, settings, lay.layers_per_stage, overhead, seq_len, first, last),
+        weights=states.weights_bytes + w.resident, grads_early=0.0 if growing else states.gradients_bytes, tied=tied,
+        transient=0.0 if settings.offload else _optimizer_transient(model, settings, params, lay, overhead),
+        bucket=_deepspeed_bucket(settings, lay), dequant=finetune.dequant_buffer_bytes(model, settings, lay.tp),
+        slack_allowed=overhead.caching_allocator, produced=_produced_gradients(model, lay, params, states, growing),
+    )
+
+
+def _config_key(model: ModelSpec) -> tuple[bool, str]:
+    """The ``hf_config`` fields the activation terms read (``ModelSpec`` equality ignores ``hf_config``)."""
+    return dropout_enabled(model), str(model.hf_config.get("activation_function"))
+
+
+def _stage_memory(model: ModelSpec, config_key: tuple[bool, str], settings: RunSettings, lay: _StageLayout,
+                  overhead: OverheadModel, micro_batch: int, seq_len: int, in_flight: float, first: bool,
+                  last: bool) -> MemoryBreakdown:
+    fixed = _stage_fixed(model, config_key, settings, lay, overhead, seq_len, first, last)
+    states, w = fixed.states, fixed.w
+    acts = _activations(model, lay, fixed, micro_batch=micro_batch, seq_len=seq_len, in_flight=in_flight,
+                        first=first, last=last)
+    moments = _moments(fixed, acts)
     optimizer = states.optimizer_bytes
     allocated = max(m.allocated(optimizer) for m in moments.values()) + overhead.workspace_bytes
     name, peak = max(moments.items(), key=lambda item: item[1].reserved(optimizer))
