@@ -125,8 +125,9 @@ def _check_torchrun(text: str, best: Plan, req: PlanRequest) -> checks.ReadBack:
     assert global_batch % (micro * dp) == 0  # the runner's own check (train/config.py)
     return checks.ReadBack(world=world, micro=micro, accum=global_batch // (micro * dp), dp=dp,
                            global_batch=global_batch, zero=params["zero"] or (3 if params["fsdp"] else 0),
-                           offload=False, precision=params["precision"], recompute=params["recompute"], tp=tp,
-                           seq_len=params["seq_len"])
+                           offload=False, precision=params["precision"], tp=tp, seq_len=params["seq_len"],
+                           recompute=params["recompute"] + (f"/{params['recompute_every']}"
+                                                            if params["recompute_every"] > 1 else ""))
 
 
 def _megatron_recompute(want: checks.ReadBack, best: Plan, req: PlanRequest) -> checks.ReadBack:
