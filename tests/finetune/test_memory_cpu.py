@@ -63,6 +63,8 @@ def test_lora_saves_less_than_full_training_and_qv_less_than_all_linear() -> Non
     ("tiny-llama-1m", "lora", 4, "fp32", "fp32", "full", "adamw"),
     ("tiny-llama-1m", "full,frozen-layers=2", 4, "fp32", "fp32", "none", "adamw"),
     ("tiny-llama-1m", "full", 4, "fp32", "fp32", "none", "adamw-8bit"),
+    ("tiny-llama-1m", "full", 4, "bf16", "bf16", "none", "adamw"),
+    ("tiny-llama-1m", "full,frozen-layers=2", 4, "bf16", "bf16", "none", "adamw"),
     ("tiny-llama-1m", "qlora", 4, "bf16", "fp32", "none", "adamw"),
     ("tiny-llama-1m", "qlora,dropout=0.05", 4, "bf16", "fp32", "none", "adamw"),
     ("tiny-llama-1m", "qlora", 4, "bf16", "bf16", "none", "adamw"),

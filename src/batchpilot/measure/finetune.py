@@ -65,13 +65,17 @@ def decoder_layers(module: nn.Module) -> list[nn.Module]:
 
 
 def apply_finetune(module: nn.Module, ft: FineTune, *, precision: str, param_dtype: str) -> nn.Module:
-    """``module`` (an fp32 ``transformers`` causal LM) prepared for ``ft``: returned as is for full training,
-    with its embedding and first layers frozen for ``frozen_layers``, or wrapped by PEFT for LoRA/QLoRA."""
+    """``module`` (an fp32 ``transformers`` causal LM) prepared for ``ft``: for full training as is (in bf16 with
+    ``param_dtype="bf16"``: pure bf16), with its embedding and first layers frozen for ``frozen_layers``; wrapped by
+    PEFT for LoRA/QLoRA."""
+    import torch
+
     if not ft.adapters:
+        if param_dtype == "bf16":  # pure bf16: weights, gradients and optimizer states in bf16, no autocast
+            cast_floating(module, torch.bfloat16)
         if ft.frozen_layers:
             _freeze_prefix(module, ft.frozen_layers)
         return module
-    import torch
 
     peft = _import("peft")
     module.requires_grad_(False)
