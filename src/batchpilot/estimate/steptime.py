@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import NamedTuple
@@ -136,6 +136,9 @@ read: they shape only the data-parallel traffic, the optimizer step and the pipe
 cache is keyed by every other field, so a new setting is part of the key until it is listed here."""
 
 _micro_key = operator.attrgetter(*(f.name for f in fields(RunSettings) if f.name not in MICRO_IGNORED_SETTINGS))
+_stage_key = operator.attrgetter(*(f.name for f in fields(RunSettings)
+                                   if f.name not in MICRO_IGNORED_SETTINGS | {"recompute", "recompute_every"}))
+"""The settings a stage's ops read before recomputation is added (:meth:`StepTimeModel._stage_ops`)."""
 _implementation_key = operator.attrgetter("engine", "attention", "compile", "precision", "fp8_recipe", "loss", "tp")
 """The settings :func:`default_implementation` reads (``resolved_loss`` reads ``tp``)."""
 
@@ -245,6 +248,22 @@ class _Layout(NamedTuple):
     """The settings' micro-batch cache key, interned (:meth:`StepTimeModel._micro_id`)."""
 
 
+class _StageOps(NamedTuple):
+    """The ops of one micro-batch on the slowest stage before recomputation: what every policy shares."""
+
+    shape: Shape
+    impl: Implementation
+    layers: tuple[tuple[LayerTimes, float], ...]
+    """(layer times, layers of that kind on the stage), fine-tuning applied."""
+    moe_layers: float
+    forward_body_s: float
+    """The layers' forward."""
+    forward: Parts
+    """The layers' and the head's forward (read only)."""
+    top: LayerTimes
+    """The head (embedding, final norm, output layer, loss)."""
+
+
 class _Terms(NamedTuple):
     """The pieces of one step estimate (seconds)."""
 
@@ -352,6 +371,8 @@ class StepTimeModel:
         self.dense_params = model.params_total - self.expert_params
         self._peak: dict[str, float] = {}
         self._micro_ids: dict[tuple[object, ...], int] = {}
+        self._stage_cache: dict[tuple[tuple[object, ...], int], _StageOps] = {}
+        self._last_layout: tuple[RunSettings, int, _Layout] | None = None
         self._micro_cache: dict[tuple[int, int], _Micro] = {}
         self._layouts: dict[tuple[RunSettings, int], _Layout] = {}
         self._shapes: dict[tuple[object, ...], tuple[Shape, Implementation]] = {}
@@ -435,15 +456,21 @@ class StepTimeModel:
         return _Terms(micro=micro, pp_s=pp_s, bubble_s=bubble_s, dp=dp_comm, optimizer_s=optimizer_s, step_s=step)
 
     def _layout(self, settings: RunSettings, dp: int) -> _Layout:
-        """What the step takes from the layout alone (:class:`_Layout`), cached per (settings, dp)."""
+        """What the step takes from the layout alone (:class:`_Layout`), cached per (settings, dp); the last one is
+        kept by identity (the planner asks for every micro-batch of one layout in turn)."""
+        last = self._last_layout
+        if last is not None and last[0] is settings and last[1] == dp:
+            return last[2]
         key = (settings, dp)
         layout = self._layouts.get(key)
+        self._last_layout = (settings, dp, layout) if layout is not None else None
         if layout is None:
             dualpipe = self.implementation_for(settings).dualpipe
             layout = self._layouts[key] = _Layout(
                 traffic=self._dp_traffic(settings, dp), optimizer_s=self._optimizer_s(settings, dp), dualpipe=dualpipe,
                 p2p_overlapped=settings.vpp > 1 or dualpipe,  # Megatron overlap_p2p_comm, DualPipe
                 micro_id=self._micro_id(settings))
+            self._last_layout = (settings, dp, layout)
         return layout
 
     @staticmethod
@@ -494,7 +521,13 @@ class StepTimeModel:
             found = self._shapes[key] = (self._shape(settings, b), self.implementation_for(settings))
         return found[0], found[1], key
 
-    def _compute_micro(self, settings: RunSettings, b: int) -> _Micro:
+    def _stage_ops(self, settings: RunSettings, b: int) -> _StageOps:
+        """:class:`_StageOps`, cached by the settings they read (:data:`_stage_key`: all but the recomputation policy
+        and :data:`MICRO_IGNORED_SETTINGS`) and ``b``."""
+        key = (_stage_key(settings), b)
+        ops = self._stage_cache.get(key)
+        if ops is not None:
+            return ops
         model = self.model
         sh, impl, shape_key = self._shape_of(settings, b)
         n_dense, n_moe = layers_on_stage(model, settings.pp)
@@ -504,17 +537,28 @@ class StepTimeModel:
         if n_moe:
             layers.append((self._layer_times(moe_layer, shape_key, sh, impl), n_moe))
         layers = finetune_time.step_layers(layers, model, settings, sh, self.cluster.accelerator, self.profile)
-        forward, backward = Parts(), Parts()
-        checkpointed = (math.ceil(model.num_layers / settings.pp) // settings.recompute_every) / math.ceil(
-            model.num_layers / settings.pp)
+        forward = Parts()
         for times, n in layers:
             forward.add(times.forward, n)
-            backward.add(times.backward, n).add(recompute_parts(times, settings.recompute), n * checkpointed)
-        body_s = forward.total_s + backward.total_s
+        forward_body_s = forward.total_s
         top = self._layer_times(head, shape_key, sh, impl)
         top = finetune_time.step_head(top, settings)
         forward.add(top.forward)
-        backward.add(top.backward)
+        ops = self._stage_cache[key] = _StageOps(shape=sh, impl=impl, layers=tuple(layers), moe_layers=n_moe,
+                                                 forward_body_s=forward_body_s, forward=forward, top=top)
+        return ops
+
+    def _compute_micro(self, settings: RunSettings, b: int) -> _Micro:
+        model = self.model
+        ops = self._stage_ops(settings, b)
+        sh, impl, layers, forward = ops.shape, ops.impl, ops.layers, ops.forward
+        backward = Parts()
+        checkpointed = (math.ceil(model.num_layers / settings.pp) // settings.recompute_every) / math.ceil(
+            model.num_layers / settings.pp)
+        for times, n in layers:
+            backward.add(times.backward, n).add(recompute_parts(times, settings.recompute), n * checkpointed)
+        body_s = ops.forward_body_s + backward.total_s
+        backward.add(ops.top.backward)
         compute = Parts().add(forward).add(backward)
         if not self.calibration.is_default:
             measured = self._micro_flops(settings, b) / (
@@ -523,7 +567,8 @@ class StepTimeModel:
         scale = compute.total_s / (forward.total_s + backward.total_s)
         n_layers = math.ceil(model.num_layers / settings.pp)
         tp = self._overlapped(self._tp_s(settings, sh, n_layers), compute.gemm, impl.tp_comm_overlap)
-        ep = self._overlapped(self._ep_s(settings, sh, n_moe), compute.total_s, impl.ep_comm_overlap or impl.dualpipe)
+        ep = self._overlapped(self._ep_s(settings, sh, ops.moe_layers), compute.total_s,
+                              impl.ep_comm_overlap or impl.dualpipe)
         cp = self._cp_comm(settings, sh, layers)
         cp = _Comm(exposed_s=cp.exposed_s + self.fitted.overlap_interference * (cp.total_s - cp.exposed_s),
                    total_s=cp.total_s)
@@ -565,7 +610,7 @@ class StepTimeModel:
             one = self.fabric.all_reduce_s(size, settings.tp, 1)
         return per_layer * layers * one
 
-    def _cp_comm(self, settings: RunSettings, sh: Shape, layers: list[tuple[LayerTimes, float]]) -> _Comm:
+    def _cp_comm(self, settings: RunSettings, sh: Shape, layers: Sequence[tuple[LayerTimes, float]]) -> _Comm:
         """Ring attention: cp − 1 K/V sends per layer forward (twice that backward), hidden behind the kernel."""
         if sh.cp == 1:
             return _Comm()
