@@ -233,8 +233,8 @@ class Trainer:
         module.train()
         self.built = built
         self.varlen = "flash" in str(getattr(module.config, "_attn_implementation", ""))
-        precision = cfg.optim.precision  # FSDP2's MixedPrecisionPolicy computes in bf16 without autocast
-        self.forward_precision = ("fp32" if self.fsdp and precision in ("bf16", "fp8")
+        precision = cfg.optim.precision  # FSDP2's MixedPrecisionPolicy computes in 16 bits without autocast
+        self.forward_precision = ("fp32" if self.fsdp and precision in ("bf16", "fp16", "fp8")
                                   else "bf16" if precision == "fp8" else precision)
         # --compile compiles the loss as well, as torchtitan does (under tensor parallelism the loss is
         # loss_parallel's, left eager); the memory model counts RunSettings' "compiled" loss for it

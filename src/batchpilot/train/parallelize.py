@@ -34,7 +34,8 @@ Examples::
    ``b5bcd76c``; ``last``, ``always``, ``never`` as ``--reshard-after-forward`` says; ``--zero 2``: no unit
    reshards), with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` under ``--precision bf16``
    (torchtitan's ``mixed_precision_param``/``mixed_precision_reduce`` defaults): the all-gathers move bf16 and
-   the reduce-scatters fp32, and the forward runs without autocast. Gloo reduce-scatters bf16 too (checked
+   the reduce-scatters fp32, and the forward runs without autocast (fp16: the same with fp16 parameters and
+   ``ShardedGradScaler``; torchtitan has no fp16). Gloo reduce-scatters bf16 too (checked
    with torch 2.13, 2 ranks on CPU), so CPU runs use the same policy as NCCL runs. Or DDP (``--zero 0``).
 
 Sharded runs (FSDP2 or TP) build the model on the meta device on every rank; after sharding,
@@ -242,12 +243,13 @@ def apply_compile(module: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------- data parallel
 def mixed_precision(precision: str) -> Any:
-    """FSDP2's policy: bf16 parameters and fp32 reduction for bf16/fp8; none (fp32 throughout) otherwise."""
+    """FSDP2's policy: 16-bit parameters (bf16 for bf16/fp8, fp16 for fp16 with ``ShardedGradScaler``) and fp32
+    reduction; none (fp32 throughout) for fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if precision in ("bf16", "fp8"):
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                    cast_forward_inputs=False)
+    if precision in ("bf16", "fp8", "fp16"):
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     return MixedPrecisionPolicy()
 
 
