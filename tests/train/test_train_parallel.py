@@ -224,7 +224,7 @@ def test_four_ranks_dp2_tp2_and_the_meta_device_start_of_a_1gb_model(tmp_path: P
 TRACED_BOUND = 0.12
 
 
-@pytest.mark.parametrize(("recompute", "every"), [("none", 1), ("op", 1), ("full", 1), ("op", 2)])
+@pytest.mark.parametrize(("recompute", "every"), [("op", 1), ("full", 1), ("op", 2)])  # none: tests/measure
 def test_one_process_each_policy_matches_the_step_module_and_the_estimates(tmp_path: Path, recompute: str,
                                                                           every: int) -> None:
     """The trainer's step (checkpoint wrappers before sharding) against the step module's real CPU step with the
