@@ -15,7 +15,7 @@ import pytest
 
 from batchpilot.estimate import memory
 from batchpilot.estimate.activations import layer_bytes
-from batchpilot.estimate.layer_time import _PARTS_FIELDS, OP_CLASSES, Parts
+from batchpilot.estimate.layer_time import _PARTS_FIELDS, OP_CLASSES, Parts, dense_layer, head, moe_layer
 from batchpilot.estimate.memory import LAYER_IGNORED_SETTINGS, analytic_memory
 from batchpilot.estimate.overhead import OverheadModel
 from batchpilot.estimate.steptime import MICRO_IGNORED_SETTINGS, StepTimeModel
@@ -101,10 +101,10 @@ def test_settings_the_activation_caches_ignore_do_not_change_activations(name, b
         reference = dataclasses.replace(base, **{k: v for k, v in change.items() if k != field})
         changed = dataclasses.replace(base, **change)
         assert getattr(changed, field) != getattr(reference, field)
-        for moe_layer in (False, True) if model.is_moe else (False,):
+        for moe in (False, True) if model.is_moe else (False,):
             for policy in ("none", "selective", "op", "full"):
-                assert (layer_bytes(model, changed, seq_len=4096, moe_layer=moe_layer, policy=policy, imbalance=1.0)
-                        == layer_bytes(model, reference, seq_len=4096, moe_layer=moe_layer, policy=policy,
+                assert (layer_bytes(model, changed, seq_len=4096, moe_layer=moe, policy=policy, imbalance=1.0)
+                        == layer_bytes(model, reference, seq_len=4096, moe_layer=moe, policy=policy,
                                        imbalance=1.0)), (field, policy)
         for first, last in ((True, True), (True, False), (False, True)):
             stage = []
@@ -128,3 +128,16 @@ def test_warm_memory_caches_answer_as_cold_ones(name, settings, dp):
         memory._STAGE_TOKENS.clear()
         memory._stage_fixed.cache_clear()
         assert analytic_memory(model, settings, micro_batch=b, seq_len=4096, dp=dp, grad_accum=m) == remembered
+
+
+def test_a_dense_layer_and_the_head_do_not_depend_on_the_expert_parallel_size():
+    """The layer cache keys :func:`dense_layer` and :func:`head` without ``ep`` (only MoE layers run experts)."""
+    steps = _model("deepseek-v3", 256)
+    impl = steps.implementation_for(MOE)
+    for kind in (dense_layer, head):
+        times = [kind(steps.cluster.accelerator, steps.profile, impl, steps.model,
+                      dataclasses.replace(steps._shape(MOE, 2), ep=ep)) for ep in (1, 8, 64)]
+        assert times[0] == times[1] == times[2]
+    moe = [moe_layer(steps.cluster.accelerator, steps.profile, impl, steps.model,
+                     dataclasses.replace(steps._shape(MOE, 2), ep=ep)) for ep in (1, 8)]
+    assert moe[0] != moe[1]

@@ -196,8 +196,7 @@ class StepTime:
         return out
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _Comm:
+class _Comm(NamedTuple):
     """Traffic of one collective pattern: seconds on the critical path and seconds in total."""
 
     exposed_s: float = 0.0
@@ -514,7 +513,7 @@ class StepTimeModel:
 
     def _shape_of(self, settings: RunSettings, b: int) -> tuple[Shape, Implementation, tuple[object, ...]]:
         """(:meth:`_shape`, :meth:`implementation_for`, a key of both), cached: the key holds every setting they
-        read (:data:`_implementation_key` covers tp and precision)."""
+        read (:data:`_implementation_key` covers tp and precision), ep last."""
         key = (_implementation_key(settings), b, settings.cp, settings.sp, settings.ep)
         found = self._shapes.get(key)
         if found is None:
@@ -580,8 +579,9 @@ class StepTimeModel:
                      impl: Implementation) -> LayerTimes:
         """``kind`` (:func:`dense_layer`, :func:`moe_layer` or :func:`head`) of this model on this accelerator,
         cached by what it depends on beyond them: the shape and the implementation (``shape_key`` of
-        :meth:`_shape_of`). Read only, never mutated."""
-        key = (kind.__name__, shape_key)
+        :meth:`_shape_of`; its last entry, the expert-parallel size, only for :func:`moe_layer`: a dense layer and
+        the head run no experts). Read only, never mutated."""
+        key = (kind.__name__, shape_key if kind is moe_layer else shape_key[:-1])
         times = self._layer_cache.get(key)
         if times is None:
             times = self._layer_cache[key] = kind(self.cluster.accelerator, self.profile, impl, self.model, sh,
