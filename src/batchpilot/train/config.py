@@ -178,7 +178,7 @@ class RunConfig:
     """Validation rows evaluated each time."""
     noise_every: int = DEFAULT_NOISE_EVERY
     """Measure the gradient noise scale B_simple on one step in this many (0: off). Installed only when a step
-    has more than one micro-batch in total (accumulation × dp > 1) and FSDP is off; see
+    has more than one micro-batch in total (accumulation × dp > 1) and tensor parallelism is off; see
     :mod:`batchpilot.train.noise_default`."""
     nproc: int = 1
     """Local processes; > 1 launches torchrun."""
