@@ -3,14 +3,15 @@ search for an existing training script.
 
     >>> import batchpilot.api as bp
     >>> m = bp.memory("qwen2.5-7b", seq_len=4096, micro_batch=1, finetune="qlora,r=16", recompute="full")
-    >>> round(m.total_bytes / 2**30, 1), round(m.weights_bytes / 2**30, 1)   # GiB per GPU
-    (15.7, 5.3)
+    >>> round(m.weights_bytes / 2**30, 1), m.total_bytes < 20 * 2**30   # GiB per GPU: a 4-bit base, fits 24 GB
+    (5.3, True)
     >>> record = bp.plan("qwen2.5-7b", gpu="h100-sxm", seq_len=4096, global_batch=16, finetune="lora",
     ...                  epochs=1, dataset_tokens=50_000_000, price_per_gpu_hour=2.5)
     >>> record.best.micro_batch, record.best.grad_accum, round(record.cost.gpu_hours, 1)
     (1, 16, 1.2)
-    >>> [m.name for m in bp.compare_finetune("qwen2.5-7b", gpu="h100-sxm", seq_len=4096, global_batch=16) if m.fits]
-    ['full, pure bf16', 'lora', 'qlora']
+    >>> modes = bp.compare_finetune("qwen2.5-7b", gpu="h100-sxm", seq_len=4096, global_batch=16)
+    >>> [m.name for m in modes if m.fits and m.name in ("full", "lora", "qlora")]
+    ['lora', 'qlora']
 
 The batch-size search for your own step (:func:`find_batch_size`): like Lightning's ``BatchSizeFinder`` and
 accelerate's ``find_executable_batch_size``, it calls your function with a micro-batch size and treats an
