@@ -31,9 +31,9 @@ def test_verl_names_and_units(qwen7b_plan: RLPlan) -> None:
     assert o["actor_rollout_ref.rollout.max_model_len"] == 1024 + 4096
 
 
-def test_trl_names_and_units(qwen7b_plan: RLPlan) -> None:
-    c = trl_grpo_config(qwen7b_plan)
-    micro = qwen7b_plan.train.triad.micro_batch_sequences
+def test_trl_names_and_units(qwen7b_trl_plan: RLPlan) -> None:
+    c = trl_grpo_config(qwen7b_trl_plan)
+    micro = qwen7b_trl_plan.train.triad.micro_batch_sequences
     assert c["per_device_train_batch_size"] * 8 * c["gradient_accumulation_steps"] == 128  # samples per update
     assert c["per_device_train_batch_size"] * 8 * c["steps_per_generation"] == 512         # samples per rollout
     assert c["steps_per_generation"] // c["gradient_accumulation_steps"] == 4               # updates per rollout
@@ -52,16 +52,20 @@ def test_openrlhf_names_and_its_cli_rules(qwen7b_plan: RLPlan) -> None:
     assert violation("openrlhf", qwen7b_plan.rule_context()) is None
 
 
-def test_export_refuses_what_the_framework_would(qwen7b_plan: RLPlan) -> None:
-    bad = dataclasses.replace(qwen7b_plan, train=dataclasses.replace(
-        qwen7b_plan.train, triad=dataclasses.replace(qwen7b_plan.train.triad, micro_batch_sequences=3)))
+def test_export_refuses_what_the_framework_would(qwen7b_trl_plan: RLPlan) -> None:
+    bad = dataclasses.replace(qwen7b_trl_plan, train=dataclasses.replace(
+        qwen7b_trl_plan.train, triad=dataclasses.replace(qwen7b_trl_plan.train.triad, micro_batch_sequences=3)))
     with pytest.raises(RLBatchError, match="generation_batch_size 512 must divide by the global batch per_device 3"):
         export_text(bad, "trl")
+    sharded = dataclasses.replace(qwen7b_trl_plan, train=dataclasses.replace(  # verl's Ulysses sp 2: not TRL's
+        qwen7b_trl_plan.train, settings=dataclasses.replace(qwen7b_trl_plan.train.settings, tp=2)))
+    with pytest.raises(RLBatchError, match=r"GRPOTrainer has no tensor.*sequence parallel 2.*--framework trl"):
+        export_text(sharded, "trl")
 
 
-def test_trl_grpo_config_accepts_the_export(qwen7b_plan: RLPlan) -> None:
+def test_trl_grpo_config_accepts_the_export(qwen7b_trl_plan: RLPlan) -> None:
     trl = pytest.importorskip("trl", reason="the optional extra `rl` installs TRL")
-    kwargs = trl_grpo_config(qwen7b_plan)
+    kwargs = trl_grpo_config(qwen7b_trl_plan)
     cpu = {**kwargs, "bf16": False, "use_cpu": True}  # this machine has no GPU; the batch fields are unchanged
     with mock.patch.object(trl.GRPOConfig, "world_size", new_callable=mock.PropertyMock, return_value=8):
         config = trl.GRPOConfig(output_dir="unused", report_to=[], **cpu)

@@ -102,10 +102,6 @@ def trl_grpo_config(plan: RLPlan) -> dict[str, Any]:
     r, b = plan.request, plan.batch
     micro = plan.train.triad.micro_batch_sequences
     per_step = micro * plan.train_gpus
-    if plan.train.settings.tp * plan.train.settings.pp > 1:
-        raise RLExportError(f"--export trl: the plan shards the model (tp {plan.train.settings.tp}, pp "
-                            f"{plan.train.settings.pp}); GRPOTrainer has no sequence/tensor parallelism (GRPOConfig "
-                            f"refuses cp/sp > 1); pin --train-tp 1 or export verl/openrlhf")
     return {
         "per_device_train_batch_size": micro,
         "gradient_accumulation_steps": b.samples_per_update // per_step,

@@ -165,6 +165,15 @@ def _group_for_grpo(ctx: RuleContext) -> str | None:
     return None
 
 
+def _trl_no_model_parallel(ctx: RuleContext) -> str | None:
+    """GRPOTrainer runs the update under accelerate with DDP/FSDP/DeepSpeed only: no tensor or pipeline
+    parallelism, and ``GRPOConfig`` refuses sequence/context parallel sizes above 1."""
+    if ctx.model_parallel > 1 or ctx.sequence_parallel > 1:
+        return (f"GRPOTrainer has no tensor, pipeline or sequence parallelism; the update layout uses model parallel "
+                f"{ctx.model_parallel} and sequence parallel {ctx.sequence_parallel} (both must be 1)")
+    return None
+
+
 def _trl_generation_by_global(ctx: RuleContext) -> str | None:
     glob = ctx.micro_batch_per_gpu * ctx.gpus
     b = ctx.batch
@@ -195,28 +204,41 @@ def _openrlhf_train_batch(ctx: RuleContext) -> str | None:
 RULES: dict[str, tuple[Rule, ...]] = {
     "verl": (_group_for_grpo, _samples_by_gpus, _update_whole_prompts, _update_by_dp, _micro_divides,
              _token_budget, _rollout_tp_divides, _context_fits),
-    "trl": (_group_for_grpo, _trl_generation_by_global, _context_fits),
+    "trl": (_group_for_grpo, _trl_no_model_parallel, _trl_generation_by_global, _context_fits),
     "openrlhf": (_group_for_grpo, _openrlhf_colocate, _openrlhf_train_batch, _rollout_tp_divides, _context_fits),
 }
 """The rules of each framework, in the order they fire (first violated = the one reported)."""
 
 
-def violation(framework: str, ctx: RuleContext) -> str | None:
-    """The first rule of ``framework`` that ``ctx`` violates, or None."""
+LAYOUT_FIXES: dict[Rule, str] = {
+    _trl_no_model_parallel: "plan the update for TRL (--framework trl) or pin --train-tp 1",
+}
+"""Rules about the update's layout rather than the batch: their fix is a layout, not another batch size."""
+
+
+def _first_violation(framework: str, ctx: RuleContext) -> tuple[Rule, str] | None:
     if framework not in RULES:
         raise RLBatchError(f"--framework {framework!r} is not one of: {', '.join(FRAMEWORKS)}")
     for rule in RULES[framework]:
         message = rule(ctx)
         if message is not None:
-            return message
+            return rule, message
     return None
 
 
+def violation(framework: str, ctx: RuleContext) -> str | None:
+    """The first rule of ``framework`` that ``ctx`` violates, or None."""
+    found = _first_violation(framework, ctx)
+    return None if found is None else found[1]
+
+
 def check(framework: str, ctx: RuleContext) -> None:
-    """Raise one line naming the violated rule, its values and the nearest valid choices."""
-    message = violation(framework, ctx)
-    if message is not None:
-        raise _fail(framework, message, ctx, nearest_choices(framework, ctx))
+    """Raise one line naming the violated rule, its values and the nearest valid choices (or the layout fix)."""
+    found = _first_violation(framework, ctx)
+    if found is not None:
+        rule, message = found
+        fix = LAYOUT_FIXES.get(rule) or nearest_choices(framework, ctx)
+        raise _fail(framework, message, ctx, fix)
 
 
 # ------------------------------------------------------------------------------------- nearest valid choices
