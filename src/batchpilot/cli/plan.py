@@ -237,16 +237,16 @@ def plan_command(
         _render_modes_only(modes, json_output)
         return
     cost = plan_cost(result, budget)
+    exported = exports.export(result.plans[0], request, export, ExportOptions(data=data)) if export else None
+    if exported is not None and out is not None:  # before any warning: a refusal or a failed write is the one line
+        out.write_text(exported.text, encoding="utf-8")
     for warning in (*prepared.warnings, *result.warnings):
         err_console.print(f"warning: {warning}", soft_wrap=True, markup=False, highlight=False)
-    exported = exports.export(result.plans[0], request, export, ExportOptions(data=data)) if export else None
     for note in exported.notes if exported is not None else ():
         err_console.print(f"note: {note}", soft_wrap=True, markup=False, highlight=False)
     if exported is not None and out is None:
         typer.echo(exported.text, nl=False)
         return
-    if exported is not None and out is not None:
-        out.write_text(exported.text, encoding="utf-8")
     if json_output:
         record = replace(plan_record(prepared, result, export=export, out=str(out)), cost=cost, finetune_modes=modes)
         print_json(record.to_dict())
