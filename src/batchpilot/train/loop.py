@@ -145,6 +145,9 @@ class Trainer:
         self.restarts = elastic_restart_count()
         ckpt.check_fresh_start(self.out, resume=config.run.resume)  # before anything is loaded or written
         self._set_threads()
+        # the architecture builds (on the meta device: no memory, no weights read) before rank 0 writes OUT/tokens,
+        # so a config transformers refuses leaves nothing behind
+        build_model(config.model, seed=config.run.seed, empty=True)
         self._load_data()
         self._build()
         self.state = TrainState()
