@@ -21,7 +21,7 @@ The step's peak is the largest of four moments (each total is in ``details``):
   :func:`~batchpilot.estimate.activations.backward_working_terms`), the gradients produced so far (all of
   them when an engine keeps a persistent gradient buffer) and FSDP2's gathered blocks and reduce buffers.
 - ``backward_end``: all gradients (activations freed), plus the tied input embedding's dense gradient
-  and the sum autograd's gradient accumulation makes of it and the output head's (out of place).
+  (and, without autocast, the out-of-place sum autograd makes of it and the output head's).
 - ``optimizer_step``: weights, all gradients, optimizer states and the step's temporaries.
 
 Allocated vs reserved (``details["allocated_bytes"]``, ``details["reserved_bytes"]``): on a GPU
@@ -163,6 +163,8 @@ class _StageParams:
     """Routed-expert parameters on this GPU (divided by ep and tp)."""
     largest_layer: float
     """The largest layer's parameters on this GPU (ZeRO-3 gathers one at a time)."""
+    head_matmul: float
+    """The output head's matmul weight on this stage (0 off the last stage)."""
     matmul: float
     """Parameters that are matmul weights (autocast keeps 16-bit copies of these): the layers' and the output
     head's, not the input embedding or position tables (an embedding lookup is not cast) nor the final norm;
@@ -202,7 +204,7 @@ def _stage_params(model: ModelSpec, lay: _StageLayout, first: bool, last: bool) 
             embed += table + model.params_final_norm
     largest = max(dense_layer, moe_layer + routed_here if model.is_moe else 0.0)
     head = table + model.params_final_norm if last else 0.0
-    return _StageParams(dense=layers_dense + embed, expert=expert, largest_layer=largest,
+    return _StageParams(head_matmul=table if last else 0.0, dense=layers_dense + embed, expert=expert, largest_layer=largest,
                         matmul=layers_dense + expert - layers * norms + (table if last else 0.0),
                         layer=(layers_dense + expert) / layers, layer_norms=float(norms), ends=embed, head=head)
 
@@ -468,12 +470,14 @@ def _produced_gradients(model: ModelSpec, lay: _StageLayout, params: _StageParam
 
 def _layer_backward_moment(fixed: _StageFixed, acts: _Activations) -> _Moment:
     """The largest of the per-layer backward moments (the first, on a tie): the layers below's saved tensors +
-    this layer's working set, plus the gradients produced so far (:func:`_produced_gradients`)."""
+    this layer's working set, plus the gradients produced so far (:func:`_produced_gradients`), less the
+    autocast weight copies already freed (:attr:`_StageFixed.freed_copies`)."""
     live_by_layer, produced_by_layer = acts.layer_backward, fixed.produced
-    totals = [live + produced for live, produced in zip(live_by_layer, produced_by_layer, strict=True)]
+    freed = fixed.freed_copies or (0.0,) * len(live_by_layer)
+    totals = [live + produced - f for live, produced, f in zip(live_by_layer, produced_by_layer, freed, strict=True)]
     i = max(range(len(totals)), key=totals.__getitem__)
     live, produced = live_by_layer[i], produced_by_layer[i]
-    return _Moment(weights=fixed.weights, gradients=produced + fixed.w.unsharded_grads,
+    return _Moment(weights=fixed.weights - freed[i], gradients=produced + fixed.w.unsharded_grads,
                    activations=live + acts.held, extra=fixed.w.backward_gather + fixed.bucket + fixed.dequant)
 
 
@@ -522,9 +526,11 @@ class _StageFixed:
     grads_early: float
     """Gradients alive at the start of the backward (0 when they appear layer by layer)."""
     tied: float
-    """Tied embeddings at the end of backward: the lookup's dense gradient and its out-of-place sum with the
-    head's (``AccumulateGrad``'s ``aten::add``): 2 × V × h gradient bytes beside the head's gradient (measured,
-    torch 2.13 CPU, gpt2, micro-batch 1: three 154 MB vocabulary-sized fp32 tensors live at the peak)."""
+    """Tied embeddings at the end of backward: the lookup's dense gradient beside the head's, and — when the
+    head's gradient comes straight from its matmul (``torch`` engine, weights used in their own dtype) — the
+    out-of-place sum autograd makes of the two (its input buffer's ``aten::add``; the matmul's gradient has the
+    transposed layout). Measured, torch 2.13 CPU, gpt2, micro-batch 1: three 154 MB vocabulary-sized fp32
+    tensors at the peak in fp32; two under bf16 autocast, whose cast hands the sum a fresh tensor to reuse."""
     transient: float
     """The optimizer step's temporaries."""
     bucket: float
@@ -534,6 +540,10 @@ class _StageFixed:
     slack_allowed: bool
     produced: tuple[float, ...]
     """:func:`_produced_gradients`."""
+    freed_copies: tuple[float, ...] = ()
+    """Per layer (forward order), the autocast weight copies already freed when its backward runs: those the
+    layers above and the output head saved (a saved copy is released by its matmul's backward). Measured,
+    torch 2.13 CPU bf16 autocast, gpt2 micro-batch 1 (its 77 MB head copy): the layer sweep was 4 % high."""
 
 
 _STAGE_TOKENS: dict[tuple[object, ...], _StageTokens] = {}
@@ -579,7 +589,8 @@ def _stage_fixed(model: ModelSpec, config_key: tuple[bool, str], settings: RunSe
     growing = _grads_growing(settings, lay)
     tied = 0.0
     if model.tie_word_embeddings and lay.pp == 1 and growing and finetune.embedding_gradient(settings):
-        tied = 2 * model.vocab_size * model.hidden_size / lay.tp * bytes_per_param(settings).gradients
+        uncast = settings.engine == "torch" and (settings.precision == "fp32" or settings.param_dtype != "fp32")
+        tied = (2 if uncast else 1) * model.vocab_size * model.hidden_size / lay.tp * bytes_per_param(settings).gradients
     return _StageFixed(
         params=params, states=states, w=w,
         tokens=_stage_tokens(model, config_key, settings, lay.layers_per_stage, overhead, seq_len, first, last),
@@ -587,7 +598,21 @@ def _stage_fixed(model: ModelSpec, config_key: tuple[bool, str], settings: RunSe
         transient=0.0 if settings.offload else _optimizer_transient(model, settings, params, lay, overhead),
         bucket=_deepspeed_bucket(settings, lay), dequant=finetune.dequant_buffer_bytes(model, settings, lay.tp),
         slack_allowed=overhead.caching_allocator, produced=_produced_gradients(model, lay, params, states, growing),
+        freed_copies=_freed_copies(settings, lay, params, states),
     )
+
+
+def _freed_copies(settings: RunSettings, lay: _StageLayout, params: _StageParams,
+                  states: ModelStates) -> tuple[float, ...]:
+    """:attr:`_StageFixed.freed_copies`: ``torch`` engine autocast only (other engines' copies live elsewhere);
+    checkpointed layers saved none."""
+    if settings.engine != "torch" or not _autocast_copies(settings) or not states.compute_copies_bytes:
+        return ()
+    c = ACTIVATION_BYTES[settings.precision]
+    saved = [0.0 if p in ("op", "full") else (params.layer - params.layer_norms) * c
+             for p in layer_policies(settings, lay.layers_per_stage)]
+    head = params.head_matmul * c
+    return tuple(head + sum(saved[i + 1:]) for i in range(len(saved)))
 
 
 def _config_key(model: ModelSpec) -> tuple[bool, str]:
