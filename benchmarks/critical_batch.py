@@ -101,6 +101,9 @@ class Setup:
     curve_every: int = 10
     """Base run: held-out loss every this many steps (the loss curve)."""
     lr_check: bool = True
+    generalisation_batches: tuple[int, ...] = (4, 16, 64)
+    """Batches of the generalisation check at the middle checkpoint (equal examples, same rows)."""
+    generalisation_examples: int = 4096
     threads: int = 1
     seed: int = 0
 
@@ -111,7 +114,8 @@ class Setup:
 
 QUICK = Setup(seq_len=64, base_batch=8, checkpoints=(20, 40, 80), target_after=(15, 20, 30),
               batches=((1, 2, 4, 8, 16, 32),) * 3, seeds=1, val_rows=32, noise_steps=8, noise_batch=32,
-              curve_every=10, lr_check=False, lr_cap=6e-3, cap_factor=4.0)
+              curve_every=10, lr_check=False, lr_cap=6e-3, cap_factor=4.0, generalisation_batches=(2, 16),
+              generalisation_examples=64)
 """The pipeline end to end in about a minute (the slow test); numbers too small to mean much."""
 
 
@@ -329,7 +333,7 @@ def _trace_json(t: RunTrace, target: float) -> dict[str, Any]:
     crossing = t.crossing(target)
     return {"batch": t.batch, "seed": t.seed, "lr": t.lr, "reached": crossing is not None,
             "examples": crossing, "steps": None if crossing is None else crossing / t.batch,
-            "steps_run": len(t.losses), "seconds": t.seconds, "evals": t.evals}
+            "steps_run": len(t.losses), "seconds": t.seconds, "evals": t.evals, "losses": t.losses}
 
 
 def _generalisation(traces: list[RunTrace], target: float) -> dict[str, Any]:
@@ -365,6 +369,47 @@ def lr_check(bench: Bench, state: dict[str, Any], sweep: dict[str, Any], batches
     return out
 
 
+def rows_loss(trainer: Trainer, rows: list[Any], tokens: Any, rows_per_forward: int = 32) -> float:
+    """Token-mean loss of ``trainer``'s model on ``rows`` of the ``tokens`` array (no gradient)."""
+    model, seq = unwrap(trainer.model), trainer.config.data.seq_len
+    total = count = 0.0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), rows_per_forward):
+            mb = collate(MicroBatchPlan(rows=tuple(rows[start:start + rows_per_forward]), pad_to=seq), tokens, mode="fixed")
+            total += float(forward_loss(model, model_inputs(mb.input_ids), mb.targets, precision="fp32"))
+            count += mb.num_targets
+    model.train()
+    return total / count
+
+
+def generalisation_check(bench: Bench, state: dict[str, Any], *, batches: tuple[int, ...], examples: int,
+                         rows: int = 128) -> list[dict[str, Any]]:
+    """From ``state``, train each batch on the same ``examples`` rows (seed 0 continues the data order, so every
+    batch sees the same rows, in the same order) and measure three losses on fixed row sets: the first ``rows``
+    rows every run trained on (*seen*), ``rows`` training rows none of them reached (*fresh*), and the held-out
+    documents. seen < fresh is memorisation; held-out − fresh is the train/held-out distribution gap; a
+    large-batch generalisation penalty would show as a larger fresh − seen or held-out − seen at equal examples."""
+    s, out = bench.setup, []
+    for batch in batches:
+        trainer = bench.trainer(min(batch, s.micro_max), 0)
+        bench.prepare(trainer, batch=batch, lr=s.lr(batch), state=state)
+        start = int(state["sequences_seen"])
+        seen = trainer.stream.rows(start, rows)
+        fresh = trainer.stream.rows(start + examples + 10 * rows, rows)
+        steps = -(-examples // batch)
+        for _ in range(steps):
+            trainer.train_step()
+        assert trainer.val_corpus is not None
+        losses = {"seen": rows_loss(trainer, seen, trainer.corpus.tokens),
+                  "fresh": rows_loss(trainer, fresh, trainer.corpus.tokens), "held_out": val_loss(trainer)}
+        out.append({"batch": batch, "lr": s.lr(batch), "steps": steps, "examples": steps * batch, **losses,
+                    "fresh_minus_seen": losses["fresh"] - losses["seen"],
+                    "held_out_minus_fresh": losses["held_out"] - losses["fresh"]})
+        print(f"generalisation B={batch}: {out[-1]}", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------------- whole benchmark
 def measure(setup: Setup, partial: Path | None = None) -> dict[str, Any]:
     """The whole measurement; with ``partial``, the results so far are written there after every checkpoint."""
@@ -384,8 +429,24 @@ def measure(setup: Setup, partial: Path | None = None) -> dict[str, Any]:
             mid = len(checkpoints) // 2
             b = setup.batches[mid]
             checks = lr_check(bench, states[setup.checkpoints[mid]], checkpoints[mid], [b[0], setup.base_batch, b[-1]])
+        mid = len(checkpoints) // 2
+        general = generalisation_check(bench, states[setup.checkpoints[mid]], batches=setup.generalisation_batches,
+                                       examples=setup.generalisation_examples)
     return {"setup": dataclasses.asdict(setup), "torch": torch.__version__, "base_run": base,
-            "checkpoints": checkpoints, "lr_check": checks, "seconds": time.perf_counter() - start}
+            "checkpoints": checkpoints, "lr_check": checks, "generalisation": general,
+            "seconds": time.perf_counter() - start}
+
+
+def generalisation_only(setup: Setup) -> list[dict[str, Any]]:
+    """The base run replayed to the middle checkpoint, then :func:`generalisation_check`."""
+    torch.set_num_threads(setup.threads)
+    mid = setup.checkpoints[len(setup.checkpoints) // 2]
+    short = dataclasses.replace(setup, checkpoints=(mid,), target_after=(0,))
+    with tempfile.TemporaryDirectory(prefix="bp-critical-") as tmp:
+        bench = Bench(short, Path(tmp))
+        states, _ = base_run(bench)
+        return generalisation_check(bench, states[mid], batches=setup.generalisation_batches,
+                                    examples=setup.generalisation_examples)
 
 
 # ---------------------------------------------------------------------------------------- tables and plot
@@ -431,8 +492,21 @@ def _lr_check_lines(data: dict[str, Any]) -> list[str]:
 
 
 def _generalisation_lines(data: dict[str, Any]) -> list[str]:
-    lines = ["", "Generalisation: held-out loss of every batch at equal examples (the smallest batch's crossing), "
-             "and held-out − training loss there:", "",
+    lines = []
+    if data.get("generalisation"):
+        mid = data["setup"]["checkpoints"][len(data["setup"]["checkpoints"]) // 2]
+        lines += ["", f"Generalisation check from the step-{mid} checkpoint: every batch trains on the same rows "
+                  "(same order) to equal examples; losses on the first 128 rows all of them trained on (seen), on 128 "
+                  "training rows none reached (fresh) and on the held-out rows:", "",
+                  "| batch | LR | steps | examples | seen | fresh | held-out | fresh − seen | held-out − fresh |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in data["generalisation"]:
+            lines.append(f"| {r['batch']} | {r['lr']:.2g} | {r['steps']} | {r['examples']} | {r['seen']:.4f} | "
+                         f"{r['fresh']:.4f} | {r['held_out']:.4f} | {r['fresh_minus_seen']:+.4f} | "
+                         f"{r['held_out_minus_fresh']:+.4f} |")
+    lines += ["", "Held-out loss of every batch of the sweep at equal examples (the smallest batch's crossing), and "
+              "held-out minus training loss there (training loss: mean of the per-step losses over the last ≥ 64 "
+              "sequences, which spans more steps — so lags more — at small batches):", "",
              "| checkpoint | examples | batch | held-out loss | training loss | held-out − training |",
              "|---|---|---|---|---|---|"]
     for c in data["checkpoints"]:
@@ -492,7 +566,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tables", action="store_true", help="re-render md and png from the JSON in --out")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--seeds", type=int, default=None, help="data orders per batch (default: the setup's)")
+    parser.add_argument("--generalisation", action="store_true",
+                        help="only the generalisation check, added to the JSON in --out (the base run is replayed "
+                             "to the middle checkpoint: deterministic on one thread)")
     args = parser.parse_args(argv)
+    if args.generalisation:
+        path = args.out / "critical_batch.json"
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["generalisation"] = generalisation_only(QUICK if args.quick else Setup())
+        write(data, args.out)
+        return 0
     if args.tables:
         write(json.loads((args.out / "critical_batch.json").read_text(encoding="utf-8")), args.out)
         return 0

@@ -166,7 +166,7 @@ def _run_to_target(cfg: TrainConfig, cluster: dict[str, Any], *, adaptive: bool,
     # Every run measures the noise scale (the adaptive schedule installs its own hook): the same
     # overhead everywhere, and B_simple trajectories at fixed batches.
     with contextlib.suppress(_Reached):
-        run(cfg, hooks=[] if adaptive else [NoiseScaleHook()], on_record=keep)
+        run(cfg, hooks=[] if adaptive else [NoiseScaleHook(skip_single_micro_batch=True)], on_record=keep)
     return records
 
 
@@ -191,7 +191,7 @@ def race() -> dict[str, Any]:
     return results
 
 
-SCHEDULE_TOKENS = 1_200_000
+SCHEDULE_TOKENS = 1_000_000
 """The whole run of the ``schedule`` part (tokens)."""
 SHORT_FRACTION = 0.15
 """The measurement: this fraction of the fixed-16 run."""
@@ -223,7 +223,7 @@ def schedule_part() -> dict[str, Any]:
     from batchpilot.plan.schedule_advice import advise_schedule
 
     cluster = cluster_model()
-    budget = int(1.5 * SCHEDULE_TOKENS)
+    budget = int(1.25 * SCHEDULE_TOKENS)
     out: dict[str, Any] = {"_cluster": cluster, "_setup": {"train_tokens": SCHEDULE_TOKENS, "short_fraction": SHORT_FRACTION,
                                                            "base_batch": SCHEDULE_BASE}}
     with tempfile.TemporaryDirectory(prefix="bp-schedule-") as tmp:
