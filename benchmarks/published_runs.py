@@ -838,7 +838,8 @@ def _row_lines(results: list[dict[str, Any]]) -> list[str]:
         m, t = r["memory"] or {}, r["throughput"] or {}
         fits = f" fits {m['fits_predicted']} vs {m['fits_published']}" if "fits_published" in m else ""
         unit = "tok/s" if t.get("metric") == "tokens_per_s_per_gpu" else "TFLOP/s"
-        thr = f"{t['published']:,.0f} / {t.get('predicted', 0):,.0f} {unit}" if t else "—"
+        predicted = "—" if t.get("predicted") is None else f"{t['predicted']:,.0f}"
+        thr = f"{t['published']:,.0f} / {predicted} {unit}" if t else "—"
         why = sorted(set(m.get("not_expressible", []) + t.get("not_expressible", [])))
         lines.append(f"| {r['id']} | {r['split']} | {_gib(m.get('published_bytes'))} / {_gib(m.get('predicted_bytes'))}{fits} | "
                      f"{m.get('metric') or '—'} | {_pct(m.get('error'))} | {thr} | {_pct(t.get('error'))} | "
