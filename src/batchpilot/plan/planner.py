@@ -131,18 +131,18 @@ def _rank_key(p: Plan) -> tuple[float, float, int]:
     return (-p.step.tokens_per_s, abs(p.deviation), p.memory.total_bytes)
 
 
-def plan(req: PlanRequest) -> PlanResult:
+def plan(req: PlanRequest, *, suggest_fixes: bool = True) -> PlanResult:
     """Search the configuration space of ``req``; raises :class:`InfeasibleError` (or a ``BatchError``)
-    with the reason and what would help when nothing is feasible."""
-    return _plan(req, explain=True)
+    with the reason and what would help when nothing is feasible.
 
-
-def _plan(req: PlanRequest, *, explain: bool) -> PlanResult:
-    """:func:`plan`; ``explain=False`` skips the (re-planning) search for fixes when nothing fits."""
+    ``suggest_fixes=False`` plans once: when nothing fits it skips the search for what would (each fix is a
+    re-planned request, so that search costs several plans) and raises a bare ``InfeasibleError("nothing fits")``,
+    or the engine's problem alone — for callers that try several requests and explain only the last
+    (``batchpilot rl plan``'s recomputation policies; the fixes' own re-plans)."""
     _check_pins(req)
     problem = _engine_problem(req)
     if problem is not None:
-        raise SpecError(problem + (_fixes_text(req) if explain else ""))
+        raise SpecError(problem + (_fixes_text(req) if suggest_fixes else ""))
     target = target_sequences(req)
     global_batch, split = clean_global_batch(req, target)
     search = _Search(req, target)
@@ -151,7 +151,7 @@ def _plan(req: PlanRequest, *, explain: bool) -> PlanResult:
     if not plans and caps is not None and caps.cp and req.pins.cp is None:  # long sequences: split them too
         space, plans, rejected, pruned, feasible = _search(req, search, global_batch, context_parallel=True)
     if not plans:
-        raise infeasible(req, target, space, rejected, _try) if explain else InfeasibleError("nothing fits")
+        raise infeasible(req, target, space, rejected, _try) if suggest_fixes else InfeasibleError("nothing fits")
     rejected.sort(key=lambda r: (r.kind != "memory", r.need_bytes))
     result = PlanResult(request=req, target_sequences=target, plans=tuple(plans), rejected=tuple(rejected),
                         layouts=len(space), memory_evaluations=search.memory_evaluations, pruned=pruned,
@@ -196,7 +196,7 @@ def _search(req: PlanRequest, search: _Search, global_batch: int, *,
 def _try(req: PlanRequest) -> Plan | None:
     """The best plan for ``req`` without explanations, or None when nothing fits (suggestions re-plan with it)."""
     try:
-        return _plan(req, explain=False).plans[0]
+        return plan(req, suggest_fixes=False).plans[0]
     except BatchpilotError:
         return None
 

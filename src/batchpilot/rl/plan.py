@@ -44,7 +44,6 @@ from typing import Any, Literal
 from batchpilot.errors import BatchpilotError, InfeasibleError, SpecError
 from batchpilot.estimate.overhead import OverheadModel
 from batchpilot.plan.planner import Pins, Plan, PlanRequest, plan
-from batchpilot.plan.planner import _plan as _plan_quietly  # per-policy tries: no re-planned suggestions
 from batchpilot.rl.batch import RLBatch, RLBatchError
 from batchpilot.rl.kv import (
     ENGINE_CONTEXT_BYTES,
@@ -276,8 +275,8 @@ def _train_candidates(req: RLPlanRequest, train_gpus: int) -> list[Plan]:
     error: BatchpilotError | None = None
     for policy in policies:
         try:
-            result = _plan_quietly(dataclasses.replace(base, pins=dataclasses.replace(base.pins, recompute=policy)),
-                                   explain=False)
+            result = plan(dataclasses.replace(base, pins=dataclasses.replace(base.pins, recompute=policy)),
+                          suggest_fixes=False)  # per-policy tries: the fixes only for the last, below
         except BatchpilotError as exc:
             error = error or exc
             continue
