@@ -11,7 +11,7 @@ import engine_checks as checks
 import pytest
 
 from batchpilot.errors import SpecError
-from batchpilot.plan.exports import FORMATS, ExportError, ExportOptions, export, export_text
+from batchpilot.plan.exports import FORMATS, SUFFIXES, ExportError, ExportOptions, export, export_text
 from batchpilot.plan.exports.megatron import megatron_args
 from batchpilot.plan.exports.torchrun import torchrun_command
 from batchpilot.plan.planner import Pins, PlanRequest, plan
@@ -150,6 +150,12 @@ def test_tensor_parallel_plans_are_refused_where_inexpressible(fmt):
     with pytest.raises(ExportError, match=r"^--export .*(tensor|sequence) parallel") as err:
         export_text(best, request, fmt)
     assert "\n" not in str(err.value)
+
+
+def test_every_format_names_its_file_suffix():
+    """``batchpilot tune`` and the web page name export files from the one table."""
+    assert list(SUFFIXES) == list(FORMATS)
+    assert set(SUFFIXES.values()) == {"json", "sh", "yaml", "toml"}
 
 
 def test_unknown_format_lists_the_known_ones():

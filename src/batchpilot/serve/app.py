@@ -33,14 +33,13 @@ from starlette.staticfiles import StaticFiles
 from batchpilot.errors import BatchpilotError
 from batchpilot.io import parse_json_object
 from batchpilot.plan.engines import ENGINE_NAMES
-from batchpilot.plan.exports import FORMATS, export_text
+from batchpilot.plan.exports import FORMATS, SUFFIXES, export_text
 from batchpilot.plan.options import PreparedPlan, plan_record, prepare_plan
 from batchpilot.plan.planner import plan
 from batchpilot.plan.registry import names as registry_names
 from batchpilot.report.html import CSS_PATH, plan_html
 from batchpilot.serve.params import (
     DEFAULTS,
-    EXPORT_SUFFIXES,
     FIELDS,
     MAX_VALUE_CHARS,
     export_format,
@@ -180,7 +179,7 @@ class App:
         fmt = export_format(request.query_params.get("export"))
         prepared, result = await self._plan(request, extra=("export",))
         text = export_text(result.plans[0], prepared.request, fmt)
-        name = f"{fmt}.{EXPORT_SUFFIXES.get(fmt, 'txt')}"
+        name = f"{fmt}.{SUFFIXES[fmt]}"
         return PlainTextResponse(text, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     async def run_list(self, request: Request) -> Response:

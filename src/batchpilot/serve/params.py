@@ -150,9 +150,6 @@ _OPTION_NAMES = {"global-batch": "global_batch", "global-batch-tokens": "global_
                  "hybrid-shard": "hybrid_shard", "recompute-every": "recompute_every", "fp8-recipe": "fp8_recipe",
                  "fp8-all-gather": "fp8_all_gather", "reshard-after-forward": "reshard_after_forward",
                  "loss-chunks": "loss_chunks", "param-dtype": "param_dtype"}
-EXPORT_SUFFIXES = {"deepspeed": "json", "hf": "json", "hf-deepspeed": "json", "lightning": "json", "megatron": "sh",
-                   "torchrun": "sh", "torchtitan": "toml", "accelerate": "yaml"}
-"""File name suffix of each export (as ``batchpilot tune`` names them under ``exports/``; others: ``.txt``)."""
 
 
 def parse_fields(query: Mapping[str, str], *, extra: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -359,15 +359,10 @@ def _cluster_target_tokens(cfg: TuneConfig, state: TuneState) -> tuple[int, str]
                                  "scaling-law prior")
 
 
-EXPORT_SUFFIXES = {"deepspeed": "json", "hf": "json", "hf-deepspeed": "json", "lightning": "json", "megatron": "sh",
-                   "torchrun": "sh", "torchtitan": "toml", "accelerate": "yaml"}
-"""File suffix of each export under ``exports/``."""
-
-
 def _write_exports(result: Any, folder: Path, prefix: str, formats: tuple[str, ...], data: str) -> None:
     """Each format's export of the winner with the run's ``--data``; a format that cannot express the plan gets
     its one-line refusal as a comment."""
-    from batchpilot.plan.exports import ExportError, ExportOptions, export_text
+    from batchpilot.plan.exports import SUFFIXES, ExportError, ExportOptions, export_text
 
     if not result.plans:
         return
@@ -377,7 +372,7 @@ def _write_exports(result: Any, folder: Path, prefix: str, formats: tuple[str, .
             text = export_text(result.plans[0], result.request, fmt, ExportOptions(data=data))
         except ExportError as exc:
             text = f"# not exportable: {exc}"
-        (folder / f"{prefix}-{fmt}.{EXPORT_SUFFIXES[fmt]}").write_text(text + "\n", encoding="utf-8")
+        (folder / f"{prefix}-{fmt}.{SUFFIXES[fmt]}").write_text(text + "\n", encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------- noise

@@ -33,7 +33,7 @@ from batchpilot.plan.exports import accelerate, deepspeed, hf, lightning, megatr
 from batchpilot.plan.exports._common import Exported, ExportError, ExportOptions
 from batchpilot.plan.request import Plan, PlanRequest
 
-__all__ = ["FORMATS", "ExportError", "ExportOptions", "Exported", "export", "export_text"]
+__all__ = ["FORMATS", "SUFFIXES", "ExportError", "ExportOptions", "Exported", "export", "export_text"]
 
 
 FORMATS: dict[str, Callable[[Plan, PlanRequest, ExportOptions], Exported]] = {
@@ -49,6 +49,11 @@ FORMATS: dict[str, Callable[[Plan, PlanRequest, ExportOptions], Exported]] = {
 """Export format → exporter: the text (JSON, YAML or TOML for configs, one shell line for argument lists) and the
 notes on what no setting of the format expresses. Each exporter refuses, in one line with the reason, a plan its
 engine does not run (:func:`batchpilot.plan.engines.plan_problems`)."""
+
+SUFFIXES: dict[str, str] = {"deepspeed": "json", "megatron": "sh", "hf": "json", "hf-deepspeed": "json",
+                            "accelerate": "yaml", "lightning": "json", "torchrun": "sh", "torchtitan": "toml"}
+"""Export format → the file name suffix of its text (without the dot): what ``batchpilot tune`` writes under
+``exports/`` and what the web page's download is named."""
 
 
 def export(plan: Plan, request: PlanRequest, fmt: str, options: ExportOptions | None = None) -> Exported:
