@@ -4,6 +4,7 @@ given with a unit is echoed as read, with a warning when it is implausible."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -52,6 +53,24 @@ def test_a_batch_that_does_not_divide_does_not_bend_the_layout():
                              global_batch_sequences=500, engine="megatron"))
     assert exact.plans[0].triad.data_parallel_ranks <= 4
     assert "--global-batch 496 or 512 or --max-deviation 1% splits over every GPU" in exact.rationale
+
+
+def test_fewer_sequences_than_gpus_warns_only_where_the_batch_bounds_data_parallelism():
+    """Llama 3.1 405B on 16,384 GPUs at 2,048 sequences (Meta's batch, arXiv:2407.21783 Table 4) is tp 8 × pp 16 ×
+    dp 128: memory, not the batch, sets the model parallelism, so neither a warning nor a note about splitting
+    over every GPU. Llama 3 8B, 8 sequences on 64 GPUs with pipeline parallelism off the table, is bounded by
+    the batch: dp 8 and 8-way tensor parallelism the model does not need for memory."""
+    big = plan(PlanRequest(model=load_model("llama-3.1-405b"), cluster=cluster(16384), seq_len=8192,
+                           global_batch_sequences=2048, engine="megatron"))
+    assert big.plans[0].triad.data_parallel_ranks < 2048
+    assert not any("fewer than" in w for w in big.warnings)
+    assert "splits over every GPU" not in big.rationale
+    req = PlanRequest(model=load_model("llama-3-8b"), cluster=cluster(64), seq_len=4096, global_batch_sequences=8,
+                      engine="megatron")
+    small = plan(dataclasses.replace(req, pins=dataclasses.replace(req.pins, pp=1, cp=1)))
+    assert small.plans[0].triad.data_parallel_ranks == 8
+    assert any(w.startswith("target 8 sequences is fewer than the 64 GPUs: data parallelism stops at 8 ranks")
+               for w in small.warnings)
 
 
 def test_a_window_without_a_multiple_of_the_gpus_takes_the_widest_split():

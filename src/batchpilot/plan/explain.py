@@ -238,7 +238,7 @@ def _batch_note(result: PlanResult, split: int) -> str:
     if g != target:
         return (f"; global batch {g:,} sequences ({best.deviation:+.2%}): the nearest to the target {target:,.6g} "
                 f"within {req.max_deviation:.0%} that splits over {where}")
-    if 0 < split < gpus and best.settings.model_parallel_size > 1:
+    if 0 < split < gpus and best.settings.model_parallel_size > 1 and best.triad.data_parallel_ranks == split:
         near = _near_multiples(target, gpus)
         off = min(abs(n - target) for n in near) / target
         return (f"; {g:,} sequences split over {where} as data parallelism: --global-batch "
@@ -270,17 +270,23 @@ def describe_target(result: PlanResult) -> str:
     return f"{head}{count} sequences × {req.seq_len} tokens = {format_count(target * req.seq_len)} tokens"
 
 
-def plan_warnings(result: PlanResult) -> tuple[str, ...]:
+def plan_warnings(result: PlanResult, *, split: int = 0) -> tuple[str, ...]:
     """What looks absurd about the winner although it fits: a pipeline bubble over :data:`MAX_BUBBLE_SHARE` of the
-    step, or an MFU under :data:`MIN_MFU` on more than one GPU (a model too small for the cluster)."""
+    step, an MFU under :data:`MIN_MFU` on more than one GPU (a model too small for the cluster), or a target of
+    fewer sequences than GPUs that bounds the winner's data parallelism (``split``: the most data-parallel ranks
+    the global batch splits over), so that GPUs the model does not need for memory go to model parallelism."""
     best, req = result.plans[0], result.request
     st, s = best.step, best.settings
     out = []
+    gpus, dp = req.cluster.total_devices, best.triad.data_parallel_ranks
+    if result.target_sequences < gpus and dp == split and s.model_parallel_size > 1:
+        out.append(f"target {result.target_sequences:g} sequences is fewer than the {gpus} GPUs: data parallelism "
+                   f"stops at {dp} ranks, so the winner spreads each over {s.model_parallel_size} GPUs of model "
+                   f"parallelism; a larger global batch would let more of them train as data parallelism")
     bubble = st.bubble_s / st.step_time_s if st.step_time_s else 0.0
     if bubble > MAX_BUBBLE_SHARE:
         out.append(f"the winner's pipeline bubble is {bubble:.0%} of its step (pp {s.pp}, {best.triad.grad_accum_steps} "
                    f"micro-batches per step): use fewer stages (--pp) or a larger global batch")
-    gpus = req.cluster.total_devices
     if gpus > 1 and st.mfu < MIN_MFU:
         out.append(f"MFU {st.mfu:.1%} on {gpus} GPUs: {req.model.name} ({format_count(req.model.params_total)} "
                    f"parameters) is too small to keep them busy; fewer GPUs would train it about as fast")
@@ -289,7 +295,7 @@ def plan_warnings(result: PlanResult) -> tuple[str, ...]:
 
 def target_warnings(req: PlanRequest, target: float) -> tuple[str, ...]:
     """Targets that are plans but probably not what was meant: more tokens per step than any published
-    pretraining batch (the registry's largest), or fewer sequences than data-parallel GPUs could share."""
+    pretraining batch (the registry's largest)."""
     from batchpilot.plan.registry import entries
 
     published = [e for e in entries() if e.global_batch_tokens]
@@ -302,9 +308,6 @@ def target_warnings(req: PlanRequest, target: float) -> tuple[str, ...]:
                    f"{req.seq_len} tokens) exceeds the largest published pretraining batch, "
                    f"{format_count(largest.global_batch_tokens)} tokens ({largest.name}); "
                    + ("did you mean --global-batch-tokens?" if req.global_batch_tokens is None else "check the units"))
-    if target < req.cluster.total_devices and req.cluster.total_devices > 1:
-        out.append(f"target {target:g} sequences is fewer than the {req.cluster.total_devices} GPUs: most of them "
-                   f"cannot hold a sequence of their own (data parallelism needs at least one per rank)")
     return tuple(out)
 
 
