@@ -130,3 +130,22 @@ def test_no_layout_with_the_pins_names_them_as_flags():
     assert text.startswith("no parallel layout of qwen2.5-7b on 1 GPUs runs with --zero 1 --recompute full under "
                            "--engine deepspeed; fits with: ")
     assert "{" not in text and "'" not in text
+
+
+@pytest.mark.parametrize("case", ["memory", "no layout", "engine"])
+def test_the_refusal_carries_the_fixes_its_line_lists(case):
+    """The fixes are data on the error (``exc.fixes``, what the web page lists) and the line is rendered from them;
+    ``suggest_fixes=False`` plans once and carries none."""
+    req = {"memory": qwen_7b(),
+           "no layout": PlanRequest(model=load_model("qwen2.5-7b"), cluster=ONE_H100, seq_len=4096,
+                                    global_batch_sequences=8, engine="deepspeed",
+                                    pins=Pins(recompute="full", zero_stage=1)),
+           "engine": dataclasses.replace(qwen_7b("batchpilot"), pins=Pins(recompute="selective"))}[case]
+    with pytest.raises(BatchpilotError) as info:
+        plan(req)
+    text, offered = str(info.value), info.value.fixes
+    assert offered and text.endswith("; fits with: " + "; ".join(offered))
+    assert offered[0] == fixes(req, _replan, need_bytes=0)[0].describe()
+    with pytest.raises(BatchpilotError) as quiet:
+        plan(req, suggest_fixes=False)
+    assert quiet.value.fixes == () and "fits with" not in str(quiet.value)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from batchpilot.errors import BatchpilotError, InfeasibleError
@@ -65,10 +65,8 @@ def infeasible(req: PlanRequest, target: float, layouts: list[LayoutCandidate], 
         pins = " ".join(req.pins.flags())
         engine = f" under --engine {req.engine}" if req.engine else ""
         why = f"no parallel layout of {req.model.name} on {gpus} GPUs runs with {pins or 'these settings'}{engine}"
-        found = fixes(req, replan, need_bytes=0)
-        if found:
-            return InfeasibleError(f"{why}; fits with: " + "; ".join(f.describe() for f in found))
-        return InfeasibleError(f"{why}; unpin --tp/--pp/--vpp/--cp/--ep")
+        return refusal(InfeasibleError, why, fixes(req, replan, need_bytes=0),
+                       otherwise="; unpin --tp/--pp/--vpp/--cp/--ep")
     memory = [r for r in rejected if r.kind == "memory"]
     if not memory:
         return BatchError(_batch_message(req, target, sorted({lay.dp for lay in layouts})))
@@ -77,11 +75,18 @@ def infeasible(req: PlanRequest, target: float, layouts: list[LayoutCandidate], 
     why = (f"nothing fits in {req.budget_bytes / GIB:.1f} GiB per GPU ({req.cluster.accelerator.name}, "
            f"{req.headroom:.0%} headroom): the leanest layout (tp {s.tp}, pp {s.pp}, ep {s.ep}, ZeRO-{s.zero_stage}, "
            f"recompute {s.recompute}) {best.reason.split(' > ')[0]}")
-    found = fixes(req, replan, need_bytes=best.need_bytes)
-    if found:
-        return InfeasibleError(f"{why}; fits with: " + "; ".join(f.describe() for f in found))
-    return InfeasibleError(f"{why}; none of unpinning, --offload, --optimizer adamw-8bit, a smaller --headroom, another "
-                           f"--engine or up to {2 ** MAX_GPU_DOUBLINGS}× the GPUs fits: use a smaller model or --seq-len")
+    return refusal(InfeasibleError, why, fixes(req, replan, need_bytes=best.need_bytes),
+                   otherwise=f"; none of unpinning, --offload, --optimizer adamw-8bit, a smaller --headroom, another "
+                             f"--engine or up to {2 ** MAX_GPU_DOUBLINGS}× the GPUs fits: use a smaller model or --seq-len")
+
+
+def refusal(kind: type[BatchpilotError], why: str, found: Sequence[Fix], *, otherwise: str = "") -> BatchpilotError:
+    """The one-line error ``why; fits with: A; B`` rendered from the fixes it carries (``fixes``: each
+    :meth:`Fix.describe`), or ``why`` and ``otherwise`` when none fits."""
+    described = tuple(f.describe() for f in found)
+    if not described:
+        return kind(why + otherwise)
+    return kind(f"{why}; fits with: " + "; ".join(described), fixes=described)
 
 
 def _batch_message(req: PlanRequest, target: float, dps: list[int]) -> str:
@@ -312,4 +317,4 @@ def target_warnings(req: PlanRequest, target: float) -> tuple[str, ...]:
 
 
 __all__ = ["Fix", "as_read", "describe_target", "fixes", "infeasible", "memory_rejection", "plan_warnings",
-           "rationale", "target_warnings", "unreachable_reason"]
+           "rationale", "refusal", "target_warnings", "unreachable_reason"]

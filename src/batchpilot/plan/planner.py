@@ -48,6 +48,7 @@ from batchpilot.plan.explain import (
     memory_rejection,
     plan_warnings,
     rationale,
+    refusal,
     target_warnings,
     unreachable_reason,
 )
@@ -142,7 +143,7 @@ def plan(req: PlanRequest, *, suggest_fixes: bool = True) -> PlanResult:
     _check_pins(req)
     problem = _engine_problem(req)
     if problem is not None:
-        raise SpecError(problem + (_fixes_text(req) if suggest_fixes else ""))
+        raise refusal(SpecError, problem, fixes(req, _try, need_bytes=0) if suggest_fixes else ())
     target = target_sequences(req)
     global_batch, split = clean_global_batch(req, target)
     search = _Search(req, target)
@@ -217,11 +218,6 @@ def _engine_problem(req: PlanRequest) -> str | None:
         problems = [f"--engine torchtitan needs an even --seq-len (a multiple of tp × 2 × cp: torchtitan "
                     f"distributed/parallel_dims.py:365-372); use --seq-len {req.seq_len + 1}"]
     return problems[0] if problems else None
-
-
-def _fixes_text(req: PlanRequest) -> str:
-    found = fixes(req, _try, need_bytes=0)
-    return "; fits with: " + "; ".join(f.describe() for f in found) if found else ""
 
 
 def _check_pins(req: PlanRequest) -> None:

@@ -18,7 +18,7 @@ Every bad request is answered ``{"error": "<the CLI's one line>"}`` with status 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +69,6 @@ MAX_UPLOAD_BYTES = 256 * 1024
 PLAN_WORKERS = 2
 """Plans searched at once (one per core of a small machine); more requests wait their turn."""
 
-FIX_MARKERS = ("; fits with: ", "; try ")
-"""Where the planner's one-line refusal starts listing the fixes it checked by re-planning
-(:func:`batchpilot.plan.explain.infeasible`); the page lists them one per line."""
-
 _UPLOAD_NAME = "config-name"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -81,15 +77,18 @@ class _TooLarge(BatchpilotError):
     """A request body over the limit."""
 
 
-def _error(message: str, status: int = 400) -> JSONResponse:
-    line = " ".join(str(message).split())  # one line, whatever the message held
-    body: dict[str, Any] = {"error": line}
-    for marker in FIX_MARKERS:  # the planner's "nothing fits …; fits with: A; B" names fixes it checked
-        _why, sep, fixes = line.partition(marker)
-        if sep:
-            body["suggestions"] = [f.strip() for f in fixes.split("; ") if f.strip()]
-            break
+def _error(message: str, status: int = 400, *, fixes: Sequence[str] = ()) -> JSONResponse:
+    """``{"error": one line}``, with ``"suggestions"``: the fixes the error carries (the planner's "nothing fits …;
+    fits with: A; B" carries the fixes it checked by re-planning, :func:`batchpilot.plan.explain.refusal`), which
+    the page lists one per line."""
+    body: dict[str, Any] = {"error": _one_line(str(message))}
+    if fixes:
+        body["suggestions"] = [_one_line(f) for f in fixes]
     return JSONResponse(body, status_code=status)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())  # one line, whatever the text held
 
 
 async def _body(request: Request, limit: int = MAX_UPLOAD_BYTES) -> bytes:
@@ -200,7 +199,7 @@ def _guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Req
         except _TooLarge as exc:
             return _error(str(exc), 413)
         except BatchpilotError as exc:
-            return _error(str(exc))
+            return _error(str(exc), fixes=exc.fixes)
         except RecursionError:
             return _error("the request is nested too deeply")
 
