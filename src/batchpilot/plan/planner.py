@@ -158,7 +158,7 @@ def plan(req: PlanRequest, *, suggest_fixes: bool = True) -> PlanResult:
                         layouts=len(space), memory_evaluations=search.memory_evaluations, pruned=pruned,
                         feasible=feasible, warnings=target_warnings(req, target))
     return dataclasses.replace(result, rationale=rationale(result, split=split),
-                               warnings=(*result.warnings, *plan_warnings(result)))
+                               warnings=(*result.warnings, *plan_warnings(result, split=split)))
 
 
 def _search(req: PlanRequest, search: _Search, global_batch: int, *,
