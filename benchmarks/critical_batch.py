@@ -29,7 +29,10 @@ What it does (the default CPU task: tiny-llama-1m, byte tokens, the Python stand
    2× the rule's LR, to show how far the rule is from the best of three.
 6. **Generalisation**: the held-out loss of every batch at equal examples (the smallest batch's crossing),
    and the held-out minus the training loss there (training loss: mean of the per-step losses over the
-   last ≥ 64 sequences; every row is fresh, so this is the train/held-out distribution gap per batch).
+   last ≥ 64 sequences; every row is fresh, so this is the train/held-out distribution gap per batch); and
+   (:func:`generalisation_check`, alone with ``--generalisation``) batches 4, 16 and 64 trained from the middle
+   checkpoint on the same rows to equal examples: the loss on rows they trained on, on training rows none
+   reached and on the held-out rows, with a one-line verdict (:func:`generalisation_verdict`).
 
 Results: ``benchmarks/results/critical_batch.{json,md,png}`` (``--out`` elsewhere). Wall-clock times are
 those of a shared 2-core machine; the science is in steps and examples, which do not depend on it.
@@ -197,7 +200,8 @@ def base_run(bench: Bench) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
     cfg = cfg.replace(optim={"warmup_steps": s.warmup_steps})
     trainer = Trainer(cfg, bench.env, hooks=[hook])
     wanted = set(s.checkpoints) | {c + d for c, d in zip(s.checkpoints, s.target_after, strict=True)}
-    last, states, curve, start = max(wanted), {}, [], time.perf_counter()
+    last, states, start = max(wanted), {}, time.perf_counter()
+    curve: list[dict[str, Any]] = []
     curve.append({"step": 0, "tokens": 0, "val_loss": val_loss(trainer), "b_simple_ema": None})
     for step in range(1, last + 1):
         record = trainer.train_step()
@@ -463,7 +467,7 @@ def tables(data: dict[str, Any]) -> str:
              "| checkpoint (step) | held-out loss | target | B_simple (seq, frozen, 95% band) | B_simple EMA in the run "
              "| B_crit fit (seq, 5–95%) | B_crit / B_simple | fit rms error |", "|---|---|---|---|---|---|---|---|"]
     for c in data["checkpoints"]:
-        fit, lo, hi = c["fit"], *c["b_simple_band"]
+        fit, (lo, hi) = c["fit"], c["b_simple_band"]
         ratio = c["b_crit_fit"] / c["b_simple"] if c["b_crit_fit"] and c["b_simple"] else None
         band = fit.get("band") or [None, None]
         lines.append(f"| {c['step']} | {c['loss']:.3f} | {c['target_loss']:.3f} | {_fmt(c['b_simple'])} ({_fmt(lo)}–"
@@ -504,6 +508,7 @@ def _generalisation_lines(data: dict[str, Any]) -> list[str]:
             lines.append(f"| {r['batch']} | {r['lr']:.2g} | {r['steps']} | {r['examples']} | {r['seen']:.4f} | "
                          f"{r['fresh']:.4f} | {r['held_out']:.4f} | {r['fresh_minus_seen']:+.4f} | "
                          f"{r['held_out_minus_fresh']:+.4f} |")
+        lines += ["", generalisation_verdict(data["generalisation"])]
     lines += ["", "Held-out loss of every batch of the sweep at equal examples (the smallest batch's crossing), and "
               "held-out minus training loss there (training loss: mean of the per-step losses over the last ≥ 64 "
               "sequences, which spans more steps — so lags more — at small batches):", "",
@@ -515,6 +520,32 @@ def _generalisation_lines(data: dict[str, Any]) -> list[str]:
             lines.append(f"| {c['step']} | {g['examples']:.0f} | {r['batch']} | {_fmt(r['val_loss'], '.4f')} | "
                          f"{r['train_loss']:.4f} | {_fmt(r['gap'], '+.4f')} |")
     return lines
+
+
+def generalisation_verdict(rows: list[dict[str, Any]]) -> str:
+    """One plain line on the generalisation check: the largest batch against the smallest at equal examples.
+
+    Held-out loss at equal examples is the question; the gaps tell its cause: fresh − seen (training rows not
+    trained on against those trained on, one distribution) and held-out − seen (= fresh − seen + held-out −
+    fresh). The part of the loss difference that a wider gap explains is a generalisation penalty; the rest,
+    a higher loss on every row set, is less progress for the same data (fewer optimizer steps)."""
+    small, large = min(rows, key=lambda r: r["batch"]), max(rows, key=lambda r: r["batch"])
+    lost = large["held_out"] - small["held_out"]
+    memo = large["fresh_minus_seen"] - small["fresh_minus_seen"]
+    wider = (large["held_out"] - large["seen"]) - (small["held_out"] - small["seen"])
+    head = (f"At {large['examples']} examples, batch {large['batch']} ({large['steps']} steps) ends at held-out "
+            f"{large['held_out']:.4f} against {small['held_out']:.4f} for batch {small['batch']} ({small['steps']} "
+            f"steps), {lost:+.4f} nats")
+    gaps = (f"fresh − seen {large['fresh_minus_seen']:+.4f} against {small['fresh_minus_seen']:+.4f} ({memo:+.4f}), "
+            f"held-out − seen {wider:+.4f} wider at batch {large['batch']}")
+    if abs(lost) < 0.01:
+        return f"{head}: the larger batch lost nothing measurable at equal examples ({gaps})."
+    if lost < 0:
+        return f"{head}: the larger batch did better at equal examples ({gaps})."
+    share = max(0.0, wider) / lost
+    return (f"{head}: the larger batch lost at equal examples on this task. {gaps[0].upper()}{gaps[1:]}: a wider gap "
+            f"explains {share:.0%} of the difference, the rest is less progress per example (fewer steps), not a "
+            f"generalisation penalty.")
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
