@@ -21,8 +21,10 @@ Parts, each writing ``benchmarks/results/noise_adaptive*.{json,md,png}``:
   InfiniBand NDR from batchpilot's step-time model (:class:`batchpilot.estimate.collectives.Fabric`).
   Every run carries the noise hook (B_simple trajectories at fixed batches; the same overhead for all).
 - ``schedule`` — the whole-run schedule from a short measurement (:mod:`batchpilot.plan.schedule_advice`):
-  a fixed-16 run's first 10% is the measurement; the advice (schedule, LR per batch, predicted loss and
-  costs) is then run against fixed 16 and fixed at the schedule's last batch, to the predicted loss.
+  a fixed-16 run's first 15% is the measurement; the advice (schedule, LR per batch, predicted loss and
+  costs) is then run against fixed 16 and fixed at the schedule's last batch, to the predicted loss. Added to
+  ``noise_adaptive.json`` under ``_schedule`` (the race's results are kept) and rendered after the race in
+  ``noise_adaptive.md``.
 - ``seeds`` — ``batchpilot noise`` (K = 30 steps from scratch) with two seeds: B_simple and the ratio.
 - ``overhead`` — forward+backward with and without the noise hook, interleaved in one process: CPU-time ratio.
 """
@@ -286,8 +288,40 @@ def schedule_table(data: dict[str, Any]) -> str:
                     else "not reached | — | —")
         lines.append(f"| {name} | {_num(p.get('steps'))} | {_num(p.get('tokens'), ',.0f')} | {measured} | "
                      f"{_num(r['val_loss_at_train_tokens'], '.3f')} |")
-    lines.append(f"\nCluster model as in the race ({c['micro_s'] * 1e3:.1f} ms per 8-sequence micro-batch).")
+    lines.append(f"\nRuns stop {STOP_MARGIN} below the predicted loss, so only fixed-{SCHEDULE_BASE} (the measurement's "
+                 f"run) reaches the whole run's tokens. Cluster model as in the race ({c['micro_s'] * 1e3:.1f} ms per "
+                 "8-sequence micro-batch).")
+    lines += ["", schedule_verdict(data)]
     return "\n".join(lines) + "\n"
+
+
+def schedule_verdict(data: dict[str, Any]) -> str:
+    """The prediction (loss at the whole run's tokens) and the race (schedule against the fixed batches)."""
+    a = data["advice"]
+    base = data.get(f"fixed-{SCHEDULE_BASE}", {})
+    out = []
+    if base.get("val_loss_at_train_tokens") is not None and base.get("reached"):
+        lo, hi = a["target_band"]
+        inside = lo <= base["val_loss_at_train_tokens"] <= hi
+        out.append(f"Prediction: fixed-{SCHEDULE_BASE} reached the predicted loss {a['target_loss']:.3f} after "
+                   f"{base['reached']['tokens']:,.0f} tokens ({base['reached']['tokens'] / SCHEDULE_TOKENS:.2f}× the "
+                   f"{SCHEDULE_TOKENS:,} predicted) and stood at {base['val_loss_at_train_tokens']:.3f} at "
+                   f"{SCHEDULE_TOKENS:,} tokens, {'inside' if inside else 'outside'} the predicted band.")
+    fixed = {n: r["reached"] for n, r in data.items() if n.startswith("fixed") and r.get("reached")}
+    sched = data.get("schedule", {}).get("reached")
+    if not fixed or sched is None:
+        out.append("Race: no verdict (the schedule or every fixed batch missed the predicted loss).")
+        return " ".join(out)
+    best_name, best = min(fixed.items(), key=lambda kv: kv[1]["cluster_s"])
+    time_ratio = sched["cluster_s"] / best["cluster_s"]
+    tokens = ", ".join(f"{sched['tokens'] / r['tokens']:.2f}× {n}'s" for n, r in fixed.items())
+    ran = sorted({t["global_batch_sequences"] for t in data["schedule"]["trajectory"]})
+    stages = [b for _, b in (x.split("=") for x in a["schedule"].removeprefix("steps:").split(","))]
+    out.append(f"Race to the predicted loss: the schedule took {time_ratio:.2f}× the simulated cluster time of the "
+               f"fastest fixed batch ({best_name}) with {tokens} tokens — it "
+               f"{'beat' if time_ratio < 1 else 'did not beat'} the fixed batches on time (batches run: "
+               f"{', '.join(map(str, ran))} of the schedule's {', '.join(stages)}).")
+    return " ".join(out)
 
 
 def _num(x: Any, spec: str = ".0f") -> str:
@@ -486,23 +520,36 @@ def main(argv: list[str]) -> int:
                          f"{v['loss_last']:.2f} |" for k, v in data.items() if k.startswith("seed"))
         _write("noise_adaptive_seeds", data, "| seed | B_simple (seq) | 95% band | loss |\n|---|---|---|---|\n"
                f"{rows}\n\nratio between seeds: {data['ratio']:.2f}\n")
-    if "tables" in parts:  # re-render the race's table, growth table and plot from its JSON
-        data = json.loads((RESULTS / "noise_adaptive.json").read_text(encoding="utf-8"))
-        _write("noise_adaptive", data, race_table(data) + "\n" + growth_table(data))
+    if "tables" in parts:  # re-render the race's and the schedule's tables and the plot from the JSON
+        data = _load()
+        _write("noise_adaptive", data, full_table(data))
         race_plot(data, RESULTS / "noise_adaptive.png")
-    if "schedule" in parts:
-        data = schedule_part()
-        _write("noise_adaptive_schedule", data, schedule_table(data))
-        print(schedule_table(data))
-    if "schedule-tables" in parts:
-        data = json.loads((RESULTS / "noise_adaptive_schedule.json").read_text(encoding="utf-8"))
-        _write("noise_adaptive_schedule", data, schedule_table(data))
+    if "schedule" in parts:  # added to the race's JSON under "_schedule" (the race results are kept)
+        schedule = schedule_part()
+        data = {**_load(), "_schedule": schedule}
+        _write("noise_adaptive", data, "")  # the measurement is on disk before anything is rendered
+        _write("noise_adaptive", data, full_table(data))
+        print(schedule_table(schedule))
     if "race" in parts:
-        data = race()
-        _write("noise_adaptive", data, race_table(data) + "\n" + growth_table(data))
+        old = _load()
+        data = {**race(), **({"_schedule": old["_schedule"]} if "_schedule" in old else {})}
+        _write("noise_adaptive", data, full_table(data))
         race_plot(data, RESULTS / "noise_adaptive.png")
         print(race_table(data))
     return 0
+
+
+def _load() -> dict[str, Any]:
+    path = RESULTS / "noise_adaptive.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def full_table(data: dict[str, Any]) -> str:
+    """noise_adaptive.md: the race (if measured), its B_simple growth table, then the whole-run schedule."""
+    parts = [race_table(data) + "\n" + growth_table(data)] if "_cluster" in data else []
+    if "_schedule" in data:
+        parts.append("## Whole-run schedule, validated\n\n" + schedule_table(data["_schedule"]))
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":
