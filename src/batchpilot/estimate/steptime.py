@@ -31,7 +31,7 @@ steps, t/cp/p/e tensor/context/pipeline/expert-parallel sizes, d data-parallel r
   reduce-scatter + all-gather of the same volume. Exposed (not overlapped).
 - Context parallelism (ring attention): per layer each rank passes its K/V chunk around the ring, cp − 1
   sends forward and twice that backward (K/V and their gradients), overlapped with the attention kernel;
-  what exceeds it is exposed.
+  what exceeds it is exposed. A ring of more than a node's GPUs (tp·cp) moves at the network's pace.
 - Expert parallelism: per MoE layer and micro-batch, dispatch and combine all-to-alls of b·s·k·h/t
   activations (each tensor-parallel rank dispatches its sequence-parallel share; expert-parallel ranks are
   adjacent) forward and backward (+2 with full recompute); exposed, or overlapped with another micro-batch's
@@ -619,7 +619,10 @@ class StepTimeModel:
         if model.family == "mla":
             kv_heads = model.num_heads / settings.tp
         kv = sh.tokens * kv_heads * (model.head_dim_qk + model.head_dim_v) * ACTIVATION_BYTES[settings.precision]
-        send = (sh.cp - 1) * self.fabric.p2p_s(kv, settings.tp)
+        # The ring's ranks are tp apart (tensor parallelism innermost); once tp·cp GPUs exceed a node, a hop of
+        # every ring crosses the network and sets the pace of each of its cp − 1 steps.
+        inside = settings.tp * sh.cp <= self.fabric.gpus_per_node
+        send = (sh.cp - 1) * self.fabric.p2p_s(kv, settings.tp if inside else self.fabric.gpus_per_node)
         passes = 2 if settings.recompute == "full" else 1
         exposed = total = 0.0
         for times, n in layers:

@@ -84,18 +84,17 @@ def _pp_options(req: PlanRequest, tp: int, caps: Capabilities | None) -> list[in
 
 def _cp_options(req: PlanRequest, tp: int, pp: int, caps: Capabilities | None, search: bool) -> list[int]:
     """Context-parallel sizes: the pin, else the settings' for a request without an engine, else 1 or (``search``)
-    every divisor of the remaining GPUs that keeps tp × cp within a node and splits the sequence (the engine's
-    rule). The planner searches them only when nothing fits without: context parallelism is there to split the
-    activations of sequences too long for one GPU (Megatron-LM ``--context-parallel-size``, torchtitan
-    ``context_parallel_degree``), and its ring-attention cost at shorter sequences is the step-time model's least
-    checked term."""
+    every divisor of the remaining GPUs that splits the sequence (the engine's rule); a ring may span nodes
+    (Llama 3 405B trained with tp 8 × cp 16, arXiv:2407.21783 §3.3.2). The planner searches them only when
+    nothing fits without: context parallelism is there to split the activations of sequences too long for one
+    GPU (Megatron-LM ``--context-parallel-size``, torchtitan ``context_parallel_degree``), and its
+    ring-attention cost at shorter sequences is the step-time model's least checked term."""
     if req.pins.cp is not None:
         return [req.pins.cp]
     if caps is None or not caps.cp or req.settings.attention != "flash" or not search:
         return [req.settings.cp if caps is None else 1]
     rest = req.cluster.total_devices // (tp * pp)
-    return [c for c in _divisors(rest)
-            if tp * c <= req.cluster.devices_per_node and req.seq_len % _seq_divisor(caps, tp, c) == 0]
+    return [c for c in _divisors(rest) if req.seq_len % _seq_divisor(caps, tp, c) == 0]
 
 
 def _vpp_options(req: PlanRequest, pp: int, caps: Capabilities | None) -> list[int]:
