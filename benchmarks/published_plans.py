@@ -47,11 +47,18 @@ def _plan_layout(p: Plan) -> dict[str, Any]:
     return layout(p.triad, p.settings)
 
 
-#: Engines of the memory comparison -> the engine a user of that framework plans with: torchtune has no engine of
-#: its own in batchpilot's table (its memory follows plain PyTorch's bookkeeping, ``torch``), and torchtitan runs
-#: the same PyTorch-native setups (FSDP2, per-op checkpointing, compile, pure-bf16 parameters); batchpilot's own
-#: runner (``torch``) has no pure-bf16 parameters.
-PLAN_ENGINES = {"torch": "torchtitan"}
+#: Frameworks -> the engine of batchpilot's table a user of that framework plans with, where it is not the engine
+#: whose memory bookkeeping the comparison follows (``published_runs.ENGINES``): torchtune has no engine of its own
+#: and torchtitan runs the same PyTorch-native setups (FSDP2, per-op checkpointing, compile, pure-bf16 parameters;
+#: batchpilot's own runner has no pure-bf16 parameters); ms-swift's DeepSpeed runs go through the transformers
+#: Trainer, whose gradient checkpointing recomputes without a pipeline (a bare DeepSpeed config cannot).
+PLAN_ENGINES = (("torchtune", "torchtitan"), ("deepspeed (transformers trainer", "hf"))
+
+
+def plan_engine(row: dict[str, Any], engine: str) -> str:
+    """The engine ``plan`` is asked for on ``row`` (see :data:`PLAN_ENGINES`)."""
+    framework = str(row.get("framework") or "").lower()
+    return next((plan for prefix, plan in PLAN_ENGINES if framework.startswith(prefix)), engine)
 
 
 def options_for(row: dict[str, Any], inputs: Inputs) -> PlanOptions:
@@ -64,7 +71,7 @@ def options_for(row: dict[str, Any], inputs: Inputs) -> PlanOptions:
     return PlanOptions(
         model=inputs.model, gpu=inputs.accelerator, seq_len=t.seq_len_tokens, gpus=row["num_gpus"],
         gpus_per_node=min(row["gpus_per_node"], row["num_gpus"]), global_batch=t.global_batch_sequences,
-        precision=s.precision, optimizer=s.optimizer, engine=PLAN_ENGINES.get(s.engine, s.engine), sp=s.sp, attention=s.attention,
+        precision=s.precision, optimizer=s.optimizer, engine=plan_engine(row, s.engine), sp=s.sp, attention=s.attention,
         offload=s.offload, recompute_every=s.recompute_every, compile=s.compile, fp8_recipe=s.fp8_recipe,
         fp8_all_gather=s.fp8_all_gather, reshard_after_forward=s.reshard_after_forward, loss=s.loss,
         loss_chunks=s.loss_chunks, param_dtype=s.param_dtype, top=TOP, **kwargs)
