@@ -263,7 +263,7 @@ def _advice_json(advice: Any) -> dict[str, Any]:
             "extrapolation": advice.extrapolation,
             "noise_fit": {"b_star": nf.b_star, "alpha_b": nf.alpha_b, "rms_log_error": nf.rms_log_error,
                           "loss_range": nf.loss_range, "points": nf.points},
-            "loss_fit": {"l_inf": lf.l_inf, "a": lf.a, "alpha": lf.alpha, "rms_error": lf.rms_error},
+            "loss_fit": {"a": lf.a, "alpha": lf.alpha, "rms_error": lf.rms_error, "tokens_range": lf.tokens_range},
             "costs": [{"name": c.name, "steps": c.steps, "tokens": c.tokens, "final_batch": c.final_batch}
                       for c in advice.costs]}
 
@@ -274,7 +274,7 @@ def schedule_table(data: dict[str, Any]) -> str:
              f"EMA). Whole run: {SCHEDULE_TOKENS:,} tokens. Fits: B_simple(L) = {a['noise_fit']['b_star']:.3g}·"
              f"L^(−1/{a['noise_fit']['alpha_b']:.3g}) (rms {a['noise_fit']['rms_log_error']:.2f} in log B, losses "
              f"{a['noise_fit']['loss_range'][0]:.2f}–{a['noise_fit']['loss_range'][1]:.2f}); L(D) = "
-             f"{a['loss_fit']['l_inf']:.3f} + {a['loss_fit']['a']:.3g}·D^−{a['loss_fit']['alpha']:.3f}.", "",
+             f"{a['loss_fit']['a']:.3g}·D^−{a['loss_fit']['alpha']:.3f}.", "",
              f"Advice: `--batch-schedule {a['schedule']} --lr {a['lr_first']:.3g} --lr-scaling sqrt` "
              f"({a['lr_anchor']}); predicted loss at {SCHEDULE_TOKENS:,} tokens of fixed-{SCHEDULE_BASE}: "
              f"{a['target_loss']:.3f} (band {a['target_band'][0]:.3f}–{a['target_band'][1]:.3f}); "
