@@ -24,7 +24,7 @@ from batchpilot.measure.calibrate import calibration_from_probe
 from batchpilot.measure.cpu_runner import _to_trial
 from batchpilot.measure.predict import Prediction
 from batchpilot.measure.probe import find_knee, knee_ladder, run_probe
-from batchpilot.measure.probe_types import ProbeError, ProbeRequest, worst_case_seq_len
+from batchpilot.measure.probe_types import ProbeError, ProbeRequest, trial_spec, worst_case_seq_len
 from batchpilot.measure.trace import TRACE_ENV, trace
 from batchpilot.records.probe import ProbeResult, ProbeTrial
 from batchpilot.specs.model import load_model
@@ -331,3 +331,16 @@ def test_a_trial_killed_before_its_limit_names_host_memory():
         _to_trial(1, [], -9, 1.0)
     with pytest.raises(ProbeError, match="check that torch works"):
         _to_trial(1, [], 1, 1.0)
+
+
+def test_the_trials_checkpoint_one_layer_in_n_as_asked() -> None:
+    """--recompute full --recompute-every 2 keeps every other layer's activations, so fewer sequences fit than with
+    every layer checkpointed (the trial processes used to drop recompute_every and measure every layer
+    checkpointed: both probes found the same limit). Real CPU trials under the memory limit."""
+    def limit(every: int) -> int:
+        settings = RunSettings(precision="fp32", recompute="full", recompute_every=every)
+        request = _request(settings=settings, budget_bytes=96 * MIB, knee=False)
+        assert trial_spec(request, 4)["recompute_every"] == every
+        return run_probe(request).max_micro_batch
+
+    assert limit(2) < limit(1)

@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+import record_samples
 
 from batchpilot.cli import app
 from batchpilot.errors import BatchpilotError, InfeasibleError
@@ -137,3 +138,28 @@ def test_the_cluster_plan_is_printed_and_reported(tmp_path: Path, machine_of) ->
     local = dataclasses.replace(cluster, cluster_plan=cluster)  # stands in for the local plan that carries it
     page = _plan_section(types.SimpleNamespace(plan=local))
     assert "id='cluster-plan'" in page and "too small to keep them busy" in page
+
+
+@pytest.mark.parametrize(("planned", "every", "runs"), [("full", 2, ("full", 2)), ("op", 3, ("op", 3)),
+                                                         ("selective", 2, ("none", 1)), ("none", 1, ("none", 1))])
+def test_the_verification_run_trains_with_the_plans_recomputation(tmp_path: Path, planned: str, every: int,
+                                                                   runs: tuple[str, int]) -> None:
+    """The verification run applies the local plan's policy (it used to train without recomputation whatever the
+    probe measured and the plan predicted); selective, the attention core, is what none keeps under SDPA."""
+    from batchpilot.specs.settings import RunSettings
+
+    settings = RunSettings(precision="fp32", recompute=planned, recompute_every=every)  # type: ignore[arg-type]
+    cfg = TuneConfig(model="tiny-llama-1m", seq_len=64, settings=settings)
+    config = stages.verify_config(cfg, record_samples.plan_row(recompute=planned), steps=5, out=tmp_path, device="cpu")
+    assert (config.parallel.recompute, config.parallel.recompute_every) == runs
+    assert config.batch.micro_batch_sequences == 24 and config.run.steps == 5
+
+
+@pytest.mark.parametrize("command", ["probe", "tune"])
+def test_recompute_every_without_recomputation_is_one_line(cli_runner, tmp_path: Path, command: str) -> None:
+    result = cli_runner.invoke(app, [command, "--device", "cpu", "--recompute-every", "2", *(
+        ["--out", str(tmp_path / "run")] if command == "tune" else [])])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: --recompute-every 2 checkpoints 1 layer in 2 and needs --recompute op, "
+                                     "selective or full")
+    assert not (tmp_path / "run").exists()

@@ -41,6 +41,7 @@ from batchpilot.cli._settings import (
     DEFAULTS,
     AttentionOpt,
     OptimizerOpt,
+    RecomputeEveryOpt,
     RecomputeOpt,
     StepPrecisionOpt,
     settings_from_options,
@@ -53,6 +54,7 @@ from batchpilot.measure.probe import run_probe
 from batchpilot.measure.probe_types import ProbeRequest, worst_case_seq_len
 from batchpilot.records.probe import ProbeResult, ProbeTrial
 from batchpilot.specs.model import load_model
+from batchpilot.specs.settings import check_effective
 from batchpilot.units import format_bytes
 
 
@@ -135,7 +137,8 @@ def probe(
         "the calibration divides by this CPU's measured matmul rate)."))] = None,
     accelerator: Annotated[str | None, option("--accelerator", hidden=True, help="Old name of --gpu.")] = None,
     precision: StepPrecisionOpt = None, optimizer: OptimizerOpt = DEFAULTS.optimizer,
-    recompute: RecomputeOpt = DEFAULTS.recompute, attention: AttentionOpt = DEFAULTS.attention,
+    recompute: RecomputeOpt = DEFAULTS.recompute, recompute_every: RecomputeEveryOpt = DEFAULTS.recompute_every,
+    attention: AttentionOpt = DEFAULTS.attention,
     finetune: FinetuneOpt = "full",
     json_output: JsonOpt = False,
 ) -> None:
@@ -145,7 +148,9 @@ def probe(
     gpu = deprecated_alias("--accelerator", accelerator, "--gpu", gpu)
     dev = resolve_device(device)
     settings = with_finetune(settings_from_options(precision=step_precision(precision, dev), optimizer=optimizer,
-                                                   recompute=recompute, attention=attention), finetune)
+                                                   recompute=recompute, recompute_every=recompute_every,
+                                                   attention=attention), finetune)
+    check_effective(settings)
     spec = load_model(model)
     if lengths is not None:
         seq_len = worst_case_seq_len(_read_lengths(lengths), cap=seq_len)

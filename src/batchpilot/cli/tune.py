@@ -34,6 +34,7 @@ from batchpilot.cli._options import (
 )
 from batchpilot.cli._settings import (
     DEFAULTS,
+    RecomputeEveryOpt,
     RecomputeOpt,
     StepPrecisionOpt,
     settings_from_options,
@@ -42,6 +43,7 @@ from batchpilot.cli._settings import (
 from batchpilot.errors import BatchpilotError
 from batchpilot.plan.engines import ENGINE_NAMES, LEGACY_ENGINES, get_engine
 from batchpilot.records.tune_state import StageRecord
+from batchpilot.specs.settings import check_effective
 from batchpilot.tune.config import STAGES, TuneConfig
 from batchpilot.units import format_bytes
 
@@ -102,6 +104,7 @@ def tune(
     train_tokens: TrainTokensOpt = None,
     precision: StepPrecisionOpt = None,
     recompute: RecomputeOpt = DEFAULTS.recompute,
+    recompute_every: RecomputeEveryOpt = DEFAULTS.recompute_every,
     out: Annotated[Path, option("--out", help="Run directory for every stage's record.")] = Path("runs/tune"),
     skip: Annotated[str, option("--skip", show_default="none", help=(
         f"Comma-separated stages to skip: {','.join(STAGES)}."))] = "",
@@ -113,12 +116,14 @@ def tune(
     """Measure, plan, prove and show the batch size for a model on this device (and a target cluster)."""
     from batchpilot.tune.pipeline import run_tune
 
+    settings = with_finetune(settings_from_options(precision=step_precision(precision, device), recompute=recompute,
+                                                   recompute_every=recompute_every), finetune)
+    check_effective(settings)
     config = TuneConfig(
         model=model, data=data, tokenizer=tokenizer, seq_len=seq_len,
         device=device,  # type: ignore[arg-type]  # checked by DeviceOpt
         memory_budget_bytes=memory_budget,
-        settings=with_finetune(settings_from_options(precision=step_precision(precision, device),
-                                                     recompute=recompute), finetune),
+        settings=settings,
         gpu=gpu, gpus=(gpus or 1) if gpu is not None else gpus, gpus_per_node=gpus_per_node,
         engine=get_engine(engine).name,
         train_tokens=train_tokens, time_budget_s=time_budget, out=out, skip=_parse_skip(skip), reuse=reuse,

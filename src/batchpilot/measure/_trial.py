@@ -86,6 +86,8 @@ class TrialSpec:
     """CPU: address space allowed above the baseline. CUDA: the caching allocator's cap."""
     precision: str = "fp32"
     recompute: str = "none"
+    recompute_every: int = 1
+    """Checkpoint 1 layer in N under ``recompute`` (:mod:`batchpilot.measure.recompute`)."""
     attention: str = "flash"
     optimizer: str = "adamw"
     warmup_steps: int = 1
@@ -147,8 +149,8 @@ def set_mmap_threshold() -> None:
 def build(spec: TrialSpec, device: torch.device) -> TrainingStep:
     """The trainer's step (:func:`batchpilot.measure.step.build_step`) for ``spec`` on ``device``."""
     config = StepConfig(precision=spec.precision, attention=spec.attention, recompute=spec.recompute,
-                        optimizer=spec.optimizer, seed=spec.seed, param_dtype=spec.param_dtype,
-                        finetune=parse_finetune(spec.finetune))
+                        recompute_every=spec.recompute_every, optimizer=spec.optimizer, seed=spec.seed,
+                        param_dtype=spec.param_dtype, finetune=parse_finetune(spec.finetune))
     return build_step(spec.hf_config, config, micro_batch=spec.micro_batch, seq_len=spec.seq_len, device=device)
 
 

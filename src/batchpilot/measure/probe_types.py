@@ -109,6 +109,7 @@ def trial_spec(request: ProbeRequest, micro_batch: int) -> dict[str, Any]:
     s = request.settings
     return dict(hf_config=dict(request.model.hf_config), seq_len=request.seq_len, micro_batch=micro_batch,
                 device=request.device, budget_bytes=request.budget_bytes, precision=s.precision,
-                recompute=s.recompute, attention=s.attention, optimizer=s.optimizer,
+                recompute=s.recompute, recompute_every=s.recompute_every, attention=s.attention,
+                optimizer=s.optimizer,
                 warmup_steps=request.warmup_steps, timed_steps=request.timed_steps, seed=request.seed,
                 param_dtype=s.param_dtype, finetune=format_finetune(s.finetune))

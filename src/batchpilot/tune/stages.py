@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.estimate.calibration import DEFAULT_CALIBRATION, Calibration, calibration_from_dict
@@ -25,7 +25,7 @@ from batchpilot.measure.probe import ProgressHook
 from batchpilot.measure.probe_types import Device, ProbeRequest
 from batchpilot.records.memory_curve import MemoryCurve
 from batchpilot.records.noise import NoiseRecord
-from batchpilot.records.plan import PlanRecord
+from batchpilot.records.plan import PlanRecord, PlanRow
 from batchpilot.records.probe import ProbeResult
 from batchpilot.records.train_summary import TrainSummary
 from batchpilot.records.verify import VerifyMeasurement, VerifyPrediction, VerifyRecord
@@ -33,6 +33,9 @@ from batchpilot.specs.finetune import format_finetune
 from batchpilot.specs.model import ModelSpec, load_model
 from batchpilot.tune.config import CPU_DEFAULT_BUDGET_BYTES, TIME_SHARES, TuneConfig
 from batchpilot.units import format_bytes
+
+if TYPE_CHECKING:
+    from batchpilot.train.config import TrainConfig
 
 LOCAL_EXPORTS = ("torchrun", "hf")
 MIN_MEMORY_STAGE_S = 60.0
@@ -306,7 +309,8 @@ def plan_stage(cfg: TuneConfig, state: TuneState, out: Path) -> PlanRecord:
     request = PlanRequest(
         model=state.model, cluster=local_cluster(cfg, state), seq_len=cfg.seq_len,
         global_batch_sequences=critical_batch_sequences(state, cfg), settings=cfg.settings,
-        pins=Pins(micro_batch=_knee(state)), calibration=state.calibration, headroom=0.0,
+        pins=Pins(micro_batch=_knee(state), recompute=cfg.settings.recompute),  # the policy the probe measured
+        calibration=state.calibration, headroom=0.0,
         overhead=OverheadModel.cpu() if state.device == "cpu" else None, top=5, engine="batchpilot",
     )
     result = plan(request)  # what verify trains: batchpilot's runner
@@ -414,9 +418,27 @@ def _fresh_stage_dir(path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- verify
+def verify_config(cfg: TuneConfig, best: PlanRow, *, steps: int, out: Path, device: str) -> TrainConfig:
+    """The verification run of the local plan ``best``: its batch and micro-batch, the tune's model, data,
+    precision and fine-tuning mode, and its recomputation policy as the runner applies it (``selective``, the
+    attention core, keeps what ``none`` keeps under SDPA: :class:`~batchpilot.train.config.ParallelConfig`)."""
+    from batchpilot.train.config import RECOMPUTES, TrainConfig
+
+    recompute = best.recompute if best.recompute in RECOMPUTES else "none"
+    return TrainConfig().replace(
+        model={"model": cfg.model, "finetune": format_finetune(cfg.settings.finetune)},
+        data={"data": cfg.data, "tokenizer": cfg.tokenizer, "seq_len": cfg.seq_len},
+        batch={"global_batch_sequences": best.global_batch_sequences, "micro_batch_sequences": best.micro_batch},
+        optim={"precision": cfg.settings.precision if cfg.settings.precision != "fp8" else "bf16",
+               "warmup_steps": max(1, steps // 10)},
+        run={"steps": steps, "out": str(out), "seed": cfg.seed, "val_every": max(1, steps // 4),
+             "val_rows": 16, "device": device},
+        parallel={"recompute": recompute, "recompute_every": cfg.settings.recompute_every if recompute != "none" else 1},
+    )
+
+
 def verify_stage(cfg: TuneConfig, state: TuneState, out: Path, on_record: Any = None) -> VerifyRecord:
     """Train with the winning local plan; compare measured tokens/s and peak memory with the prediction."""
-    from batchpilot.train.config import TrainConfig
     from batchpilot.train.runner import run
 
     best = state.plan.best if state.plan else None
@@ -425,15 +447,7 @@ def verify_stage(cfg: TuneConfig, state: TuneState, out: Path, on_record: Any = 
     steps = steps_within(cfg.stage_seconds("verify"), best.global_batch_tokens,
                          _tokens_per_s_at(state, best.micro_batch), lo=5, hi=200)
     train_dir = _fresh_stage_dir(out / "train")
-    config = TrainConfig().replace(
-        model={"model": cfg.model, "finetune": format_finetune(cfg.settings.finetune)},
-        data={"data": cfg.data, "tokenizer": cfg.tokenizer, "seq_len": cfg.seq_len},
-        batch={"global_batch_sequences": best.global_batch_sequences, "micro_batch_sequences": best.micro_batch},
-        optim={"precision": cfg.settings.precision if cfg.settings.precision != "fp8" else "bf16",
-               "warmup_steps": max(1, steps // 10)},
-        run={"steps": steps, "out": str(train_dir), "seed": cfg.seed, "val_every": max(1, steps // 4),
-             "val_rows": 16, "device": state.device},
-    )
+    config = verify_config(cfg, best, steps=steps, out=train_dir, device=state.device)
     run(config, on_record=on_record)
     summary = TrainSummary.load(train_dir / "summary.json")
     return VerifyRecord(
