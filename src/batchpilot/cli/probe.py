@@ -54,7 +54,7 @@ from batchpilot.measure.probe import run_probe
 from batchpilot.measure.probe_types import ProbeRequest, worst_case_seq_len
 from batchpilot.records.probe import ProbeResult, ProbeTrial
 from batchpilot.specs.model import load_model
-from batchpilot.specs.settings import check_effective
+from batchpilot.specs.settings import check_effective, validate_for_model
 from batchpilot.units import format_bytes
 
 
@@ -152,6 +152,7 @@ def probe(
                                                    attention=attention), finetune)
     check_effective(settings)
     spec = load_model(model)
+    validate_for_model(settings, spec)  # before the live table starts
     if lengths is not None:
         seq_len = worst_case_seq_len(_read_lengths(lengths), cap=seq_len)
     budget = memory_budget or device_memory_bytes(dev)

@@ -265,6 +265,11 @@ def validate_for_model(settings: RunSettings, model: ModelSpec) -> None:
             f"--vpp {settings.vpp} exceeds the {layers_per_stage} layers per pipeline stage of {model.name} at --pp "
             f"{settings.pp} (each virtual stage needs a layer); use --vpp ≤ {layers_per_stage}"
         )
+    if settings.recompute != "none" and settings.recompute_every > model.num_layers:
+        raise SpecError(
+            f"--recompute-every {settings.recompute_every} exceeds the {model.num_layers} layers of {model.name} "
+            f"(no layer would be checkpointed); use --recompute-every ≤ {model.num_layers}"
+        )
     if settings.ep > 1 and not model.is_moe:
         raise SpecError(f"--ep {settings.ep} needs a mixture-of-experts model; {model.name} is dense (use --ep 1)")
     if model.is_moe and model.num_experts % settings.ep:

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from batchpilot.errors import BatchpilotError, DataError
+from batchpilot.measure.recompute import check_every
 from batchpilot.measure.step import (
     autocast,
     cross_entropy_sum,
@@ -79,6 +80,7 @@ from batchpilot.train.model import BuiltModel, build_model
 from batchpilot.train.noise_default import default_noise_hook, noise_summary
 from batchpilot.train.parallelize import (
     ParallelLayout,
+    decoder_layers,
     device_mesh,
     load_full_weights,
     local_value,
@@ -147,7 +149,9 @@ class Trainer:
         self._set_threads()
         # the architecture builds (on the meta device: no memory, no weights read) before rank 0 writes OUT/tokens,
         # so a config transformers refuses leaves nothing behind
-        build_model(config.model, seed=config.run.seed, empty=True)
+        meta = build_model(config.model, seed=config.run.seed, empty=True)
+        if config.parallel.recompute != "none":
+            check_every(config.parallel.recompute_every, len(decoder_layers(meta.module)))
         self._load_data()
         self._build()
         self.state = TrainState()
