@@ -92,6 +92,16 @@ def test_band_is_the_held_out_error_of_the_speed_model() -> None:
     assert cost.gpu_hours == pytest.approx(2.0) and cost.price_per_gpu_hour is None and cost.cost is None
 
 
+def test_cost_summary_keeps_a_small_runs_band() -> None:
+    """1.18 GPU-hours on one GPU reads as such: not ``1 GPU-hours (1–1)`` on ``1 GPUs``."""
+    cost = training_cost(tokens_per_s=11_764.0, gpus=1, train_tokens=50_000_000, price_per_gpu_hour=2.5)
+    line = cost.summary()
+    assert "on 1 GPU:" in line and "1 GPUs" not in line
+    assert "1.18 GPU-hours (0.976–1.39), 2.95 at 2.5/GPU-hour (2.44–3.48)" in line, line
+    big = training_cost(tokens_per_s=1000.0, gpus=2048, train_tokens=3_600_000_000)
+    assert "2,048,000 GPU-hours" in big.summary() and "on 2048 GPUs" in big.summary()
+
+
 def test_report_shows_the_cost(cli_runner) -> None:
     from batchpilot.report.html import plan_html
 

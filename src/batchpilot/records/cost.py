@@ -52,13 +52,24 @@ class TrainingCost(JsonValue):
     def summary(self) -> str:
         """One line: tokens, wall time with its band, GPU-hours and cost (display only)."""
         text = (f"{self.train_tokens:,} tokens ({self.tokens_source}) at {self.tokens_per_s:,.0f} tokens/s on "
-                f"{self.gpus} GPUs: {format_duration(self.wall_s)} ({format_duration(self.wall_s_low)}–"
-                f"{format_duration(self.wall_s_high)}), {self.gpu_hours:,.0f} GPU-hours "
-                f"({self.gpu_hours_low:,.0f}–{self.gpu_hours_high:,.0f})")
+                f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}: {format_duration(self.wall_s)} "
+                f"({format_duration(self.wall_s_low)}–{format_duration(self.wall_s_high)}), "
+                f"{format_amount(self.gpu_hours)} GPU-hours "
+                f"({format_amount(self.gpu_hours_low)}–{format_amount(self.gpu_hours_high)})")
         if self.cost is not None and self.cost_low is not None and self.cost_high is not None:
-            text += (f", {self.cost:,.0f} at {self.price_per_gpu_hour:g}/GPU-hour "
-                     f"({self.cost_low:,.0f}–{self.cost_high:,.0f})")
+            text += (f", {format_amount(self.cost)} at {self.price_per_gpu_hour:g}/GPU-hour "
+                     f"({format_amount(self.cost_low)}–{format_amount(self.cost_high)})")
         return text + "; band: 10th–90th percentile of the speed model's held-out error"
+
+
+def format_amount(x: float) -> str:
+    """GPU-hours or money: whole numbers from 100 on (``2,664,000``), else 3 significant digits (``1.18``,
+    ``0.0421``), so a small run's band does not collapse to ``1–1`` (display only).
+
+    >>> format_amount(2_663_912.4), format_amount(1.1803), format_amount(2.95), format_amount(0.04213)
+    ('2,663,912', '1.18', '2.95', '0.0421')
+    """
+    return f"{x:,.0f}" if abs(x) >= 99.95 else f"{x:.3g}"
 
 
 def format_duration(seconds: float) -> str:
