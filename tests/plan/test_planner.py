@@ -144,6 +144,27 @@ def test_bad_requests_are_one_line_errors(kw, exc, fragments):
         assert fragment in text
 
 
+@pytest.mark.parametrize(("target", "advice"), [(12, "--max-deviation 34%"), (100, "--max-deviation 4%"),
+                                              (7, "--max-deviation 15%")])
+def test_unsplittable_batch_advises_a_deviation_that_reaches_a_split(target, advice):
+    """12 sequences on 8 GPUs: 8 and 16 are 33.3 % away, so the advice is 34 % (a fixed 5 % was advised,
+    which reaches neither, and again to a request that had it); the advice plans."""
+    pins = Pins(tp=1, pp=1)
+    deviation = int(advice.split()[1][:-1]) / 100
+    for given in (0.0, 0.03):
+        with pytest.raises(BatchError) as info:
+            plan(request(global_batch_sequences=target, pins=pins, max_deviation=given))
+        assert _one_line(info.value).endswith(advice)
+    assert plan(request(global_batch_sequences=target, pins=pins, max_deviation=deviation)).plans
+
+
+def test_batch_below_every_split_advises_no_deviation():
+    """4 sequences on 8 GPUs: only 8 splits, 100 % away, beyond any --max-deviation (< 1)."""
+    with pytest.raises(BatchError) as info:
+        plan(request(global_batch_sequences=4, pins=Pins(tp=1, pp=1)))
+    assert _one_line(info.value).endswith("use --global-batch 8")
+
+
 def test_nothing_fits_says_why_and_what_would():
     req = request(model=load_model("llama-3-70b"), cluster=cluster(8, accel=SMALL), seq_len=4096,
                   global_batch_sequences=64, settings=RunSettings(engine="deepspeed"))

@@ -94,7 +94,11 @@ def _batch_message(req: PlanRequest, target: float, dps: list[int]) -> str:
     pinned = (req.pins.micro_batch or 1) * (req.pins.grad_accum or 1)
     units = [dp * pinned for dp in dps]
     options = sorted({g for u in units for g in _near_multiples(target, u)}, key=lambda g: (abs(g - target), g))[:2]
-    fixes = [f"--global-batch {g}" for g in options] + ["--max-deviation 5%"]
+    fixes = [f"--global-batch {g}" for g in options]
+    # the deviation that reaches the nearest of them (a fixed 5 % was advised even where it reaches none)
+    percent = math.ceil(min(abs(g - target) for g in options) / target * 100 - 1e-9) if options else 100
+    if req.max_deviation * 100 < percent < 100:
+        fixes.append(f"--max-deviation {percent}%")
     rule = "micro × accum × dp"
     if req.pins.micro_batch or req.pins.grad_accum:
         rule += f" with --micro-batch {req.pins.micro_batch or 'any'} --grad-accum {req.pins.grad_accum or 'any'}"
