@@ -99,6 +99,22 @@ def test_each_stage_checks_its_own_record(tmp_path: Path) -> None:
         run_tune(_config(out))
 
 
+def test_a_plan_without_the_asked_cluster_plan_is_refused(tmp_path: Path) -> None:
+    """--gpu h100-sxm --gpus 64 with a plan.json made without a target cluster (or for another one): refused,
+    not reused without the cluster plan the run asked for."""
+    out = _folder(tmp_path)
+    with pytest.raises(ReuseError, match=r"plan\.json' was made for cluster None \(now 'h100-sxm × 64 \(8 per "
+                                         r"node\)'\); drop --reuse \(or delete plan\.json\)"):
+        run_tune(_config(out, gpu="h100-sxm", gpus=64))
+    cluster = {"accelerator": "h100-sxm", "devices_per_node": 8, "num_nodes": 8, "total_devices": 64}
+    record_samples.plan(cluster_plan=record_samples.plan(cluster=cluster)).save(out / "plan.json")
+    assert run_tune(_config(out, gpu="h100-sxm", gpus=64)).stages[3].status == "reused"
+    with pytest.raises(ReuseError, match=r"cluster 'h100-sxm × 64 \(8 per node\)' \(now 'h100-sxm × 16 \(8 per node\)'\)"):
+        run_tune(_config(out, gpu="h100-sxm", gpus=16))
+    with pytest.raises(ReuseError, match=r"cluster 'h100-sxm × 64 \(8 per node\)' \(now None\)"):
+        run_tune(_config(out))
+
+
 def test_a_record_of_another_version_is_refused_in_one_line(tmp_path: Path) -> None:
     out = _folder(tmp_path)
     data = json.loads((out / "memory_curve.json").read_text())

@@ -2,7 +2,8 @@
 
 A record is reusable when what it was measured or planned for (:func:`made_for`) matches what this run asks
 (:func:`asked_for`) on every key both name: the model, the sequence length, the device, the data and the
-run settings, and the probe budget when ``--memory-budget`` is given. Anything else is one line naming the
+run settings, the probe budget when ``--memory-budget`` is given, and the plan's target cluster (``--gpu``,
+``--gpus``, ``--gpus-per-node``; none without them). Anything else is one line naming the
 file, each differing value and the fix (a probe at 96 MiB says nothing about 1 GiB; a plan for bf16 is not
 one for fp32).
 
@@ -52,7 +53,10 @@ def made_for(record: Record) -> dict[str, Any]:
     if isinstance(record, NoiseRecord):
         return {"model": record.model, "seq_len": record.seq_len, "data": record.data}
     if isinstance(record, PlanRecord):
-        return {"model": record.model, "seq_len": record.seq_len, **_settings(record.settings)}
+        cluster = record.cluster_plan.cluster if record.cluster_plan is not None else None
+        return {"model": record.model, "seq_len": record.seq_len, **_settings(record.settings),
+                "cluster": None if cluster is None else _cluster(cluster["accelerator"], cluster["total_devices"],
+                                                                 cluster["devices_per_node"])}
     if isinstance(record, VerifyRecord):
         config = record.summary.config
         return {"model": _entry(config, "model", "model"), "seq_len": _entry(config, "data", "seq_len"),
@@ -60,10 +64,20 @@ def made_for(record: Record) -> dict[str, Any]:
     raise TypeError(f"no reuse rule for a {type(record).__name__}")
 
 
+def _cluster(accelerator: str, gpus: int, per_node: int) -> str:
+    return f"{accelerator} × {gpus} ({per_node} per node)"
+
+
 def asked_for(cfg: TuneConfig, device: str) -> dict[str, Any]:
-    """What this run asks for, under the keys of :func:`made_for` (the probe budget only when given)."""
+    """What this run asks for, under the keys of :func:`made_for` (the probe budget only when given; the target
+    cluster, None without ``--gpu``, which only the plan record names)."""
+    cluster = None
+    if cfg.gpu and cfg.gpus:
+        from batchpilot.specs.hardware import load_accelerator
+
+        cluster = _cluster(load_accelerator(cfg.gpu).name, cfg.gpus, min(cfg.gpus_per_node, cfg.gpus))
     asked: dict[str, Any] = {"model": cfg.model, "seq_len": cfg.seq_len, "device": device, "data": cfg.data,
-                             **_settings(cfg.settings)}
+                             **_settings(cfg.settings), "cluster": cluster}
     if cfg.memory_budget_bytes is not None:
         asked["budget_bytes"] = cfg.memory_budget_bytes
     return asked
