@@ -47,6 +47,19 @@ def test_a_model_that_cannot_train_here_is_refused_before_any_stage(machine_of, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("precision", ["fp8", "fp16"])
+def test_a_precision_the_probe_cannot_run_here_is_refused_before_any_stage(cli_runner, tmp_path: Path,
+                                                                          precision: str) -> None:
+    """fp8 (and fp16 on a CPU): the probe stage cannot run it; tune said so only after the noise stage had
+    trained, in a line of four failed stages."""
+    out = tmp_path / "run"
+    result = cli_runner.invoke(app, ["tune", "--precision", precision, "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert f"tune: probe cannot run --precision {precision} on cpu" in result.stderr
+    assert "tune with another --precision" in result.stderr
+    assert not out.exists()
+
+
 def test_a_shorter_sequence_that_fits_is_named(machine_of) -> None:
     machine_of(0.03)  # 31 MiB: tiny-llama-1m needs ~65 MiB at seq 1024, ~25 MiB at 256 (fp32 AdamW, analytic)
     with pytest.raises(BatchpilotError, match=r"--seq-len (\d+) fits") as info:

@@ -81,6 +81,13 @@ def new_state(cfg: TuneConfig) -> TuneState:
 
         load_accelerator(cfg.gpu)
     state = TuneState(model=model, device=resolve_device(cfg.device))
+    if "probe" not in cfg.skip and not (cfg.reuse and (cfg.out / "probe.json").is_file()):
+        from batchpilot.measure.probe_types import check_supported
+
+        try:  # a setting the probe cannot run failed its stage only after the noise stage had trained
+            check_supported(cfg.settings, state.device)
+        except BatchpilotError as exc:
+            raise BatchpilotError(f"tune: {str(exc).replace('; probe with another', '; tune with another')}") from None
     check_fits_here(cfg, state)
     return state
 
