@@ -121,6 +121,22 @@ def test_the_cluster_plan_is_whole_warned_and_exported_with_the_data(tmp_path: P
     assert (exports / "cluster-deepspeed.json").read_text().startswith("# not exportable: --export deepspeed")
 
 
+def test_the_cluster_target_names_b_simple_and_the_knee_it_was_rounded_to() -> None:
+    """B_simple 0.81 sequences and knee 18: the local batch is 18, below one per GPU on 64; the target's source says
+    what the 18 is (it read 'the measured batch (18 sequences …)', while the measurement was 0.81)."""
+    from batchpilot.specs.model import load_model
+
+    cfg = TuneConfig(model="tiny-llama-1m", seq_len=256, device="cpu", gpu="h100-sxm", gpus=64)
+    state = stages.TuneState(model=load_model("tiny-llama-1m"), probe=record_samples.probe(knee_micro_batch=18),
+                             noise=record_samples.noise(b_simple_sequences=0.809))
+    tokens, source = stages._cluster_target_tokens(cfg, state)
+    assert tokens == 64 * 256
+    assert ("one sequence per GPU (64): the local plan's batch (18 sequences: B_simple 0.809 from the first steps of "
+            "a fresh model, in whole micro-batches of the knee 18) is below it") in source
+    _, source = stages._cluster_target_tokens(cfg, dataclasses.replace(state, noise=None))
+    assert "the local plan's batch (18 sequences: the probe's knee; no noise measurement)" in source
+
+
 def test_a_pipeline_with_a_large_bubble_is_warned() -> None:
     """A 1M-parameter model on 64 H100 with 4 pipeline stages and one micro-batch per step: the bubble is
     (p − 1)/(m + p − 1) of the step, far above 20%, and MFU is under 10%: both are warned."""

@@ -365,9 +365,11 @@ def _cluster_target_tokens(cfg: TuneConfig, state: TuneState) -> tuple[int, str]
     floor = cfg.gpus or 1
     if measured >= floor:
         return measured * cfg.seq_len, _target_source(state)
-    return floor * cfg.seq_len, (f"one sequence per GPU ({floor}): the measured batch ({measured} sequences, from the "
-                                 "first steps of a fresh model) is below it; give --train-tokens for the "
-                                 "scaling-law prior")
+    b_simple = state.noise.b_simple_sequences if state.noise else math.nan
+    local = (f"B_simple {b_simple:.3g} from the first steps of a fresh model, in whole micro-batches of the knee "
+             f"{_knee(state)}" if math.isfinite(b_simple) and b_simple > 0 else "the probe's knee; no noise measurement")
+    return floor * cfg.seq_len, (f"one sequence per GPU ({floor}): the local plan's batch ({measured} sequences: "
+                                 f"{local}) is below it; give --train-tokens for the scaling-law prior")
 
 
 def _write_exports(result: Any, folder: Path, prefix: str, formats: tuple[str, ...], data: str) -> None:
