@@ -151,9 +151,9 @@ def test_unsplittable_batch_advises_a_deviation_that_reaches_a_split(target, adv
     which reaches neither, and again to a request that had it); the advice plans."""
     pins = Pins(tp=1, pp=1)
     deviation = int(advice.split()[1][:-1]) / 100
-    for given in (0.0, 0.03):
+    for asked in (0.0, 0.03):
         with pytest.raises(BatchError) as info:
-            plan(request(global_batch_sequences=target, pins=pins, max_deviation=given))
+            plan(request(global_batch_sequences=target, pins=pins, max_deviation=asked))
         assert _one_line(info.value).endswith(advice)
     assert plan(request(global_batch_sequences=target, pins=pins, max_deviation=deviation)).plans
 
