@@ -25,6 +25,8 @@ from batchpilot.records.verify import VerifyRecord
 from batchpilot.tune.config import STAGES
 
 pytestmark = pytest.mark.slow
+CLUSTER = ("--gpu", "h100-sxm", "--gpus", "16")
+"""The target cluster of every run here (``--reuse`` refuses a plan made for another cluster, or for none)."""
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def tune_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("tune") / "run"
     cmd = [sys.executable, "-m", "batchpilot.cli", "tune", "--model", "tiny-llama-1m", "--seq-len", "64",
            "--memory-budget", "96MiB", "--time-budget", "60s", "--device", "cpu", "--out", str(out), "--json",
-           "--gpu", "h100-sxm", "--gpus", "16"]
+           *CLUSTER]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads(done.stdout)
@@ -91,7 +93,7 @@ def test_report_has_every_plot(tune_run: tuple[Path, dict]) -> None:
 def test_reuse_skips_measuring_again(tune_run: tuple[Path, dict], cli_runner) -> None:
     out, _ = tune_run
     result = cli_runner.invoke(app, ["tune", "--out", str(out), "--reuse", "--skip", "verify", "--json",
-                                     "--time-budget", "60s", "--device", "cpu", "--seq-len", "64"])
+                                     "--time-budget", "60s", "--device", "cpu", "--seq-len", "64", *CLUSTER])
     assert result.exit_code == 0, result.stderr
     stages = {s["name"]: s["status"] for s in json.loads(result.stdout)["stages"]}
     assert stages == {"probe": "reused", "memory": "reused", "noise": "reused", "plan": "reused",
@@ -113,7 +115,8 @@ def test_running_again_into_the_same_out_replaces_the_stage_runs(tune_run: tuple
     out, _ = tune_run
     before = (out / "train" / "metrics.jsonl").stat().st_mtime_ns
     cmd = [sys.executable, "-m", "batchpilot.cli", "tune", "--model", "tiny-llama-1m", "--seq-len", "64",
-           "--memory-budget", "96MiB", "--time-budget", "30s", "--device", "cpu", "--out", str(out), "--json"]
+           "--memory-budget", "96MiB", "--time-budget", "30s", "--device", "cpu", "--out", str(out), "--json",
+           *CLUSTER]
     for stage in ("noise", "verify"):
         (out / f"{stage}.json").unlink()  # no record: --reuse runs the stage again
     done = subprocess.run([*cmd, "--reuse"], capture_output=True, text=True, timeout=900, check=False)

@@ -316,7 +316,9 @@ def plan_stage(cfg: TuneConfig, state: TuneState, out: Path) -> PlanRecord:
     request = PlanRequest(
         model=state.model, cluster=local_cluster(cfg, state), seq_len=cfg.seq_len,
         global_batch_sequences=critical_batch_sequences(state, cfg), settings=cfg.settings,
-        pins=Pins(micro_batch=_knee(state), recompute=cfg.settings.recompute),  # the policy the probe measured
+        # a policy asked for (--recompute) stays the one the probe measured; without one the plan may still
+        # recompute where the analytic estimate of the knee exceeds the budget the probe met
+        pins=Pins(micro_batch=_knee(state), recompute=None if cfg.settings.recompute == "none" else cfg.settings.recompute),
         calibration=state.calibration, headroom=0.0,
         overhead=OverheadModel.cpu() if state.device == "cpu" else None, top=5, engine="batchpilot",
     )
