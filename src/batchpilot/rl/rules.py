@@ -169,8 +169,9 @@ def _trl_no_model_parallel(ctx: RuleContext) -> str | None:
     """GRPOTrainer runs the update under accelerate with DDP/FSDP/DeepSpeed only: no tensor or pipeline
     parallelism, and ``GRPOConfig`` refuses sequence/context parallel sizes above 1."""
     if ctx.model_parallel > 1 or ctx.sequence_parallel > 1:
-        return (f"GRPOTrainer has no tensor, pipeline or sequence parallelism; the update layout uses model parallel "
-                f"{ctx.model_parallel} and sequence parallel {ctx.sequence_parallel} (both must be 1)")
+        return (f"GRPOTrainer has no tensor, pipeline or sequence parallelism; the update layout holds one replica "
+                f"on {ctx.model_parallel} GPUs (Ulysses sequence parallel {ctx.sequence_parallel} of them; one GPU "
+                f"per replica is needed)")
     return None
 
 
