@@ -60,7 +60,7 @@ def measure_cpu_step_peak(
     starts = [e.start_time_ns for e in events if e.name == _STEP_MARK]
     if not starts:
         raise SpecError("the profiler recorded no training iterations; cannot measure the CPU peak")
-    return _peak_of_session(allocation_records(events), since_ns=starts[0])
+    return _peak_since(allocation_records(events), since_ns=starts[0])
 
 
 def allocation_records(events: list) -> list[tuple[int, int, int]]:  # type: ignore[type-arg]
@@ -77,11 +77,11 @@ def allocation_records(events: list) -> list[tuple[int, int, int]]:  # type: ign
 
 def live_bytes(records: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
     """``(time ns, bytes live)`` after each record of :func:`allocation_records`: the sum of what this
-    session allocated and has not freed.
+    profiled run allocated and has not freed.
 
     The allocator's own ``total_allocated`` is not used: it is cumulative over the process and misses frees
     made while no profiler ran, so a second measurement in one process would start from a stale total.
-    Frees of pointers allocated before this session are ignored for the same reason.
+    Frees of pointers allocated before profiling began are ignored for the same reason.
     """
     live: dict[int, int] = {}
     current = 0
@@ -96,7 +96,7 @@ def live_bytes(records: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
     return series
 
 
-def _peak_of_session(records: list[tuple[int, int, int]], *, since_ns: int) -> int:
+def _peak_since(records: list[tuple[int, int, int]], *, since_ns: int) -> int:
     """Largest :func:`live_bytes` over records ``(time, ptr, ±bytes)`` from ``since_ns`` on."""
     peak = max((current for time_ns, current in live_bytes(records) if time_ns >= since_ns), default=0)
     if peak == 0:
