@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from batchpilot.errors import SpecError
+from batchpilot.specs.settings import check_recompute_every
 
 if TYPE_CHECKING:
     from torch import nn
@@ -130,16 +131,9 @@ def apply_recompute(module: nn.Module, recompute: str, *, every: int = 1) -> Non
     else:  # transformers < 5
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
     layers = list(checkpointed_layers(module))
-    check_every(every, len(layers))
+    check_recompute_every(every, len(layers))
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = checkpointed(index, every)
-
-
-def check_every(every: int, layers: int) -> None:
-    """Refuse 1 layer in ``every`` when the model has fewer ``layers``: nothing would be checkpointed."""
-    if every > layers:
-        raise SpecError(f"--recompute-every {every} exceeds the model's {layers} layers (no layer would be "
-                        f"checkpointed); use --recompute-every ≤ {layers}")
 
 
 def recompute_function(recompute: str, every: int = 1) -> Callable[[Any], None]:

@@ -243,6 +243,15 @@ def check_effective(settings: RunSettings) -> None:
                         f"(--engine fsdp2 --zero 3); --zero {settings.zero_stage} never reshards")
 
 
+def check_recompute_every(every: int, layers: int, *, of: str = "") -> None:
+    """Refuse checkpointing 1 layer in ``every`` when there are fewer ``layers``: nothing would be checkpointed
+    (``of`` names them in the message)."""
+    if every > layers:
+        what = of or f"the model's {layers} layers"
+        raise SpecError(f"--recompute-every {every} exceeds {what} (no layer would be checkpointed); use "
+                        f"--recompute-every ≤ {layers}")
+
+
 def validate_for_model(settings: RunSettings, model: ModelSpec) -> None:
     """Raise a one-line :class:`SpecError` when the parallel layout cannot split this model."""
     if model.num_heads % settings.tp:
@@ -265,11 +274,9 @@ def validate_for_model(settings: RunSettings, model: ModelSpec) -> None:
             f"--vpp {settings.vpp} exceeds the {layers_per_stage} layers per pipeline stage of {model.name} at --pp "
             f"{settings.pp} (each virtual stage needs a layer); use --vpp ≤ {layers_per_stage}"
         )
-    if settings.recompute != "none" and settings.recompute_every > model.num_layers:
-        raise SpecError(
-            f"--recompute-every {settings.recompute_every} exceeds the {model.num_layers} layers of {model.name} "
-            f"(no layer would be checkpointed); use --recompute-every ≤ {model.num_layers}"
-        )
+    if settings.recompute != "none":
+        check_recompute_every(settings.recompute_every, model.num_layers, of=f"the {model.num_layers} layers of "
+                                                                            f"{model.name}")
     if settings.ep > 1 and not model.is_moe:
         raise SpecError(f"--ep {settings.ep} needs a mixture-of-experts model; {model.name} is dense (use --ep 1)")
     if model.is_moe and model.num_experts % settings.ep:

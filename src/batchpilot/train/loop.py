@@ -38,7 +38,6 @@ import torch
 import torch.distributed as dist
 
 from batchpilot.errors import BatchpilotError, DataError
-from batchpilot.measure.recompute import check_every
 from batchpilot.measure.step import (
     autocast,
     cross_entropy_sum,
@@ -50,6 +49,7 @@ from batchpilot.measure.step import (
 )
 from batchpilot.records.train_summary import TrainSummary
 from batchpilot.specs.batch import BatchTriad
+from batchpilot.specs.settings import check_recompute_every
 from batchpilot.train import checkpoint as ckpt
 from batchpilot.train.batching import (
     MicroBatch,
@@ -151,7 +151,7 @@ class Trainer:
         # so a config transformers refuses leaves nothing behind
         meta = build_model(config.model, seed=config.run.seed, empty=True)
         if config.parallel.recompute != "none":
-            check_every(config.parallel.recompute_every, len(decoder_layers(meta.module)))
+            check_recompute_every(config.parallel.recompute_every, len(decoder_layers(meta.module)))
         self._load_data()
         self._build()
         self.state = TrainState()

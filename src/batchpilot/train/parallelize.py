@@ -214,10 +214,11 @@ def apply_recompute(module: nn.Module, recompute: str, every: int) -> int:
         return 0
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from batchpilot.measure.recompute import check_every, checkpoint_kwargs, checkpointed
+    from batchpilot.measure.recompute import checkpoint_kwargs, checkpointed
+    from batchpilot.specs.settings import check_recompute_every
 
     layers = decoder_layers(module)
-    check_every(every, len(layers))
+    check_recompute_every(every, len(layers))
     # A K/V cache mutated in forward would make the recomputation differ (transformers' own checkpointing
     # turns it off the same way: "use_cache=True is incompatible with gradient checkpointing").
     config: Any = module.config
